@@ -1,0 +1,221 @@
+"""PEFT LoRA adapters on disk: read one lazily (config checked, tensors read per module on demand) and
+write one (`adapter_config.json` + `adapter_model.safetensors`).
+
+PEFT's update for a module is delta_W = scale * B @ A with A: [r, in], B: [out, r] and
+scale = alpha / r, or alpha / sqrt(r) with `use_rslora`; r and alpha may be overridden per module by
+`rank_pattern` / `alpha_pattern` (regex keys matched against the module name, first match wins)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import LoramixError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TENSOR_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+# Config fields that change what an adapter computes beyond scale * B @ A: refused unless unset.
+_REFUSED_FIELDS = {
+    "use_dora": "DoRA adds a magnitude vector that a sum of low-rank updates cannot express",
+    "lora_bias": "LoRA bias terms are not composed",
+    "modules_to_save": "fully trained modules (modules_to_save) are not composed",
+    "trainable_token_indices": "trainable token embeddings are not composed",
+    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
+    "layer_replication": "layer replication is not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
+    "use_qalora": "QA-LoRA pools the input and is not supported",
+    "use_bdlora": "block-diagonal LoRA is not supported",
+    "arrow_config": "Arrow routing is not a fixed update",
+    "megatron_config": "Megatron-parallel LoRA is not supported",
+}
+
+
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key `k` with re.match(rf"(.*\\.)?({k})$", module)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted linear module: A is [rank, in_features], B is [out_features, rank]; delta_W = scale * B @ A."""
+
+    name: str
+    rank: int
+    scale: float
+    in_features: int
+    out_features: int
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter folder, validated on open; tensor data is read per module by `factors`."""
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.config = self._read_config()
+        self.base_model: str | None = self.config.get("base_model_name_or_path")
+        self._handle: Any = None
+        self._tensor_keys: dict[str, tuple[str, str]] = {}
+        self.modules, self.dtype = self._read_header()
+
+    # -- validation -------------------------------------------------------------------------------------
+    def _fail(self, what: str) -> LoramixError:
+        return LoramixError(f"{self.name}: {what}")
+
+    def _read_config(self) -> dict[str, Any]:
+        file = self.path / CONFIG_FILE
+        if not file.is_file():
+            raise self._fail(f"no {CONFIG_FILE} in {self.path}")
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise self._fail(f"{CONFIG_FILE}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise self._fail(f"{CONFIG_FILE}: expected a JSON object")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise self._fail(f"{CONFIG_FILE}: peft_type is {config.get('peft_type')!r}, only LORA adapters are composed")
+        for field_name, why in _REFUSED_FIELDS.items():
+            if config.get(field_name):
+                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' is set: {why}")
+        if config.get("bias", "none") != "none":
+            raise self._fail(f"{CONFIG_FILE}: field 'bias' is {config['bias']!r}: bias training is not composed, only 'none'")
+        for field_name in ("r", "lora_alpha"):
+            value = config.get(field_name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' must be a positive number, got {value!r}")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(config.get(field_name) or {}, dict):
+                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' must be an object")
+        return config
+
+    def _read_header(self) -> tuple[dict[str, LoraModule], torch.dtype]:
+        file = self.path / WEIGHTS_FILE
+        if not file.is_file():
+            if any(self.path.glob("*.bin")):
+                raise self._fail(f"only {WEIGHTS_FILE} is read; pickle (.bin) adapters are refused")
+            raise self._fail(f"no {WEIGHTS_FILE} in {self.path}")
+        shapes: dict[str, dict[str, list[int]]] = {}
+        keys: dict[str, dict[str, str]] = {}
+        dtypes = set()
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    m = _KEY.match(key)
+                    if not m:
+                        raise self._fail(f"{WEIGHTS_FILE}: tensor '{key}' is not a LoRA A/B weight of a linear module")
+                    sl = f.get_slice(key)
+                    shapes.setdefault(m["module"], {})[m["which"]] = list(sl.get_shape())
+                    keys.setdefault(m["module"], {})[m["which"]] = key
+                    dtypes.add(sl.get_dtype())
+        except SafetensorError as e:
+            raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+        if not shapes:
+            raise self._fail(f"{WEIGHTS_FILE}: no LoRA tensors")
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        if not dtypes <= dtype.keys():
+            raise self._fail(f"{WEIGHTS_FILE}: unsupported tensor dtype(s) {sorted(dtypes - dtype.keys())}")
+        cfg = self.config
+        modules = {}
+        for name, ab in sorted(shapes.items()):
+            if set(ab) != {"A", "B"}:
+                missing = "lora_B" if "A" in ab else "lora_A"
+                raise self._fail(f"{WEIGHTS_FILE}: module '{name}' has no {missing} tensor")
+            a, b = ab["A"], ab["B"]
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise self._fail(f"{WEIGHTS_FILE}: module '{name}': lora_A {a} and lora_B {b} are not [r, in] and [out, r]")
+            rank = a[0]
+            if rank == 0:
+                raise self._fail(f"{WEIGHTS_FILE}: module '{name}' has rank 0")
+            cfg_rank = pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
+            if cfg_rank != rank:
+                raise self._fail(f"{CONFIG_FILE}: rank {cfg_rank} for module '{name}' disagrees with its tensors (rank {rank})")
+            alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
+            scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+            modules[name] = LoraModule(name, rank, float(scale), a[1], b[0])
+            self._tensor_keys[name] = (keys[name]["A"], keys[name]["B"])
+        # one stored dtype is kept; a mix is read as float32 (float64 if any tensor is float64)
+        stored = dtype[dtypes.pop()] if len(dtypes) == 1 else (torch.float64 if "F64" in dtypes else torch.float32)
+        return modules, stored
+
+    # -- tensor access ----------------------------------------------------------------------------------
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of one module, as stored (dtype unchanged), read from disk now."""
+        if self._handle is None:
+            self._handle = safe_open(self.path / WEIGHTS_FILE, framework="pt")
+        key_a, key_b = self._tensor_keys[module]
+        return self._handle.get_tensor(key_a), self._handle.get_tensor(key_b)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The dense update scale * B @ A of one module, float64 [out, in] (for tests and small models)."""
+        a, b = self.factors(module)
+        return self.modules[module].scale * (b.double() @ a.double())
+
+    def close(self) -> None:
+        self._handle = None
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The modules' last name components (e.g. q_proj), sorted."""
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+
+
+def lora_config(
+    *,
+    base_model: str | None,
+    target_modules: list[str],
+    r: int,
+    lora_alpha: float,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    task_type: str | None = "CAUSAL_LM",
+    fan_in_fan_out: bool = False,
+    layers_to_transform: Any = None,
+    layers_pattern: Any = None,
+) -> dict[str, Any]:
+    """The adapter_config.json of a plain LoRA adapter (fields PEFT, vLLM and llama.cpp's converter read)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "use_rslora": use_rslora,
+        "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {},
+        "target_modules": target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": layers_to_transform,
+        "layers_pattern": layers_pattern,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(folder: str | Path, config: dict[str, Any], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write a PEFT adapter into `folder`: `factors` maps module name -> (A [r, in], B [out, r])."""
+    folder = Path(folder)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"{TENSOR_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"{TENSOR_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,132 @@
+"""A bank: a folder whose immediate subfolders are PEFT LoRA adapters for one base model, each with the
+data it was trained on (`train.jsonl`). Entries without data are listed but not weighted."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .adapter import LoraAdapter
+from .data import Dataset, read_dataset
+from .errors import LoramixError
+from .files import sha256_file
+
+log = logging.getLogger("loramix")
+
+DATA_FILE = "train.jsonl"
+INDEX_DIR = ".loramix"
+# Config fields that must agree across a bank's entries for one composed adapter to express them all.
+_SHARED_FIELDS = ("fan_in_fan_out", "layers_to_transform", "layers_pattern")
+
+
+@dataclass
+class BankEntry:
+    """One adapter of the bank and its training data file (None when the entry has none)."""
+
+    name: str
+    adapter: LoraAdapter
+    data_file: Path | None
+
+    @property
+    def has_data(self) -> bool:
+        return self.data_file is not None
+
+    @cached_property
+    def data_hash(self) -> str:
+        """sha256 of train.jsonl: the key of this entry's cached signatures."""
+        if self.data_file is None:
+            raise LoramixError(f"{self.name}: no {DATA_FILE}")
+        return sha256_file(self.data_file)
+
+    def dataset(self) -> Dataset:
+        if self.data_file is None:
+            raise LoramixError(f"{self.name}: no {DATA_FILE}")
+        return read_dataset(self.data_file)
+
+
+class Bank:
+    """The adapters of a bank folder, validated together: one base model, one shape per module name.
+
+    `entries` are sorted by name; `usable` are those with training data (the ones that get coefficients).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise LoramixError(f"{self.path}: bank folder not found")
+        self.entries: list[BankEntry] = []
+        for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            data = sub / DATA_FILE
+            self.entries.append(BankEntry(sub.name, LoraAdapter(sub), data if data.is_file() else None))
+        if not self.entries:
+            raise LoramixError(f"{self.path}: the bank holds no adapter folders")
+        self._validate()
+        for e in self.entries:
+            if not e.has_data:
+                log.warning("%s: no %s, so it is listed but gets no weight", e.name, DATA_FILE)
+
+    def _validate(self) -> None:
+        first = self.entries[0].adapter
+        bases = Counter(e.adapter.base_model.rstrip("/") for e in self.entries if e.adapter.base_model)
+        self.base_model: str | None = bases.most_common(1)[0][0] if bases else None
+        for e in self.entries:
+            if e.adapter.base_model and e.adapter.base_model.rstrip("/") != self.base_model:
+                raise LoramixError(
+                    f"{e.name}: adapter_config.json field 'base_model_name_or_path' is {e.adapter.base_model!r}, "
+                    f"but the bank's other entries have {self.base_model!r}: a bank holds adapters of one base model"
+                )
+        for field_name in _SHARED_FIELDS:
+            for e in self.entries:
+                if e.adapter.config.get(field_name) != first.config.get(field_name):
+                    raise LoramixError(
+                        f"{e.name}: adapter_config.json field '{field_name}' is {e.adapter.config.get(field_name)!r}, "
+                        f"but {self.entries[0].name} has {first.config.get(field_name)!r}"
+                    )
+        self.shapes: dict[str, tuple[int, int]] = {}
+        owner: dict[str, str] = {}
+        for e in self.entries:
+            for name, m in e.adapter.modules.items():
+                shape = (m.out_features, m.in_features)
+                if self.shapes.setdefault(name, shape) != shape:
+                    raise LoramixError(
+                        f"{e.name}: module '{name}' is {list(shape)} ([out, in]) but {owner[name]} has {list(self.shapes[name])}"
+                    )
+                owner.setdefault(name, e.name)
+
+    @property
+    def usable(self) -> list[BankEntry]:
+        return [e for e in self.entries if e.has_data]
+
+    @property
+    def index_dir(self) -> Path:
+        return self.path / INDEX_DIR
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for e in self.entries for m in e.adapter.modules.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The entries' common stored dtype, or float32 when they differ."""
+        dtypes = {e.adapter.dtype for e in self.entries}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    @property
+    def config(self) -> dict:
+        """An entry's adapter_config.json, for the fields every entry shares."""
+        return self.entries[0].adapter.config
+
+    def entry(self, name: str) -> BankEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise LoramixError(f"{self.path}: no entry named '{name}'")
+
+    def close(self) -> None:
+        for e in self.entries:
+            e.adapter.close()

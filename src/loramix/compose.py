@@ -1,0 +1,237 @@
+"""Stage 5: composition. Bank adapters and their coefficients become one new adapter, module by module
+(tensors read lazily per module, so memory holds one module's factors at a time plus the output).
+
+`exact`: the weighted sum of updates, sum_i c_i s_i B_i A_i, which equals [c_1 s_1 B_1 ... c_n s_n B_n] @
+[A_1; ...; A_n] (rank R = sum r_i). QR of both stacked factors and an SVD of the small R x R core give its best
+rank-k approximation (Eckart-Young) in O((d_in + d_out) R^2), never a dense d_out x d_in matrix.
+`paper`: A and B averaged separately with the coefficients (the paper's C @ W); equal ranks and scales required."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .adapter import LoraModule, lora_config
+from .bank import Bank, BankEntry
+from .errors import LoramixError
+from .progress import track
+from .registry import Registry
+
+
+@dataclass
+class Term:
+    """One entry's contribution to a module: coefficient * scale * B @ A (scale: the entry's PEFT scaling)."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    coefficient: float
+    scale: float
+
+
+@dataclass
+class ModuleResult:
+    """A composed module: delta_W = scale * B @ A, with the fraction of the exact update's energy it keeps."""
+
+    a: torch.Tensor  # [k, in]
+    b: torch.Tensor  # [out, k]
+    scale: float
+    energy: float = 1.0  # |truncated|_F^2 / |exact|_F^2
+    singular_values: list[float] = field(default_factory=list)
+
+
+class Composer:
+    """Combines a module's terms; `check` refuses banks the method cannot compose correctly."""
+
+    def check(self, entries: Sequence[BankEntry], rank: int | str | None) -> None:
+        """Raise LoramixError if these entries cannot be composed correctly at this rank."""
+
+    def module(self, terms: list[Term], ref: LoraModule, rank: int | None) -> ModuleResult:
+        """Compose one module from its terms; `ref` is the module as one bank entry has it (shape, rank, scale)."""
+        raise NotImplementedError
+
+
+COMPOSERS: Registry[type[Composer]] = Registry("composition")
+
+
+@COMPOSERS.register("exact")
+class Exact(Composer):
+    """sum_i w_i B_i A_i, truncated to rank k by SVD (k=None keeps every singular value). Output scale is 1,
+    with sqrt of the singular values on each factor; ranks below k are padded with zeros."""
+
+    def module(self, terms: list[Term], ref: LoraModule, rank: int | None) -> ModuleResult:
+        out_f, in_f = ref.out_features, ref.in_features
+        if not terms:
+            k = rank or 1
+            return ModuleResult(torch.zeros(k, in_f, dtype=torch.float64), torch.zeros(out_f, k, dtype=torch.float64), 1.0)
+        b_stack = torch.cat([t.coefficient * t.scale * t.b.double() for t in terms], dim=1)  # [out, R]
+        a_stack = torch.cat([t.a.double() for t in terms], dim=0)  # [R, in]
+        q_b, r_b = torch.linalg.qr(b_stack)  # [out, kb], [kb, R]
+        q_a, r_a = torch.linalg.qr(a_stack.T)  # [in, ka], [ka, R]
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core [kb, ka]
+        k = len(s) if rank is None else rank
+        kept = min(k, len(s))
+        root = s[:kept].sqrt()
+        b = torch.zeros(out_f, k, dtype=torch.float64)
+        a = torch.zeros(k, in_f, dtype=torch.float64)
+        b[:, :kept] = (q_b @ u[:, :kept]) * root
+        a[:kept] = (root[:, None] * vh[:kept]) @ q_a.T
+        total = float((s**2).sum())
+        energy = float((s[:kept] ** 2).sum()) / total if total > 0 else 1.0
+        return ModuleResult(a, b, 1.0, energy, s.tolist())
+
+
+@COMPOSERS.register("paper")
+class Paper(Composer):
+    """The paper's code: A = sum_i c_i A_i and B = sum_i c_i B_i, keeping the entries' common rank and scale.
+    This is not the weighted sum of updates: it adds cross terms c_i c_j B_i A_j."""
+
+    def check(self, entries: Sequence[BankEntry], rank: int | str | None) -> None:
+        if rank is not None:
+            raise LoramixError("composition 'paper' keeps the entries' rank; --rank applies to 'exact' only")
+        first: dict[str, tuple[int, float]] = {}
+        for e in entries:
+            for name, m in e.adapter.modules.items():
+                ref = first.setdefault(name, (m.rank, m.scale))
+                if (m.rank, m.scale) != ref:
+                    raise LoramixError(
+                        f"{e.name}: module '{name}' has rank {m.rank} and scale {m.scale:g}, another entry rank {ref[0]} and "
+                        f"scale {ref[1]:g}: composition 'paper' needs equal ranks and scales (use 'exact')"
+                    )
+
+    def module(self, terms: list[Term], ref: LoraModule, rank: int | None) -> ModuleResult:
+        a = torch.zeros(ref.rank, ref.in_features, dtype=torch.float64)
+        b = torch.zeros(ref.out_features, ref.rank, dtype=torch.float64)
+        for t in terms:
+            a += t.coefficient * t.a.double()
+            b += t.coefficient * t.b.double()
+        return ModuleResult(a, b, ref.scale)
+
+
+@dataclass
+class Composition:
+    """A composed adapter in memory: factors per module, its adapter_config.json, and retained energy."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    config: dict
+    energy: dict[str, float]
+    rank: int | None
+
+    @property
+    def mean_energy(self) -> float:
+        return float(np.mean(list(self.energy.values()))) if self.energy else 1.0
+
+
+def _config_for(bank: Bank, ranks: dict[str, int], scales: dict[str, float]) -> dict:
+    """adapter_config.json giving each module its rank and scale: the most common (rank, scale) as r and
+    lora_alpha = scale * r, the others through rank_pattern / alpha_pattern keyed by the escaped module name."""
+    r, scale = Counter((ranks[m], scales[m]) for m in ranks).most_common(1)[0][0]
+    rank_pattern, alpha_pattern = {}, {}
+    for m in ranks:
+        if (ranks[m], scales[m]) != (r, scale):
+            key = "^" + m.replace(".", r"\.")
+            rank_pattern[key] = ranks[m]
+            alpha_pattern[key] = _number(scales[m] * ranks[m])
+    cfg = bank.config
+    return lora_config(
+        base_model=bank.base_model,
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        r=r,
+        lora_alpha=_number(scale * r),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        task_type=cfg.get("task_type") or "CAUSAL_LM",
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        layers_to_transform=cfg.get("layers_to_transform"),
+        layers_pattern=cfg.get("layers_pattern"),
+    )
+
+
+def _number(x: float) -> float | int:
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else x
+
+
+def compose(
+    bank: Bank,
+    coefficients: dict[str, float],
+    *,
+    method: str = "exact",
+    rank: int | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Composition:
+    """Compose the bank's adapters with `coefficients` (entry name -> weight; missing names weigh 0).
+
+    `rank`: an int truncates (exact) to that rank; None is the bank's largest rank; 'full' keeps every singular
+    value (padded to the largest module rank). `dtype` of the output: default the bank's stored dtype."""
+    composer = COMPOSERS.get(method)()
+    unknown = set(coefficients) - {e.name for e in bank.entries}
+    if unknown:
+        raise LoramixError(f"coefficients name entries not in the bank: {', '.join(sorted(unknown))}")
+    active = [e for e in bank.entries if coefficients.get(e.name, 0.0) != 0.0]
+    if not active:
+        raise LoramixError("every coefficient is zero: nothing to compose")
+    composer.check(bank.entries, rank)
+    if method == "paper" or rank == "full":
+        target_rank = None
+    elif rank is None:
+        target_rank = bank.max_rank
+    else:
+        target_rank = int(rank)
+        if target_rank < 1:
+            raise LoramixError(f"rank must be at least 1 or 'full', got {rank}")
+    results: dict[str, ModuleResult] = {}
+    for module in track(sorted(bank.shapes), f"composing ({method})", total=len(bank.shapes)):
+        terms = []
+        for e in active:
+            spec = e.adapter.modules.get(module)
+            if spec is not None:
+                terms.append(Term(*e.adapter.factors(module), coefficients[e.name], spec.scale))
+        ref = next(e.adapter.modules[module] for e in bank.entries if module in e.adapter.modules)
+        results[module] = composer.module(terms, ref, target_rank)
+    if method == "exact" and target_rank is None:  # 'full': pad every module to one rank
+        width = max(r.a.shape[0] for r in results.values())
+        for r in results.values():
+            pad = width - r.a.shape[0]
+            if pad:
+                r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
+                r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
+    out_dtype = dtype or bank.dtype
+    for name, r in results.items():
+        if not (torch.isfinite(r.a).all() and torch.isfinite(r.b).all()):
+            raise LoramixError(f"module '{name}': the composed update is not finite (NaN or Inf in a bank entry?)")
+    factors = {m: (r.a.to(out_dtype), r.b.to(out_dtype)) for m, r in results.items()}
+    config = _config_for(bank, {m: r.a.shape[0] for m, r in results.items()}, {m: r.scale for m, r in results.items()})
+    out_rank = None if method == "paper" else max(r.a.shape[0] for r in results.values())
+    return Composition(factors, config, {m: r.energy for m, r in results.items()}, out_rank)
+
+
+def gram_matrix(bank: Bank, entries: Sequence[BankEntry], space: str = "updates") -> np.ndarray:
+    """G[i, j] = <W_i, W_j> over all modules, float64 [n, n]. space='params': W is the flattened lora_A and
+    lora_B tensors (the paper's); 'updates': W is the updates s B A (computed from r x r products)."""
+    n = len(entries)
+    gram = np.zeros((n, n))
+    for module in track(sorted(bank.shapes), f"gram matrix ({space})", total=len(bank.shapes)):
+        rows = [(i, e) for i, e in enumerate(entries) if module in e.adapter.modules]
+        if not rows:
+            continue
+        factors = [e.adapter.factors(module) for _, e in rows]
+        idx = [i for i, _ in rows]
+        if space == "params":
+            flat = torch.stack([torch.cat([a.double().flatten(), b.double().flatten()]) for a, b in factors])
+            gram[np.ix_(idx, idx)] += (flat @ flat.T).numpy()
+        elif space == "updates":
+            a_all = torch.cat([a.double() for a, _ in factors])  # [R, in]
+            b_all = torch.cat([e.adapter.modules[module].scale * b.double() for (_, b), (_, e) in zip(factors, rows)], dim=1)
+            inner = (a_all @ a_all.T) * (b_all.T @ b_all)  # [R, R]: <b_p a_p, b_q a_q> for rank-1 pieces p, q
+            owner = torch.zeros(a_all.shape[0], len(rows), dtype=torch.float64)
+            start = 0
+            for col, (a, _) in enumerate(factors):
+                owner[start : start + a.shape[0], col] = 1.0
+                start += a.shape[0]
+            gram[np.ix_(idx, idx)] += (owner.T @ inner @ owner).numpy()
+        else:
+            raise LoramixError(f"unknown gram space '{space}'; use 'params' or 'updates'")
+    return gram

@@ -1,0 +1,185 @@
+"""Stage 3: distances between two signatures (empirical distributions).
+
+On token-id unigrams (1-D int arrays), the paper's code: `wd`, `kl`, `js`, `mmd` (seeded here).
+On point clouds ([n, d] float arrays): `w2`, `sliced`, `mmd-rbf`, `gaussian-w2`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from .errors import LoramixError
+from .progress import track
+from .registry import Registry
+
+Kind = Literal["tokens", "cloud"]
+
+
+@dataclass(frozen=True)
+class Distance:
+    """A registered distance: `fn(x, y, seed) -> float`, for signatures of `kind`."""
+
+    name: str
+    kind: Kind
+    symmetric: bool
+    fn: Callable[[np.ndarray, np.ndarray, int], float]
+
+
+DISTANCES: Registry[Distance] = Registry("distance")
+
+
+def _register(name: str, kind: Kind, symmetric: bool = True):
+    def decorator(fn: Callable[[np.ndarray, np.ndarray, int], float]):
+        DISTANCES.register(name)(Distance(name, kind, symmetric, fn))
+        return fn
+
+    return decorator
+
+
+# -- token-id unigrams, as the paper's code ---------------------------------------------------------------
+_EPS = 1e-10  # added to every histogram bin, not renormalised (as the paper's code)
+
+
+def _histograms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unigram frequencies of two token-id arrays over a shared vocabulary, plus 1e-10 per bin.
+
+    Bins beyond the largest id seen are equal (1e-10) in both and add nothing to KL or JS, so the vocabulary
+    is cut there."""
+    size = int(max(x.max(), y.max())) + 1
+    p = np.bincount(x, minlength=size) / len(x) + _EPS
+    q = np.bincount(y, minlength=size) / len(y) + _EPS
+    return p, q
+
+
+@_register("wd", "tokens")
+def wd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """1-D Wasserstein-1 between the two token-id arrays, ids taken as numbers."""
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(x, y))
+
+
+@_register("kl", "tokens", symmetric=False)
+def kl(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """KL(p_x || p_y) = sum p_x log(p_x / p_y) on the +1e-10 unigram histograms (nats)."""
+    p, q = _histograms(x, y)
+    return float(np.sum(p * np.log(p / q)))
+
+
+@_register("js", "tokens")
+def js(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Jensen-Shannon divergence (nats): KL(p || m) / 2 + KL(q || m) / 2, m = (p + q) / 2, same histograms."""
+    p, q = _histograms(x, y)
+    m = (p + q) / 2
+    return float(0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m)))
+
+
+_MMD_DRAWS = 1000
+_MMD_SCALES = np.array([0.2, 0.5, 0.9, 1.3])
+
+
+def _draw(x: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)  # one generator per side: equal inputs give equal draws
+    return rng.choice(x, size=_MMD_DRAWS, replace=len(x) < _MMD_DRAWS).astype(np.float64)
+
+
+def _mmd2(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+    """Biased MMD^2 estimate from the three kernel matrices."""
+    return float(kxx.mean() + kyy.mean() - 2 * kxy.mean())
+
+
+@_register("mmd", "tokens")
+def mmd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Biased MMD^2 between 1000 ids drawn from each, with the kernel sum_a a^2 / (a^2 + (i - j)^2),
+    a in {0.2, 0.5, 0.9, 1.3}."""
+    a, b = _draw(x, seed), _draw(y, seed)
+
+    def kernel(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        d2 = (u[:, None] - v[None, :]) ** 2
+        return sum(s * s / (s * s + d2) for s in _MMD_SCALES)
+
+    return _mmd2(kernel(a, a), kernel(b, b), kernel(a, b))
+
+
+# -- point clouds ------------------------------------------------------------------------------------------
+_EXACT_OT_MAX = 1_000_000  # n * m up to which W2 uses exact OT; Sinkhorn beyond
+
+
+@_register("w2", "cloud")
+def w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """2-Wasserstein distance between uniform point clouds (Euclidean ground cost): exact OT (POT's emd2)
+    up to 10^6 point pairs, entropic OT (Sinkhorn, reg 0.01 of the largest cost) beyond."""
+    import ot
+
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+    cost = ot.dist(x, y)  # squared Euclidean
+    if len(x) * len(y) <= _EXACT_OT_MAX:
+        value = ot.emd2(a, b, cost, numItermax=10_000_000)
+    else:
+        scale = float(cost.max()) or 1.0
+        value = ot.sinkhorn2(a, b, cost / scale, reg=0.01) * scale
+    return float(np.sqrt(max(float(value), 0.0)))
+
+
+@_register("sliced", "cloud")
+def sliced(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance: W2 of 1-D projections on 256 seeded random directions (POT)."""
+    import ot
+
+    return float(ot.sliced_wasserstein_distance(x.astype(np.float64), y.astype(np.float64), n_projections=256, p=2, seed=seed))
+
+
+@_register("mmd-rbf", "cloud")
+def mmd_rbf(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """MMD (square root of the biased MMD^2) with a Gaussian kernel exp(-|u - v|^2 / (2 s^2)),
+    s^2 the median squared distance between distinct points of the pooled sample (median heuristic)."""
+    import ot
+
+    z = np.concatenate([x, y]).astype(np.float64)
+    d2 = ot.dist(z, z)
+    off = d2[~np.eye(len(z), dtype=bool)]
+    bandwidth = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0
+    k = np.exp(-d2 / (2 * bandwidth))
+    n = len(x)
+    return float(np.sqrt(max(_mmd2(k[:n, :n], k[n:, n:], k[:n, n:]), 0.0)))
+
+
+@_register("gaussian-w2", "cloud")
+def gaussian_w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Frechet (Bures-Wasserstein) distance between Gaussians fitted to the clouds (means and
+    covariances, ridge 1e-6): sqrt(|m_x - m_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2))."""
+    import ot
+
+    return float(ot.gaussian.empirical_bures_wasserstein_distance(x.astype(np.float64), y.astype(np.float64), reg=1e-6))
+
+
+# -- rows and matrices -------------------------------------------------------------------------------------
+def get_distance(name: str, kind: str | None = None) -> Distance:
+    """The registered distance `name`, checked against the signature kind when given."""
+    dist = DISTANCES.get(name)
+    if kind is not None and dist.kind != kind:
+        fits = ", ".join(n for n in DISTANCES.names() if DISTANCES.get(n).kind == kind)
+        raise LoramixError(f"distance '{name}' compares {dist.kind} signatures, not {kind}; use one of: {fits}")
+    return dist
+
+
+def distance_row(name: str, query: np.ndarray, refs: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
+    """d(query, refs[j]) for every j: float64 [len(refs)]."""
+    fn = DISTANCES.get(name).fn
+    return np.array([fn(query, r, seed) for r in track(refs, f"distances ({name})", total=len(refs))])
+
+
+def distance_matrix(name: str, sigs: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
+    """D[i, j] = d(sigs[i], sigs[j]), float64 [n, n]; for symmetric distances only i < j is computed."""
+    dist = DISTANCES.get(name)
+    n = len(sigs)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j and (i < j or not dist.symmetric)]
+    out = np.zeros((n, n))
+    for i, j in track(pairs, f"distance matrix ({name})", total=len(pairs)):
+        out[i, j] = dist.fn(sigs[i], sigs[j], seed)
+        if dist.symmetric:
+            out[j, i] = out[i, j]
+    return out

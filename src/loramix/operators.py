@@ -1,0 +1,182 @@
+"""Stage 4: meta-operators. A row of distances (user dataset -> each bank entry) becomes mixing coefficients:
+non-negative, summing to 1. An entry at +inf is excluded (weight 0), as the paper's leave-one-out does.
+
+`attentional`: softmin(d / T). `normalized`: softmin(z / T), z the row's z-score. `neural`: softmin(f(z) / T),
+f a scalar MLP fitted on the bank to reconstruct each adapter from the others (the paper's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LoramixError
+from .registry import Registry
+
+
+def softmin(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """exp(-s / T) / sum exp(-s / T) over the finite entries of `scores` [n]; +inf entries get 0."""
+    if temperature <= 0:
+        raise LoramixError(f"temperature must be positive, got {temperature}")
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    if not finite.any():
+        raise LoramixError("no bank entry is available to weight (every distance is excluded)")
+    w = np.zeros_like(scores)
+    w[finite] = np.exp(-(scores[finite] - scores[finite].min()) / temperature)
+    return w / w.sum()
+
+
+def keep_top_k(c: np.ndarray, k: int | None) -> np.ndarray:
+    """The k largest coefficients renormalised to sum 1, the rest 0 (ties go to the lower index)."""
+    if k is None or k >= np.count_nonzero(c):
+        return c
+    if k < 1:
+        raise LoramixError(f"top-k must be at least 1, got {k}")
+    keep = np.argsort(-c, kind="stable")[:k]
+    out = np.zeros_like(c)
+    out[keep] = c[keep]
+    return out / out.sum()
+
+
+def zscore(d: np.ndarray) -> np.ndarray:
+    """(d - mean) / std over the finite entries; +inf stays +inf; a constant row becomes zeros."""
+    d = np.asarray(d, dtype=np.float64)
+    finite = np.isfinite(d)
+    z = np.full_like(d, np.inf)
+    std = d[finite].std()
+    z[finite] = (d[finite] - d[finite].mean()) / std if std > 0 else 0.0
+    return z
+
+
+class Operator:
+    """Maps a distance row [n] (+inf = excluded) to scores; `coefficients` applies softmin and top-k."""
+
+    trainable = False
+
+    def scores(self, d: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def coefficients(self, d: np.ndarray, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
+        return keep_top_k(softmin(self.scores(d), temperature), top_k)
+
+
+OPERATORS: Registry[type[Operator]] = Registry("operator")
+
+
+@OPERATORS.register("attentional")
+class Attentional(Operator):
+    """softmin(d / T): the paper's attentional operator (which has T = 1)."""
+
+    def scores(self, d: np.ndarray) -> np.ndarray:
+        return np.asarray(d, dtype=np.float64)
+
+
+@OPERATORS.register("normalized")
+class Normalized(Operator):
+    """softmin(zscore(d) / T): invariant to the distance's scale and offset."""
+
+    def scores(self, d: np.ndarray) -> np.ndarray:
+        return zscore(d)
+
+
+@OPERATORS.register("neural")
+class Neural(Operator):
+    """softmin(f(zscore(d)) / T), f: R -> R an MLP (1 -> 32 -> 32 -> 1, ReLU) applied elementwise.
+
+    Fitted as the paper's: each entry t is reconstructed from the others, C_t = softmin(f(z_t)), with loss
+    mean_t |sum_j C_tj W_j - W_t|^2 over flattened adapters W; written with the Gram matrix G = W W^T as
+    mean_t (C_t - e_t) G (C_t - e_t)^T, so the adapters are never held in memory together."""
+
+    trainable = True
+    hidden = 32
+
+    def __init__(self, state: dict[str, np.ndarray] | None = None):
+        import torch
+
+        torch.manual_seed(0)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(1, self.hidden), torch.nn.ReLU(),
+            torch.nn.Linear(self.hidden, self.hidden), torch.nn.ReLU(),
+            torch.nn.Linear(self.hidden, 1),
+        ).double()
+        self.history: list[float] = []
+        if state is not None:
+            self.mlp.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+
+    def _f(self, z):
+        return self.mlp(z.unsqueeze(-1)).squeeze(-1)
+
+    def scores(self, d: np.ndarray) -> np.ndarray:
+        import torch
+
+        z = zscore(d)
+        out = np.full_like(z, np.inf)
+        finite = np.isfinite(z)
+        with torch.no_grad():
+            out[finite] = self._f(torch.as_tensor(z[finite])).numpy()
+        return out
+
+    def fit(self, distances: np.ndarray, gram: np.ndarray, *, epochs: int = 40, lr: float = 1e-3, seed: int = 0) -> "Neural":
+        """Fit f on a bank: `distances` [n, n] (diagonal ignored), `gram` [n, n] of the flattened adapters.
+        Full-batch Adam (the paper: lr 1e-3, 40 epochs). Returns self; `history` holds the loss per epoch."""
+        import torch
+
+        n = len(distances)
+        if n < 3:
+            raise LoramixError("the neural operator needs at least 3 bank entries with data to fit")
+        torch.manual_seed(seed)
+        for layer in self.mlp:
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        d = np.array(distances, dtype=np.float64)
+        np.fill_diagonal(d, np.inf)
+        z = torch.as_tensor(np.stack([zscore(row) for row in d]))
+        off = torch.isfinite(z)
+        g = torch.as_tensor(np.asarray(gram, dtype=np.float64))
+        g = g / g.diagonal().mean()
+        eye = torch.eye(n, dtype=torch.float64)
+        opt = torch.optim.Adam(self.mlp.parameters(), lr=lr)
+        self.history = []
+        for _ in range(epochs):
+            scores = torch.where(off, self._f(torch.where(off, z, 0.0)), torch.inf)
+            c = torch.softmax(-scores, dim=1)
+            e = c - eye
+            loss = torch.einsum("ti,ij,tj->", e, g, e) / n
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.history.append(loss.item())
+        return self
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save
+
+        from .files import atomic_write_bytes
+
+        state = {k: v.contiguous() for k, v in self.mlp.state_dict().items()}
+        atomic_write_bytes(path, save(state, metadata={"history": json.dumps(self.history)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Neural":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="np") as f:
+            op = cls({k: f.get_tensor(k) for k in f.keys()})
+            op.history = json.loads((f.metadata() or {}).get("history", "[]"))
+        return op
+
+
+def coefficients(
+    distances: np.ndarray,
+    operator: str | Operator = "normalized",
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> np.ndarray:
+    """Mixing coefficients [n] from a distance row [n]: `operator` is a registered name or a fitted Operator."""
+    op = OPERATORS.get(operator)() if isinstance(operator, str) else operator
+    if op.trainable and isinstance(operator, str):
+        raise LoramixError(f"operator '{operator}' must be fitted on a bank first (Neural().fit or the bank index)")
+    return op.coefficients(distances, temperature, top_k)

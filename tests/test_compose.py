@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_SHAPES, make_bank, write_adapter
+
+from loramix import Bank, LoramixError, compose, gram_matrix
+from loramix.adapter import LoraAdapter, pattern_value
+
+
+def dense_sum(bank: Bank, coefficients: dict[str, float], module: str) -> torch.Tensor:
+    """sum_i c_i DeltaW_i computed densely, float64."""
+    total = torch.zeros(bank.shapes[module], dtype=torch.float64)
+    for e in bank.entries:
+        if module in e.adapter.modules and coefficients.get(e.name, 0):
+            total += coefficients[e.name] * e.adapter.delta(module)
+    return total
+
+
+def composed_delta(comp, module: str) -> torch.Tensor:
+    a, b = comp.factors[module]
+    r = a.shape[0]
+    cfg = comp.config
+    rr = pattern_value(cfg["rank_pattern"], module, cfg["r"])
+    alpha = pattern_value(cfg["alpha_pattern"], module, cfg["lora_alpha"])
+    assert rr == r
+    scale = alpha / (r**0.5 if cfg["use_rslora"] else r)
+    return scale * (b.double() @ a.double())
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).norm() / y.norm())
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    b = Bank(make_bank(tmp_path / "bank", mixed=True))
+    rng = np.random.default_rng(0)
+    c = rng.dirichlet(np.ones(len(b.entries)))
+    return b, {e.name: float(x) for e, x in zip(b.entries, c)}
+
+
+def test_bank_reads_mixed_scales(mixed):
+    b, _ = mixed
+    rs = b.entry("task_fruits").adapter.modules["model.layers.0.self_attn.q_proj"]
+    assert rs.rank == 4 and rs.scale == pytest.approx(8 / 2)  # rsLoRA: alpha / sqrt(r)
+    pat = b.entry("task_numbers").adapter.modules
+    assert pat["model.layers.1.self_attn.q_proj"].rank == 2
+    assert pat["model.layers.1.self_attn.q_proj"].scale == pytest.approx(8 / 2)
+    assert pat["model.layers.0.self_attn.v_proj"].scale == pytest.approx(3 / 4)
+    assert b.max_rank == 8
+
+
+def test_exact_full_equals_dense_sum(mixed):
+    b, c = mixed
+    comp = compose(b, c, method="exact", rank="full")
+    for m in b.shapes:
+        assert rel(composed_delta(comp, m), dense_sum(b, c, m)) <= 1e-5
+        assert comp.energy[m] == pytest.approx(1.0)
+    # full rank is the stacked rank: sum of the entries' ranks (4 + 2 + 4 + 4 + 8 + 4 + 2 + 4 for q/k/v of layer 0)
+    assert comp.rank == sum(e.adapter.modules["model.layers.0.self_attn.k_proj"].rank for e in b.entries)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_truncation_is_optimal(mixed, k):
+    b, c = mixed
+    comp = compose(b, c, method="exact", rank=k)
+    assert comp.rank == k and comp.config["r"] == k
+    for m in b.shapes:
+        exact = dense_sum(b, c, m)
+        s = torch.linalg.svdvals(exact)
+        tail = float(s[k:].pow(2).sum().sqrt())
+        err = float((composed_delta(comp, m) - exact).norm())
+        assert err == pytest.approx(tail, rel=1e-6, abs=1e-9)
+        assert comp.energy[m] == pytest.approx(float(s[:k].pow(2).sum() / s.pow(2).sum()), rel=1e-9)
+
+
+def test_default_rank_is_largest_bank_rank(mixed):
+    b, c = mixed
+    comp = compose(b, c)
+    assert comp.rank == 8 and comp.config["r"] == 8 and comp.config["lora_alpha"] == 8
+
+
+def test_zero_coefficients_are_skipped_and_output_covers_every_module(tmp_path):
+    root = tmp_path / "bank"
+    write_adapter(root / "a", seed=1)
+    only_q = {k: v for k, v in TINY_SHAPES.items() if k.endswith("q_proj")}
+    write_adapter(root / "b", seed=2, shapes=only_q)
+    b = Bank(root)
+    comp = compose(b, {"b": 1.0}, rank=4)
+    assert set(comp.factors) == set(TINY_SHAPES)
+    assert float(comp.factors["model.layers.0.self_attn.k_proj"][1].abs().sum()) == 0.0
+    m = "model.layers.0.self_attn.q_proj"
+    assert rel(composed_delta(comp, m), dense_sum(b, {"b": 1.0}, m)) <= 1e-5
+
+
+def test_paper_equals_flattened_c_at_w(tmp_path):
+    b = Bank(make_bank(tmp_path / "bank", n=5))
+    c = np.array([0.1, 0.2, 0.3, 0.15, 0.25])
+    coefs = {e.name: float(x) for e, x in zip(b.entries, c)}
+    rows = []
+    for e in b.entries:
+        rows.append(torch.cat([t.double().flatten() for m in sorted(b.shapes) for t in e.adapter.factors(m)]))
+    w = torch.stack(rows)
+    expected = torch.as_tensor(c) @ w
+    comp = compose(b, coefs, method="paper")
+    got = torch.cat([t.double().flatten() for m in sorted(b.shapes) for t in comp.factors[m]])
+    assert rel(got, expected) <= 1e-6
+    assert comp.config["r"] == 4 and comp.config["lora_alpha"] == 8
+
+
+def test_paper_keeps_rank_patterns(tmp_path):
+    root = tmp_path / "bank"
+    for i in range(3):
+        write_adapter(root / f"e{i}", seed=i, rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"k_proj": 3})
+    b = Bank(root)
+    comp = compose(b, {"e0": 0.5, "e1": 0.5}, method="paper")
+    for m, spec in b.entries[0].adapter.modules.items():
+        assert comp.factors[m][0].shape[0] == spec.rank
+        a, bb = comp.factors[m]
+        cfg = comp.config
+        r = pattern_value(cfg["rank_pattern"], m, cfg["r"])
+        alpha = pattern_value(cfg["alpha_pattern"], m, cfg["lora_alpha"])
+        assert (r, alpha / r) == (spec.rank, pytest.approx(spec.scale))
+
+
+def test_paper_refuses_mixed_ranks(mixed):
+    b, c = mixed
+    with pytest.raises(LoramixError, match="needs equal ranks and scales"):
+        compose(b, c, method="paper")
+
+
+def test_paper_differs_from_sum_of_updates(tmp_path):
+    b = Bank(make_bank(tmp_path / "bank", n=3))
+    c = {e.name: 1 / 3 for e in b.entries}
+    paper = compose(b, c, method="paper")
+    m = "model.layers.0.self_attn.q_proj"
+    assert rel(composed_delta(paper, m), dense_sum(b, c, m)) > 0.1  # the cross terms
+
+
+def test_output_dtype(tmp_path):
+    b = Bank(make_bank(tmp_path / "bank", n=3, dtype=torch.float16))
+    assert b.dtype == torch.float16
+    comp = compose(b, {b.entries[0].name: 1.0})
+    assert comp.factors["model.layers.0.self_attn.q_proj"][0].dtype == torch.float16
+    comp = compose(b, {b.entries[0].name: 1.0}, dtype=torch.float32)
+    assert comp.factors["model.layers.0.self_attn.q_proj"][0].dtype == torch.float32
+
+
+def test_rank_must_be_positive(mixed):
+    b, c = mixed
+    with pytest.raises(LoramixError, match="at least 1"):
+        compose(b, c, rank=0)
+    with pytest.raises(LoramixError, match="zero"):
+        compose(b, {})
+
+
+def test_gram_matrix_spaces(mixed):
+    b, _ = mixed
+    entries = b.entries
+    g = gram_matrix(b, entries, "updates")
+    for i, ei in enumerate(entries[:4]):
+        for j, ej in enumerate(entries[:4]):
+            dense = sum(float((ei.adapter.delta(m) * ej.adapter.delta(m)).sum()) for m in b.shapes)
+            assert g[i, j] == pytest.approx(dense, rel=1e-9)
+    same = Bank(make_bank(b.path.parent / "same", n=3))
+    gp = gram_matrix(same, same.entries, "params")
+    flat = [torch.cat([t.double().flatten() for m in sorted(same.shapes) for t in e.adapter.factors(m)]) for e in same.entries]
+    assert gp[0, 1] == pytest.approx(float(flat[0] @ flat[1]), rel=1e-9)
+
+
+def test_adapter_delta_helper(tmp_path):
+    ad = LoraAdapter(write_adapter(tmp_path / "a", rank=4, alpha=8))
+    a, b = ad.factors("model.layers.0.self_attn.q_proj")
+    assert torch.allclose(ad.delta("model.layers.0.self_attn.q_proj"), 2.0 * (b.double() @ a.double()))

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+
+from loramix import DISTANCES, LoramixError, distance_matrix, distance_row
+from loramix.distances import get_distance
+
+CLOUD = ["w2", "sliced", "mmd-rbf", "gaussian-w2"]
+TOKENS = ["wd", "kl", "js", "mmd"]
+
+
+@pytest.fixture
+def clouds():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(60, 5)), rng.normal(size=(50, 5)) + 0.7
+
+
+@pytest.fixture
+def tokens():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 50, 400), rng.integers(20, 90, 300)
+
+
+def test_registry_kinds():
+    assert set(DISTANCES.names()) == set(CLOUD + TOKENS)
+    assert {get_distance(n).kind for n in CLOUD} == {"cloud"}
+    assert {get_distance(n).kind for n in TOKENS} == {"tokens"}
+    with pytest.raises(LoramixError, match="compares tokens signatures, not cloud"):
+        get_distance("kl", "cloud")
+
+
+@pytest.mark.parametrize("name", CLOUD)
+def test_cloud_zero_on_identical_and_positive_otherwise(name, clouds):
+    x, y = clouds
+    fn = get_distance(name).fn
+    assert fn(x, x.copy(), 0) == pytest.approx(0, abs=1e-4)
+    assert fn(x, y, 0) > 0.1
+
+
+@pytest.mark.parametrize("name", TOKENS)
+def test_tokens_zero_on_identical_and_positive_otherwise(name, tokens):
+    x, y = tokens
+    fn = get_distance(name).fn
+    assert fn(x, x.copy(), 0) == pytest.approx(0, abs=1e-9)
+    assert fn(x, y, 0) > 0.01
+
+
+@pytest.mark.parametrize("name", [n for n in CLOUD + TOKENS if get_distance(n).symmetric])
+def test_symmetric(name, clouds, tokens):
+    x, y = tokens if get_distance(name).kind == "tokens" else clouds
+    fn = get_distance(name).fn
+    assert fn(x, y, 3) == pytest.approx(fn(y, x, 3), rel=1e-6, abs=1e-9)
+
+
+def test_kl_is_asymmetric_and_matches_closed_form():
+    x, y = np.array([0, 1]), np.array([0, 0, 0, 1])
+    want = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
+    assert get_distance("kl").fn(x, y, 0) == pytest.approx(want, rel=1e-6)
+    assert get_distance("kl").fn(y, x, 0) != pytest.approx(want, rel=1e-3)
+
+
+def test_js_disjoint_supports_is_log2():
+    assert get_distance("js").fn(np.array([0, 1, 2]), np.array([3, 4]), 0) == pytest.approx(np.log(2), rel=1e-6)
+
+
+def test_wd_closed_form():
+    assert get_distance("wd").fn(np.array([0, 0, 0]), np.array([2, 2]), 0) == pytest.approx(2.0)
+
+
+def test_mmd_unigram_is_seeded(tokens):
+    x, y = tokens
+    fn = get_distance("mmd").fn
+    assert fn(x, y, 1) == fn(x, y, 1)
+    assert fn(x, y, 1) != fn(x, y, 2)
+
+
+def test_translation_closed_forms():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 3))
+    v = np.array([0.3, -1.2, 0.5])
+    shift = float(np.linalg.norm(v))
+    assert get_distance("w2").fn(x, x + v, 0) == pytest.approx(shift, rel=1e-6)
+    assert get_distance("gaussian-w2").fn(x, x + v, 0) == pytest.approx(shift, rel=1e-3)
+    x1 = rng.normal(size=(40, 1))
+    assert get_distance("sliced").fn(x1, x1 + 2.0, 0) == pytest.approx(2.0, rel=1e-6)  # in 1-D, sliced = W2
+
+
+def test_gaussian_w2_scaled_covariance():
+    # N(0, I) vs N(0, 4I) in d dims: W2 = sqrt(d) * |1 - 2|; large samples approach it
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20000, 2))
+    assert get_distance("gaussian-w2").fn(x, 2 * x, 0) == pytest.approx(np.sqrt(2), rel=1e-3)
+
+
+def test_w2_sinkhorn_beyond_exact_limit(monkeypatch):
+    import loramix.distances as d
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) + 1
+    exact = d.w2(x, y)
+    monkeypatch.setattr(d, "_EXACT_OT_MAX", 10)
+    assert d.w2(x, y) == pytest.approx(exact, rel=0.1)
+
+
+def test_row_and_matrix(clouds):
+    x, y = clouds
+    sigs = [x, y, x[:30], y[:20]]
+    m = distance_matrix("w2", sigs)
+    assert m.shape == (4, 4) and np.allclose(np.diag(m), 0) and np.allclose(m, m.T)
+    assert np.allclose(distance_row("w2", x, sigs), m[0], atol=1e-6)
+    k = distance_matrix("kl", [np.array([0, 1]), np.array([0, 0, 1])])
+    assert k[0, 1] != pytest.approx(k[1, 0])

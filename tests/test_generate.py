@@ -1,0 +1,168 @@
+"""End to end: generate on small banks, load the result with PEFT, check the update it applies."""
+
+import json
+
+import pytest
+import torch
+from conftest import TOPICS, make_bank, topic_records, write_jsonl
+
+import loramix
+from loramix import Bank, LoramixError, generate, read_report
+
+
+def peft_deltas(base_dir, adapter_dir) -> dict[str, torch.Tensor]:
+    """Per module, the update PEFT applies: scaling * lora_B @ lora_A, read off the loaded PeftModel."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            key = name.removeprefix("base_model.model.")
+            a = module.lora_A["default"].weight.double()
+            b = module.lora_B["default"].weight.double()
+            out[key] = module.scaling["default"] * (b @ a)
+    return out
+
+
+def expected_deltas(bank_dir, coefficients) -> dict[str, torch.Tensor]:
+    bank = Bank(bank_dir)
+    out = {}
+    for m, shape in bank.shapes.items():
+        total = torch.zeros(shape, dtype=torch.float64)
+        for e in bank.entries:
+            if m in e.adapter.modules and coefficients.get(e.name):
+                total += coefficients[e.name] * e.adapter.delta(m)
+        out[m] = total
+    return out
+
+
+@pytest.fixture
+def user_data(tmp_path):
+    return write_jsonl(tmp_path / "fruit_task.jsonl", topic_records("fruits", n=30, seed=99))
+
+
+def test_generate_full_rank_matches_coefficients_in_peft(tmp_path, tiny_base, mixed_bank, user_data):
+    out = tmp_path / "out"
+    result = generate(mixed_bank, user_data, out, rank="full")
+    report = read_report(out)
+    assert set(report["coefficients"]) == {f"task_{t}" for t in list(TOPICS)[:8]}
+    assert sum(report["coefficients"].values()) == pytest.approx(1.0)
+    assert all(c >= 0 for c in report["coefficients"].values())
+    for key in ("signature", "distance", "operator", "compose", "rank", "energy", "bank", "loramix_version"):
+        assert key in report
+    assert report["loramix_version"] == loramix.__version__
+    # the task closest in meaning gets the largest weight
+    assert result.top(1)[0][0] == "task_fruits"
+    got = peft_deltas(tiny_base, out)
+    want = expected_deltas(mixed_bank, report["coefficients"])
+    assert set(got) == set(want)
+    for m in want:
+        assert float((got[m] - want[m]).norm() / want[m].norm()) <= 1e-5, m
+
+
+def test_generate_truncated_in_peft_and_forward(tmp_path, tiny_base, mixed_bank, user_data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    generate(mixed_bank, user_data, out, rank=4, top_k=3)
+    report = read_report(out)
+    assert sum(1 for c in report["coefficients"].values() if c > 0) == 3
+    assert 0 < report["energy"]["min"] <= report["energy"]["mean"] <= 1
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 4 and cfg["peft_type"] == "LORA"
+    # forward pass: PEFT model == base with the composed update merged by hand
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    deltas = peft_deltas(tiny_base, out)
+    with torch.no_grad():
+        for name, mod in merged.named_modules():
+            if name in deltas:
+                mod.weight += deltas[name].float()
+        assert torch.allclose(peft_model(ids).logits, merged(ids).logits, atol=1e-5)
+
+
+def test_generate_paper_mode_and_unigram(tmp_path, tiny_base, user_data):
+    bank_dir = make_bank(tmp_path / "bank", base=str(tiny_base))
+    out = tmp_path / "out"
+    generate(bank_dir, user_data, out, signature="unigram", distance="kl", operator="attentional", compose="paper")
+    report = read_report(out)
+    assert report["signature"]["method"] == "unigram" and report["signature"]["model"] == str(tiny_base)
+    got = peft_deltas(tiny_base, out)
+    bank = Bank(bank_dir)
+    c = report["coefficients"]
+    for m in bank.shapes:  # paper: (sum c_i B_i)(sum c_i A_i) * s
+        a = sum(c[e.name] * e.adapter.factors(m)[0].double() for e in bank.entries)
+        b = sum(c[e.name] * e.adapter.factors(m)[1].double() for e in bank.entries)
+        assert torch.allclose(got[m], 2.0 * (b @ a), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("signature,distance", [("embed", "sliced"), ("embed", "mmd-rbf"), ("embed", "gaussian-w2"), ("hidden", "w2")])
+def test_generate_other_signatures_and_distances(tmp_path, tiny_base, user_data, signature, distance):
+    bank_dir = make_bank(tmp_path / "bank", base=str(tiny_base))
+    generate(bank_dir, user_data, tmp_path / "out", signature=signature, distance=distance, max_samples=16)
+    report = read_report(tmp_path / "out")
+    assert report["distance"] == distance and sum(report["coefficients"].values()) == pytest.approx(1.0)
+
+
+def test_generate_neural_operator_is_fitted_and_cached(tmp_path, user_data):
+    bank_dir = make_bank(tmp_path / "bank")
+    generate(bank_dir, user_data, tmp_path / "o1", operator="neural", max_samples=16)
+    cached = list((bank_dir / ".loramix" / "operators").glob("neural.*.safetensors"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    generate(bank_dir, user_data, tmp_path / "o2", operator="neural", max_samples=16)
+    assert cached[0].stat().st_mtime_ns == mtime
+    assert read_report(tmp_path / "o1")["coefficients"] == read_report(tmp_path / "o2")["coefficients"]
+
+
+def test_generate_does_not_load_base_for_embed(tmp_path, user_data):
+    """The bank names a base model that does not exist: embed + compose must never try to load it."""
+    bank_dir = make_bank(tmp_path / "bank", base="/nonexistent/7b-model")
+    generate(bank_dir, user_data, tmp_path / "out", max_samples=16)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_generate_is_deterministic(tmp_path, bank, user_data):
+    generate(bank, user_data, tmp_path / "a", max_samples=16, distance="sliced")
+    generate(bank, user_data, tmp_path / "b", max_samples=16, distance="sliced")
+    for f in ("adapter_model.safetensors", "adapter_config.json", "loramix.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_generate_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path, bank, user_data):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(LoramixError, match="already exists"):
+        generate(bank, user_data, out)
+    generate(bank, user_data, out, force=True, max_samples=16)
+    assert (out / "loramix.json").is_file()
+    with pytest.raises(LoramixError, match="distance 'kl' compares tokens"):
+        generate(bank, user_data, tmp_path / "bad", distance="kl")
+    assert not (tmp_path / "bad").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_generate_excludes_entries_without_data(tmp_path, user_data, caplog):
+    bank_dir = make_bank(tmp_path / "bank", n=4)
+    (bank_dir / "task_animals" / "train.jsonl").unlink()
+    generate(bank_dir, user_data, tmp_path / "out", max_samples=16)
+    report = read_report(tmp_path / "out")
+    assert "task_animals" not in report["coefficients"] and report["excluded"] == ["task_animals"]
+    assert any("task_animals" in r.message and "no train.jsonl" in r.message for r in caplog.records)
+
+
+def test_generate_unknown_names_are_one_line_errors(tmp_path, bank, user_data):
+    for kwargs, pattern in [
+        ({"signature": "nope"}, "unknown signature 'nope'"),
+        ({"distance": "nope"}, "unknown distance 'nope'"),
+        ({"operator": "nope"}, "unknown operator 'nope'"),
+        ({"compose": "nope"}, "unknown composition 'nope'"),
+        ({"rank": "half"}, "rank must be"),
+    ]:
+        with pytest.raises(LoramixError, match=pattern) as info:
+            generate(bank, user_data, tmp_path / "out", **kwargs)
+        assert "\n" not in str(info.value)

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from conftest import topic_records
+
+from loramix import Dataset, Sample, SignatureSpec, make_signer
+from loramix.signatures import DEFAULT_EMBED_MODEL
+
+
+def dataset(topic: str, n: int = 12) -> Dataset:
+    return Dataset([Sample(r["input"], tuple(r["output"])) for r in topic_records(topic, n)], topic)
+
+
+def test_unigram_is_the_tokenizer_ids_of_input_plus_output(tiny_base):
+    from transformers import AutoTokenizer
+
+    ds = dataset("colors", 5)
+    sig = make_signer(SignatureSpec("unigram", str(tiny_base)))(ds)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    want = np.concatenate([tok(s.input + s.output)["input_ids"] for s in ds])
+    assert sig.dtype == np.int32 and np.array_equal(sig, want)
+
+
+def test_embed_default_model_is_offline_minilm():
+    spec = SignatureSpec("embed").resolved(None)
+    assert spec.model == DEFAULT_EMBED_MODEL
+    sig = make_signer(spec)(dataset("fruits"))
+    assert sig.shape == (12, 384) and sig.dtype == np.float32
+    assert np.allclose(np.linalg.norm(sig, axis=1), 1, atol=1e-5)
+
+
+def test_embed_separates_topics():
+    signer = make_signer(SignatureSpec("embed").resolved(None))
+    a, a2, b = signer(dataset("fruits")), signer(Dataset(dataset("fruits", 24).samples[12:], "f2")), signer(dataset("tools"))
+    from loramix.distances import w2
+
+    assert w2(a, a2) < w2(a, b)
+
+
+def test_hidden_is_mean_pooled_base_states(tiny_base):
+    spec = SignatureSpec("hidden", str(tiny_base), max_samples=5)
+    sig = make_signer(spec)(dataset("music"))
+    assert sig.shape == (5, 32) and np.isfinite(sig).all()
+
+
+def test_max_samples_caps_the_cloud():
+    signer = make_signer(SignatureSpec("embed", max_samples=4, seed=3).resolved(None))
+    assert signer(dataset("sports")).shape == (4, 384)
+
+
+def test_needs_base_resolution():
+    assert SignatureSpec("unigram").resolved("org/base").model == "org/base"
+    assert SignatureSpec("hidden", "mine").resolved("org/base").model == "mine"
+    with pytest.raises(Exception, match="unknown signature"):
+        make_signer(SignatureSpec("nope"))
