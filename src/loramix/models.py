@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -61,13 +62,16 @@ def default_base_path() -> Path:
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Silence transformers' own progress bars while a model loads (loramix shows its own)."""
+    """Silence transformers' own progress bars (loramix shows its own) and its deprecation noise while loading."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            warnings.filterwarnings("ignore", message="Could not find a config file in")
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -103,3 +107,21 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
     except OSError as e:
         raise LoramixError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` as a user turn in the base's chat template, ready for the answer to follow
+    (plain text ids when the tokenizer has no chat template)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text)["input_ids"]
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an answer: the eos token (SmolLM2's <|im_end|>)."""
+    if tokenizer.eos_token_id is None:
+        raise LoramixError("the base tokenizer has no eos token to end answers with")
+    return tokenizer.eos_token_id

@@ -1,0 +1,296 @@
+"""Leave-one-out quality benchmark (`make bench-quality`): for every bank task, predict its adapter from the
+other entries with each setting, evaluate it on the task's test split, and write benchmarks/results/quality.md.
+
+Settings: the base model; the task's own trained adapter (upper bound); the uniform average of the others;
+the paper's (unigram x {wd, kl, js, mmd} x {attentional, normalized, neural}, paper composition); and
+loramix's (embed / hidden x {w2, sliced, mmd-rbf, gaussian-w2} x operators, exact composition, with and
+without top-k). The neural operator is fitted by 5-fold cross-fitting: a task's own fold never trains it.
+
+Per-task results are cached under .cache/bench-quality/ so an interrupted run resumes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("LORAMIX_PROGRESS", "0")
+
+import loramix  # noqa: E402
+from loramix import Bank, BankIndex, SignatureSpec, compose, save_adapter  # noqa: E402
+from loramix.build import resolve_suite  # noqa: E402
+from loramix.compose import gram_matrix  # noqa: E402
+from loramix.data import read_dataset  # noqa: E402
+from loramix.evaluate import generate_answers, load_for_eval, score  # noqa: E402
+from loramix.operators import OPERATORS, Neural, keep_top_k, softmin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / ".cache" / "bench-quality"
+FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to predict a task's adapter from the rest of the bank."""
+
+    name: str
+    group: str  # reference | paper | loramix
+    signature: str | None = None
+    distance: str | None = None
+    operator: str | None = None
+    compose: str = "exact"
+    top_k: int | None = None
+    temperature: float = 1.0
+
+
+def settings(top_k: int, quick: bool) -> list[Setting]:
+    out = [Setting("base", "reference"), Setting("trained", "reference"), Setting("uniform", "reference")]
+    ops = ["attentional", "normalized", "neural"]
+    for d in ["wd", "kl", "js", "mmd"]:
+        for op in ops:
+            out.append(Setting(f"paper/unigram-{d}-{op}", "paper", "unigram", d, op, "paper"))
+    for sig in ["embed", "hidden"]:
+        for d in ["w2", "sliced", "mmd-rbf", "gaussian-w2"]:
+            for op in ops:
+                for k in (None, top_k):
+                    name = f"loramix/{sig}-{d}-{op}" + (f"-top{k}" if k else "")
+                    out.append(Setting(name, "loramix", sig, d, op, "exact", k))
+    if quick:
+        keep = {"base", "trained", "uniform", "paper/unigram-kl-attentional", "loramix/embed-w2-normalized",
+                f"loramix/embed-w2-normalized-top{top_k}"}
+        out = [s for s in out if s.name in keep]
+    return out
+
+
+class Runner:
+    def __init__(self, bank: Bank, suite: Path, limit: int | None, max_samples: int):
+        self.bank = bank
+        self.index = BankIndex(bank)
+        self.entries = bank.usable
+        self.names = [e.name for e in self.entries]
+        self.suite = suite
+        self.limit = limit
+        self.max_samples = max_samples
+        self.model = None
+        self.tokenizer = None
+        self.timings: dict[str, dict[str, float]] = {}
+        self._grams: dict[str, np.ndarray] = {}
+
+    # -- coefficients -----------------------------------------------------------------------------------
+    def coefficient_matrix(self, s: Setting) -> np.ndarray:
+        """C[t] = coefficients predicting task t from the others (C[t, t] = 0), [n, n]."""
+        n = len(self.entries)
+        if s.name == "uniform":
+            return (np.ones((n, n)) - np.eye(n)) / (n - 1)
+        spec = SignatureSpec(s.signature, None, self.max_samples, 0)
+        start = time.perf_counter()
+        self.index.signatures(spec)
+        t_sig = time.perf_counter() - start
+        d = self.index.distance_matrix(spec, s.distance, 0).copy()
+        t_dist = time.perf_counter() - start - t_sig
+        np.fill_diagonal(d, np.inf)
+        c = np.zeros((n, n))
+        if OPERATORS.get(s.operator).trainable:
+            space = "params" if s.compose == "paper" else "updates"
+            gram = self._gram(space)
+            folds = np.arange(n) % FOLDS
+            for f in range(FOLDS):
+                train = np.flatnonzero(folds != f)
+                op = Neural().fit(d[np.ix_(train, train)], gram[np.ix_(train, train)])
+                for t in np.flatnonzero(folds == f):
+                    c[t] = op.coefficients(d[t], s.temperature, s.top_k)
+        else:
+            op = OPERATORS.get(s.operator)()
+            for t in range(n):
+                c[t] = op.coefficients(d[t], s.temperature, s.top_k)
+        t_op = time.perf_counter() - start - t_sig - t_dist
+        self.timings[s.name] = {"signatures": t_sig, "distances": t_dist, "operator": t_op}
+        return c
+
+    def _gram(self, space: str) -> np.ndarray:
+        if space not in self._grams:
+            self._grams[space] = gram_matrix(self.bank, self.entries, space)
+        return self._grams[space]
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self.model is None:
+            from peft import PeftModel
+
+            base, self.tokenizer = load_for_eval(self.bank.base_model)
+            first = self.entries[0]
+            self.model = PeftModel.from_pretrained(base, str(first.adapter.path), adapter_name="anchor").eval()
+
+    def evaluate(self, task: str, adapter_dir: Path | None) -> dict:
+        self._load()
+        data = read_dataset(self.suite / task / "test.jsonl")
+        samples = data.samples[: self.limit] if self.limit else data.samples
+        train = read_dataset(self.suite / task / "train.jsonl")
+        longest = max(len(self.tokenizer(s.output)["input_ids"]) for s in train)
+        inputs = [s.input for s in samples]
+        start = time.perf_counter()
+        if adapter_dir is None:
+            with self.model.disable_adapter():
+                preds = generate_answers(self.model, self.tokenizer, inputs, max_new_tokens=longest + 8)
+        else:
+            self.model.load_adapter(str(adapter_dir), adapter_name="eval")
+            self.model.set_adapter("eval")
+            preds = generate_answers(self.model, self.tokenizer, inputs, max_new_tokens=longest + 8)
+            self.model.set_adapter("anchor")
+            self.model.delete_adapter("eval")
+        result = score(preds, type(data)(samples, data.source))
+        result["eval_seconds"] = time.perf_counter() - start
+        result["predictions"] = preds[:5]
+        return result
+
+    def run(self, s: Setting) -> dict[str, dict]:
+        folder = CACHE / s.name.replace("/", "__")
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [t for t in self.names if not (folder / f"{t}.json").is_file()]
+        coefs = None
+        if todo and s.name not in ("base", "trained"):
+            coefs = self.coefficient_matrix(s)
+            (folder / "timing.json").write_text(json.dumps(self.timings.get(s.name, {})))
+        for t in todo:
+            i = self.names.index(t)
+            compose_s = 0.0
+            if s.name == "base":
+                result = self.evaluate(t, None)
+            elif s.name == "trained":
+                result = self.evaluate(t, self.entries[i].adapter.path)
+            else:
+                start = time.perf_counter()
+                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, coefs[i]) if x > 0}, method=s.compose)
+                compose_s = time.perf_counter() - start
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_adapter(tmp, comp.config, comp.factors)
+                    result = self.evaluate(t, Path(tmp))
+                top = np.argsort(-coefs[i])[:3]
+                result["top"] = [[self.names[j], round(float(coefs[i, j]), 4)] for j in top]
+                result["coefficients"] = [round(float(x), 6) for x in coefs[i]]
+            result["compose_seconds"] = compose_s
+            (folder / f"{t}.json").write_text(json.dumps(result))
+            print(f"{s.name:45s} {t:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
+        out = {t: json.loads((folder / f"{t}.json").read_text()) for t in self.names}
+        timing = folder / "timing.json"
+        if timing.is_file():
+            out["__timing__"] = json.loads(timing.read_text())
+        return out
+
+
+def family_of(suite: Path) -> dict[str, str]:
+    index = suite / "suite.json"
+    if index.is_file():
+        return {t["name"]: t["family"] for t in json.loads(index.read_text())}
+    return {}
+
+
+def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Setting], args) -> None:
+    names = runner.names
+    families = family_of(runner.suite)
+
+    def mean(setting: str, metric: str, tasks=names) -> float:
+        return float(np.mean([results[setting][t][metric] for t in tasks]))
+
+    base, trained = mean("base", "rougeL"), mean("trained", "rougeL")
+    rows = []
+    for s in all_settings:
+        r = results[s.name]
+        rl = mean(s.name, "rougeL")
+        gap = (rl - base) / (trained - base) if trained != base else float("nan")
+        timing = r.get("__timing__", {})
+        cpu = sum(timing.values()) + float(np.mean([r[t]["compose_seconds"] for t in names]))
+        rows.append((s, rl, mean(s.name, "exact_match"), mean(s.name, "contains"), gap, timing, cpu))
+    chosen = args.default_setting
+    lines = [
+        "# Leave-one-out quality on the default bank",
+        "",
+        f"Reproduce: `make bench-quality` ({'quick subset; ' if args.quick else ''}loramix {loramix.__version__}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs).",
+        "",
+        f"Bank: {runner.bank.path.name} ({len(names)} adapters of {runner.bank.base_model}, rank {runner.bank.max_rank}). "
+        f"Each task's adapter is predicted from the other {len(names) - 1} and evaluated on its test split "
+        f"({'first ' + str(args.limit) + ' records' if args.limit else 'all records'}), greedy decoding with the chat template. "
+        "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L. CPU stage = signatures of the whole bank "
+        "(first use; cached after), the bank's distance matrix, operator (incl. neural fitting) and the mean "
+        "per-task composition time, in seconds; generation time is not included.",
+        "",
+        "| setting | group | ROUGE-L | exact match | contains | gap closed | CPU stage (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s, rl, em, co, gap, timing, cpu in rows:
+        mark = " **(default)**" if s.name == chosen else ""
+        lines.append(f"| {s.name}{mark} | {s.group} | {rl:.4f} | {em:.4f} | {co:.4f} | {gap:.3f} | {cpu:.1f} |")
+    if families:
+        fams = sorted({families.get(t, "?") for t in names})
+        show = ["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen]
+        show = [x for x in dict.fromkeys(show) if x in results]
+        lines += ["", "## ROUGE-L per family", "", "| family | tasks | " + " | ".join(show) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in show) + " |"]
+        for f in fams:
+            ts = [t for t in names if families.get(t) == f]
+            lines.append(f"| {f} | {len(ts)} | " + " | ".join(f"{mean(x, 'rougeL', ts):.3f}" for x in show) + " |")
+    lines += ["", "## Per task (ROUGE-L)", "", "| task | base | trained | uniform | default | default's top entries |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for t in names:
+        top = ", ".join(f"{n} {c:.2f}" for n, c in results[chosen][t].get("top", []))
+        lines.append(
+            f"| {t} | {results['base'][t]['rougeL']:.3f} | {results['trained'][t]['rougeL']:.3f} | "
+            f"{results['uniform'][t]['rougeL']:.3f} | {results[chosen][t]['rougeL']:.3f} | {top} |"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    heatmap(results[chosen], names, RESULTS / "coefficients.png", chosen)
+
+
+def heatmap(result: dict, names: list[str], path: Path, title: str) -> None:
+    """The leave-one-out coefficient matrix as an image, like the paper's Figure 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = np.array([result[t]["coefficients"] for t in names])
+    fig, ax = plt.subplots(figsize=(11, 10))
+    im = ax.imshow(c, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xlabel("bank entry (source)")
+    ax.set_ylabel("task predicted (leave-one-out)")
+    ax.set_title(f"coefficients: {title}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bank", default="default")
+    p.add_argument("--suite", default="default")
+    p.add_argument("--limit", type=int, default=40, help="test records per task")
+    p.add_argument("--max-samples", type=int, default=256, help="signature samples per dataset")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="a handful of settings only")
+    p.add_argument("--default-setting", default="loramix/embed-w2-normalized")
+    p.add_argument("--only", nargs="*", help="run only these settings")
+    args = p.parse_args()
+    runner = Runner(Bank(args.bank), resolve_suite(args.suite), args.limit, args.max_samples)
+    all_settings = settings(args.top_k, args.quick)
+    if args.only:
+        all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
+    results = {s.name: runner.run(s) for s in all_settings}
+    write_report(runner, results, all_settings, args)
+    print((RESULTS / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Stage 7: evaluation. Batched greedy generation with the base's chat template, scored against the
+references as Natural-Instructions does: ROUGE-L (rouge-score, Porter-stemmed), exact match and
+"reference contained in output", each the best over a record's references."""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Dataset, read_dataset
+from .models import end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
+from .progress import track
+
+
+def normalize(text: str) -> str:
+    """SQuAD-style answer normalisation: lowercase, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+class _Tokenizer:
+    """rouge-score's default tokenisation (lowercase, Porter stemming of tokens longer than 3 characters),
+    except that letters outside ASCII and symbols are kept as tokens: 'élève' or an emoji is not dropped."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = re.findall(r"\w+|[^\w\s]", unicodedata.normalize("NFC", text.lower()))
+        tokens = [t for t in tokens if t.isalnum() or unicodedata.category(t[0]).startswith("S")]
+        return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+
+
+@dataclass
+class Scorer:
+    """Scores one prediction against its references: (rougeL F1, exact match 0/1, contains 0/1), best of refs."""
+
+    def __post_init__(self) -> None:
+        from rouge_score import rouge_scorer
+
+        self._rouge = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
+
+    def __call__(self, prediction: str, references: tuple[str, ...]) -> tuple[float, float, float]:
+        pred = normalize(prediction)
+        refs = [normalize(ref) for ref in references]
+        rouge = max(self._rouge.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+        exact = float(any(pred == ref for ref in refs))
+        contains = float(any(ref and ref in pred for ref in refs))
+        return rouge, exact, contains
+
+
+def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_size: int = 32, max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers to `inputs` (each a user turn in the chat template), batched with left padding,
+    longest prompts first. Returns the decoded answers in input order."""
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    device = next(model.parameters()).device
+    encoded = [prompt_ids(tokenizer, text) for text in inputs]
+    order = sorted(range(len(inputs)), key=lambda i: -len(encoded[i]))
+    answers: list[str] = [""] * len(inputs)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.inference_mode():
+        for batch in track(batches, "generating", total=len(batches)):
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=eot, pad_token_id=pad,
+            )
+            for row, i in enumerate(batch):
+                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return answers
+
+
+def score(predictions: list[str], dataset: Dataset) -> dict[str, float]:
+    """Mean rougeL, exact_match and contains over the records, and n."""
+    scorer = Scorer()
+    rows = [scorer(p, s.outputs) for p, s in zip(predictions, dataset)]
+    n = len(rows)
+    return {
+        "rougeL": sum(r[0] for r in rows) / n,
+        "exact_match": sum(r[1] for r in rows) / n,
+        "contains": sum(r[2] for r in rows) / n,
+        "n": n,
+    }
+
+
+def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer): the base, with the PEFT adapter loaded on top when given. `base` None means the
+    adapter's own base model (its adapter_config.json), else the default base."""
+    if base is None and adapter is not None:
+        import json
+
+        base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    tokenizer = load_tokenizer(base)
+    tokenizer.padding_side = "left"
+    model = load_model(base)
+    if adapter is not None:
+        from peft import PeftModel
+
+        with quiet_loading():
+            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tokenizer
+
+
+def evaluate(
+    data: str | Path | Dataset,
+    *,
+    base: str | None = None,
+    adapter: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 48,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Generate for the first `limit` records of `data` and score them. Pass `model` / `tokenizer` to reuse
+    a loaded model; otherwise the base (and adapter) are loaded. Returns rougeL, exact_match, contains, n,
+    seconds and the predictions."""
+    dataset = data if isinstance(data, Dataset) else read_dataset(data, split="test")
+    if limit is not None:
+        dataset = Dataset(dataset.samples[:limit], dataset.source, dataset.definition)
+    if model is None:
+        model, tokenizer = load_for_eval(base, adapter)
+    start = time.perf_counter()
+    predictions = generate_answers(model, tokenizer, [s.input for s in dataset], batch_size=batch_size, max_new_tokens=max_new_tokens)
+    result: dict[str, Any] = score(predictions, dataset)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["base_model"] = base if base is not None else None
+    result["adapter"] = str(adapter) if adapter is not None else None
+    result["predictions"] = predictions
+    return result
+

@@ -1,0 +1,158 @@
+"""An ordinary PEFT LoRA fine-tune, the upper bound loramix is measured against and how banks are built:
+the base's chat template, loss on the answer tokens only, seeded, bf16 autocast, a GPU when there is one."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Dataset, read_dataset
+from .errors import LoramixError
+from .files import atomic_dir
+from .models import DEFAULT_BASE, end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
+from .progress import track
+
+TRAINING_FILE = "training.json"
+
+
+@dataclass
+class TrainConfig:
+    """LoRA fine-tuning settings: `steps` optimizer steps of `batch_size` samples drawn (seeded) from the
+    data; AdamW at `lr` with `warmup` linear steps, then cosine decay; LoRA of `rank` / `alpha` on
+    `target_modules`; sequences cut to `max_length` tokens; saved as `save_dtype`."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 10
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    max_length: int = 256
+    seed: int = 0
+    bf16: bool = True
+    save_dtype: str = "float32"
+    device: str | None = None  # None: cuda when available, else cpu
+
+
+def encode(tokenizer: Any, dataset: Dataset, max_length: int) -> list[tuple[list[int], int]]:
+    """Per sample: (prompt ids + answer ids + end-of-turn, number of answer tokens incl. end-of-turn),
+    truncated from the left of the prompt so the answer always fits."""
+    eot = end_of_turn_id(tokenizer)
+    out = []
+    for s in dataset:
+        answer = tokenizer(s.output, add_special_tokens=False)["input_ids"][: max_length // 2] + [eot]
+        prompt = prompt_ids(tokenizer, s.input)[-(max_length - len(answer)) :]
+        out.append((prompt + answer, len(answer)))
+    return out
+
+
+def _batch(items: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, L], attention mask [B, L] and, over the last K positions, the answer targets
+    [B, K] (-100 elsewhere), K = longest answer. Left padding puts every answer at the end."""
+    width = max(len(ids) for ids, _ in items)
+    k = max(n for _, n in items)
+    ids = torch.full((len(items), width), pad)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    targets = torch.full((len(items), k), -100)
+    for row, (seq, n) in enumerate(items):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+        targets[row, k - n :] = torch.tensor(seq[-n:])
+    return ids, mask, targets
+
+
+def train(
+    data: str | Path | Dataset,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    base: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune a LoRA on `data` (its `output` is the target) and write a PEFT adapter folder to `out`,
+    with `training.json` (settings, loss per step, seconds). Returns that record."""
+    from peft import LoraConfig, get_peft_model
+
+    config = config or TrainConfig()
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(base)
+    model = load_model(base).to(device)
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+    )
+    with quiet_loading():
+        model = get_peft_model(model, lora)
+    model.peft_config["default"].base_model_name_or_path = DEFAULT_BASE if base in (None, "default") else base
+    encoded = encode(tokenizer, dataset, config.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    losses = []
+    start = time.perf_counter()
+    model.train()
+    for _ in track(range(config.steps), "training LoRA", total=config.steps):
+        if len(order) < config.batch_size:  # epochs of shuffled samples, without replacement within one
+            order += rng.sample(range(len(encoded)), len(encoded))
+        picked, order = order[: config.batch_size], order[config.batch_size :]
+        ids, mask, targets = (t.to(device) for t in _batch([encoded[i] for i in picked], pad))
+        k = targets.shape[1]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            # logits for the last k + 1 positions only: position t predicts token t + 1
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=k + 1).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    if not all(math.isfinite(x) for x in losses):
+        raise LoramixError(f"{dataset.source}: training diverged (loss is not finite); try a lower --lr")
+
+    record = {
+        "config": asdict(config),
+        "base_model": model.peft_config["default"].base_model_name_or_path,
+        "data": {"path": dataset.source, "samples": len(dataset), "fingerprint": dataset.fingerprint()},
+        "device": device.type,
+        "seconds": round(seconds, 2),
+        "loss": [round(x, 5) for x in losses],
+    }
+    with atomic_dir(out, force=force) as tmp, quiet_loading():
+        model.save_pretrained(tmp, save_embedding_layers=False)  # LoRA weights only; no hub look-up
+        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+        _cast_weights(tmp / "adapter_model.safetensors", config.save_dtype)
+        (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return record
+
+
+def _cast_weights(path: Path, dtype: str) -> None:
+    """Rewrite a safetensors file with every tensor cast to `dtype`."""
+    from safetensors.torch import load_file, save_file
+
+    target = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    tensors = load_file(path)
+    if any(t.dtype != target for t in tensors.values()):
+        save_file({k: v.to(target).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})

@@ -1,0 +1,102 @@
+"""The trainer, the evaluation harness and bank building, on the tiny model."""
+
+import json
+
+import pytest
+import torch
+from conftest import topic_records, write_jsonl
+from typer.testing import CliRunner
+
+from loramix import Bank, read_dataset
+from loramix.build import build_bank
+from loramix.cli import app
+from loramix.evaluate import Scorer, evaluate, normalize
+from loramix.models import load_tokenizer
+from loramix.train import TrainConfig, _batch, encode, train
+
+TINY = TrainConfig(steps=6, batch_size=4, lr=1e-2, rank=4, alpha=8, bf16=False)
+
+
+def test_encode_and_batch_put_answers_last(tiny_base):
+    tok = load_tokenizer(str(tiny_base))
+    ds = read_dataset(write_jsonl(tiny_base.parent / "d.jsonl", topic_records("colors", 3)))
+    enc = encode(tok, ds, max_length=64)
+    ids, n = enc[0]
+    answer = tok(ds.samples[0].output, add_special_tokens=False)["input_ids"]
+    assert ids[-n:] == answer + [tok.eos_token_id]
+    x, mask, targets = _batch(enc, pad=tok.pad_token_id)
+    assert x.shape == mask.shape and targets.shape[1] == max(k for _, k in enc)
+    for row, (seq, k) in enumerate(enc):
+        assert x[row, -len(seq):].tolist() == seq and mask[row].sum() == len(seq)
+        assert targets[row, -k:].tolist() == seq[-k:] and (targets[row, :-k] == -100).all()
+
+
+def test_train_writes_a_peft_adapter(tmp_path, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 16))
+    record = train(data, tmp_path / "ad", TINY, base=str(tiny_base))
+    assert len(record["loss"]) == 6 and all(x == x for x in record["loss"])
+    assert record["loss"][-1] < record["loss"][0]
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(tiny_base)
+    assert json.loads((tmp_path / "ad" / "training.json").read_text())["config"]["steps"] == 6
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "ad")
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+    # same seed, same adapter bytes
+    train(data, tmp_path / "ad2", TINY, base=str(tiny_base))
+    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == (tmp_path / "ad2" / "adapter_model.safetensors").read_bytes()
+
+
+def test_scorer():
+    s = Scorer()
+    assert normalize("The  Cat!") == "cat"
+    assert s("the cat", ("Cat",)) == (pytest.approx(2 / 3), 1.0, 1.0)  # ROUGE keeps articles, EM drops them
+    assert s("Cat.", ("cat",)) == (1.0, 1.0, 1.0)
+    rouge, em, contains = s("a big cat sat", ("dog", "cat"))
+    assert rouge == pytest.approx(2 * (1 / 4 * 1) / (1 / 4 + 1)) and em == 0 and contains == 1
+    assert s("élève", ("élève",))[0] == 1.0 and s("🍎", ("🍎",))[0] == 1.0
+    assert s("running", ("runs",))[0] == 1.0  # Porter stemming
+    assert s("", ("x",)) == (0.0, 0.0, 0.0)
+
+
+def test_evaluate_on_tiny_model(tmp_path, tiny_base):
+    data = write_jsonl(tmp_path / "test.jsonl", topic_records("music", 5))
+    r = evaluate(data, base=str(tiny_base), max_new_tokens=4, batch_size=2)
+    assert r["n"] == 5 and len(r["predictions"]) == 5
+    assert {"rougeL", "exact_match", "contains"} <= set(r) and all(0 <= r[k] <= 1 for k in ("rougeL", "exact_match", "contains"))
+
+
+def test_build_bank_is_resumable(tmp_path, tiny_base):
+    suite = tmp_path / "suite"
+    for topic in ("colors", "tools", "music"):
+        (suite / f"t_{topic}").mkdir(parents=True)
+        write_jsonl(suite / f"t_{topic}" / "train.jsonl", topic_records(topic, 8))
+    status = build_bank(suite, tmp_path / "bank", exclude=("t_music",), config=TINY, base=str(tiny_base))
+    assert status == {"t_colors": "trained", "t_tools": "trained"}
+    bank = Bank(tmp_path / "bank")
+    assert [e.name for e in bank.usable] == ["t_colors", "t_tools"]
+    assert (tmp_path / "bank" / "t_colors" / "train.jsonl").read_bytes() == (suite / "t_colors" / "train.jsonl").read_bytes()
+    seeds = {json.loads((tmp_path / "bank" / t / "training.json").read_text())["config"]["seed"] for t in status}
+    assert len(seeds) == 2  # one seed per task
+    assert build_bank(suite, tmp_path / "bank", exclude=("t_music",), config=TINY, base=str(tiny_base)) == {
+        "t_colors": "kept", "t_tools": "kept"}
+    write_jsonl(suite / "t_tools" / "train.jsonl", topic_records("tools", 9))
+    assert build_bank(suite, tmp_path / "bank", exclude=("t_music",), config=TINY, base=str(tiny_base))["t_tools"] == "trained"
+
+
+def test_cli_train_and_eval_json(tmp_path, tiny_base):
+    runner = CliRunner()
+    data = write_jsonl(tmp_path / "train.jsonl", topic_records("sports", 8))
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "ad"), "--base", str(tiny_base),
+                            "--steps", "2", "--rank", "2", "--save-dtype", "float16"])
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "ad" / "adapter_model.safetensors").values()} == {torch.float16}
+    r = runner.invoke(app, ["eval", "--data", str(data), "--adapter", str(tmp_path / "ad"), "--limit", "3",
+                            "--max-new-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["n"] == 3 and {"rougeL", "exact_match", "contains"} <= set(result)
