@@ -32,8 +32,8 @@ from loramix.evaluate import generate_answers, load_for_eval, score  # noqa: E40
 from loramix.operators import OPERATORS, Neural, keep_top_k, softmin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-CACHE = ROOT / ".cache" / "bench-quality"
+RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
+CACHE = Path(os.environ.get("BENCH_CACHE", ROOT / ".cache" / "bench-quality"))
 FOLDS = 5
 
 
@@ -139,51 +139,79 @@ class Runner:
         start = time.perf_counter()
         if adapter_dir is None:
             with self.model.disable_adapter():
-                preds = generate_answers(self.model, self.tokenizer, inputs, max_new_tokens=longest + 8)
+                preds = generate_answers(self.model, self.tokenizer, inputs, batch_size=64, max_new_tokens=longest + 8)
         else:
-            self.model.load_adapter(str(adapter_dir), adapter_name="eval")
-            self.model.set_adapter("eval")
-            preds = generate_answers(self.model, self.tokenizer, inputs, max_new_tokens=longest + 8)
+            self.model.load_adapter(str(adapter_dir), adapter_name="candidate")
+            self.model.set_adapter("candidate")
+            preds = generate_answers(self.model, self.tokenizer, inputs, batch_size=64, max_new_tokens=longest + 8)
             self.model.set_adapter("anchor")
-            self.model.delete_adapter("eval")
+            self.model.delete_adapter("candidate")
         result = score(preds, type(data)(samples, data.source))
         result["eval_seconds"] = time.perf_counter() - start
         result["predictions"] = preds[:5]
         return result
 
-    def run(self, s: Setting) -> dict[str, dict]:
-        folder = CACHE / s.name.replace("/", "__")
-        folder.mkdir(parents=True, exist_ok=True)
-        todo = [t for t in self.names if not (folder / f"{t}.json").is_file()]
-        coefs = None
-        if todo and s.name not in ("base", "trained"):
-            coefs = self.coefficient_matrix(s)
-            (folder / "timing.json").write_text(json.dumps(self.timings.get(s.name, {})))
-        for t in todo:
-            i = self.names.index(t)
+    def folder(self, s: Setting) -> Path:
+        return CACHE / s.name.replace("/", "__")
+
+    def pending(self, s: Setting) -> list[str]:
+        return [t for t in self.names if not (self.folder(s) / f"{t}.json").is_file()]
+
+    def prepare(self, all_settings: list[Setting]) -> dict[str, np.ndarray]:
+        """Coefficient matrices of the settings that still have tasks to evaluate (their timings saved)."""
+        coefs = {}
+        for s in all_settings:
+            self.folder(s).mkdir(parents=True, exist_ok=True)
+            if s.name in ("base", "trained") or not self.pending(s):
+                continue
+            coefs[s.name] = self.coefficient_matrix(s)
+            (self.folder(s) / "timing.json").write_text(json.dumps(self.timings.get(s.name, {})))
+            print(f"coefficients ready: {s.name} {self.timings.get(s.name, {})}", flush=True)
+        return coefs
+
+    def run_task(self, task: str, all_settings: list[Setting], coefs: dict[str, np.ndarray]) -> None:
+        """Evaluate every pending setting on one task; each result is cached as soon as it is known."""
+        i = self.names.index(task)
+        for s in all_settings:
+            file = self.folder(s) / f"{task}.json"
+            if file.is_file():
+                continue
             compose_s = 0.0
             if s.name == "base":
-                result = self.evaluate(t, None)
+                result = self.evaluate(task, None)
             elif s.name == "trained":
-                result = self.evaluate(t, self.entries[i].adapter.path)
+                result = self.evaluate(task, self.entries[i].adapter.path)
             else:
+                c = coefs[s.name][i]
                 start = time.perf_counter()
-                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, coefs[i]) if x > 0}, method=s.compose)
+                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x > 0}, method=s.compose)
                 compose_s = time.perf_counter() - start
                 with tempfile.TemporaryDirectory() as tmp:
                     save_adapter(tmp, comp.config, comp.factors)
-                    result = self.evaluate(t, Path(tmp))
-                top = np.argsort(-coefs[i])[:3]
-                result["top"] = [[self.names[j], round(float(coefs[i, j]), 4)] for j in top]
-                result["coefficients"] = [round(float(x), 6) for x in coefs[i]]
+                    result = self.evaluate(task, Path(tmp))
+                result["top"] = [[self.names[j], round(float(c[j]), 4)] for j in np.argsort(-c)[:3]]
+                result["coefficients"] = [round(float(x), 6) for x in c]
             result["compose_seconds"] = compose_s
-            (folder / f"{t}.json").write_text(json.dumps(result))
-            print(f"{s.name:45s} {t:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
-        out = {t: json.loads((folder / f"{t}.json").read_text()) for t in self.names}
-        timing = folder / "timing.json"
+            file.write_text(json.dumps(result))
+            print(f"{s.name:45s} {task:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
+
+    def collect(self, s: Setting) -> dict[str, dict]:
+        out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.names}
+        timing = self.folder(s) / "timing.json"
         if timing.is_file():
             out["__timing__"] = json.loads(timing.read_text())
         return out
+
+
+def _worker(args: tuple) -> None:
+    """One process: its share of the tasks, every setting, one CPU thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    bank, suite, limit, max_samples, all_settings, coefs, tasks = args
+    runner = Runner(Bank(bank), suite, limit, max_samples)
+    for t in tasks:
+        runner.run_task(t, all_settings, coefs)
 
 
 def family_of(suite: Path) -> dict[str, str]:
@@ -282,12 +310,25 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a handful of settings only")
     p.add_argument("--default-setting", default="loramix/embed-w2-normalized")
     p.add_argument("--only", nargs="*", help="run only these settings")
+    p.add_argument("--workers", type=int, default=2, help="evaluation processes (one CPU thread each)")
     args = p.parse_args()
     runner = Runner(Bank(args.bank), resolve_suite(args.suite), args.limit, args.max_samples)
     all_settings = settings(args.top_k, args.quick)
     if args.only:
         all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
-    results = {s.name: runner.run(s) for s in all_settings}
+    coefs = runner.prepare(all_settings)
+    todo = [t for t in runner.names if any(t in runner.pending(s) for s in all_settings)]
+    if args.workers <= 1:
+        for t in todo:
+            runner.run_task(t, all_settings, coefs)
+    else:
+        import multiprocessing
+
+        shares = [todo[w :: args.workers] for w in range(args.workers)]
+        jobs = [(args.bank, runner.suite, args.limit, args.max_samples, all_settings, coefs, share) for share in shares]
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            pool.map(_worker, jobs)
+    results = {s.name: runner.collect(s) for s in all_settings}
     write_report(runner, results, all_settings, args)
     print((RESULTS / "quality.md").read_text())
 

@@ -172,3 +172,32 @@ def test_adapter_delta_helper(tmp_path):
     ad = LoraAdapter(write_adapter(tmp_path / "a", rank=4, alpha=8))
     a, b = ad.factors("model.layers.0.self_attn.q_proj")
     assert torch.allclose(ad.delta("model.layers.0.self_attn.q_proj"), 2.0 * (b.double() @ a.double()))
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 3}, {"rank": "full"}, {"method": "paper"}])
+def test_streamed_composition_equals_in_memory(tmp_path, kwargs):
+    from safetensors.torch import load_file
+
+    from loramix.compose import write_composition
+
+    b = Bank(make_bank(tmp_path / "bank", n=4))
+    c = {e.name: w for e, w in zip(b.entries, [0.4, 0.3, 0.2, 0.1])}
+    mem = compose(b, c, **kwargs)
+    streamed = write_composition(tmp_path, b, c, **kwargs)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert streamed.factors == {} and streamed.energy == pytest.approx(mem.energy) and streamed.config == mem.config
+    for m, (a, bb) in mem.factors.items():
+        assert torch.equal(tensors[f"base_model.model.{m}.lora_A.weight"], a)
+        assert torch.equal(tensors[f"base_model.model.{m}.lora_B.weight"], bb)
+
+
+def test_safetensors_writer_checks_shapes_and_completeness(tmp_path):
+    from loramix.adapter import SafetensorsWriter
+
+    specs = {"x": (torch.float16, (2, 3)), "y": (torch.bfloat16, (4,))}
+    with pytest.raises(ValueError, match="expected"):
+        with SafetensorsWriter(tmp_path / "a.safetensors", specs) as w:
+            w.write("x", torch.zeros(3, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="never written: y"):
+        with SafetensorsWriter(tmp_path / "b.safetensors", specs) as w:
+            w.write("x", torch.zeros(2, 3, dtype=torch.float16))

@@ -100,3 +100,14 @@ def test_cli_train_and_eval_json(tmp_path, tiny_base):
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert result["n"] == 3 and {"rougeL", "exact_match", "contains"} <= set(result)
+
+
+def test_shared_prefix_generation_equals_one_by_one(tiny_base):
+    from loramix.evaluate import _common_prefix, generate_answers, load_for_eval
+
+    assert _common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and _common_prefix([[1, 2], [1, 2, 3]]) == 1
+    model, tok = load_for_eval(str(tiny_base))
+    inputs = [r["input"] for r in topic_records("animals", 6)] + ["cat dog", "red"]
+    batched = generate_answers(model, tok, inputs, batch_size=8, max_new_tokens=5)
+    single = [generate_answers(model, tok, [x], batch_size=1, max_new_tokens=5)[0] for x in inputs]
+    assert batched == single and any(batched)

@@ -210,6 +210,57 @@ def lora_config(
     }
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+class SafetensorsWriter:
+    """A safetensors file whose tensors' dtypes and shapes are known up front, written one tensor at a time
+    (in any order) so that a large output is never held in memory whole. Use as a context manager."""
+
+    def __init__(self, path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = specs
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name in sorted(specs):
+            dtype, shape = specs[name]
+            size = math.prod(shape) * torch.finfo(dtype).bits // 8
+            self._offsets[name] = (start, start + size)
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [start, start + size]}
+            start += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._data_start = 8 + len(blob)
+        self._file = open(self.path, "wb")
+        self._file.write(len(blob).to_bytes(8, "little") + blob)
+        self._file.truncate(self._data_start + start)
+        self._written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
+        self._file.seek(self._data_start + self._offsets[name][0])
+        self._file.write(tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        self._written.add(name)
+
+    def close(self) -> None:
+        self._file.close()
+        missing = set(self.specs) - self._written
+        if missing:
+            raise ValueError(f"{self.path}: tensors never written: {', '.join(sorted(missing))}")
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._file.close()
+
+
 def save_adapter(folder: str | Path, config: dict[str, Any], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Write a PEFT adapter into `folder`: `factors` maps module name -> (A [r, in], B [out, r])."""
     folder = Path(folder)

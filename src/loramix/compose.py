@@ -8,14 +8,16 @@ rank-k approximation (Eckart-Young) in O((d_in + d_out) R^2), never a dense d_ou
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .adapter import LoraModule, lora_config
+from .adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, LoraModule, SafetensorsWriter, lora_config
 from .bank import Bank, BankEntry
 from .errors import LoramixError
 from .progress import track
@@ -113,16 +115,36 @@ class Paper(Composer):
 
 @dataclass
 class Composition:
-    """A composed adapter in memory: factors per module, its adapter_config.json, and retained energy."""
+    """A composed adapter: its adapter_config.json, output rank (None: the entries' own, 'paper'), retained
+    energy per module, and the factors per module when composed in memory (empty when streamed to disk)."""
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     config: dict
-    energy: dict[str, float]
     rank: int | None
+    energy: dict[str, float] = field(default_factory=dict)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def mean_energy(self) -> float:
         return float(np.mean(list(self.energy.values()))) if self.energy else 1.0
+
+
+@dataclass
+class Plan:
+    """Everything a composition writes that is known before any tensor is read: the entries with non-zero
+    coefficients, the rank and scale of every output module, the output dtype and adapter_config.json."""
+
+    method: str
+    coefficients: dict[str, float]
+    active: list[BankEntry]
+    target_rank: int | None  # exact: truncate to this rank; None keeps every singular value
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    dtype: torch.dtype
+    config: dict
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.method == "paper" else max(self.ranks.values())
 
 
 def _config_for(bank: Bank, ranks: dict[str, int], scales: dict[str, float]) -> dict:
@@ -154,18 +176,16 @@ def _number(x: float) -> float | int:
     return int(round(x)) if abs(x - round(x)) < 1e-9 else x
 
 
-def compose(
+def plan(
     bank: Bank,
     coefficients: dict[str, float],
     *,
     method: str = "exact",
     rank: int | str | None = None,
     dtype: torch.dtype | None = None,
-) -> Composition:
-    """Compose the bank's adapters with `coefficients` (entry name -> weight; missing names weigh 0).
-
-    `rank`: an int truncates (exact) to that rank; None is the bank's largest rank; 'full' keeps every singular
-    value (padded to the largest module rank). `dtype` of the output: default the bank's stored dtype."""
+) -> Plan:
+    """Check the request and fix the output's shape. `rank`: an int truncates (exact) to that rank; None is the
+    bank's largest rank; 'full' keeps every singular value (all modules padded to one rank)."""
     composer = COMPOSERS.get(method)()
     unknown = set(coefficients) - {e.name for e in bank.entries}
     if unknown:
@@ -174,38 +194,71 @@ def compose(
     if not active:
         raise LoramixError("every coefficient is zero: nothing to compose")
     composer.check(bank.entries, rank)
-    if method == "paper" or rank == "full":
-        target_rank = None
-    elif rank is None:
-        target_rank = bank.max_rank
+    refs = {m: next(e.adapter.modules[m] for e in bank.entries if m in e.adapter.modules) for m in sorted(bank.shapes)}
+    if method == "paper":
+        target, ranks, scales = None, {m: r.rank for m, r in refs.items()}, {m: r.scale for m, r in refs.items()}
     else:
-        target_rank = int(rank)
-        if target_rank < 1:
-            raise LoramixError(f"rank must be at least 1 or 'full', got {rank}")
-    results: dict[str, ModuleResult] = {}
-    for module in track(sorted(bank.shapes), f"composing ({method})", total=len(bank.shapes)):
+        if rank == "full":
+            target = None
+            stacked = {m: sum(e.adapter.modules[m].rank for e in active if m in e.adapter.modules) for m in refs}
+            width = max(max(1, min(stacked[m], r.in_features, r.out_features)) for m, r in refs.items())
+        else:
+            target = bank.max_rank if rank is None else int(rank)
+            if target < 1:
+                raise LoramixError(f"rank must be at least 1 or 'full', got {rank}")
+            width = target
+        ranks, scales = {m: width for m in refs}, {m: 1.0 for m in refs}
+    return Plan(method, dict(coefficients), active, target, ranks, scales, dtype or bank.dtype, _config_for(bank, ranks, scales))
+
+
+def composed_modules(bank: Bank, p: Plan) -> Iterator[tuple[str, ModuleResult]]:
+    """Compose module by module, reading each entry's factors only for the module at hand."""
+    composer = COMPOSERS.get(p.method)()
+    for module in track(sorted(bank.shapes), f"composing ({p.method})", total=len(bank.shapes)):
         terms = []
-        for e in active:
+        for e in p.active:
             spec = e.adapter.modules.get(module)
             if spec is not None:
-                terms.append(Term(*e.adapter.factors(module), coefficients[e.name], spec.scale))
+                terms.append(Term(*e.adapter.factors(module), p.coefficients[e.name], spec.scale))
         ref = next(e.adapter.modules[module] for e in bank.entries if module in e.adapter.modules)
-        results[module] = composer.module(terms, ref, target_rank)
-    if method == "exact" and target_rank is None:  # 'full': pad every module to one rank
-        width = max(r.a.shape[0] for r in results.values())
-        for r in results.values():
-            pad = width - r.a.shape[0]
-            if pad:
-                r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
-                r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
-    out_dtype = dtype or bank.dtype
-    for name, r in results.items():
+        r = composer.module(terms, ref, p.target_rank)
+        pad = p.ranks[module] - r.a.shape[0]
+        if pad:
+            r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
+            r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
         if not (torch.isfinite(r.a).all() and torch.isfinite(r.b).all()):
-            raise LoramixError(f"module '{name}': the composed update is not finite (NaN or Inf in a bank entry?)")
-    factors = {m: (r.a.to(out_dtype), r.b.to(out_dtype)) for m, r in results.items()}
-    config = _config_for(bank, {m: r.a.shape[0] for m, r in results.items()}, {m: r.scale for m, r in results.items()})
-    out_rank = None if method == "paper" else max(r.a.shape[0] for r in results.values())
-    return Composition(factors, config, {m: r.energy for m, r in results.items()}, out_rank)
+            raise LoramixError(f"module '{module}': the composed update is not finite (NaN or Inf in a bank entry?)")
+        yield module, r
+
+
+def compose(bank: Bank, coefficients: dict[str, float], **kwargs: Any) -> Composition:
+    """Compose the bank's adapters with `coefficients` (entry name -> weight; missing names weigh 0) in memory.
+    Keyword arguments as `plan` (method, rank, dtype)."""
+    p = plan(bank, coefficients, **kwargs)
+    out = Composition(p.config, p.rank)
+    for module, r in composed_modules(bank, p):
+        out.factors[module] = (r.a.to(p.dtype), r.b.to(p.dtype))
+        out.energy[module] = r.energy
+    return out
+
+
+def write_composition(folder: str | Path, bank: Bank, coefficients: dict[str, float], **kwargs: Any) -> Composition:
+    """Compose as `compose` but stream each module into FOLDER/adapter_model.safetensors as it is produced
+    (and write adapter_config.json): memory holds one module's factors, never the whole output."""
+    p = plan(bank, coefficients, **kwargs)
+    out = Composition(p.config, p.rank)
+    specs = {}
+    for m, (out_f, in_f) in bank.shapes.items():
+        specs[f"{TENSOR_PREFIX}{m}.lora_A.weight"] = (p.dtype, (p.ranks[m], in_f))
+        specs[f"{TENSOR_PREFIX}{m}.lora_B.weight"] = (p.dtype, (out_f, p.ranks[m]))
+    folder = Path(folder)
+    with SafetensorsWriter(folder / WEIGHTS_FILE, specs) as writer:
+        for module, r in composed_modules(bank, p):
+            writer.write(f"{TENSOR_PREFIX}{module}.lora_A.weight", r.a.to(p.dtype))
+            writer.write(f"{TENSOR_PREFIX}{module}.lora_B.weight", r.b.to(p.dtype))
+            out.energy[module] = r.energy
+    (folder / CONFIG_FILE).write_text(json.dumps(p.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
 
 
 def gram_matrix(bank: Bank, entries: Sequence[BankEntry], space: str = "updates") -> np.ndarray:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from . import __version__
-from .adapter import save_adapter
 from .bank import Bank
-from .compose import compose
+from .compose import Composition, write_composition
 from .data import Dataset, read_dataset
 from .distances import distance_row, get_distance
 from .errors import LoramixError
@@ -113,11 +112,29 @@ def generate(
     c = operator.coefficients(d, config.temperature, config.top_k)
     coefficients = {e.name: float(x) for e, x in zip(usable, c)}
 
-    composition = compose(
-        bank, coefficients, method=config.compose, rank=config.rank, dtype=_DTYPES.get(config.dtype or "")
-    )
+    with atomic_dir(out, force=force) as tmp:
+        composition = write_composition(
+            tmp, bank, coefficients, method=config.compose, rank=config.rank, dtype=_DTYPES.get(config.dtype or "")
+        )
+        report = _report(config, spec, bank, dataset, composition, coefficients, d)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    bank.close()
+    return GenerateResult(Path(out), coefficients, report["distances"], report)
+
+
+def _report(
+    config: GenerateConfig,
+    spec: SignatureSpec,
+    bank: Bank,
+    dataset: Dataset,
+    composition: Composition,
+    coefficients: dict[str, float],
+    d: Sequence[float],
+) -> dict[str, Any]:
+    """The contents of loramix.json."""
     energy = composition.energy
-    report = {
+    usable = bank.usable
+    return {
         "loramix_version": __version__,
         "bank": str(bank.path.resolve()),
         "base_model": bank.base_model,
@@ -139,11 +156,6 @@ def generate(
             "per_module": energy,
         },
     }
-    with atomic_dir(out, force=force) as tmp:
-        save_adapter(tmp, composition.config, composition.factors)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    bank.close()
-    return GenerateResult(Path(out), coefficients, report["distances"], report)
 
 
 def read_report(adapter_dir: str | Path) -> dict[str, Any]:
