@@ -24,17 +24,15 @@ import numpy as np
 os.environ.setdefault("LORAMIX_PROGRESS", "0")
 
 import loramix  # noqa: E402
-from loramix import Bank, BankIndex, SignatureSpec, compose, save_adapter  # noqa: E402
+from loramix import Bank, BankIndex, GenerateConfig, compose, save_adapter  # noqa: E402
 from loramix.build import resolve_suite  # noqa: E402
-from loramix.compose import gram_matrix  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import generate_answers, load_for_eval, score  # noqa: E402
-from loramix.operators import OPERATORS, Neural, keep_top_k, softmin  # noqa: E402
+from loramix.pipeline import loo_coefficients  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 CACHE = Path(os.environ.get("BENCH_CACHE", ROOT / ".cache" / "bench-quality"))
-FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,6 @@ class Runner:
         self.model = None
         self.tokenizer = None
         self.timings: dict[str, dict[str, float]] = {}
-        self._grams: dict[str, np.ndarray] = {}
 
     # -- coefficients -----------------------------------------------------------------------------------
     def coefficient_matrix(self, s: Setting) -> np.ndarray:
@@ -90,35 +87,18 @@ class Runner:
         n = len(self.entries)
         if s.name == "uniform":
             return (np.ones((n, n)) - np.eye(n)) / (n - 1)
-        spec = SignatureSpec(s.signature, None, self.max_samples, 0)
+        config = GenerateConfig(signature=s.signature, distance=s.distance, operator=s.operator, compose=s.compose,
+                                top_k=s.top_k, temperature=s.temperature, max_samples=self.max_samples)
+        spec = self.index.resolve(config.signature_spec())
         start = time.perf_counter()
         self.index.signatures(spec)
         t_sig = time.perf_counter() - start
-        d = self.index.distance_matrix(spec, s.distance, 0).copy()
+        self.index.distance_matrix(spec, s.distance, 0)
         t_dist = time.perf_counter() - start - t_sig
-        np.fill_diagonal(d, np.inf)
-        c = np.zeros((n, n))
-        if OPERATORS.get(s.operator).trainable:
-            space = "params" if s.compose == "paper" else "updates"
-            gram = self._gram(space)
-            folds = np.arange(n) % FOLDS
-            for f in range(FOLDS):
-                train = np.flatnonzero(folds != f)
-                op = Neural().fit(d[np.ix_(train, train)], gram[np.ix_(train, train)])
-                for t in np.flatnonzero(folds == f):
-                    c[t] = op.coefficients(d[t], s.temperature, s.top_k)
-        else:
-            op = OPERATORS.get(s.operator)()
-            for t in range(n):
-                c[t] = op.coefficients(d[t], s.temperature, s.top_k)
+        c = loo_coefficients(self.index, config)
         t_op = time.perf_counter() - start - t_sig - t_dist
         self.timings[s.name] = {"signatures": t_sig, "distances": t_dist, "operator": t_op}
         return c
-
-    def _gram(self, space: str) -> np.ndarray:
-        if space not in self._grams:
-            self._grams[space] = gram_matrix(self.bank, self.entries, space)
-        return self._grams[space]
 
     # -- evaluation -------------------------------------------------------------------------------------
     def _load(self) -> None:

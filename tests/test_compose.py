@@ -201,3 +201,20 @@ def test_safetensors_writer_checks_shapes_and_completeness(tmp_path):
     with pytest.raises(ValueError, match="never written: y"):
         with SafetensorsWriter(tmp_path / "b.safetensors", specs) as w:
             w.write("x", torch.zeros(2, 3, dtype=torch.float16))
+
+
+def test_randomized_truncation_for_large_stacked_rank(mixed, monkeypatch):
+    import importlib
+
+    comp_mod = importlib.import_module("loramix.compose")  # the package attribute `compose` is the function
+
+    b, c = mixed
+    exact = compose(b, c, rank=3)
+    monkeypatch.setattr(comp_mod, "EXACT_MAX_STACKED_RANK", 8)
+    approx = compose(b, c, rank=3)
+    assert set(approx.energy.values()) == {None} and approx.mean_energy is None
+    for m in b.shapes:
+        want = dense_sum(b, c, m)
+        optimal = float((composed_delta(exact, m) - want).norm())
+        got = float((composed_delta(approx, m) - want).norm())
+        assert got <= optimal * 1.001 + 1e-6

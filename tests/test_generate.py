@@ -166,3 +166,26 @@ def test_generate_unknown_names_are_one_line_errors(tmp_path, bank, user_data):
         with pytest.raises(LoramixError, match=pattern) as info:
             generate(bank, user_data, tmp_path / "out", **kwargs)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("operator", ["normalized", "neural"])
+def test_leave_one_out_matches_one_by_one(tmp_path, operator):
+    from safetensors.torch import load_file
+
+    from loramix import compose
+    from loramix.pipeline import leave_one_out
+
+    bank_dir = make_bank(tmp_path / "bank", n=6)
+    c = leave_one_out(bank_dir, tmp_path / "loo", operator=operator, top_k=3, rank=5, max_samples=8)
+    bank = Bank(bank_dir)
+    names = [e.name for e in bank.usable]
+    assert c.shape == (6, 6) and (c.diagonal() == 0).all() and c.sum(1) == pytest.approx(1)
+    assert ((c > 0).sum(1) == 3).all()
+    for t, name in enumerate(names):
+        report = read_report(tmp_path / "loo" / name)
+        assert report["leave_one_out"] == name and report["coefficients"][name] == 0 and name not in report["distances"]
+        want = compose(bank, {n: float(x) for n, x in zip(names, c[t]) if x > 0}, rank=5)
+        got = load_file(tmp_path / "loo" / name / "adapter_model.safetensors")
+        for m, (a, b) in want.factors.items():
+            assert torch.equal(got[f"base_model.model.{m}.lora_A.weight"], a)
+            assert torch.equal(got[f"base_model.model.{m}.lora_B.weight"], b)

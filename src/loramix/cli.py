@@ -85,10 +85,8 @@ def generate(
         table.add_row(name, f"{c:.4f}", f"{result.distances[name]:.4g}")
     out.print(table)
     energy = result.report["energy"]
-    out.print(
-        f"wrote [bold]{result.out}[/bold]: rank {result.report['rank'] or 'as bank'}, "
-        f"energy kept {energy['mean']:.4f} (min {energy['min']:.4f})"
-    )
+    kept = f", energy kept {energy['mean']:.4f} (min {energy['min']:.4f})" if energy["mean"] is not None else ""
+    out.print(f"wrote [bold]{result.out}[/bold]: rank {result.report['rank'] or 'as bank'}{kept}")
 
 
 @app.command()
@@ -211,6 +209,33 @@ def bank_index(
                                 distance=distance, operator="neural", compose=compose)
         op = fit_operator(index, config)
         out.print(f"neural operator fitted: reconstruction loss {op.history[0]:.6g} -> {op.history[-1]:.6g}")
+
+
+@bank_app.command("loo")
+def bank_loo(
+    bank: Path = typer.Argument(..., help="Bank folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write one predicted adapter per entry into."),
+    signature: str = typer.Option(D.signature, help="Dataset signature: unigram, embed, hidden."),
+    distance: str = typer.Option(D.distance, help="Distance between signatures."),
+    operator: str = typer.Option(D.operator, help="Meta-operator: attentional, normalized, neural (cross-fitted)."),
+    compose: str = typer.Option(D.compose, help="Composition: exact or paper."),
+    rank: Optional[str] = typer.Option(None, help="Output rank: an integer, or 'full'. Default: the bank's largest rank."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep only the k largest coefficients."),
+    temperature: float = typer.Option(D.temperature, help="Softmin temperature."),
+    seed: int = typer.Option(D.seed, help="Seed."),
+    max_samples: int = typer.Option(D.max_samples, help="At most this many samples per entry for signatures."),
+    model: Optional[str] = typer.Option(None, help="Embedding model or base model override."),
+    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
+) -> None:
+    """Leave-one-out: predict every entry's adapter from the others, in one pass over the bank's tensors."""
+    from .pipeline import leave_one_out
+
+    config = GenerateConfig(
+        signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
+        top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model,
+    )
+    c = leave_one_out(bank, out_dir, config, force=force)
+    out.print(f"wrote {len(c)} leave-one-out adapters to [bold]{out_dir}[/bold]")
 
 
 @bank_app.command("list")

@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class ModuleResult:
     a: torch.Tensor  # [k, in]
     b: torch.Tensor  # [out, k]
     scale: float
-    energy: float = 1.0  # |truncated|_F^2 / |exact|_F^2
+    energy: float | None = 1.0  # |truncated|_F^2 / |exact|_F^2; None when not computed (randomized)
     singular_values: list[float] = field(default_factory=list)
 
 
@@ -59,16 +59,22 @@ class Composer:
 COMPOSERS: Registry[type[Composer]] = Registry("composition")
 
 
+EXACT_MAX_STACKED_RANK = 1024  # QR + SVD costs O((d_in + d_out) R^2): beyond this R, a randomized range finder
+
+
 @COMPOSERS.register("exact")
 class Exact(Composer):
     """sum_i w_i B_i A_i, truncated to rank k by SVD (k=None keeps every singular value). Output scale is 1,
-    with sqrt of the singular values on each factor; ranks below k are padded with zeros."""
+    with sqrt of the singular values on each factor; ranks below k are padded with zeros. Beyond a stacked
+    rank of EXACT_MAX_STACKED_RANK the truncation is computed by a randomized range finder."""
 
     def module(self, terms: list[Term], ref: LoraModule, rank: int | None) -> ModuleResult:
         out_f, in_f = ref.out_features, ref.in_features
         if not terms:
             k = rank or 1
             return ModuleResult(torch.zeros(k, in_f, dtype=torch.float64), torch.zeros(out_f, k, dtype=torch.float64), 1.0)
+        if rank is not None and sum(t.a.shape[0] for t in terms) > EXACT_MAX_STACKED_RANK:
+            return self._randomized(terms, ref, rank)
         b_stack = torch.cat([t.coefficient * t.scale * t.b.double() for t in terms], dim=1)  # [out, R]
         a_stack = torch.cat([t.a.double() for t in terms], dim=0)  # [R, in]
         q_b, r_b = torch.linalg.qr(b_stack)  # [out, kb], [kb, R]
@@ -84,6 +90,30 @@ class Exact(Composer):
         total = float((s**2).sum())
         energy = float((s[:kept] ** 2).sum()) / total if total > 0 else 1.0
         return ModuleResult(a, b, 1.0, energy, s.tolist())
+
+    @staticmethod
+    def _randomized(terms: list[Term], ref: LoraModule, rank: int) -> ModuleResult:
+        """Rank-k truncation of M = B_stack @ A_stack for a large stacked rank R: a randomized range finder
+        (Halko, Martinsson & Tropp 2011) with k + 16 seeded probes and 2 power iterations, in float32. M is
+        only applied, never formed: O((d_in + d_out) R k) time, O((d_in + d_out) R) memory. The retained
+        energy would need O(R^2 d) work and is not computed (None)."""
+        b_stack = torch.cat([(t.coefficient * t.scale) * t.b.float() for t in terms], dim=1)  # [out, R]
+        a_stack = torch.cat([t.a.float() for t in terms], dim=0)  # [R, in]
+        width = min(rank + 16, ref.in_features, ref.out_features)
+        probes = torch.randn(ref.in_features, width, generator=torch.Generator().manual_seed(0))
+        y = b_stack @ (a_stack @ probes)
+        for _ in range(2):  # power iterations sharpen the range towards the top singular vectors
+            q, _ = torch.linalg.qr(a_stack.T @ (b_stack.T @ torch.linalg.qr(y)[0]))
+            y = b_stack @ (a_stack @ q)
+        q, _ = torch.linalg.qr(y)  # [out, width]
+        u, s, vh = torch.linalg.svd((q.T @ b_stack) @ a_stack, full_matrices=False)
+        kept = min(rank, len(s))
+        root = s[:kept].sqrt()
+        b = torch.zeros(ref.out_features, rank, dtype=torch.float64)
+        a = torch.zeros(rank, ref.in_features, dtype=torch.float64)
+        b[:, :kept] = ((q @ u[:, :kept]) * root).double()
+        a[:kept] = (root[:, None] * vh[:kept]).double()
+        return ModuleResult(a, b, 1.0, None, s.tolist())
 
 
 @COMPOSERS.register("paper")
@@ -120,12 +150,19 @@ class Composition:
 
     config: dict
     rank: int | None
-    energy: dict[str, float] = field(default_factory=dict)
+    energy: dict[str, float | None] = field(default_factory=dict)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
-    def mean_energy(self) -> float:
-        return float(np.mean(list(self.energy.values()))) if self.energy else 1.0
+    def mean_energy(self) -> float | None:
+        """Mean retained energy over the modules where it was computed (None if nowhere)."""
+        known = [e for e in self.energy.values() if e is not None]
+        return float(np.mean(known)) if known else None
+
+    @property
+    def min_energy(self) -> float | None:
+        known = [e for e in self.energy.values() if e is not None]
+        return float(min(known)) if known else None
 
 
 @dataclass
@@ -211,24 +248,47 @@ def plan(
     return Plan(method, dict(coefficients), active, target, ranks, scales, dtype or bank.dtype, _config_for(bank, ranks, scales))
 
 
+def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry], tuple[torch.Tensor, torch.Tensor]]) -> ModuleResult:
+    """One output module of plan `p`, `read(entry)` giving an entry's (A, B) for this module; padded to the
+    planned rank and checked to be finite."""
+    terms = []
+    for e in p.active:
+        spec = e.adapter.modules.get(module)
+        if spec is not None:
+            terms.append(Term(*read(e), p.coefficients[e.name], spec.scale))
+    ref = next(e.adapter.modules[module] for e in bank.entries if module in e.adapter.modules)
+    r = COMPOSERS.get(p.method)().module(terms, ref, p.target_rank)
+    pad = p.ranks[module] - r.a.shape[0]
+    if pad:
+        r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
+        r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
+    if not (torch.isfinite(r.a).all() and torch.isfinite(r.b).all()):
+        raise LoramixError(f"module '{module}': the composed update is not finite (NaN or Inf in a bank entry?)")
+    return r
+
+
 def composed_modules(bank: Bank, p: Plan) -> Iterator[tuple[str, ModuleResult]]:
     """Compose module by module, reading each entry's factors only for the module at hand."""
-    composer = COMPOSERS.get(p.method)()
     for module in track(sorted(bank.shapes), f"composing ({p.method})", total=len(bank.shapes)):
-        terms = []
-        for e in p.active:
-            spec = e.adapter.modules.get(module)
-            if spec is not None:
-                terms.append(Term(*e.adapter.factors(module), p.coefficients[e.name], spec.scale))
-        ref = next(e.adapter.modules[module] for e in bank.entries if module in e.adapter.modules)
-        r = composer.module(terms, ref, p.target_rank)
-        pad = p.ranks[module] - r.a.shape[0]
-        if pad:
-            r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
-            r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
-        if not (torch.isfinite(r.a).all() and torch.isfinite(r.b).all()):
-            raise LoramixError(f"module '{module}': the composed update is not finite (NaN or Inf in a bank entry?)")
-        yield module, r
+        yield module, compose_module(bank, p, module, lambda e: e.adapter.factors(module))
+
+
+def tensor_specs(bank: Bank, p: Plan) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
+    """Name -> (dtype, shape) of every tensor of plan `p`'s output file."""
+    specs = {}
+    for m, (out_f, in_f) in bank.shapes.items():
+        specs[f"{TENSOR_PREFIX}{m}.lora_A.weight"] = (p.dtype, (p.ranks[m], in_f))
+        specs[f"{TENSOR_PREFIX}{m}.lora_B.weight"] = (p.dtype, (out_f, p.ranks[m]))
+    return specs
+
+
+def write_module(writer: SafetensorsWriter, p: Plan, module: str, r: ModuleResult) -> None:
+    writer.write(f"{TENSOR_PREFIX}{module}.lora_A.weight", r.a.to(p.dtype))
+    writer.write(f"{TENSOR_PREFIX}{module}.lora_B.weight", r.b.to(p.dtype))
+
+
+def write_config(folder: Path, p: Plan) -> None:
+    (folder / CONFIG_FILE).write_text(json.dumps(p.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def compose(bank: Bank, coefficients: dict[str, float], **kwargs: Any) -> Composition:
@@ -247,17 +307,12 @@ def write_composition(folder: str | Path, bank: Bank, coefficients: dict[str, fl
     (and write adapter_config.json): memory holds one module's factors, never the whole output."""
     p = plan(bank, coefficients, **kwargs)
     out = Composition(p.config, p.rank)
-    specs = {}
-    for m, (out_f, in_f) in bank.shapes.items():
-        specs[f"{TENSOR_PREFIX}{m}.lora_A.weight"] = (p.dtype, (p.ranks[m], in_f))
-        specs[f"{TENSOR_PREFIX}{m}.lora_B.weight"] = (p.dtype, (out_f, p.ranks[m]))
     folder = Path(folder)
-    with SafetensorsWriter(folder / WEIGHTS_FILE, specs) as writer:
+    with SafetensorsWriter(folder / WEIGHTS_FILE, tensor_specs(bank, p)) as writer:
         for module, r in composed_modules(bank, p):
-            writer.write(f"{TENSOR_PREFIX}{module}.lora_A.weight", r.a.to(p.dtype))
-            writer.write(f"{TENSOR_PREFIX}{module}.lora_B.weight", r.b.to(p.dtype))
+            write_module(writer, p, module, r)
             out.energy[module] = r.energy
-    (folder / CONFIG_FILE).write_text(json.dumps(p.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_config(folder, p)
     return out
 
 

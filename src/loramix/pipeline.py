@@ -4,21 +4,26 @@ composition -> adapter folder (PEFT files + loramix.json, written atomically).""
 from __future__ import annotations
 
 import json
+import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from . import __version__
+from .adapter import WEIGHTS_FILE, SafetensorsWriter
 from .bank import Bank
-from .compose import Composition, write_composition
+from .compose import Composition, compose_module, gram_matrix, plan, tensor_specs, write_composition, write_config, write_module
 from .data import Dataset, read_dataset
 from .distances import distance_row, get_distance
 from .errors import LoramixError
 from .files import atomic_dir
 from .index import BankIndex
 from .operators import OPERATORS, Operator
+from .progress import track
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 
 REPORT_FILE = "loramix.json"
@@ -132,7 +137,6 @@ def _report(
     d: Sequence[float],
 ) -> dict[str, Any]:
     """The contents of loramix.json."""
-    energy = composition.energy
     usable = bank.usable
     return {
         "loramix_version": __version__,
@@ -148,14 +152,76 @@ def _report(
         "rank": composition.rank,
         "seed": config.seed,
         "coefficients": coefficients,
-        "distances": {e.name: float(x) for e, x in zip(usable, d)},
+        "distances": {e.name: float(x) for e, x in zip(usable, d) if math.isfinite(x)},
         "excluded": [e.name for e in bank.entries if not e.has_data],
-        "energy": {
-            "mean": composition.mean_energy,
-            "min": float(min(energy.values())) if energy else 1.0,
-            "per_module": energy,
-        },
+        "energy": {"mean": composition.mean_energy, "min": composition.min_energy, "per_module": composition.energy},
     }
+
+
+def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -> np.ndarray:
+    """C[t] = the coefficients predicting usable entry t from the others, [n, n] with C[t, t] = 0: the operator on
+    row t of the bank's distance matrix, t's own entry excluded. A trainable operator is cross-fitted: it is
+    fitted on `folds` - 1 folds of the entries (entry t at position t falls in fold t % folds) for each fold."""
+    config.check()
+    spec = index.resolve(config.signature_spec())
+    d = index.distance_matrix(spec, config.distance, config.seed).copy()
+    np.fill_diagonal(d, np.inf)
+    n = len(d)
+    c = np.zeros((n, n))
+    cls = OPERATORS.get(config.operator)
+    if not cls.trainable:
+        op = cls()
+        for t in range(n):
+            c[t] = op.coefficients(d[t], config.temperature, config.top_k)
+        return c
+    gram = gram_matrix(index.bank, index.bank.usable, "params" if config.compose == "paper" else "updates")
+    fold = np.arange(n) % folds
+    for f in range(folds):
+        train = np.flatnonzero(fold != f)
+        op = cls().fit(d[np.ix_(train, train)], gram[np.ix_(train, train)], seed=config.seed)
+        for t in np.flatnonzero(fold == f):
+            c[t] = op.coefficients(d[t], config.temperature, config.top_k)
+    return c
+
+
+def leave_one_out(
+    bank: str | Path | Bank, out: str | Path, config: GenerateConfig | None = None, *, force: bool = False, **overrides: Any
+) -> np.ndarray:
+    """Predict every usable entry's adapter from the other entries and write each to OUT/<entry>/ (PEFT files and
+    loramix.json), in one pass over the bank's tensors: each module of every entry is read once, however many
+    outputs use it. Returns the coefficient matrix [n, n] (`loo_coefficients`)."""
+    config = GenerateConfig(**{**asdict(config or GenerateConfig()), **overrides})
+    bank = bank if isinstance(bank, Bank) else Bank(bank)
+    index = BankIndex(bank)
+    spec = index.resolve(config.signature_spec())
+    c = loo_coefficients(index, config)
+    d = index.distance_matrix(spec, config.distance, config.seed)
+    names = [e.name for e in bank.usable]
+    dtype = _DTYPES.get(config.dtype or "")
+    plans = [
+        plan(bank, {n: float(x) for n, x in zip(names, row) if x > 0}, method=config.compose, rank=config.rank, dtype=dtype)
+        for row in c
+    ]
+    needed = [e for e in bank.entries if any(e.name in p.coefficients for p in plans)]
+    compositions = [Composition(p.config, p.rank) for p in plans]
+    with ExitStack() as stack:
+        folders = [stack.enter_context(atomic_dir(Path(out) / name, force=force)) for name in names]
+        writers = [stack.enter_context(SafetensorsWriter(f / WEIGHTS_FILE, tensor_specs(bank, p))) for f, p in zip(folders, plans)]
+        for module in track(sorted(bank.shapes), f"leave-one-out ({len(names)} adapters)", total=len(bank.shapes)):
+            factors = {e.name: e.adapter.factors(module) for e in needed if module in e.adapter.modules}
+            for p, w, comp in zip(plans, writers, compositions):
+                r = compose_module(bank, p, module, lambda e: factors[e.name])
+                write_module(w, p, module, r)
+                comp.energy[module] = r.energy
+        for t, (folder, p, comp) in enumerate(zip(folders, plans, compositions)):
+            write_config(folder, p)
+            entry = bank.usable[t]
+            row = np.where(np.arange(len(names)) == t, np.inf, d[t])
+            report = _report(config, spec, bank, entry.dataset(), comp, dict(zip(names, map(float, c[t]))), row)
+            report["leave_one_out"] = entry.name
+            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    bank.close()
+    return c
 
 
 def read_report(adapter_dir: str | Path) -> dict[str, Any]:
