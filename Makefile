@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
 	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test demo suite-deps suite bank bench-quality clean
+.PHONY: venv test demo suite-deps suite bank bench-quality bench-speed clean
 
 venv: $(STAMP)
 
@@ -44,3 +44,8 @@ bench-quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-out .cache
+
+# Speed and memory at the paper's scale (a 500-entry Mistral-shaped bank, ~19 GB in $LORAMIX_HOME) -> speed.md.
+N ?= 500
+bench-speed: $(STAMP)
+	N=$(N) $(PY) benchmarks/speed.py

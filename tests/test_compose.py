@@ -218,3 +218,13 @@ def test_randomized_truncation_for_large_stacked_rank(mixed, monkeypatch):
         optimal = float((composed_delta(exact, m) - want).norm())
         got = float((composed_delta(approx, m) - want).norm())
         assert got <= optimal * 1.001 + 1e-6
+
+
+def test_float32_factorisation_for_large_stacks(mixed, monkeypatch):
+    import importlib
+
+    b, c = mixed
+    monkeypatch.setattr(importlib.import_module("loramix.compose"), "EXACT_FLOAT64_MAX_ELEMENTS", 0)
+    comp = compose(b, c, rank="full")
+    for m in b.shapes:
+        assert rel(composed_delta(comp, m), dense_sum(b, c, m)) <= 1e-5

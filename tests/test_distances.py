@@ -109,3 +109,14 @@ def test_row_and_matrix(clouds):
     assert np.allclose(distance_row("w2", x, sigs), m[0], atol=1e-6)
     k = distance_matrix("kl", [np.array([0, 1]), np.array([0, 0, 1])])
     assert k[0, 1] != pytest.approx(k[1, 0])
+
+
+def test_sliced_matrix_fast_path_equals_pairwise():
+    from loramix.distances import _sliced_matrix
+
+    rng = np.random.default_rng(4)
+    sigs = [rng.normal(size=(20, 6)) + i * 0.3 for i in range(5)]
+    fast = distance_matrix("sliced", sigs, seed=2)
+    slow = np.array([[get_distance("sliced").fn(a, b, 2) for b in sigs] for a in sigs])
+    assert np.allclose(fast, slow, atol=1e-9)
+    assert _sliced_matrix(sigs[:2] + [sigs[2][:10]], 0) is None  # unequal sizes: pairwise

@@ -60,6 +60,7 @@ COMPOSERS: Registry[type[Composer]] = Registry("composition")
 
 
 EXACT_MAX_STACKED_RANK = 1024  # QR + SVD costs O((d_in + d_out) R^2): beyond this R, a randomized range finder
+EXACT_FLOAT64_MAX_ELEMENTS = 1 << 20  # stacks up to (d_in + d_out) * R elements are factorised in float64
 
 
 @COMPOSERS.register("exact")
@@ -73,10 +74,13 @@ class Exact(Composer):
         if not terms:
             k = rank or 1
             return ModuleResult(torch.zeros(k, in_f, dtype=torch.float64), torch.zeros(out_f, k, dtype=torch.float64), 1.0)
-        if rank is not None and sum(t.a.shape[0] for t in terms) > EXACT_MAX_STACKED_RANK:
+        stacked = sum(t.a.shape[0] for t in terms)
+        if rank is not None and stacked > EXACT_MAX_STACKED_RANK:
             return self._randomized(terms, ref, rank)
-        b_stack = torch.cat([t.coefficient * t.scale * t.b.double() for t in terms], dim=1)  # [out, R]
-        a_stack = torch.cat([t.a.double() for t in terms], dim=0)  # [R, in]
+        # float64 while the stacks are small (tiny cost, ~1e-12 error); float32 beyond (~1e-6, half the time)
+        work = torch.float64 if (in_f + out_f) * stacked <= EXACT_FLOAT64_MAX_ELEMENTS else torch.float32
+        b_stack = torch.cat([(t.coefficient * t.scale) * t.b.to(work) for t in terms], dim=1)  # [out, R]
+        a_stack = torch.cat([t.a.to(work) for t in terms], dim=0)  # [R, in]
         q_b, r_b = torch.linalg.qr(b_stack)  # [out, kb], [kb, R]
         q_a, r_a = torch.linalg.qr(a_stack.T)  # [in, ka], [ka, R]
         u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core [kb, ka]
@@ -85,8 +89,9 @@ class Exact(Composer):
         root = s[:kept].sqrt()
         b = torch.zeros(out_f, k, dtype=torch.float64)
         a = torch.zeros(k, in_f, dtype=torch.float64)
-        b[:, :kept] = (q_b @ u[:, :kept]) * root
-        a[:kept] = (root[:, None] * vh[:kept]) @ q_a.T
+        b[:, :kept] = ((q_b @ u[:, :kept]) * root).double()
+        a[:kept] = ((root[:, None] * vh[:kept]) @ q_a.T).double()
+        s = s.double()
         total = float((s**2).sum())
         energy = float((s[:kept] ** 2).sum()) / total if total > 0 else 1.0
         return ModuleResult(a, b, 1.0, energy, s.tolist())
