@@ -304,6 +304,81 @@ def tasks_list() -> None:
     out.print(table)
 
 
+export_app = typer.Typer(help="Export an adapter for llama.cpp (GGUF) or as a merged model.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="PEFT adapter folder."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="GGUF file to write."),
+    base: Optional[str] = typer.Option(None, help="Base model whose config.json to read (default: the adapter's own)."),
+    dtype: str = typer.Option("f32", help="Tensor type: f32 or f16."),
+) -> None:
+    """Write ADAPTER as a GGUF LoRA adapter for llama.cpp (llama-cli --lora FILE) and Ollama (ADAPTER FILE)."""
+    from .export import export_gguf
+
+    path = export_gguf(adapter, out_file, base=base, dtype=dtype)
+    out.print(f"wrote [bold]{path}[/bold] ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+@export_app.command("merged")
+def export_merged_cmd(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="PEFT adapter folder."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the merged model to."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Merge ADAPTER into its base model and save a safetensors model that transformers loads without PEFT."""
+    from .export import export_merged
+
+    out.print(f"wrote [bold]{export_merged(adapter, out_dir, base=base, force=force)}[/bold]")
+
+
+@app.command("try")
+def try_(
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="PEFT adapter folder."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompt (repeatable); none: read prompts interactively."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own)."),
+    max_new_tokens: int = typer.Option(64, help="Longest answer."),
+) -> None:
+    """Answer prompts with the base model and with base + ADAPTER, one after the other, streaming the tokens."""
+    import torch
+    from transformers import TextStreamer
+
+    from .evaluate import load_for_eval
+    from .models import end_of_turn_id, prompt_ids
+
+    model, tokenizer = load_for_eval(base, adapter)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    def answer(text: str) -> None:
+        ids = torch.tensor([prompt_ids(tokenizer, text)], device=next(model.parameters()).device)
+        for label in ("base", "adapter"):
+            out.print(f"[bold]{label}:[/bold] ", end="")
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, eos_token_id=end_of_turn_id(tokenizer))
+            if label == "base":
+                with model.disable_adapter():
+                    model.generate(input_ids=ids, **kwargs)
+            else:
+                model.generate(input_ids=ids, **kwargs)
+
+    if prompt:
+        for text in prompt:
+            out.print(f"[dim]> {text}[/dim]")
+            answer(text)
+        return
+    out.print("[dim]type a prompt (empty line or Ctrl-D to quit)[/dim]")
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        answer(text)
+
+
 @app.command()
 def version() -> None:
     """Print loramix's version."""
