@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
 	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test demo suite-deps suite bank bench-quality bench-speed clean
+.PHONY: venv test demo suite-deps suite bank bench-quality bench-speed bench-llamacpp clean
 
 venv: $(STAMP)
 
@@ -49,3 +49,10 @@ clean:
 N ?= 500
 bench-speed: $(STAMP)
 	N=$(N) $(PY) benchmarks/speed.py
+
+# A GGUF-exported adapter in llama.cpp against transformers + PEFT -> llamacpp.md. Builds llama-cpp-python once
+# (about 5 minutes) with flags that avoid the AMX instructions a default build crashes on here.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+bench-llamacpp: $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python
+	$(PY) benchmarks/llamacpp_check.py

@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -72,38 +73,10 @@ class Bank:
             self.entries.append(BankEntry(sub.name, LoraAdapter(sub), data if data.is_file() else None))
         if not self.entries:
             raise LoramixError(f"{self.path}: the bank holds no adapter folders")
-        self._validate()
+        self.base_model, self.shapes = check_entries(self.entries)
         for e in self.entries:
             if not e.has_data:
                 log.warning("%s: no %s, so it is listed but gets no weight", e.name, DATA_FILE)
-
-    def _validate(self) -> None:
-        first = self.entries[0].adapter
-        bases = Counter(e.adapter.base_model.rstrip("/") for e in self.entries if e.adapter.base_model)
-        self.base_model: str | None = bases.most_common(1)[0][0] if bases else None
-        for e in self.entries:
-            if e.adapter.base_model and e.adapter.base_model.rstrip("/") != self.base_model:
-                raise LoramixError(
-                    f"{e.name}: adapter_config.json field 'base_model_name_or_path' is {e.adapter.base_model!r}, "
-                    f"but the bank's other entries have {self.base_model!r}: a bank holds adapters of one base model"
-                )
-        for field_name in _SHARED_FIELDS:
-            for e in self.entries:
-                if e.adapter.config.get(field_name) != first.config.get(field_name):
-                    raise LoramixError(
-                        f"{e.name}: adapter_config.json field '{field_name}' is {e.adapter.config.get(field_name)!r}, "
-                        f"but {self.entries[0].name} has {first.config.get(field_name)!r}"
-                    )
-        self.shapes: dict[str, tuple[int, int]] = {}
-        owner: dict[str, str] = {}
-        for e in self.entries:
-            for name, m in e.adapter.modules.items():
-                shape = (m.out_features, m.in_features)
-                if self.shapes.setdefault(name, shape) != shape:
-                    raise LoramixError(
-                        f"{e.name}: module '{name}' is {list(shape)} ([out, in]) but {owner[name]} has {list(self.shapes[name])}"
-                    )
-                owner.setdefault(name, e.name)
 
     @property
     def usable(self) -> list[BankEntry]:
@@ -142,3 +115,33 @@ class Bank:
     def close(self) -> None:
         for e in self.entries:
             e.adapter.close()
+
+
+def check_entries(entries: Sequence[BankEntry]) -> tuple[str | None, dict[str, tuple[int, int]]]:
+    """Check that entries can live in one bank: one base model (the most common name; unnamed entries allowed),
+    equal shared config fields, one [out, in] shape per module name. Returns (base model, module shapes)."""
+    first = entries[0].adapter
+    bases = Counter(e.adapter.base_model.rstrip("/") for e in entries if e.adapter.base_model)
+    base_model = bases.most_common(1)[0][0] if bases else None
+    for e in entries:
+        if e.adapter.base_model and e.adapter.base_model.rstrip("/") != base_model:
+            raise LoramixError(
+                f"{e.name}: adapter_config.json field 'base_model_name_or_path' is {e.adapter.base_model!r}, "
+                f"but the bank's other entries have {base_model!r}: a bank holds adapters of one base model"
+            )
+    for field_name in _SHARED_FIELDS:
+        for e in entries:
+            if e.adapter.config.get(field_name) != first.config.get(field_name):
+                raise LoramixError(
+                    f"{e.name}: adapter_config.json field '{field_name}' is {e.adapter.config.get(field_name)!r}, "
+                    f"but {entries[0].name} has {first.config.get(field_name)!r}"
+                )
+    shapes: dict[str, tuple[int, int]] = {}
+    owner: dict[str, str] = {}
+    for e in entries:
+        for name, m in e.adapter.modules.items():
+            shape = (m.out_features, m.in_features)
+            if shapes.setdefault(name, shape) != shape:
+                raise LoramixError(f"{e.name}: module '{name}' is {list(shape)} ([out, in]) but {owner[name]} has {list(shapes[name])}")
+            owner.setdefault(name, e.name)
+    return base_model, shapes

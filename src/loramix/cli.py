@@ -238,6 +238,37 @@ def bank_loo(
     out.print(f"wrote {len(c)} leave-one-out adapters to [bold]{out_dir}[/bold]")
 
 
+@bank_app.command("pull")
+def bank_pull(
+    collection: str = typer.Argument(..., help="The collection to pull: lots-of-loras."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Bank folder to write (resumable)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many tasks (in task-number order)."),
+    tasks: Optional[list[str]] = typer.Option(None, "--task", help="Only these tasks, e.g. task081 or 81 (repeatable)."),
+) -> None:
+    """Download a collection's adapters and the train split of each one's dataset into a bank."""
+    from .hub import pull_lots_of_loras
+
+    if collection != "lots-of-loras":
+        raise LoramixError(f"unknown collection {collection!r}; available: lots-of-loras")
+    status = pull_lots_of_loras(out_dir, limit=limit, tasks=tasks)
+    pulled = sum(1 for v in status.values() if v == "pulled")
+    out.print(f"bank [bold]{out_dir}[/bold]: {len(status)} entries, {pulled} pulled, {len(status) - pulled} kept")
+
+
+@bank_app.command("add")
+def bank_add(
+    bank: Path = typer.Argument(..., help="Bank folder (created if missing)."),
+    source: str = typer.Argument(..., help="A PEFT adapter folder or a hub model id."),
+    data: Path = typer.Option(..., "--data", "-d", help="The data the adapter was trained on (any format loramix reads)."),
+    name: Optional[str] = typer.Option(None, help="Entry name (default: the folder's or repository's name)."),
+    force: bool = typer.Option(False, "--force", help="Replace an entry of the same name."),
+) -> None:
+    """Add an adapter and its training data to BANK, refusing anything that would make the bank invalid."""
+    from .hub import add_adapter
+
+    out.print(f"added [bold]{add_adapter(bank, source, data, name=name, force=force)}[/bold]")
+
+
 @bank_app.command("list")
 def bank_list(
     bank: Path = typer.Argument(..., help="Bank folder."),

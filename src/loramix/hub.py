@@ -1,0 +1,148 @@
+"""Banks from the Hugging Face hub: the Lots-of-LoRAs collection (the paper's bank: one Mistral-7B-Instruct-v0.2
+LoRA per Super-Natural-Instructions task, each with its dataset), and any local or hub adapter added to a bank.
+
+Downloads go through huggingface_hub (snapshot_download), so HF_HUB_OFFLINE=1 serves them from the local cache.
+Every entry records what it was made from, with the pinned revisions, in `source.json`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
+from .bank import DATA_FILE, Bank, BankEntry, check_entries
+from .data import read_dataset, write_jsonl
+from .errors import LoramixError
+from .files import atomic_dir
+from .progress import track
+
+log = logging.getLogger("loramix")
+
+LOTS_OF_LORAS = "Lots-of-LoRAs"
+ADAPTER_REPO = LOTS_OF_LORAS + "/Mistral-7B-Instruct-v0.2-4b-r16-{task}"
+SOURCE_FILE = "source.json"
+_TASK = re.compile(r"^(task\d+)_[A-Za-z0-9_.-]+$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def safe_entry_name(name: str) -> str:
+    """`name` if it is a plain folder name (letters, digits, '_', '.', '-'); never a path that leaves the bank."""
+    if not _SAFE_NAME.match(name) or name in (".", "..") or ".." in name:
+        raise LoramixError(f"{name!r} is not a valid bank entry name (letters, digits, '_', '.', '-'; no path)")
+    return name
+
+
+def _snapshot(repo_id: str, repo_type: str = "model", allow: Sequence[str] | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=list(allow) if allow else None))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise LoramixError(f"{repo_id}: cannot download ({str(e).splitlines()[0]})") from None
+
+
+def lots_of_loras_datasets() -> dict[str, str]:
+    """Task id (e.g. 'task081') -> dataset repo id of the Lots-of-LoRAs collection: listed on the hub, or, with
+    HF_HUB_OFFLINE=1, from the datasets of that collection in the local hub cache."""
+    from huggingface_hub import HfApi, constants, scan_cache_dir
+
+    if constants.HF_HUB_OFFLINE:
+        ids = [r.repo_id for r in scan_cache_dir().repos if r.repo_type == "dataset"]
+    else:
+        ids = [d.id for d in HfApi().list_datasets(author=LOTS_OF_LORAS)]
+    out = {}
+    for repo_id in ids:
+        owner, _, name = repo_id.partition("/")
+        m = _TASK.match(name)
+        if owner == LOTS_OF_LORAS and m:
+            out[m.group(1)] = repo_id
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0][4:])))
+
+
+def _train_records(snapshot: Path) -> list[dict[str, Any]]:
+    """The train split of a downloaded dataset repo (parquet, JSONL or JSON files named after the split)."""
+    files = sorted(p for p in snapshot.rglob("*") if p.is_file() and "train" in p.name and p.suffix in (".parquet", ".jsonl", ".json"))
+    if not files:
+        raise LoramixError(f"{snapshot}: no train split (parquet, JSONL or JSON file named 'train')")
+    records: list[dict[str, Any]] = []
+    for f in files:
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            records += pq.read_table(f).to_pylist()
+        else:
+            records += [{"input": s.input, "output": list(s.outputs)} for s in read_dataset(f)]
+    return records
+
+
+def _write_entry(dest: Path, adapter_dir: Path, data_samples, source: dict[str, Any], *, force: bool) -> None:
+    """An entry folder, written atomically: the adapter's two files, train.jsonl and source.json."""
+    LoraAdapter(adapter_dir, name=dest.name)  # refuse what cannot be composed before anything is written
+    with atomic_dir(dest, force=force) as tmp:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(adapter_dir / name, tmp / name)
+        write_jsonl(data_samples, tmp / DATA_FILE)
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
+def pull_lots_of_loras(out: str | Path, *, limit: int | None = None, tasks: Sequence[str] | None = None) -> dict[str, str]:
+    """Download Lots-of-LoRAs adapters and their datasets' train splits into the bank OUT, one entry per task,
+    named like the dataset (`task081_<slug>`). Resumable: entries already there are kept. Returns entry -> status."""
+    from .data import Sample
+
+    available = lots_of_loras_datasets()
+    if tasks:
+        wanted = [t if t.startswith("task") else f"task{t}" for t in tasks]
+        missing = [t for t in wanted if t not in available]
+        if missing:
+            raise LoramixError(f"no Lots-of-LoRAs dataset for {', '.join(missing)}")
+    else:
+        wanted = list(available)
+    wanted = wanted[:limit] if limit else wanted
+    if not wanted:
+        raise LoramixError("no Lots-of-LoRAs dataset found (offline: none in the local hub cache)")
+    out = Path(out)
+    status = {}
+    for task in track(wanted, "pulling Lots-of-LoRAs", total=len(wanted)):
+        dataset_repo = available[task]
+        name = safe_entry_name(dataset_repo.split("/", 1)[1])
+        if (out / name / SOURCE_FILE).is_file():
+            status[name] = "kept"
+            continue
+        adapter_repo = ADAPTER_REPO.format(task=task)
+        adapter_dir = _snapshot(adapter_repo, allow=[CONFIG_FILE, WEIGHTS_FILE])
+        data_dir = _snapshot(dataset_repo, repo_type="dataset")
+        records = _train_records(data_dir)
+        samples = [Sample(r["input"], tuple(r["output"]) if isinstance(r["output"], list) else (r["output"],)) for r in records]
+        source = {"adapter": adapter_repo, "adapter_revision": adapter_dir.name,
+                  "dataset": dataset_repo, "dataset_revision": data_dir.name, "split": "train"}
+        _write_entry(out / name, adapter_dir, samples, source, force=False)
+        status[name] = "pulled"
+    Bank(out)  # the result must be a valid bank
+    return status
+
+
+def add_adapter(bank: str | Path, source: str, data: str | Path, *, name: str | None = None, force: bool = False) -> Path:
+    """Add an adapter (a local folder or a hub model id) with its training data (any format loramix reads) to a
+    bank, as BANK/<name>/. The bank must stay valid (same base model, compatible shapes), else nothing is kept."""
+    bank = Path(bank)
+    local = Path(source)
+    adapter_dir = local if local.is_dir() else _snapshot(source, allow=[CONFIG_FILE, WEIGHTS_FILE])
+    entry = safe_entry_name(name or (local.name if local.is_dir() else source.rsplit("/", 1)[-1]))
+    if (bank / entry).exists() and not force:
+        raise LoramixError(f"{bank / entry}: the bank already has an entry '{entry}' (use --force to replace it)")
+    dataset = read_dataset(data)
+    new = BankEntry(entry, LoraAdapter(adapter_dir, name=entry), None)
+    others = [e for e in Bank(bank).entries if e.name != entry] if any(bank.glob(f"*/{CONFIG_FILE}")) else []
+    check_entries(others + [new])  # before anything is written
+    record = {"adapter": str(local.resolve()) if local.is_dir() else source, "data": str(data)}
+    if not local.is_dir():
+        record["adapter_revision"] = adapter_dir.name
+    _write_entry(bank / entry, adapter_dir, dataset.samples, record, force=force)
+    return bank / entry
+
