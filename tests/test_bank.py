@@ -130,3 +130,50 @@ def test_spec_key():
     assert a.key() == SignatureSpec("embed", "m", 10, 0).key() and a.key().startswith("embed-")
     assert len({a.key(), SignatureSpec("embed", "m", 11, 0).key(), SignatureSpec("embed", "m", 10, 1).key(),
                 SignatureSpec("hidden", "m", 10, 0).key()}) == 4
+
+
+def test_pickle_adapters_need_allow_pickle_and_load_weights_only(tmp_path):
+    from safetensors.torch import load_file
+
+    from loramix import LoraAdapter
+
+    folder = write_adapter(tmp_path / "p")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(tensors, folder / "adapter_model.bin")
+    with pytest.raises(LoramixError, match="is a pickle and is not loaded by default"):
+        LoraAdapter(folder)
+    ad = LoraAdapter(folder, allow_pickle=True)
+    m = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(ad.factors(m)[0], tensors[f"base_model.model.{m}.lora_A.weight"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed!",))
+
+    torch.save({"x": Evil()}, folder / "adapter_model.bin")
+    with pytest.raises(LoramixError, match="not loadable as plain tensors"):
+        LoraAdapter(folder, allow_pickle=True)
+
+
+def test_checksum_catches_a_valid_but_wrong_cache_file(tmp_path):
+    import numpy as np
+
+    root = make_bank(tmp_path / "bank", n=2)
+    spec = SignatureSpec("embed", max_samples=4)
+    first = BankIndex(Bank(root)).signatures(spec)
+    for f in (root / ".loramix" / "signatures").rglob("*.npy"):
+        np.save(f, np.zeros((4, 384), dtype=np.float32))  # parses, but is not what was stored
+        f.rename(f)  # np.save keeps the name when it ends in .npy
+    again = BankIndex(Bank(root)).signatures(spec)
+    assert all((a == b).all() for a, b in zip(first, again))
+
+
+def test_truncated_weights_are_refused_with_the_entry_named(tmp_path):
+    root = make_bank(tmp_path / "bank", n=2)
+    f = root / "task_colors" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(LoramixError, match="task_colors: adapter_model.safetensors"):
+        b = Bank(root)
+        for m in b.shapes:
+            b.entry("task_colors").adapter.factors(m)

@@ -228,3 +228,60 @@ def test_float32_factorisation_for_large_stacks(mixed, monkeypatch):
     comp = compose(b, c, rank="full")
     for m in b.shapes:
         assert rel(composed_delta(comp, m), dense_sum(b, c, m)) <= 1e-5
+
+
+# -- properties ------------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+weights = st.lists(st.floats(0.0, 1.0), min_size=5, max_size=5).filter(lambda w: sum(w) > 1e-3)
+
+
+@pytest.fixture(scope="module")
+def five(tmp_path_factory):
+    root = tmp_path_factory.mktemp("five")
+    return Bank(make_bank(root / "bank", n=5, mixed=True))
+
+
+def _dense(comp, bank):
+    return {m: composed_delta(comp, m) for m in bank.shapes}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(w1=weights, w2=weights)
+def test_exact_composition_is_linear(five, w1, w2):
+    names = [e.name for e in five.entries]
+    c1, c2 = dict(zip(names, w1)), dict(zip(names, w2))
+    both = {n: c1[n] + c2[n] for n in names}
+    d1, d2, d12 = (_dense(compose(five, c, rank="full"), five) for c in (c1, c2, both))
+    for m in five.shapes:
+        assert float((d12[m] - d1[m] - d2[m]).norm()) <= 1e-9 + 1e-6 * float(d12[m].norm())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(w=weights, k=st.integers(1, 12))
+def test_truncation_error_never_above_the_tail(five, w, k):
+    c = {e.name: x for e, x in zip(five.entries, w)}
+    comp = compose(five, c, rank=k)
+    for m in five.shapes:
+        exact = dense_sum(five, c, m)
+        tail = float(torch.linalg.svdvals(exact)[k:].pow(2).sum().sqrt())
+        assert float((composed_delta(comp, m) - exact).norm()) <= tail * (1 + 1e-6) + 1e-9
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(w=weights, perm=st.permutations(range(5)))
+def test_bank_order_changes_nothing(five, tmp_path_factory, w, perm):
+    import shutil
+
+    root = tmp_path_factory.mktemp("perm")
+    entries = five.entries
+    for new_pos, old in enumerate(perm):  # same adapters under names that sort in another order
+        shutil.copytree(entries[old].adapter.path, root / f"e{new_pos}")
+    other = Bank(root)
+    c = {e.name: x for e, x in zip(entries, w)}
+    c_other = {f"e{new_pos}": c[entries[old].name] for new_pos, old in enumerate(perm)}
+    for rank in (3, "full"):
+        a, b = _dense(compose(five, c, rank=rank), five), _dense(compose(other, c_other, rank=rank), other)
+        for m in five.shapes:
+            assert float((a[m] - b[m]).norm()) <= 1e-9 + 1e-7 * float(a[m].norm())

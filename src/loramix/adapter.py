@@ -22,6 +22,7 @@ from .errors import LoramixError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
 TENSOR_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
@@ -39,6 +40,9 @@ _REFUSED_FIELDS = {
     "arrow_config": "Arrow routing is not a fixed update",
     "megatron_config": "Megatron-parallel LoRA is not supported",
 }
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -63,12 +67,15 @@ class LoraModule:
 class LoraAdapter:
     """A PEFT LoRA adapter folder, validated on open; tensor data is read per module by `factors`."""
 
-    def __init__(self, path: str | Path, name: str | None = None):
+    def __init__(self, path: str | Path, name: str | None = None, *, allow_pickle: bool = False):
+        """`allow_pickle`: also read an adapter_model.bin, with torch.load(weights_only=True); refused otherwise."""
         self.path = Path(path)
         self.name = name or self.path.name
+        self.allow_pickle = allow_pickle
         self.config = self._read_config()
         self.base_model: str | None = self.config.get("base_model_name_or_path")
         self._handle: Any = None
+        self._pickled: dict[str, torch.Tensor] | None = None
         self._tensor_keys: dict[str, tuple[str, str]] = {}
         self.modules, self.dtype = self._read_header()
 
@@ -102,44 +109,59 @@ class LoraAdapter:
                 raise self._fail(f"{CONFIG_FILE}: field '{field_name}' must be an object")
         return config
 
-    def _read_header(self) -> tuple[dict[str, LoraModule], torch.dtype]:
+    def _tensor_index(self) -> tuple[str, list[tuple[str, list[int], str]]]:
+        """(file name, [(tensor name, shape, safetensors dtype name)]) of the weights file, read without the data
+        (safetensors); a pickle only with allow_pickle, loaded with torch.load(weights_only=True)."""
         file = self.path / WEIGHTS_FILE
-        if not file.is_file():
-            if any(self.path.glob("*.bin")):
-                raise self._fail(f"only {WEIGHTS_FILE} is read; pickle (.bin) adapters are refused")
+        if file.is_file():
+            try:
+                with safe_open(file, framework="pt") as f:
+                    return WEIGHTS_FILE, [(k, list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()]
+            except SafetensorError as e:
+                raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+        pickled = self.path / PICKLE_FILE
+        if not pickled.is_file():
             raise self._fail(f"no {WEIGHTS_FILE} in {self.path}")
+        if not self.allow_pickle:
+            raise self._fail(f"{PICKLE_FILE} is a pickle and is not loaded by default (--allow-pickle loads it with weights_only=True)")
+        try:
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise self._fail(f"{PICKLE_FILE}: not loadable as plain tensors ({str(e).splitlines()[0]})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise self._fail(f"{PICKLE_FILE}: expected a dict of tensors")
+        self._pickled = tensors
+        return PICKLE_FILE, [(k, list(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for k, t in tensors.items()]
+
+    def _read_header(self) -> tuple[dict[str, LoraModule], torch.dtype]:
         shapes: dict[str, dict[str, list[int]]] = {}
         keys: dict[str, dict[str, str]] = {}
         dtypes = set()
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    m = _KEY.match(key)
-                    if not m:
-                        raise self._fail(f"{WEIGHTS_FILE}: tensor '{key}' is not a LoRA A/B weight of a linear module")
-                    sl = f.get_slice(key)
-                    shapes.setdefault(m["module"], {})[m["which"]] = list(sl.get_shape())
-                    keys.setdefault(m["module"], {})[m["which"]] = key
-                    dtypes.add(sl.get_dtype())
-        except SafetensorError as e:
-            raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+        source, index = self._tensor_index()
+        for key, shape, dtype_name in index:
+            m = _KEY.match(key)
+            if not m:
+                raise self._fail(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear module")
+            shapes.setdefault(m["module"], {})[m["which"]] = shape
+            keys.setdefault(m["module"], {})[m["which"]] = key
+            dtypes.add(dtype_name)
         if not shapes:
-            raise self._fail(f"{WEIGHTS_FILE}: no LoRA tensors")
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+            raise self._fail(f"{source}: no LoRA tensors")
+        dtype = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
         if not dtypes <= dtype.keys():
-            raise self._fail(f"{WEIGHTS_FILE}: unsupported tensor dtype(s) {sorted(dtypes - dtype.keys())}")
+            raise self._fail(f"{source}: unsupported tensor dtype(s) {sorted(dtypes - dtype.keys())}")
         cfg = self.config
         modules = {}
         for name, ab in sorted(shapes.items()):
             if set(ab) != {"A", "B"}:
                 missing = "lora_B" if "A" in ab else "lora_A"
-                raise self._fail(f"{WEIGHTS_FILE}: module '{name}' has no {missing} tensor")
+                raise self._fail(f"{source}: module '{name}' has no {missing} tensor")
             a, b = ab["A"], ab["B"]
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-                raise self._fail(f"{WEIGHTS_FILE}: module '{name}': lora_A {a} and lora_B {b} are not [r, in] and [out, r]")
+                raise self._fail(f"{source}: module '{name}': lora_A {a} and lora_B {b} are not [r, in] and [out, r]")
             rank = a[0]
             if rank == 0:
-                raise self._fail(f"{WEIGHTS_FILE}: module '{name}' has rank 0")
+                raise self._fail(f"{source}: module '{name}' has rank 0")
             cfg_rank = pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
             if cfg_rank != rank:
                 raise self._fail(f"{CONFIG_FILE}: rank {cfg_rank} for module '{name}' disagrees with its tensors (rank {rank})")
@@ -154,10 +176,15 @@ class LoraAdapter:
     # -- tensor access ----------------------------------------------------------------------------------
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B [out, r]) of one module, as stored (dtype unchanged), read from disk now."""
+        key_a, key_b = self._tensor_keys[module]
+        if self._pickled is not None:
+            return self._pickled[key_a], self._pickled[key_b]
         if self._handle is None:
             self._handle = safe_open(self.path / WEIGHTS_FILE, framework="pt")
-        key_a, key_b = self._tensor_keys[module]
-        return self._handle.get_tensor(key_a), self._handle.get_tensor(key_b)
+        try:
+            return self._handle.get_tensor(key_a), self._handle.get_tensor(key_b)
+        except SafetensorError as e:
+            raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable ({e})") from None
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense update scale * B @ A of one module, float64 [out, in] (for tests and small models)."""
@@ -208,9 +235,6 @@ def lora_config(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 class SafetensorsWriter:

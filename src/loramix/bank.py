@@ -58,8 +58,9 @@ class Bank:
     `entries` are sorted by name; `usable` are those with training data (the ones that get coefficients).
     """
 
-    def __init__(self, path: str | Path):
-        """`path`: a bank folder, or 'default' for the bank shipped with loramix."""
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+        """`path`: a bank folder, or 'default' for the bank shipped with loramix. `allow_pickle`: also read
+        adapter_model.bin files (torch.load with weights_only=True); refused otherwise."""
         if str(path) == "default":
             from .build import DEFAULT_BANK
 
@@ -70,7 +71,7 @@ class Bank:
         self.entries: list[BankEntry] = []
         for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")):
             data = sub / DATA_FILE
-            self.entries.append(BankEntry(sub.name, LoraAdapter(sub), data if data.is_file() else None))
+            self.entries.append(BankEntry(sub.name, LoraAdapter(sub, allow_pickle=allow_pickle), data if data.is_file() else None))
         if not self.entries:
             raise LoramixError(f"{self.path}: the bank holds no adapter folders")
         self.base_model, self.shapes = check_entries(self.entries)

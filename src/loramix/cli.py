@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LoramixError
@@ -68,6 +69,7 @@ def generate(
     dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, float16, bfloat16 (default: the bank's)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     show: int = typer.Option(5, "--show", help="How many top entries to print."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
 ) -> None:
     """Compose an adapter for DATA from the adapters of BANK and write it to OUT."""
     from .pipeline import generate as run
@@ -76,7 +78,7 @@ def generate(
         signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
         top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model, dtype=dtype,
     )
-    result = run(bank, data, out_dir, config, force=force)
+    result = run(bank, data, out_dir, config, force=force, allow_pickle=allow_pickle)
     table = Table(title=f"top entries of {len(result.coefficients)}", show_edge=False)
     table.add_column("bank entry")
     table.add_column("coefficient", justify="right")
@@ -183,10 +185,11 @@ def bank_index(
     signature: str = typer.Option(D.signature, help="Signature to compute: unigram, embed, hidden."),
     model: Optional[str] = typer.Option(None, help="Embedding model or base model override."),
     max_samples: int = typer.Option(D.max_samples, help="At most this many samples per entry."),
-    seed: int = typer.Option(0, help="Subsampling seed."),
+    seed: int = typer.Option(D.seed, help="Subsampling seed."),
     distance: Optional[str] = typer.Option(None, help="Also compute the bank's distance matrix for this distance."),
     neural: bool = typer.Option(False, "--neural", help="Also fit the neural operator (needs --distance)."),
     compose: str = typer.Option(D.compose, help="Composition the neural operator is fitted for (exact or paper)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
 ) -> None:
     """Compute and cache every entry's signature under BANK/.loramix/ (only what changed)."""
     from .bank import Bank
@@ -194,7 +197,7 @@ def bank_index(
     from .pipeline import fit_operator
     from .signatures import SignatureSpec
 
-    index = BankIndex(Bank(bank))
+    index = BankIndex(Bank(bank, allow_pickle=allow_pickle))
     spec = SignatureSpec(signature, model, max_samples, seed)
     before = sum(index.status(spec).values())
     sigs = index.signatures(spec)
@@ -226,6 +229,7 @@ def bank_loo(
     max_samples: int = typer.Option(D.max_samples, help="At most this many samples per entry for signatures."),
     model: Optional[str] = typer.Option(None, help="Embedding model or base model override."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
 ) -> None:
     """Leave-one-out: predict every entry's adapter from the others, in one pass over the bank's tensors."""
     from .pipeline import leave_one_out
@@ -234,7 +238,7 @@ def bank_loo(
         signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
         top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model,
     )
-    c = leave_one_out(bank, out_dir, config, force=force)
+    c = leave_one_out(bank, out_dir, config, force=force, allow_pickle=allow_pickle)
     out.print(f"wrote {len(c)} leave-one-out adapters to [bold]{out_dir}[/bold]")
 
 
@@ -275,14 +279,15 @@ def bank_list(
     signature: str = typer.Option(D.signature, help="Signature whose cache status to show."),
     model: Optional[str] = typer.Option(None, help="Embedding model or base model override."),
     max_samples: int = typer.Option(D.max_samples, help="As given to `bank index`."),
-    seed: int = typer.Option(0, help="As given to `bank index`."),
+    seed: int = typer.Option(D.seed, help="As given to `bank index`."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
 ) -> None:
     """Show BANK's entries: rank, target modules, sample count and signature status."""
     from .bank import Bank
     from .index import BankIndex
     from .signatures import SignatureSpec
 
-    b = Bank(bank)
+    b = Bank(bank, allow_pickle=allow_pickle)
     status = BankIndex(b).status(SignatureSpec(signature, model, max_samples, seed))
     table = Table(title=f"{b.path}  base model: {b.base_model or 'unknown'}  entries: {len(b.entries)}")
     for col in ("entry", "rank", "scale", "target modules", "samples", f"signature ({signature})"):
@@ -345,11 +350,12 @@ def export_gguf_cmd(
     out_file: Path = typer.Option(..., "--out", "-o", help="GGUF file to write."),
     base: Optional[str] = typer.Option(None, help="Base model whose config.json to read (default: the adapter's own)."),
     dtype: str = typer.Option("f32", help="Tensor type: f32 or f16."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
 ) -> None:
     """Write ADAPTER as a GGUF LoRA adapter for llama.cpp (llama-cli --lora FILE) and Ollama (ADAPTER FILE)."""
     from .export import export_gguf
 
-    path = export_gguf(adapter, out_file, base=base, dtype=dtype)
+    path = export_gguf(adapter, out_file, base=base, dtype=dtype, allow_pickle=allow_pickle)
     out.print(f"wrote [bold]{path}[/bold] ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -419,10 +425,15 @@ def version() -> None:
 
 
 def main() -> None:
+    """The `loramix` command: errors are one line on stderr and exit status 1 (a traceback only with --debug)."""
     try:
         app()
-    except LoramixError as e:
+    except (LoramixError, OSError) as e:
         if os.environ.get("LORAMIX_DEBUG"):
             raise
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        message = str(e) if isinstance(e, LoramixError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: nothing half-written was kept")
+        sys.exit(130)

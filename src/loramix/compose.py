@@ -255,20 +255,24 @@ def plan(
 
 def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry], tuple[torch.Tensor, torch.Tensor]]) -> ModuleResult:
     """One output module of plan `p`, `read(entry)` giving an entry's (A, B) for this module; padded to the
-    planned rank and checked to be finite."""
+    planned rank, cast to the output dtype and checked to be finite."""
     terms = []
     for e in p.active:
         spec = e.adapter.modules.get(module)
         if spec is not None:
-            terms.append(Term(*read(e), p.coefficients[e.name], spec.scale))
+            a, b = read(e)
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise LoramixError(f"{e.name}: module '{module}' has NaN or Inf weights")
+            terms.append(Term(a, b, p.coefficients[e.name], spec.scale))
     ref = next(e.adapter.modules[module] for e in bank.entries if module in e.adapter.modules)
     r = COMPOSERS.get(p.method)().module(terms, ref, p.target_rank)
     pad = p.ranks[module] - r.a.shape[0]
     if pad:
         r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
         r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
+    r.a, r.b = r.a.to(p.dtype), r.b.to(p.dtype)
     if not (torch.isfinite(r.a).all() and torch.isfinite(r.b).all()):
-        raise LoramixError(f"module '{module}': the composed update is not finite (NaN or Inf in a bank entry?)")
+        raise LoramixError(f"module '{module}': the composed update overflows {p.dtype} (choose another --dtype)")
     return r
 
 
@@ -288,8 +292,8 @@ def tensor_specs(bank: Bank, p: Plan) -> dict[str, tuple[torch.dtype, tuple[int,
 
 
 def write_module(writer: SafetensorsWriter, p: Plan, module: str, r: ModuleResult) -> None:
-    writer.write(f"{TENSOR_PREFIX}{module}.lora_A.weight", r.a.to(p.dtype))
-    writer.write(f"{TENSOR_PREFIX}{module}.lora_B.weight", r.b.to(p.dtype))
+    writer.write(f"{TENSOR_PREFIX}{module}.lora_A.weight", r.a)
+    writer.write(f"{TENSOR_PREFIX}{module}.lora_B.weight", r.b)
 
 
 def write_config(folder: Path, p: Plan) -> None:
@@ -302,7 +306,7 @@ def compose(bank: Bank, coefficients: dict[str, float], **kwargs: Any) -> Compos
     p = plan(bank, coefficients, **kwargs)
     out = Composition(p.config, p.rank)
     for module, r in composed_modules(bank, p):
-        out.factors[module] = (r.a.to(p.dtype), r.b.to(p.dtype))
+        out.factors[module] = (r.a, r.b)
         out.energy[module] = r.energy
     return out
 

@@ -14,6 +14,8 @@ import numpy as np
 
 from .errors import LoramixError
 
+MAX_RECORD_CHARS = 1_000_000  # a longer input/output pair is a broken file, not a sample
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -70,6 +72,9 @@ def _to_sample(record: Any, where: str, input_field: str, output_field: str) -> 
     outputs = [out] if isinstance(out, str) else out
     if not isinstance(outputs, (list, tuple)) or not outputs or not all(isinstance(o, str) for o in outputs):
         raise LoramixError(f"{where}: field '{output_field}' must be a string or a non-empty list of strings")
+    size = len(inp) + sum(map(len, outputs))
+    if size > MAX_RECORD_CHARS:
+        raise LoramixError(f"{where}: the record is {size:,} characters long (at most {MAX_RECORD_CHARS:,})")
     return Sample(inp, tuple(outputs))
 
 

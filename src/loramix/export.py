@@ -48,13 +48,15 @@ def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def export_gguf(adapter_dir: str | Path, out_file: str | Path, *, base: str | None = None, dtype: str = "f32") -> Path:
+def export_gguf(
+    adapter_dir: str | Path, out_file: str | Path, *, base: str | None = None, dtype: str = "f32", allow_pickle: bool = False
+) -> Path:
     """Write a PEFT LoRA adapter as a GGUF LoRA adapter that llama.cpp loads with its base model's GGUF."""
     import gguf
 
     if dtype not in GGUF_TYPES:
         raise LoramixError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
-    adapter = LoraAdapter(adapter_dir)
+    adapter = LoraAdapter(adapter_dir, allow_pickle=allow_pickle)
     cfg = _base_config(adapter, base)
     arch_name = (cfg.get("architectures") or ["?"])[0]
     if arch_name not in GGUF_ARCHS:

@@ -47,17 +47,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `out`; on success rename it to `out`, on failure delete it.
 
-    An existing `out` is refused unless `force`, in which case it is replaced only once the new folder is complete.
+    An existing `out` is refused unless `force`; then it is replaced once the new folder is complete, and only the
+    files the new folder writes are replaced: anything else in `out` is carried over (hard-linked) unchanged.
     """
     out = Path(out)
     if out.exists() and not force:
         raise LoramixError(f"{out}: already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise LoramixError(f"{out}: exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         yield tmp
         _publish(tmp)
         if out.exists() and force:
+            for item in out.iterdir():
+                if not (tmp / item.name).exists():
+                    _link_copy(item, tmp / item.name)
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
@@ -70,6 +76,21 @@ def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` (a file or a folder tree) at `dst`, copying where links are impossible."""
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

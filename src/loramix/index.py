@@ -1,8 +1,9 @@
 """The bank index: per-entry signatures and what is derived from them (bank distance matrices, fitted
 neural operators), cached under BANK/.loramix/ and keyed by content, so a changed entry is recomputed.
 
-Layout: signatures/<spec key>/<sha256 of train.jsonl>.npy (+ spec.json);
-distances/<spec key>.<distance>.<seed>.<entries hash>.npy; operators/neural.<...>.safetensors."""
+Layout: signatures/<spec key>/<sha256 of train.jsonl>.<checksum>.npy (+ spec.json);
+distances/<spec key>.<distance>.<seed>.<entries hash>.<checksum>.npy; operators/neural.<...>.safetensors.
+Every array file carries the checksum of its bytes in its name: a damaged file is detected, deleted and recomputed."""
 
 from __future__ import annotations
 
@@ -23,18 +24,30 @@ from .progress import track
 from .signatures import SignatureSpec, make_signer
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _store(stem: Path, array: np.ndarray) -> None:
+    """Write `array` atomically as <stem>.<first 16 hex of the sha256 of its bytes>.npy; older versions go."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    path = stem.with_name(f"{stem.name}.{hashlib.sha256(data).hexdigest()[:16]}.npy")
+    atomic_write_bytes(path, data)
+    for old in _versions(stem):
+        if old != path:
+            old.unlink(missing_ok=True)
 
 
-def _load_npy(path: Path) -> np.ndarray | None:
-    """The cached array, or None when it is missing or unreadable (then it is recomputed)."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
+def _versions(stem: Path) -> list[Path]:
+    return sorted(stem.parent.glob(f"{stem.name}.*.npy")) if stem.parent.is_dir() else []
+
+
+def _fetch(stem: Path) -> np.ndarray | None:
+    """The cached array of `stem` if a version passes its checksum, else None; corrupted versions are deleted."""
+    for path in _versions(stem):
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest()[:16] == path.name[len(stem.name) + 1 : -len(".npy")]:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        path.unlink(missing_ok=True)
+    return None
 
 
 def _digest(parts: list[str]) -> str:
@@ -51,13 +64,13 @@ class BankIndex:
     def resolve(self, spec: SignatureSpec) -> SignatureSpec:
         return spec.resolved(self.bank.base_model)
 
-    def _signature_path(self, spec: SignatureSpec, entry: BankEntry) -> Path:
-        return self.dir / "signatures" / spec.key() / f"{entry.data_hash}.npy"
+    def _signature_stem(self, spec: SignatureSpec, entry: BankEntry) -> Path:
+        return self.dir / "signatures" / spec.key() / entry.data_hash
 
     def status(self, spec: SignatureSpec) -> dict[str, bool]:
         """Entry name -> whether its signature for `spec` is cached (entries with data only)."""
         spec = self.resolve(spec)
-        return {e.name: self._signature_path(spec, e).is_file() for e in self.bank.usable}
+        return {e.name: bool(_versions(self._signature_stem(spec, e))) for e in self.bank.usable}
 
     def signatures(self, spec: SignatureSpec) -> list[np.ndarray]:
         """Signatures of the bank's usable entries (in `bank.usable` order), computing and caching missing ones."""
@@ -66,14 +79,14 @@ class BankIndex:
         meta = folder / "spec.json"
         if not meta.is_file():
             atomic_write_bytes(meta, (json.dumps(asdict(spec), indent=2) + "\n").encode())
-        out: list[np.ndarray | None] = [_load_npy(self._signature_path(spec, e)) for e in self.bank.usable]
+        out: list[np.ndarray | None] = [_fetch(self._signature_stem(spec, e)) for e in self.bank.usable]
         missing = [i for i, sig in enumerate(out) if sig is None]
         if missing:
             signer = make_signer(spec)
             for i in track(missing, f"signatures ({spec.method})", total=len(missing)):
                 entry = self.bank.usable[i]
                 out[i] = signer(entry.dataset())
-                _save_npy(self._signature_path(spec, entry), out[i])
+                _store(self._signature_stem(spec, entry), out[i])
         return out  # type: ignore[return-value]
 
     def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0) -> np.ndarray:
@@ -81,12 +94,12 @@ class BankIndex:
         spec = self.resolve(spec)
         get_distance(distance, make_signer(spec).kind)
         key = _digest([e.data_hash for e in self.bank.usable])
-        path = self.dir / "distances" / f"{spec.key()}.{distance}.{seed}.{key}.npy"
-        cached = _load_npy(path)
+        stem = self.dir / "distances" / f"{spec.key()}.{distance}.{seed}.{key}"
+        cached = _fetch(stem)
         if cached is not None and cached.shape == (len(self.bank.usable),) * 2:
             return cached
         matrix = distance_matrix(distance, self.signatures(spec), seed)
-        _save_npy(path, matrix)
+        _store(stem, matrix)
         return matrix
 
     def neural(self, spec: SignatureSpec, distance: str, space: str, seed: int = 0) -> Neural:

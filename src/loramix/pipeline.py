@@ -60,6 +60,10 @@ class GenerateConfig:
             raise LoramixError(f"rank must be a positive integer or 'full', got {self.rank!r}")
         if self.top_k is not None and self.top_k < 1:
             raise LoramixError(f"top-k must be at least 1, got {self.top_k}")
+        if not self.temperature > 0:
+            raise LoramixError(f"temperature must be positive, got {self.temperature}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise LoramixError(f"max-samples must be at least 1, got {self.max_samples}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise LoramixError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
 
@@ -94,13 +98,14 @@ def generate(
     config: GenerateConfig | None = None,
     *,
     force: bool = False,
+    allow_pickle: bool = False,
     **overrides: Any,
 ) -> GenerateResult:
     """Compose a new adapter for `data` from `bank` and write it to `out` (a PEFT adapter folder plus
-    loramix.json). Settings come from `config`, with keyword overrides (e.g. `top_k=8`)."""
+    loramix.json). Settings come from `config`, with keyword overrides (e.g. `top_k=8`). `allow_pickle`: see Bank."""
     config = GenerateConfig(**{**asdict(config or GenerateConfig()), **overrides})
     config.check()
-    bank = bank if isinstance(bank, Bank) else Bank(bank)
+    bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     usable = bank.usable
     if not usable:
@@ -185,13 +190,19 @@ def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -
 
 
 def leave_one_out(
-    bank: str | Path | Bank, out: str | Path, config: GenerateConfig | None = None, *, force: bool = False, **overrides: Any
+    bank: str | Path | Bank,
+    out: str | Path,
+    config: GenerateConfig | None = None,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    **overrides: Any,
 ) -> np.ndarray:
     """Predict every usable entry's adapter from the other entries and write each to OUT/<entry>/ (PEFT files and
     loramix.json), in one pass over the bank's tensors: each module of every entry is read once, however many
     outputs use it. Returns the coefficient matrix [n, n] (`loo_coefficients`)."""
     config = GenerateConfig(**{**asdict(config or GenerateConfig()), **overrides})
-    bank = bank if isinstance(bank, Bank) else Bank(bank)
+    bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     index = BankIndex(bank)
     spec = index.resolve(config.signature_spec())
     c = loo_coefficients(index, config)
