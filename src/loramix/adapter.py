@@ -288,6 +288,7 @@ class SafetensorsWriter:
 def save_adapter(folder: str | Path, config: dict[str, Any], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Write a PEFT adapter into `folder`: `factors` maps module name -> (A [r, in], B [out, r])."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (a, b) in factors.items():
         tensors[f"{TENSOR_PREFIX}{module}.lora_A.weight"] = a.contiguous()

@@ -67,6 +67,9 @@ def generate(
     max_samples: int = typer.Option(D.max_samples, help="At most this many samples per dataset for signatures."),
     model: Optional[str] = typer.Option(None, help="Embedding model (embed) or base model (unigram, hidden) to use."),
     dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, float16, bfloat16 (default: the bank's)."),
+    refine: int = typer.Option(0, "--refine", help="Refine the top entries' weights on this many examples of DATA (loads the base)."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Seconds the refinement may take."),
+    refine_method: str = typer.Option("gradient", "--refine-method", help="gradient (k weights by backprop) or nevergrad."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     show: int = typer.Option(5, "--show", help="How many top entries to print."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
@@ -77,6 +80,7 @@ def generate(
     config = GenerateConfig(
         signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
         top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model, dtype=dtype,
+        refine=refine, refine_method=refine_method, refine_budget=budget,
     )
     result = run(bank, data, out_dir, config, force=force, allow_pickle=allow_pickle)
     table = Table(title=f"top entries of {len(result.coefficients)}", show_edge=False)
@@ -88,6 +92,10 @@ def generate(
     out.print(table)
     energy = result.report["energy"]
     kept = f", energy kept {energy['mean']:.4f} (min {energy['min']:.4f})" if energy["mean"] is not None else ""
+    if "refine" in result.report:
+        r = result.report["refine"]
+        out.print(f"refined on {r['examples']} examples ({r['method']}, {r['steps']} steps, {r['seconds']:.1f} s): "
+                  f"loss {r['initial_loss']:.4f} -> {r['loss']:.4f}")
     out.print(f"wrote [bold]{result.out}[/bold]: rank {result.report['rank'] or 'as bank'}{kept}")
 
 

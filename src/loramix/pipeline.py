@@ -34,7 +34,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class GenerateConfig:
     """Every choice `generate` makes. `rank`: an int, 'full', or None for the bank's largest rank;
     `top_k`: keep only the k largest coefficients; `model`: the embedding model (embed) or base model
-    (unigram, hidden) when not the default / the bank's; `dtype`: of the output, default the bank's."""
+    (unigram, hidden) when not the default / the bank's; `dtype`: of the output, default the bank's;
+    `refine`: refine the top entries' weights on this many labelled examples of the data (0: off), by
+    `refine_method` ('gradient' or 'nevergrad') within `refine_budget` seconds (see loramix.refine)."""
 
     signature: str = "embed"
     distance: str = "w2"
@@ -47,6 +49,9 @@ class GenerateConfig:
     max_samples: int | None = 256
     model: str | None = None
     dtype: str | None = None
+    refine: int = 0
+    refine_method: str = "gradient"
+    refine_budget: float | None = None
 
     def signature_spec(self) -> SignatureSpec:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)
@@ -62,6 +67,10 @@ class GenerateConfig:
             raise LoramixError(f"top-k must be at least 1, got {self.top_k}")
         if not self.temperature > 0:
             raise LoramixError(f"temperature must be positive, got {self.temperature}")
+        if self.refine < 0:
+            raise LoramixError(f"--refine takes a number of examples, got {self.refine}")
+        if self.refine_method not in ("gradient", "nevergrad"):
+            raise LoramixError(f"refine method must be 'gradient' or 'nevergrad', got {self.refine_method!r}")
         if self.max_samples is not None and self.max_samples < 1:
             raise LoramixError(f"max-samples must be at least 1, got {self.max_samples}")
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -121,15 +130,29 @@ def generate(
     operator = fit_operator(index, config)
     c = operator.coefficients(d, config.temperature, config.top_k)
     coefficients = {e.name: float(x) for e, x in zip(usable, c)}
+    refined = None
+    if config.refine:
+        from .refine import RefineConfig, refine
+
+        rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or 8, method=config.refine_method,
+                            budget=config.refine_budget, seed=config.seed)
+        refined = refine(bank, coefficients, dataset, rcfg, mode=config.compose)
 
     with atomic_dir(out, force=force) as tmp:
+        weights = refined.coefficients if refined else coefficients
         composition = write_composition(
-            tmp, bank, coefficients, method=config.compose, rank=config.rank, dtype=_DTYPES.get(config.dtype or "")
+            tmp, bank, weights, method=config.compose, rank=config.rank, dtype=_DTYPES.get(config.dtype or "")
         )
-        report = _report(config, spec, bank, dataset, composition, coefficients, d)
+        report = _report(config, spec, bank, dataset, composition, weights, d)
+        if refined:
+            report["refine"] = {
+                "examples": config.refine, "method": config.refine_method, "budget_seconds": config.refine_budget,
+                "meta_coefficients": coefficients, "initial_loss": refined.initial_loss, "loss": refined.loss,
+                "steps": refined.steps, "seconds": round(refined.seconds, 2), "history": refined.history,
+            }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     bank.close()
-    return GenerateResult(Path(out), coefficients, report["distances"], report)
+    return GenerateResult(Path(out), weights, report["distances"], report)
 
 
 def _report(

@@ -1,0 +1,211 @@
+"""Beyond the paper: refine the coefficients of the top entries on a few labelled examples, on CPU.
+
+The base model runs with the k chosen bank LoRAs attached at once, each scaled by its weight w_i, so its update
+is exactly the composition sum_i w_i s_i B_i A_i (or, for the LoraHub baseline, the A-and-B average). The loss
+is the answer-token cross-entropy on the examples (+ an L1 penalty on w, as LoraHub); w is searched by
+gradients with respect to the k weights only, or gradient-free with Nevergrad, warm-started from the
+meta-operator's coefficients and stopped by a step count or a time budget."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .bank import Bank, BankEntry
+from .data import Dataset
+from .errors import LoramixError
+from .progress import track
+from .registry import Registry
+
+
+@dataclass
+class RefineConfig:
+    """`examples` labelled samples; the `top_k` largest coefficients searched (the rest stay 0); `method`
+    'gradient' (Adam at `lr`) or 'nevergrad' (NGOpt); at most `steps` loss evaluations / steps and `budget`
+    seconds; `l1` * sum |w| added to the loss; weights kept in [`lower`, `upper`]."""
+
+    examples: int = 5
+    top_k: int = 8
+    method: str = "gradient"
+    steps: int = 40
+    budget: float | None = None
+    lr: float = 0.05
+    l1: float = 0.05
+    lower: float = -1.5
+    upper: float = 1.5
+    seed: int = 0
+
+
+@dataclass
+class RefineResult:
+    coefficients: dict[str, float]
+    initial_loss: float
+    loss: float
+    steps: int
+    seconds: float
+    history: list[float] = field(default_factory=list)
+
+
+class MixedLoRA:
+    """Attaches k bank LoRAs to a base model through forward hooks: each adapted linear module's output gains
+    sum_i w_i s_i B_i (A_i x) ('exact'), or s (sum_i w_i B_i)((sum_i w_i A_i) x) ('paper', LoraHub's mixing).
+    `weights` is a tensor [k] that the hooks read at every call (differentiable)."""
+
+    def __init__(self, model: Any, bank: Bank, entries: Sequence[BankEntry], mode: str = "exact"):
+        if mode not in ("exact", "paper"):
+            raise LoramixError(f"unknown mixing mode {mode!r}")
+        self.model, self.mode = model, mode
+        self.weights = torch.zeros(len(entries), dtype=torch.float32)
+        self._hooks = []
+        for name in sorted(bank.shapes):
+            parts = [(i, e.adapter.modules[name], e.adapter.factors(name)) for i, e in enumerate(entries) if name in e.adapter.modules]
+            if not parts:
+                continue
+            if mode == "paper" and len({(m.rank, m.scale) for _, m, _ in parts}) > 1:
+                raise LoramixError(f"module '{name}': LoraHub mixing needs equal ranks and scales")
+            a = torch.cat([ab[0].float() for _, _, ab in parts])  # [R, in]
+            b = torch.cat([m.scale * ab[1].float() for _, m, ab in parts], dim=1)  # [out, R]
+            owner = torch.cat([torch.full((m.rank,), i) for i, m, _ in parts])  # entry of each rank-1 piece
+            module = model.get_submodule(name)
+            self._hooks.append(module.register_forward_hook(self._hook(a, b, owner, parts)))
+
+    def _hook(self, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, parts: list):
+        rank = parts[0][1].rank
+
+        def add(module: Any, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = inputs[0].to(a.dtype)
+            w = self.weights[owner]
+            if self.mode == "exact":
+                delta = ((x @ a.T) * w) @ b.T
+            else:  # (sum_i w_i B_i) (sum_i w_i A_i): A and B mixed separately, shared scale already in b
+                k = len(parts)
+                a_mix = (a * w[:, None]).reshape(k, rank, -1).sum(0)
+                b_mix = (b * w[None, :]).reshape(b.shape[0], k, rank).sum(1)
+                delta = (x @ a_mix.T) @ b_mix.T
+            return output + delta.to(output.dtype)
+
+        return add
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def answer_loss_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
+    """A function of no arguments returning the mean answer-token cross-entropy of `model` on `samples`."""
+    from .train import _batch, encode
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask, targets = _batch(encode(tokenizer, Dataset(list(samples), "refine"), max_length), pad)
+    k = targets.shape[1]
+
+    def loss() -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=k + 1).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    return loss
+
+
+SEARCHES: Registry = Registry("refine method")
+
+
+@SEARCHES.register("gradient")
+def _gradient(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, deadline: float) -> tuple[np.ndarray, list[float]]:
+    w = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=cfg.lr)
+    best, best_w, history = float("inf"), w0.copy(), []
+    for _ in track(range(cfg.steps), "refining (gradient)", total=cfg.steps):
+        mixed.weights = w
+        total = loss_fn() + cfg.l1 * w.abs().sum()
+        history.append(total.item())
+        if history[-1] < best:
+            best, best_w = history[-1], w.detach().numpy().copy()
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        with torch.no_grad():
+            w.clamp_(cfg.lower, cfg.upper)
+        if time.perf_counter() > deadline:
+            break
+    return best_w, history
+
+
+@SEARCHES.register("nevergrad")
+def _nevergrad(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, deadline: float) -> tuple[np.ndarray, list[float]]:
+    import nevergrad as ng
+
+    param = ng.p.Array(init=np.clip(w0, cfg.lower, cfg.upper)).set_bounds(cfg.lower, cfg.upper)
+    param.random_state = np.random.RandomState(cfg.seed)
+    opt = ng.optimizers.NGOpt(parametrization=param, budget=cfg.steps)
+    history = []
+    for _ in track(range(cfg.steps), "refining (nevergrad)", total=cfg.steps):
+        cand = opt.ask()
+        mixed.weights = torch.tensor(cand.value, dtype=torch.float32)
+        with torch.no_grad():
+            value = float(loss_fn()) + cfg.l1 * float(np.abs(cand.value).sum())
+        opt.tell(cand, value)
+        history.append(value)
+        if time.perf_counter() > deadline:
+            break
+    return np.asarray(opt.provide_recommendation().value), history
+
+
+def search_weights(
+    model: Any, tokenizer: Any, bank: Bank, entries: Sequence[BankEntry], w0: np.ndarray, samples: Sequence,
+    cfg: RefineConfig, mode: str = "exact",
+) -> tuple[np.ndarray, float, float, list[float]]:
+    """Search weights for `entries` (starting at w0) minimising loss + l1 |w|. Returns (weights, initial loss,
+    final loss, history); the base model's own weights never change."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    deadline = time.perf_counter() + (cfg.budget if cfg.budget is not None else float("inf"))
+    mixed = MixedLoRA(model, bank, entries, mode)
+    loss_fn = answer_loss_fn(model, tokenizer, samples)
+    torch.manual_seed(cfg.seed)
+    try:
+        with torch.no_grad():
+            mixed.weights = torch.tensor(w0, dtype=torch.float32)
+            initial = float(loss_fn()) + cfg.l1 * float(np.abs(w0).sum())
+        w, history = SEARCHES.get(cfg.method)(mixed, loss_fn, w0, cfg, deadline)
+        with torch.no_grad():
+            mixed.weights = torch.tensor(w, dtype=torch.float32)
+            final = float(loss_fn()) + cfg.l1 * float(np.abs(w).sum())
+    finally:
+        mixed.remove()
+    return w, initial, final, history
+
+
+def refine(
+    bank: Bank,
+    coefficients: dict[str, float],
+    dataset: Dataset,
+    cfg: RefineConfig,
+    *,
+    mode: str = "exact",
+    model: Any = None,
+    tokenizer: Any = None,
+) -> RefineResult:
+    """Refine `coefficients` (from a meta-operator) on `cfg.examples` samples drawn from `dataset` (seeded): the
+    top_k entries' weights are searched, the others set to 0; `mode` is how the adapters are mixed ('exact' sum of
+    updates or 'paper'). Loads the bank's base model unless given."""
+    from .models import load_model, load_tokenizer
+
+    if cfg.examples < 1:
+        raise LoramixError(f"--refine needs at least 1 example, got {cfg.examples}")
+    start = time.perf_counter()
+    samples = dataset.subsample(cfg.examples, cfg.seed).samples
+    ranked = sorted(coefficients, key=lambda n: -coefficients[n])[: cfg.top_k]
+    entries = [bank.entry(n) for n in ranked]
+    w0 = np.array([coefficients[n] for n in ranked], dtype=np.float64)
+    if model is None:
+        model, tokenizer = load_model(bank.base_model), load_tokenizer(bank.base_model)
+    w, initial, final, history = search_weights(model, tokenizer, bank, entries, w0, samples, cfg, mode)
+    if final > initial:  # never worse than the start on the examples
+        w, final = w0, initial
+    refined = {n: 0.0 for n in coefficients}
+    refined.update({n: float(x) for n, x in zip(ranked, w)})
+    return RefineResult(refined, initial, final, len(history), time.perf_counter() - start, [round(h, 5) for h in history])

@@ -1,0 +1,69 @@
+"""Refining coefficients on a few labelled examples."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_bank, topic_records, write_jsonl
+
+from loramix import Bank, compose, generate, read_dataset, read_report
+from loramix.refine import MixedLoRA, RefineConfig, refine
+
+
+def peft_logits(base_dir, comp, tmp_path, ids):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramix import save_adapter
+
+    save_adapter(tmp_path / "ad", comp.config, comp.factors)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "ad").eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("mode,mixed", [("exact", True), ("paper", False)])
+def test_hooks_equal_the_composed_adapter(tmp_path, tiny_base, mode, mixed):
+    from transformers import AutoModelForCausalLM
+
+    bank = Bank(make_bank(tmp_path / "bank", n=4, base=str(tiny_base), mixed=mixed))
+    w = np.array([0.5, -0.3, 0.9, 0.2])
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    hooked = MixedLoRA(model, bank, bank.entries, mode)
+    hooked.weights = torch.tensor(w, dtype=torch.float32)
+    with torch.no_grad():
+        got = model(ids).logits
+    hooked.remove()
+    comp = compose(bank, {e.name: float(x) for e, x in zip(bank.entries, w)}, method=mode, **({"rank": "full"} if mode == "exact" else {}))
+    assert torch.allclose(got, peft_logits(tiny_base, comp, tmp_path, ids), atol=1e-5)
+    with torch.no_grad():  # hooks removed: the base model again
+        assert torch.allclose(model(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_base).eval()(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["gradient", "nevergrad"])
+def test_refine_lowers_the_loss_and_keeps_top_k(tmp_path, tiny_base, method):
+    bank = Bank(make_bank(tmp_path / "bank", n=6, base=str(tiny_base)))
+    data = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20)))
+    c = {e.name: 1 / 6 for e in bank.entries}
+    r = refine(bank, c, data, RefineConfig(examples=5, top_k=3, method=method, steps=15, lr=0.2))
+    assert r.loss <= r.initial_loss and r.steps == 15
+    assert sum(1 for v in r.coefficients.values() if v != 0) <= 3
+    assert all(-1.5 <= v <= 1.5 for v in r.coefficients.values())
+
+
+def test_refine_budget_stops_early(tmp_path, tiny_base):
+    bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
+    data = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 10)))
+    r = refine(bank, {e.name: 1 / 3 for e in bank.entries}, data, RefineConfig(steps=500, budget=0.0))
+    assert r.steps == 1
+
+
+def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
+    bank = make_bank(tmp_path / "bank", n=5, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
+    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full")
+    report = read_report(tmp_path / "out")
+    r = report["refine"]
+    assert r["examples"] == 4 and r["method"] == "gradient" and r["loss"] <= r["initial_loss"]
+    assert sum(1 for v in r["meta_coefficients"].values() if v > 0) == 3
+    assert report["coefficients"] != r["meta_coefficients"]
