@@ -47,6 +47,7 @@ class Setting:
     compose: str = "exact"
     top_k: int | None = None
     temperature: float = 1.0
+    warm_start: str | None = None  # refine group: the setting whose coefficients are refined ('lorahub': none)
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -66,6 +67,15 @@ def settings(top_k: int, quick: bool) -> list[Setting]:
                 f"loramix/embed-w2-normalized-top{top_k}"}
         out = [s for s in out if s.name in keep]
     return out
+
+
+def refine_settings(default: Setting) -> list[Setting]:
+    """LoraHub's recipe and loramix's refinement of the default setting, both on 5 labelled examples."""
+    return [
+        Setting("refine/lorahub", "refine", compose="paper", warm_start="lorahub"),
+        Setting(f"refine/{default.name.split('/', 1)[1]}-refine5", "refine", default.signature, default.distance,
+                default.operator, "exact", default.top_k, default.temperature, warm_start=default.name),
+    ]
 
 
 class Runner:
@@ -142,7 +152,7 @@ class Runner:
         coefs = {}
         for s in all_settings:
             self.folder(s).mkdir(parents=True, exist_ok=True)
-            if s.name in ("base", "trained") or not self.pending(s):
+            if s.name in ("base", "trained", "refine/lorahub") or not self.pending(s):
                 continue
             coefs[s.name] = self.coefficient_matrix(s)
             (self.folder(s) / "timing.json").write_text(json.dumps(self.timings.get(s.name, {})))
@@ -157,14 +167,17 @@ class Runner:
             if file.is_file():
                 continue
             compose_s = 0.0
+            search = None
             if s.name == "base":
                 result = self.evaluate(task, None)
             elif s.name == "trained":
                 result = self.evaluate(task, self.entries[i].adapter.path)
             else:
-                c = coefs[s.name][i]
+                c = coefs[s.name][i] if s.name in coefs else np.zeros(len(self.names))
                 start = time.perf_counter()
-                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x > 0}, method=s.compose)
+                if s.group == "refine":
+                    c, search = self.search(task, s, c)
+                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
                 compose_s = time.perf_counter() - start
                 with tempfile.TemporaryDirectory() as tmp:
                     save_adapter(tmp, comp.config, comp.factors)
@@ -172,8 +185,41 @@ class Runner:
                 result["top"] = [[self.names[j], round(float(c[j]), 4)] for j in np.argsort(-c)[:3]]
                 result["coefficients"] = [round(float(x), 6) for x in c]
             result["compose_seconds"] = compose_s
+            if search:
+                result["search"] = search
             file.write_text(json.dumps(result))
             print(f"{s.name:45s} {task:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
+
+    def search(self, task: str, s: Setting, c: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Weights found on 5 labelled examples of the task's train split, and the search's record (CPU seconds).
+        LoraHub: 20 random other entries, weights from 0 in [-1.5, 1.5], 40 NGOpt steps, L1 0.05, A and B mixed
+        separately. loramix: the warm-start setting's top 8 entries, 40 gradient steps on their weights."""
+        import zlib
+
+        from loramix.refine import RefineConfig, refine, search_weights
+
+        self._load()
+        i = self.names.index(task)
+        train = read_dataset(self.suite / task / "train.jsonl")
+        cpu = time.process_time()
+        with self.model.disable_adapter():
+            base = self.model.get_base_model()
+            if s.warm_start == "lorahub":
+                rng = np.random.default_rng(zlib.crc32(task.encode()))
+                pick = rng.choice([j for j in range(len(self.names)) if j != i], size=min(20, len(self.names) - 1), replace=False)
+                cfg = RefineConfig(examples=5, method="nevergrad", steps=40, l1=0.05)
+                samples = train.subsample(cfg.examples, cfg.seed).samples
+                w, first, last, history = search_weights(base, self.tokenizer, self.bank, [self.entries[j] for j in pick],
+                                                         np.zeros(len(pick)), samples, cfg, mode="paper")
+                out = np.zeros(len(self.names))
+                out[pick] = w
+            else:
+                cfg = RefineConfig(examples=5, top_k=8, method="gradient", steps=40)
+                r = refine(self.bank, dict(zip(self.names, map(float, c))), train, cfg, model=base, tokenizer=self.tokenizer)
+                out = np.array([r.coefficients[n] for n in self.names])
+                first, last, history = r.initial_loss, r.loss, r.history
+        record = {"cpu_seconds": time.process_time() - cpu, "initial_loss": first, "loss": last, "steps": len(history)}
+        return out, record
 
     def collect(self, s: Setting) -> dict[str, dict]:
         out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.names}
@@ -237,6 +283,15 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
     for s, rl, em, co, gap, timing, cpu in rows:
         mark = " **(default)**" if s.name == chosen else ""
         lines.append(f"| {s.name}{mark} | {s.group} | {rl:.4f} | {em:.4f} | {co:.4f} | {gap:.3f} | {cpu:.1f} |")
+    refined = [s for s in all_settings if s.group == "refine"]
+    if refined:
+        lines += ["", "## Refinement on 5 labelled examples (train split; evaluation on the test split)", "",
+                  "| setting | ROUGE-L | exact match | gap closed | search CPU s / task |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name in [chosen] + [s.name for s in refined] + ["trained"]:
+            rl = mean(name, "rougeL")
+            cpu = np.mean([results[name][t].get("search", {}).get("cpu_seconds", 0.0) for t in names])
+            gap = (rl - base) / (trained - base) if trained != base else float("nan")
+            lines.append(f"| {name} | {rl:.4f} | {mean(name, 'exact_match'):.4f} | {gap:.3f} | {cpu:.1f} |")
     if families:
         fams = sorted({families.get(t, "?") for t in names})
         show = ["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen]
@@ -291,9 +346,12 @@ def main() -> None:
     p.add_argument("--default-setting", default="loramix/embed-w2-normalized")
     p.add_argument("--only", nargs="*", help="run only these settings")
     p.add_argument("--workers", type=int, default=2, help="evaluation processes (one CPU thread each)")
+    p.add_argument("--refine", action="store_true", help="also LoraHub's recipe and --refine on 5 examples")
     args = p.parse_args()
     runner = Runner(Bank(args.bank), resolve_suite(args.suite), args.limit, args.max_samples)
     all_settings = settings(args.top_k, args.quick)
+    if args.refine:
+        all_settings += refine_settings(next(s for s in all_settings if s.name == args.default_setting))
     if args.only:
         all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
     coefs = runner.prepare(all_settings)

@@ -67,3 +67,18 @@ def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     assert r["examples"] == 4 and r["method"] == "gradient" and r["loss"] <= r["initial_loss"]
     assert sum(1 for v in r["meta_coefficients"].values() if v > 0) == 3
     assert report["coefficients"] != r["meta_coefficients"]
+
+
+def test_shared_prefix_loss_equals_the_plain_loss(tiny_base):
+    from loramix.data import Dataset, Sample
+    from loramix.models import load_model, load_tokenizer
+    from loramix.refine import answer_loss_fn
+    from loramix.train import _batch, encode
+
+    model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
+    samples = [Sample(r["input"], tuple(r["output"])) for r in topic_records("animals", 5)]
+    ids, mask, targets = _batch(encode(tok, Dataset(samples, "x"), 64), tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -targets.shape[1] - 1 : -1]
+        plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        assert float(answer_loss_fn(model, tok, samples)()) == pytest.approx(float(plain), rel=1e-5)
