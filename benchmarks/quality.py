@@ -11,6 +11,7 @@ Per-task results are cached under .cache/bench-quality/ so an interrupted run re
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import json
 import os
 import platform
@@ -26,6 +27,8 @@ os.environ.setdefault("LORAMIX_PROGRESS", "0")
 import loramix  # noqa: E402
 from loramix import Bank, BankIndex, GenerateConfig, compose, save_adapter  # noqa: E402
 from loramix.build import resolve_suite  # noqa: E402
+from loramix.engine import RayEngine, get_engine  # noqa: E402
+from loramix.files import atomic_write_bytes  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import generate_answers, load_for_eval, score  # noqa: E402
 from loramix.pipeline import loo_coefficients  # noqa: E402
@@ -79,10 +82,10 @@ def refine_settings(default: Setting) -> list[Setting]:
 
 
 class Runner:
-    def __init__(self, bank: Bank, suite: Path, limit: int | None, max_samples: int):
-        self.bank = bank
-        self.index = BankIndex(bank)
-        self.entries = bank.usable
+    def __init__(self, bank: str | Path, suite: Path, limit: int | None, max_samples: int):
+        self.bank = Bank(bank)
+        self.index = BankIndex(self.bank)
+        self.entries = self.bank.usable
         self.names = [e.name for e in self.entries]
         self.suite = suite
         self.limit = limit
@@ -159,9 +162,10 @@ class Runner:
             print(f"coefficients ready: {s.name} {self.timings.get(s.name, {})}", flush=True)
         return coefs
 
-    def run_task(self, task: str, all_settings: list[Setting], coefs: dict[str, np.ndarray]) -> None:
-        """Evaluate every pending setting on one task; each result is cached as soon as it is known."""
+    def run_task(self, task: str, all_settings: list[Setting], coefs: dict[str, np.ndarray]) -> dict[str, dict]:
+        """Evaluate every setting still pending on one task: setting name -> result."""
         i = self.names.index(task)
+        results: dict[str, dict] = {}
         for s in all_settings:
             file = self.folder(s) / f"{task}.json"
             if file.is_file():
@@ -176,7 +180,9 @@ class Runner:
                 c = coefs[s.name][i] if s.name in coefs else np.zeros(len(self.names))
                 start = time.perf_counter()
                 if s.group == "refine":
-                    c, search = self.search(task, s, c)
+                    lorahub = results.get("refine/lorahub") or self.cached("refine/lorahub", task)
+                    budget = lorahub["search"]["cpu_seconds"] if lorahub and s.warm_start != "lorahub" else None
+                    c, search = self.search(task, s, c, budget)
                 comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
                 compose_s = time.perf_counter() - start
                 with tempfile.TemporaryDirectory() as tmp:
@@ -187,13 +193,25 @@ class Runner:
             result["compose_seconds"] = compose_s
             if search:
                 result["search"] = search
-            file.write_text(json.dumps(result))
-            print(f"{s.name:45s} {task:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
+            results[s.name] = result
+        return results
 
-    def search(self, task: str, s: Setting, c: np.ndarray) -> tuple[np.ndarray, dict]:
+    def cached(self, setting: str, task: str) -> dict | None:
+        file = CACHE / setting.replace("/", "__") / f"{task}.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def store(self, task: str, results: dict[str, dict]) -> None:
+        for name, result in results.items():
+            folder = CACHE / name.replace("/", "__")
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(folder / f"{task}.json", json.dumps(result).encode())
+            print(f"{name:45s} {task:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
+
+    def search(self, task: str, s: Setting, c: np.ndarray, budget: float | None) -> tuple[np.ndarray, dict]:
         """Weights found on 5 labelled examples of the task's train split, and the search's record (CPU seconds).
         LoraHub: 20 random other entries, weights from 0 in [-1.5, 1.5], 40 NGOpt steps, L1 0.05, A and B mixed
-        separately. loramix: the warm-start setting's top 8 entries, 40 gradient steps on their weights."""
+        separately. loramix: the warm-start setting's top 8 entries, gradient steps on their weights for at most
+        40 steps and at most `budget` seconds (LoraHub's time on the same task)."""
         import zlib
 
         from loramix.refine import RefineConfig, refine, search_weights
@@ -214,7 +232,7 @@ class Runner:
                 out = np.zeros(len(self.names))
                 out[pick] = w
             else:
-                cfg = RefineConfig(examples=5, top_k=8, method="gradient", steps=40)
+                cfg = RefineConfig(examples=5, top_k=8, method="gradient", steps=40, budget=budget)
                 r = refine(self.bank, dict(zip(self.names, map(float, c))), train, cfg, model=base, tokenizer=self.tokenizer)
                 out = np.array([r.coefficients[n] for n in self.names])
                 first, last, history = r.initial_loss, r.loss, r.history
@@ -229,15 +247,10 @@ class Runner:
         return out
 
 
-def _worker(args: tuple) -> None:
-    """One process: its share of the tasks, every setting, one CPU thread."""
-    import torch
-
-    torch.set_num_threads(1)
-    bank, suite, limit, max_samples, all_settings, coefs, tasks = args
-    runner = Runner(Bank(bank), suite, limit, max_samples)
-    for t in tasks:
-        runner.run_task(t, all_settings, coefs)
+def _evaluate_task(runner: "Runner", item: tuple) -> dict[str, dict]:
+    """Engine work item: every pending setting of one task, on a worker holding its own Runner (and model)."""
+    task, all_settings, coefs = item
+    return runner.run_task(task, all_settings, coefs)
 
 
 def family_of(suite: Path) -> dict[str, str]:
@@ -345,10 +358,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a handful of settings only")
     p.add_argument("--default-setting", default="loramix/embed-w2-normalized")
     p.add_argument("--only", nargs="*", help="run only these settings")
-    p.add_argument("--workers", type=int, default=2, help="evaluation processes (one CPU thread each)")
+    p.add_argument("--engine", default="local", help="local, or ray (RAY_ADDRESS, else a local Ray cluster)")
+    p.add_argument("--workers", type=int, default=None, help="at most this many Ray workers (one CPU each)")
     p.add_argument("--refine", action="store_true", help="also LoraHub's recipe and --refine on 5 examples")
     args = p.parse_args()
-    runner = Runner(Bank(args.bank), resolve_suite(args.suite), args.limit, args.max_samples)
+    runner = Runner(args.bank, resolve_suite(args.suite), args.limit, args.max_samples)
     all_settings = settings(args.top_k, args.quick)
     if args.refine:
         all_settings += refine_settings(next(s for s in all_settings if s.name == args.default_setting))
@@ -356,16 +370,10 @@ def main() -> None:
         all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
     coefs = runner.prepare(all_settings)
     todo = [t for t in runner.names if any(t in runner.pending(s) for s in all_settings)]
-    if args.workers <= 1:
-        for t in todo:
-            runner.run_task(t, all_settings, coefs)
-    else:
-        import multiprocessing
-
-        shares = [todo[w :: args.workers] for w in range(args.workers)]
-        jobs = [(args.bank, runner.suite, args.limit, args.max_samples, all_settings, coefs, share) for share in shares]
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            pool.map(_worker, jobs)
+    engine = RayEngine(max_workers=args.workers) if args.engine == "ray" else get_engine(args.engine)
+    engine.map(_evaluate_task, [(t, all_settings, coefs) for t in todo], "leave-one-out evaluation",
+               setup=partial(Runner, args.bank, runner.suite, args.limit, args.max_samples),
+               on_result=lambda item, res: runner.store(item[0], res))
     results = {s.name: runner.collect(s) for s in all_settings}
     write_report(runner, results, all_settings, args)
     print((RESULTS / "quality.md").read_text())

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
+import tempfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
 from .data import read_dataset
 from .errors import LoramixError
-from .files import atomic_write_bytes
-from .progress import track
+from .engine import get_engine
+from .files import atomic_dir, atomic_write_bytes
 from .train import TRAINING_FILE, TrainConfig, train
 
 DEFAULT_DIR = Path(__file__).parent / "default"
@@ -61,43 +59,48 @@ def build_bank(
     exclude: Sequence[str] = DEMO_TASKS,
     config: TrainConfig = BANK_TRAINING,
     base: str | None = None,
-    workers: int = 1,
+    engine: str = "local",
 ) -> dict[str, str]:
     """Train one adapter per suite task (all but `exclude`, or just `tasks`) into OUT/<task>/ with its
-    train.jsonl, in `workers` processes (CPU threads shared out). Returns task -> 'trained' or 'kept'
-    (already built with these settings and data)."""
+    train.jsonl, on `engine` (see loramix.engine; each entry is written as soon as it is trained). Returns
+    task -> 'trained' or 'kept' (already built with these settings and data)."""
     suite_dir = resolve_suite(suite)
     names = list(tasks) if tasks else [t for t in suite_tasks(suite_dir) if t not in exclude]
     missing = [t for t in names if not (suite_dir / t / "train.jsonl").is_file()]
     if missing:
         raise LoramixError(f"{suite_dir}: no task(s) {', '.join(missing)}")
-    jobs = [(suite_dir / task / "train.jsonl", Path(out) / task, config, base) for task in names]
-    if workers <= 1:
-        results = [_build_entry(*job) for job in track(jobs, "building bank", total=len(jobs))]
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_set_threads, initargs=(threads,)) as pool:
-            futures = [pool.submit(_build_entry, *job) for job in jobs]
-            for f in track(as_completed(futures), "building bank", total=len(futures)):
-                f.result()  # re-raise a worker's error
-            results = [f.result() for f in futures]
-    return dict(zip(names, results))
+    out = Path(out)
+    status, jobs = {}, []
+    for task in names:
+        dataset = read_dataset(suite_dir / task / "train.jsonl")
+        cfg = replace(config, seed=config.seed + zlib.crc32(task.encode()) % 100_000)  # per task, stable
+        if _is_built(out / task, cfg, dataset.fingerprint()):
+            status[task] = "kept"
+            _write_data(out / task, suite_dir / task / "train.jsonl")
+        else:
+            jobs.append((task, dataset, cfg, base))
+
+    def store(job: tuple, files: dict[str, bytes]) -> None:
+        task = job[0]
+        with atomic_dir(out / task, force=True) as tmp:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            (tmp / "train.jsonl").write_bytes((suite_dir / task / "train.jsonl").read_bytes())
+        status[task] = "trained"
+
+    get_engine(engine).map(_train_entry, jobs, "building bank", on_result=store, gpus=1.0)
+    return {t: status[t] for t in names}
 
 
-def _set_threads(n: int) -> None:
-    import torch
+def _train_entry(state: None, job: tuple) -> dict[str, bytes]:
+    """Train one entry (on whichever worker runs it) and return its adapter folder's files."""
+    task, dataset, cfg, base = job
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / task
+        train(dataset, folder, cfg, base=base)
+        return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
 
-    torch.set_num_threads(n)
 
-
-def _build_entry(data_file: Path, dest: Path, config: TrainConfig, base: str | None) -> str:
-    """Train one bank entry unless it is already built with these settings and data; 'trained' or 'kept'."""
-    fingerprint = read_dataset(data_file).fingerprint()
-    cfg = replace(config, seed=config.seed + zlib.crc32(dest.name.encode()) % 100_000)  # per task, stable
-    status = "kept" if _is_built(dest, cfg, fingerprint) else "trained"
-    if status == "trained":
-        train(data_file, dest, cfg, base=base, force=True)
+def _write_data(dest: Path, data_file: Path) -> None:
     if not (dest / "train.jsonl").is_file() or (dest / "train.jsonl").read_bytes() != data_file.read_bytes():
         atomic_write_bytes(dest / "train.jsonl", data_file.read_bytes())
-    return status

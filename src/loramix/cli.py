@@ -174,7 +174,7 @@ def bank_build(
     steps: int = typer.Option(BANK_TRAINING.steps, help="Optimizer steps per adapter."),
     rank: int = typer.Option(BANK_TRAINING.rank, help="LoRA rank."),
     save_dtype: str = typer.Option(BANK_TRAINING.save_dtype, help="dtype of the saved weights."),
-    workers: int = typer.Option(1, help="Parallel training processes (each gets cores / workers threads)."),
+    engine: str = typer.Option("local", help="local (this process) or ray (RAY_ADDRESS, else a local Ray cluster)."),
 ) -> None:
     """Train one adapter per suite task into OUT, each with its train.jsonl: a bank `generate` can use."""
     from dataclasses import replace
@@ -182,7 +182,7 @@ def bank_build(
     from .build import DEMO_TASKS, build_bank
 
     config = replace(BANK_TRAINING, steps=steps, rank=rank, alpha=2 * rank, save_dtype=save_dtype)
-    status = build_bank(suite, out_dir, tasks=tasks, exclude=() if include_demo else DEMO_TASKS, config=config, base=base, workers=workers)
+    status = build_bank(suite, out_dir, tasks=tasks, exclude=() if include_demo else DEMO_TASKS, config=config, base=base, engine=engine)
     trained = sum(1 for v in status.values() if v == "trained")
     out.print(f"bank [bold]{out_dir}[/bold]: {len(status)} entries, {trained} trained, {len(status) - trained} kept")
 
@@ -197,6 +197,7 @@ def bank_index(
     distance: Optional[str] = typer.Option(None, help="Also compute the bank's distance matrix for this distance."),
     neural: bool = typer.Option(False, "--neural", help="Also fit the neural operator (needs --distance)."),
     compose: str = typer.Option(D.compose, help="Composition the neural operator is fitted for (exact or paper)."),
+    engine: str = typer.Option("local", help="local (this process) or ray (RAY_ADDRESS, else a local Ray cluster)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
 ) -> None:
     """Compute and cache every entry's signature under BANK/.loramix/ (only what changed)."""
@@ -208,7 +209,7 @@ def bank_index(
     index = BankIndex(Bank(bank, allow_pickle=allow_pickle))
     spec = SignatureSpec(signature, model, max_samples, seed)
     before = sum(index.status(spec).values())
-    sigs = index.signatures(spec)
+    sigs = index.signatures(spec, engine=engine)
     out.print(f"{len(sigs)} signatures ({signature}) in {index.dir}: {len(sigs) - before} computed, {before} cached")
     if neural and distance is None:
         raise LoramixError("--neural needs --distance")

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from .bank import Bank, BankEntry
 from .distances import distance_matrix, get_distance
 from .files import atomic_write_bytes, sha256_file
 from .operators import Neural
-from .progress import track
+from .engine import get_engine
 from .signatures import SignatureSpec, make_signer
 
 
@@ -50,6 +51,10 @@ def _fetch(stem: Path) -> np.ndarray | None:
     return None
 
 
+def _sign(signer, item: tuple) -> np.ndarray:
+    return signer(item[1])
+
+
 def _digest(parts: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -72,21 +77,22 @@ class BankIndex:
         spec = self.resolve(spec)
         return {e.name: bool(_versions(self._signature_stem(spec, e))) for e in self.bank.usable}
 
-    def signatures(self, spec: SignatureSpec) -> list[np.ndarray]:
-        """Signatures of the bank's usable entries (in `bank.usable` order), computing and caching missing ones."""
+    def signatures(self, spec: SignatureSpec, engine: str = "local") -> list[np.ndarray]:
+        """Signatures of the bank's usable entries (in `bank.usable` order), computing missing ones on `engine`
+        and caching each as soon as it is known."""
         spec = self.resolve(spec)
         folder = self.dir / "signatures" / spec.key()
         meta = folder / "spec.json"
         if not meta.is_file():
             atomic_write_bytes(meta, (json.dumps(asdict(spec), indent=2) + "\n").encode())
         out: list[np.ndarray | None] = [_fetch(self._signature_stem(spec, e)) for e in self.bank.usable]
-        missing = [i for i, sig in enumerate(out) if sig is None]
-        if missing:
-            signer = make_signer(spec)
-            for i in track(missing, f"signatures ({spec.method})", total=len(missing)):
-                entry = self.bank.usable[i]
-                out[i] = signer(entry.dataset())
-                _store(self._signature_stem(spec, entry), out[i])
+        missing = [(i, self.bank.usable[i].dataset()) for i, sig in enumerate(out) if sig is None]
+
+        def store(item: tuple, sig: np.ndarray) -> None:
+            out[item[0]] = sig
+            _store(self._signature_stem(spec, self.bank.usable[item[0]]), sig)
+
+        get_engine(engine).map(_sign, missing, f"signatures ({spec.method})", setup=partial(make_signer, spec), on_result=store)
         return out  # type: ignore[return-value]
 
     def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0) -> np.ndarray:

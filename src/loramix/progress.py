@@ -4,9 +4,10 @@ Off when stderr is not a terminal and LORAMIX_PROGRESS is unset; LORAMIX_PROGRES
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -18,14 +19,24 @@ def enabled() -> bool:
     return sys.stderr.isatty()
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate over `items` with a rich progress bar on stderr (when enabled)."""
+@contextlib.contextmanager
+def bar(description: str, total: int | None) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr (when enabled); yields advance(), to call once per finished item."""
     if not enabled():
-        yield from items
+        yield lambda: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        yield from bar.track(items, total=total, description=description)
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate over `items` with a progress bar."""
+    with bar(description, total) as advance:
+        for item in items:
+            yield item
+            advance()

@@ -1,0 +1,108 @@
+"""The Ray engine against a real local Ray cluster (2 CPUs): the same signatures, coefficients and adapters as the
+local engine, and a run that loses a worker is completed by a rerun."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import make_bank, topic_records, write_jsonl
+
+pytest.importorskip("ray")
+
+from loramix import Bank, BankIndex, SignatureSpec, generate, read_report  # noqa: E402
+
+CLI = [sys.executable, "-c", "from loramix.cli import main; main()"]
+SPEC = SignatureSpec("embed", max_samples=8)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`ray start --head` with 2 CPUs; RAY_ADDRESS points every engine (and CLI subprocess) at it."""
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    tmp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray_bin, "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
+             "--object-store-memory", str(200 * 2**20), "--port", "0", "--temp-dir", str(tmp)]
+    out = subprocess.run(start, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    address = next(line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "ray.init(address=" in line or "address='" in line)
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    import ray
+
+    ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env)
+    if old is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = old
+
+
+def test_index_and_generate_match_the_local_engine(cluster, tmp_path):
+    local_bank = make_bank(tmp_path / "local", n=6)
+    ray_bank = make_bank(tmp_path / "ray", n=6)
+    local = BankIndex(Bank(local_bank)).signatures(SPEC)
+    remote = BankIndex(Bank(ray_bank)).signatures(SPEC, engine="ray")
+    assert all(np.array_equal(a, b) for a, b in zip(local, remote))
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 10))
+    generate(local_bank, data, tmp_path / "a", max_samples=8)
+    generate(ray_bank, data, tmp_path / "b", max_samples=8)
+    assert read_report(tmp_path / "a")["coefficients"] == read_report(tmp_path / "b")["coefficients"]
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_bank_build_on_ray_matches_local(cluster, tmp_path, tiny_base):
+    from loramix.build import build_bank
+    from loramix.train import TrainConfig
+
+    suite = tmp_path / "suite"
+    for topic in ("colors", "tools", "music"):
+        (suite / f"t_{topic}").mkdir(parents=True)
+        write_jsonl(suite / f"t_{topic}" / "train.jsonl", topic_records(topic, 8))
+    import torch
+
+    cfg = TrainConfig(steps=4, batch_size=4, rank=2, alpha=4, bf16=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a 1-CPU Ray worker: float sums, hence trained bits, depend on the thread count
+    try:
+        build_bank(suite, tmp_path / "local", exclude=(), config=cfg, base=str(tiny_base))
+    finally:
+        torch.set_num_threads(threads)
+    status = build_bank(suite, tmp_path / "ray", exclude=(), config=cfg, base=str(tiny_base), engine="ray")
+    assert status == {"t_colors": "trained", "t_music": "trained", "t_tools": "trained"}
+    for t in status:
+        assert (tmp_path / "local" / t / "adapter_model.safetensors").read_bytes() == (tmp_path / "ray" / t / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / "ray" / t / "train.jsonl").is_file()
+    assert set(build_bank(suite, tmp_path / "ray", exclude=(), config=cfg, base=str(tiny_base), engine="ray").values()) == {"kept"}
+
+
+def test_a_lost_worker_is_completed_by_a_rerun(cluster, tmp_path):
+    bank = make_bank(tmp_path / "bank", n=10)
+    env = {**os.environ, "LORAMIX_PROGRESS": "0", "RAY_ADDRESS": cluster}
+    args = ["bank", "index", str(bank), "--max-samples", "8", "--engine", "ray"]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    killed = False
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        cached = sum(BankIndex(Bank(bank)).status(SPEC).values())
+        workers = subprocess.run(["pgrep", "-f", "ray::_Worker"], capture_output=True, text=True).stdout.split()
+        if not killed and cached >= 1 and workers:
+            os.kill(int(workers[0]), signal.SIGKILL)
+            killed = True
+        time.sleep(0.2)
+    proc.wait(timeout=120)
+    assert killed or proc.returncode == 0
+    if proc.returncode != 0:
+        assert "were lost with their Ray workers" in proc.stderr.read().decode()
+    rerun = subprocess.run(CLI + args, capture_output=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    got = BankIndex(Bank(bank)).signatures(SPEC)
+    want = BankIndex(Bank(make_bank(tmp_path / "fresh", n=10))).signatures(SPEC)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
