@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
 	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test demo suite-deps suite bank bench-quality bench-speed bench-llamacpp clean
+.PHONY: venv test demo suite-deps suite bank bench-quality bench-speed bench-llamacpp bench-scale clean
 
 venv: $(STAMP)
 
@@ -56,3 +56,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
 bench-llamacpp: $(STAMP)
 	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python
 	$(PY) benchmarks/llamacpp_check.py
+
+# The leave-one-out benchmark on a subset, local engine vs 1 and 2 workers of a local Ray cluster -> scale.md.
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py

@@ -86,6 +86,7 @@ class Runner:
         self.bank = Bank(bank)
         self.index = BankIndex(self.bank)
         self.entries = self.bank.usable
+        self.tasks = [e.name for e in self.entries]  # evaluated (all, or a subset); coefficients always use every entry
         self.names = [e.name for e in self.entries]
         self.suite = suite
         self.limit = limit
@@ -240,7 +241,7 @@ class Runner:
         return out, record
 
     def collect(self, s: Setting) -> dict[str, dict]:
-        out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.names}
+        out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.tasks}
         timing = self.folder(s) / "timing.json"
         if timing.is_file():
             out["__timing__"] = json.loads(timing.read_text())
@@ -261,7 +262,7 @@ def family_of(suite: Path) -> dict[str, str]:
 
 
 def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Setting], args) -> None:
-    names = runner.names
+    names = runner.tasks
     families = family_of(runner.suite)
 
     def mean(setting: str, metric: str, tasks=names) -> float:
@@ -283,8 +284,8 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         f"Reproduce: `make bench-quality` ({'quick subset; ' if args.quick else ''}loramix {loramix.__version__}, "
         f"{platform.machine()}, {os.cpu_count()} CPUs).",
         "",
-        f"Bank: {runner.bank.path.name} ({len(names)} adapters of {runner.bank.base_model}, rank {runner.bank.max_rank}). "
-        f"Each task's adapter is predicted from the other {len(names) - 1} and evaluated on its test split "
+        f"Bank: {runner.bank.path.name} ({len(runner.names)} adapters of {runner.bank.base_model}, rank {runner.bank.max_rank}). "
+        f"Each of {len(names)} tasks' adapter is predicted from the other {len(runner.names) - 1} entries and evaluated on its test split "
         f"({'first ' + str(args.limit) + ' records' if args.limit else 'all records'}), greedy decoding with the chat template. "
         "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L. CPU stage = signatures of the whole bank "
         "(first use; cached after), the bank's distance matrix, operator (incl. neural fitting) and the mean "
@@ -361,6 +362,7 @@ def main() -> None:
     p.add_argument("--engine", default="local", help="local, or ray (RAY_ADDRESS, else a local Ray cluster)")
     p.add_argument("--workers", type=int, default=None, help="at most this many Ray workers (one CPU each)")
     p.add_argument("--refine", action="store_true", help="also LoraHub's recipe and --refine on 5 examples")
+    p.add_argument("--tasks", type=int, default=None, help="only the first N tasks of the bank (a subset)")
     args = p.parse_args()
     runner = Runner(args.bank, resolve_suite(args.suite), args.limit, args.max_samples)
     all_settings = settings(args.top_k, args.quick)
@@ -369,7 +371,8 @@ def main() -> None:
     if args.only:
         all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
     coefs = runner.prepare(all_settings)
-    todo = [t for t in runner.names if any(t in runner.pending(s) for s in all_settings)]
+    runner.tasks = runner.tasks[: args.tasks]
+    todo = [t for t in runner.tasks if any(t in runner.pending(s) for s in all_settings)]
     engine = RayEngine(max_workers=args.workers) if args.engine == "ray" else get_engine(args.engine)
     engine.map(_evaluate_task, [(t, all_settings, coefs) for t in todo], "leave-one-out evaluation",
                setup=partial(Runner, args.bank, runner.suite, args.limit, args.max_samples),
