@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -25,6 +25,20 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 D = GenerateConfig()  # the defaults, in one place
+
+# Options that several commands take, each defined once.
+SignatureOpt = Annotated[str, typer.Option("--signature", help="Dataset signature: unigram, embed, hidden.")]
+DistanceOpt = Annotated[str, typer.Option("--distance", help="Distance: wd, kl, js, mmd (unigram); w2, sliced, mmd-rbf, gaussian-w2 (embed, hidden).")]
+OperatorOpt = Annotated[str, typer.Option("--operator", help="Meta-operator: attentional, normalized, neural.")]
+ComposeOpt = Annotated[str, typer.Option("--compose", help="Composition: exact (sum of updates) or paper (A and B averaged).")]
+RankOpt = Annotated[Optional[str], typer.Option("--rank", help="Output rank: an integer, or 'full'. Default: the bank's largest rank.")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep only the k largest coefficients.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmin temperature (larger: flatter weights).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsampling, sliced projections and MMD draws.")]
+MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", help="At most this many samples per dataset for signatures.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Embedding model (embed) or base model (unigram, hidden) override.")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process) or ray (RAY_ADDRESS, else a local Ray cluster).")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only).")]
 
 
 def _parse_rank(value: Optional[str]) -> int | str | None:
@@ -56,23 +70,23 @@ def generate(
     bank: Path = typer.Option(..., "--bank", "-b", help="Bank folder (subfolders: PEFT adapters with train.jsonl)."),
     data: Path = typer.Option(..., "--data", "-d", help="Your task's data: .jsonl, .json, .csv/.tsv, NI task, or save_to_disk folder."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the new adapter to."),
-    signature: str = typer.Option(D.signature, help="Dataset signature: unigram, embed, hidden."),
-    distance: str = typer.Option(D.distance, help="Distance: wd, kl, js, mmd (unigram); w2, sliced, mmd-rbf, gaussian-w2 (embed, hidden)."),
-    operator: str = typer.Option(D.operator, help="Meta-operator: attentional, normalized, neural."),
-    compose: str = typer.Option(D.compose, help="Composition: exact (sum of updates) or paper (A and B averaged)."),
-    rank: Optional[str] = typer.Option(None, help="Output rank: an integer, or 'full'. Default: the bank's largest rank."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep only the k largest coefficients."),
-    temperature: float = typer.Option(D.temperature, help="Softmin temperature (larger: flatter weights)."),
-    seed: int = typer.Option(D.seed, help="Seed for subsampling, sliced projections and MMD draws."),
-    max_samples: int = typer.Option(D.max_samples, help="At most this many samples per dataset for signatures."),
-    model: Optional[str] = typer.Option(None, help="Embedding model (embed) or base model (unigram, hidden) to use."),
+    signature: SignatureOpt = D.signature,
+    distance: DistanceOpt = D.distance,
+    operator: OperatorOpt = D.operator,
+    compose: ComposeOpt = D.compose,
+    rank: RankOpt = None,
+    top_k: TopKOpt = None,
+    temperature: TemperatureOpt = D.temperature,
+    seed: SeedOpt = D.seed,
+    max_samples: MaxSamplesOpt = D.max_samples,
+    model: ModelOpt = None,
     dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, float16, bfloat16 (default: the bank's)."),
     refine: int = typer.Option(0, "--refine", help="Refine the top entries' weights on this many examples of DATA (loads the base)."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Seconds the refinement may take."),
     refine_method: str = typer.Option("gradient", "--refine-method", help="gradient (k weights by backprop) or nevergrad."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     show: int = typer.Option(5, "--show", help="How many top entries to print."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Compose an adapter for DATA from the adapters of BANK and write it to OUT."""
     from .pipeline import generate as run
@@ -174,7 +188,7 @@ def bank_build(
     steps: int = typer.Option(BANK_TRAINING.steps, help="Optimizer steps per adapter."),
     rank: int = typer.Option(BANK_TRAINING.rank, help="LoRA rank."),
     save_dtype: str = typer.Option(BANK_TRAINING.save_dtype, help="dtype of the saved weights."),
-    engine: str = typer.Option("local", help="local (this process) or ray (RAY_ADDRESS, else a local Ray cluster)."),
+    engine: EngineOpt = "local",
 ) -> None:
     """Train one adapter per suite task into OUT, each with its train.jsonl: a bank `generate` can use."""
     from dataclasses import replace
@@ -190,15 +204,15 @@ def bank_build(
 @bank_app.command("index")
 def bank_index(
     bank: Path = typer.Argument(..., help="Bank folder."),
-    signature: str = typer.Option(D.signature, help="Signature to compute: unigram, embed, hidden."),
-    model: Optional[str] = typer.Option(None, help="Embedding model or base model override."),
-    max_samples: int = typer.Option(D.max_samples, help="At most this many samples per entry."),
-    seed: int = typer.Option(D.seed, help="Subsampling seed."),
+    signature: SignatureOpt = D.signature,
+    model: ModelOpt = None,
+    max_samples: MaxSamplesOpt = D.max_samples,
+    seed: SeedOpt = D.seed,
     distance: Optional[str] = typer.Option(None, help="Also compute the bank's distance matrix for this distance."),
     neural: bool = typer.Option(False, "--neural", help="Also fit the neural operator (needs --distance)."),
     compose: str = typer.Option(D.compose, help="Composition the neural operator is fitted for (exact or paper)."),
-    engine: str = typer.Option("local", help="local (this process) or ray (RAY_ADDRESS, else a local Ray cluster)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
+    engine: EngineOpt = "local",
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Compute and cache every entry's signature under BANK/.loramix/ (only what changed)."""
     from .bank import Bank
@@ -227,18 +241,18 @@ def bank_index(
 def bank_loo(
     bank: Path = typer.Argument(..., help="Bank folder."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write one predicted adapter per entry into."),
-    signature: str = typer.Option(D.signature, help="Dataset signature: unigram, embed, hidden."),
-    distance: str = typer.Option(D.distance, help="Distance between signatures."),
-    operator: str = typer.Option(D.operator, help="Meta-operator: attentional, normalized, neural (cross-fitted)."),
-    compose: str = typer.Option(D.compose, help="Composition: exact or paper."),
-    rank: Optional[str] = typer.Option(None, help="Output rank: an integer, or 'full'. Default: the bank's largest rank."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep only the k largest coefficients."),
-    temperature: float = typer.Option(D.temperature, help="Softmin temperature."),
-    seed: int = typer.Option(D.seed, help="Seed."),
-    max_samples: int = typer.Option(D.max_samples, help="At most this many samples per entry for signatures."),
-    model: Optional[str] = typer.Option(None, help="Embedding model or base model override."),
+    signature: SignatureOpt = D.signature,
+    distance: DistanceOpt = D.distance,
+    operator: OperatorOpt = D.operator,
+    compose: ComposeOpt = D.compose,
+    rank: RankOpt = None,
+    top_k: TopKOpt = None,
+    temperature: TemperatureOpt = D.temperature,
+    seed: SeedOpt = D.seed,
+    max_samples: MaxSamplesOpt = D.max_samples,
+    model: ModelOpt = None,
     force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Leave-one-out: predict every entry's adapter from the others, in one pass over the bank's tensors."""
     from .pipeline import leave_one_out
@@ -285,11 +299,11 @@ def bank_add(
 @bank_app.command("list")
 def bank_list(
     bank: Path = typer.Argument(..., help="Bank folder."),
-    signature: str = typer.Option(D.signature, help="Signature whose cache status to show."),
-    model: Optional[str] = typer.Option(None, help="Embedding model or base model override."),
-    max_samples: int = typer.Option(D.max_samples, help="As given to `bank index`."),
-    seed: int = typer.Option(D.seed, help="As given to `bank index`."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
+    signature: SignatureOpt = D.signature,
+    model: ModelOpt = None,
+    max_samples: MaxSamplesOpt = D.max_samples,
+    seed: SeedOpt = D.seed,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Show BANK's entries: rank, target modules, sample count and signature status."""
     from .bank import Bank
@@ -359,7 +373,7 @@ def export_gguf_cmd(
     out_file: Path = typer.Option(..., "--out", "-o", help="GGUF file to write."),
     base: Optional[str] = typer.Option(None, help="Base model whose config.json to read (default: the adapter's own)."),
     dtype: str = typer.Option("f32", help="Tensor type: f32 or f16."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only)."),
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Write ADAPTER as a GGUF LoRA adapter for llama.cpp (llama-cli --lora FILE) and Ollama (ADAPTER FILE)."""
     from .export import export_gguf
