@@ -63,13 +63,27 @@ def settings(top_k: int, quick: bool) -> list[Setting]:
         for d in ["w2", "sliced", "mmd-rbf", "gaussian-w2"]:
             for op in ops:
                 for k in (None, top_k):
-                    name = f"loramix/{sig}-{d}-{op}" + (f"-top{k}" if k else "")
-                    out.append(Setting(name, "loramix", sig, d, op, "exact", k))
+                    out.append(loramix_setting(sig, d, op, k))
+    for d in ["w2", "sliced"]:  # temperature: sharper softmin on the z-scores
+        for k in (None, top_k):
+            for t in (0.5, 0.25):
+                out.append(loramix_setting("embed", d, "normalized", k, t))
     if quick:
         keep = {"base", "trained", "uniform", "paper/unigram-kl-attentional", "loramix/embed-w2-normalized",
                 f"loramix/embed-w2-normalized-top{top_k}"}
         out = [s for s in out if s.name in keep]
     return out
+
+
+def loramix_setting(sig: str, distance: str, operator: str, top_k: int | None = None, temperature: float = 1.0) -> Setting:
+    name = f"loramix/{sig}-{distance}-{operator}" + (f"-top{top_k}" if top_k else "") + (f"-T{temperature:g}" if temperature != 1 else "")
+    return Setting(name, "loramix", sig, distance, operator, "exact", top_k, temperature)
+
+
+def default_setting() -> Setting:
+    """The setting `loramix generate` uses by default."""
+    d = GenerateConfig()
+    return loramix_setting(d.signature, d.distance, d.operator, d.top_k, d.temperature)
 
 
 def refine_settings(default: Setting) -> list[Setting]:
@@ -353,11 +367,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bank", default="default")
     p.add_argument("--suite", default="default")
-    p.add_argument("--limit", type=int, default=40, help="test records per task")
-    p.add_argument("--max-samples", type=int, default=256, help="signature samples per dataset")
+    p.add_argument("--limit", type=int, default=20, help="test records per task")
+    p.add_argument("--max-samples", type=int, default=GenerateConfig().max_samples, help="signature samples per dataset")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a handful of settings only")
-    p.add_argument("--default-setting", default="loramix/embed-w2-normalized")
+    p.add_argument("--default-setting", default=default_setting().name, help="the setting marked as generate's default")
     p.add_argument("--only", nargs="*", help="run only these settings")
     p.add_argument("--engine", default="local", help="local, or ray (RAY_ADDRESS, else a local Ray cluster)")
     p.add_argument("--workers", type=int, default=None, help="at most this many Ray workers (one CPU each)")

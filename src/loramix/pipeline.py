@@ -46,7 +46,7 @@ class GenerateConfig:
     top_k: int | None = None
     temperature: float = 1.0
     seed: int = 0
-    max_samples: int | None = 256
+    max_samples: int | None = 128
     model: str | None = None
     dtype: str | None = None
     refine: int = 0

@@ -26,7 +26,7 @@ class SignatureSpec:
 
     method: str = "embed"
     model: str | None = None
-    max_samples: int | None = 256
+    max_samples: int | None = 128
     seed: int = 0
 
     def resolved(self, base_model: str | None) -> "SignatureSpec":
