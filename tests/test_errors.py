@@ -2,6 +2,7 @@
 entry or field and what is wrong, no traceback, and no output left behind."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,4 +170,4 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["loramix", "--debug", "bank", "list", str(bank)])
     with pytest.raises(LoramixError):
         main()
-    monkeypatch.delenv("LORAMIX_DEBUG", raising=False)
+    assert "LORAMIX_DEBUG" not in os.environ  # --debug is this invocation's, never the environment's

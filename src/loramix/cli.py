@@ -50,13 +50,15 @@ def _parse_rank(value: Optional[str]) -> int | str | None:
         raise LoramixError(f"--rank must be an integer or 'full', got {value!r}") from None
 
 
+_DEBUG = [False]  # set by --debug (or LORAMIX_DEBUG=1) for this invocation only
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
-    if debug:
-        os.environ["LORAMIX_DEBUG"] = "1"
+    _DEBUG[0] = debug or bool(os.environ.get("LORAMIX_DEBUG"))
     from rich.logging import RichHandler
 
     logger = logging.getLogger("loramix")
@@ -449,10 +451,11 @@ def version() -> None:
 
 def main() -> None:
     """The `loramix` command: errors are one line on stderr and exit status 1 (a traceback only with --debug)."""
+    _DEBUG[0] = bool(os.environ.get("LORAMIX_DEBUG"))
     try:
         app()
     except (LoramixError, OSError) as e:
-        if os.environ.get("LORAMIX_DEBUG"):
+        if _DEBUG[0]:
             raise
         message = str(e) if isinstance(e, LoramixError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
         err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
