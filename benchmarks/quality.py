@@ -30,7 +30,7 @@ from loramix.build import resolve_suite  # noqa: E402
 from loramix.engine import RayEngine, get_engine  # noqa: E402
 from loramix.files import atomic_write_bytes  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
-from loramix.evaluate import generate_answers, load_for_eval, score  # noqa: E402
+from loramix.evaluate import generate_answers, load_for_eval, merged_adapter, score  # noqa: E402
 from loramix.pipeline import loo_coefficients  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,29 +131,19 @@ class Runner:
     # -- evaluation -------------------------------------------------------------------------------------
     def _load(self) -> None:
         if self.model is None:
-            from peft import PeftModel
-
-            base, self.tokenizer = load_for_eval(self.bank.base_model)
-            first = self.entries[0]
-            self.model = PeftModel.from_pretrained(base, str(first.adapter.path), adapter_name="anchor").eval()
+            self.model, self.tokenizer = load_for_eval(self.bank.base_model)
 
     def evaluate(self, task: str, adapter_dir: Path | None) -> dict:
+        """Greedy answers to the task's first `limit` test records, the adapter's update added to the base weights."""
         self._load()
         data = read_dataset(self.suite / task / "test.jsonl")
         samples = data.samples[: self.limit] if self.limit else data.samples
         train = read_dataset(self.suite / task / "train.jsonl")
         longest = max(len(self.tokenizer(s.output)["input_ids"]) for s in train)
-        inputs = [s.input for s in samples]
         start = time.perf_counter()
-        if adapter_dir is None:
-            with self.model.disable_adapter():
-                preds = generate_answers(self.model, self.tokenizer, inputs, batch_size=64, max_new_tokens=longest + 8)
-        else:
-            self.model.load_adapter(str(adapter_dir), adapter_name="candidate")
-            self.model.set_adapter("candidate")
-            preds = generate_answers(self.model, self.tokenizer, inputs, batch_size=64, max_new_tokens=longest + 8)
-            self.model.set_adapter("anchor")
-            self.model.delete_adapter("candidate")
+        with merged_adapter(self.model, adapter_dir):
+            preds = generate_answers(self.model, self.tokenizer, [s.input for s in samples], batch_size=64,
+                                     max_new_tokens=longest + 8)
         result = score(preds, type(data)(samples, data.source))
         result["eval_seconds"] = time.perf_counter() - start
         result["predictions"] = preds[:5]
@@ -235,22 +225,20 @@ class Runner:
         i = self.names.index(task)
         train = read_dataset(self.suite / task / "train.jsonl")
         cpu = time.process_time()
-        with self.model.disable_adapter():
-            base = self.model.get_base_model()
-            if s.warm_start == "lorahub":
-                rng = np.random.default_rng(zlib.crc32(task.encode()))
-                pick = rng.choice([j for j in range(len(self.names)) if j != i], size=min(20, len(self.names) - 1), replace=False)
-                cfg = RefineConfig(examples=5, method="nevergrad", steps=40, l1=0.05)
-                samples = train.subsample(cfg.examples, cfg.seed).samples
-                w, first, last, history = search_weights(base, self.tokenizer, self.bank, [self.entries[j] for j in pick],
-                                                         np.zeros(len(pick)), samples, cfg, mode="paper")
-                out = np.zeros(len(self.names))
-                out[pick] = w
-            else:
-                cfg = RefineConfig(examples=5, top_k=8, method="gradient", steps=40, budget=budget)
-                r = refine(self.bank, dict(zip(self.names, map(float, c))), train, cfg, model=base, tokenizer=self.tokenizer)
-                out = np.array([r.coefficients[n] for n in self.names])
-                first, last, history = r.initial_loss, r.loss, r.history
+        if s.warm_start == "lorahub":
+            rng = np.random.default_rng(zlib.crc32(task.encode()))
+            pick = rng.choice([j for j in range(len(self.names)) if j != i], size=min(20, len(self.names) - 1), replace=False)
+            cfg = RefineConfig(examples=5, method="nevergrad", steps=40, l1=0.05)
+            samples = train.subsample(cfg.examples, cfg.seed).samples
+            w, first, last, history = search_weights(self.model, self.tokenizer, self.bank, [self.entries[j] for j in pick],
+                                                     np.zeros(len(pick)), samples, cfg, mode="paper")
+            out = np.zeros(len(self.names))
+            out[pick] = w
+        else:
+            cfg = RefineConfig(examples=5, top_k=8, method="gradient", steps=40, budget=budget)
+            r = refine(self.bank, dict(zip(self.names, map(float, c))), train, cfg, model=self.model, tokenizer=self.tokenizer)
+            out = np.array([r.coefficients[n] for n in self.names])
+            first, last, history = r.initial_loss, r.loss, r.history
         record = {"cpu_seconds": time.process_time() - cpu, "initial_loss": first, "loss": last, "steps": len(history)}
         return out, record
 

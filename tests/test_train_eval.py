@@ -111,3 +111,23 @@ def test_shared_prefix_generation_equals_one_by_one(tiny_base):
     batched = generate_answers(model, tok, inputs, batch_size=8, max_new_tokens=5)
     single = [generate_answers(model, tok, [x], batch_size=1, max_new_tokens=5)[0] for x in inputs]
     assert batched == single and any(batched)
+
+
+def test_merged_adapter_equals_peft_and_restores_the_base(tmp_path, tiny_base):
+    from peft import PeftModel
+
+    from loramix.evaluate import load_for_eval, merged_adapter
+
+    data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 16))
+    train(data, tmp_path / "ad", TINY, base=str(tiny_base))
+    model, tok = load_for_eval(str(tiny_base))
+    ids = torch.tensor([tok("apple banana cherry")["input_ids"]])
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        plain = model(ids).logits
+        with merged_adapter(model, tmp_path / "ad") as m:
+            merged = m(ids).logits
+        peft_model, _ = load_for_eval(str(tiny_base), tmp_path / "ad")
+        expected = peft_model(ids).logits
+    assert torch.allclose(merged, expected, atol=1e-5) and not torch.allclose(merged, plain, atol=1e-3)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

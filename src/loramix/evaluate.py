@@ -8,12 +8,14 @@ import re
 import string
 import time
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from .adapter import LoraAdapter
 from .data import Dataset, read_dataset
 from .models import end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
 from .progress import track
@@ -141,6 +143,31 @@ def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model, tokenizer
+
+
+@contextmanager
+def merged_adapter(model: Any, adapter: str | Path | LoraAdapter | None) -> Iterator[Any]:
+    """Add an adapter's updates scale * B @ A to a plain transformers model's linear weights for the duration of
+    the block (no adapter: the model unchanged); the original weights are restored after. Generation then runs
+    at the base model's speed, without LoRA layers' extra work per token."""
+    if adapter is None:
+        yield model
+        return
+    adapter = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, module in adapter.modules.items():
+                weight = model.get_submodule(name).weight
+                a, b = adapter.factors(name)
+                saved[name] = weight.detach().clone()
+                weight.add_((module.scale * (b.double() @ a.double())).to(device=weight.device, dtype=weight.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                model.get_submodule(name).weight.copy_(original)
+        adapter.close()
 
 
 def evaluate(
