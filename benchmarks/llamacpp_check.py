@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
-TASKS = ("numbers_french", "countries_alpha3", "morphology_plural")
+TASKS = ("numbers_french", "countries_alpha3", "morphology_plural")  # bank entries, run as trained
+COMPOSED_FOR = "freedict_eng_deu"  # a demo task the bank has not seen: its adapter composed by `generate`
 PROMPTS = 8
 NEW_TOKENS = 12
 
@@ -51,7 +53,7 @@ def main() -> None:
     from llama_cpp import Llama
     from peft import PeftModel
 
-    from loramix import Bank
+    from loramix import Bank, generate
     from loramix.build import DEFAULT_SUITE
     from loramix.data import read_dataset
     from loramix.export import export_gguf
@@ -75,12 +77,15 @@ def main() -> None:
     ]
     base_hf = load_model(bank.base_model)
     plain = Llama(model_path=str(gguf_base), n_ctx=512, logits_all=True, verbose=False, seed=0)
-    for task in TASKS:
-        entry = bank.entry(task)
-        with tempfile.TemporaryDirectory() as tmp:
-            gguf_lora = export_gguf(entry.adapter.path, Path(tmp) / "adapter.gguf")
-            adapted = Llama(model_path=str(gguf_base), lora_path=str(gguf_lora), n_ctx=512, logits_all=True, verbose=False, seed=0)
-        peft_model = PeftModel.from_pretrained(load_model(bank.base_model), str(entry.adapter.path)).eval()
+    work = Path(tempfile.mkdtemp(prefix="loramix-llamacpp-"))
+    composed = work / "composed"
+    generate(bank, DEFAULT_SUITE / COMPOSED_FOR / "train.jsonl", composed)
+    cases = [(f"bank entry {t}", bank.entry(t).adapter.path, t) for t in TASKS]
+    cases.append((f"composed by `generate` for {COMPOSED_FOR} (unseen)", composed, COMPOSED_FOR))
+    for i, (label, adapter_dir, task) in enumerate(cases):
+        gguf_lora = export_gguf(adapter_dir, work / f"adapter{i}.gguf")
+        adapted = Llama(model_path=str(gguf_base), lora_path=str(gguf_lora), n_ctx=512, logits_all=True, verbose=False, seed=0)
+        peft_model = PeftModel.from_pretrained(load_model(bank.base_model), str(adapter_dir)).eval()
         samples = read_dataset(DEFAULT_SUITE / task / "test.jsonl").samples[:PROMPTS]
         corrs, top1, same_ad, same_base, example = [], 0, 0, 0, ""
         for s in samples:
@@ -96,8 +101,9 @@ def main() -> None:
             if not example:
                 example = f"{tokenizer.decode(gen_la)!r} / {tokenizer.decode(gen_ha)!r}"
         n = len(samples)
-        lines.append(f"| {task} | {np.mean(corrs):.3f} | {top1}/{n} | {same_ad}/{n} | {same_base}/{n} | {example} |")
+        lines.append(f"| {label} | {np.mean(corrs):.3f} | {top1}/{n} | {same_ad}/{n} | {same_base}/{n} | {example} |")
         print(lines[-1], flush=True)
+    shutil.rmtree(work)
     lines += ["", "Numbers differ slightly because llama.cpp computes with the Q4_1 weights (and quantized activations) "
               "while transformers uses their float32 dequantization; the adapter's effect must agree in direction and in the answers."]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from rich.table import Table
 import loramix
 from loramix.build import DEFAULT_SUITE, DEMO_TASKS
 from loramix.data import read_dataset
-from loramix.evaluate import evaluate, load_for_eval
+from loramix.evaluate import evaluate, load_for_eval, merged_adapter
 
 OUT = Path(__file__).resolve().parent.parent / "demo-out"
 LIMIT = int(os.environ.get("DEMO_LIMIT", "40"))
@@ -39,7 +39,8 @@ def main() -> None:
         result = loramix.generate(bank, folder / "train.jsonl", OUT / task, force=True)
         seconds = time.perf_counter() - start
         base = evaluate(test, limit=LIMIT, model=model, tokenizer=tokenizer)
-        composed = evaluate(test, adapter=OUT / task, limit=LIMIT)
+        with merged_adapter(model, OUT / task):  # base weights + the composed update, restored after
+            composed = evaluate(test, limit=LIMIT, model=model, tokenizer=tokenizer)
         example = test.samples[0]
         console.print(f"  input:    {example.input.splitlines()[-1]!r}  reference: {example.output!r}")
         console.print(f"  base:     {base['predictions'][0]!r}")

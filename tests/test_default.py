@@ -40,11 +40,11 @@ def test_suite_is_committed_with_splits_and_licences():
         assert all((DEFAULT_SUITE / t["name"] / f"{s}.jsonl").is_file() for s in ("train", "valid", "test"))
 
 
-def test_default_bank_is_complete_and_small():
+def test_default_bank_is_valid_and_small():
     bank = loramix.Bank("default")
     names = [e.name for e in bank.entries]
     assert len(names) >= 40 and names == [e.name for e in bank.usable]
-    assert sorted(set(suite_tasks("default")) - set(names)) == sorted(DEMO_TASKS)
+    assert set(names) <= set(suite_tasks("default")) and not set(names) & set(DEMO_TASKS)  # demo tasks stay unseen
     assert bank.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and bank.max_rank == BANK_TRAINING.rank
     size = sum(f.stat().st_size for f in DEFAULT_BANK.rglob("*") if f.is_file() and ".loramix" not in f.parts)
     assert size <= 60 * 2**20
