@@ -40,7 +40,7 @@ bank: $(STAMP)
 
 # Leave-one-out quality of every setting on the default bank -> benchmarks/results/quality.md (hours on 2 CPUs).
 bench-quality: $(STAMP)
-	$(PY) benchmarks/quality.py --refine --engine ray --workers 2
+	$(PY) benchmarks/quality.py --every 3 --refine --engine ray --workers 2
 
 clean:
 	rm -rf $(VENV) demo-out .cache

@@ -164,6 +164,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=int(os.environ.get("N", 500)))
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--index-runs", type=int, default=2, help="runs of `bank index` (minutes each)")
     p.add_argument("--paper-n", type=int, default=50, help="entries for the paper's flattened C @ W")
     p.add_argument("--peft-runs", type=int, default=1, help="runs of PEFT's svd combination (minutes each)")
     p.add_argument("--peft-layers", type=int, default=4, help="layers of the 20 adapters in the PEFT comparison")
@@ -188,11 +189,11 @@ def main() -> None:
         return LORAMIX + ["bank", "index", str(bank), "--max-samples", "100"]
 
     walls, peaks = [], []
-    for _ in range(args.runs):
+    for _ in range(args.index_runs):
         w, pk, _ = run(index_cmd(), 1)
         walls.append(w)
         peaks.append(pk)
-    rows.append((f"`bank index` ({args.n} entries, embed, 100 samples each)", f"{statistics.median(walls):.1f} s", f"{statistics.median(peaks):.0f} MiB", f"median of {args.runs}"))
+    rows.append((f"`bank index` ({args.n} entries, embed, 100 samples each)", f"{statistics.median(walls):.1f} s", f"{statistics.median(peaks):.0f} MiB", f"median of {args.index_runs}"))
 
     # distance matrices between all entries
     from loramix import Bank, BankIndex, SignatureSpec

@@ -266,7 +266,8 @@ def test_truncation_error_never_above_the_tail(five, w, k):
     for m in five.shapes:
         exact = dense_sum(five, c, m)
         tail = float(torch.linalg.svdvals(exact)[k:].pow(2).sum().sqrt())
-        assert float((composed_delta(comp, m) - exact).norm()) <= tail * (1 + 1e-6) + 1e-9
+        # + round-off: the output factors are stored in float32 (relative 1e-7 of the update's norm)
+        assert float((composed_delta(comp, m) - exact).norm()) <= tail * (1 + 1e-6) + 1e-6 * float(exact.norm())
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
