@@ -164,7 +164,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=int(os.environ.get("N", 500)))
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--index-runs", type=int, default=2, help="runs of `bank index` (minutes each)")
+    p.add_argument("--index-runs", type=int, default=1, help="runs of `bank index` (minutes each)")
     p.add_argument("--paper-n", type=int, default=50, help="entries for the paper's flattened C @ W")
     p.add_argument("--peft-runs", type=int, default=1, help="runs of PEFT's svd combination (minutes each)")
     p.add_argument("--peft-layers", type=int, default=4, help="layers of the 20 adapters in the PEFT comparison")
