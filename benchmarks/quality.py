@@ -149,7 +149,7 @@ class Runner:
         return CACHE / s.name.replace("/", "__")
 
     def pending(self, s: Setting) -> list[str]:
-        return [t for t in self.names if not (self.folder(s) / f"{t}.json").is_file()]
+        return [t for t in self.tasks if not (self.folder(s) / f"{t}.json").is_file()]
 
     def prepare(self, all_settings: list[Setting]) -> dict[str, np.ndarray]:
         """Coefficient matrices of the settings that still have tasks to evaluate (their timings saved)."""
@@ -283,7 +283,7 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         f"{platform.machine()}, {os.cpu_count()} CPUs).",
         "",
         f"Bank: {runner.bank.path.name} ({len(runner.names)} adapters of {runner.bank.base_model}, rank {runner.bank.max_rank}). "
-        + (f"Evaluated: every {args.every}th task in name order ({len(names)} of {len(runner.names)}, all families; "
+        + (f"Evaluated: one task in every {args.every} in name order ({len(names)} of {len(runner.names)}, all families; "
            f"`--every 1` runs them all). " if args.every > 1 else "")
         + f"Each of {len(names)} tasks' adapter is predicted from the other {len(runner.names) - 1} entries and evaluated on its test split "
         f"({'first ' + str(args.limit) + ' records' if args.limit else 'all records'}), greedy decoding with the chat template. "
@@ -372,8 +372,8 @@ def main() -> None:
         all_settings += refine_settings(next(s for s in all_settings if s.name == args.default_setting))
     if args.only:
         all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
-    coefs = runner.prepare(all_settings)
     runner.tasks = runner.tasks[args.every // 2 :: args.every][: args.tasks]  # the middle task of every K
+    coefs = runner.prepare(all_settings)
     todo = [t for t in runner.tasks if any(t in runner.pending(s) for s in all_settings)]
     engine = RayEngine(max_workers=args.workers) if args.engine == "ray" else get_engine(args.engine)
     engine.map(_evaluate_task, [(t, all_settings, coefs) for t in todo], "leave-one-out evaluation",

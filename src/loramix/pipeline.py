@@ -39,7 +39,7 @@ class GenerateConfig:
     `refine_method` ('gradient' or 'nevergrad') within `refine_budget` seconds (see loramix.refine)."""
 
     signature: str = "embed"
-    distance: str = "w2"
+    distance: str = "gaussian-w2"
     operator: str = "normalized"
     compose: str = "exact"
     rank: int | str | None = None
