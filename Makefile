@@ -38,7 +38,8 @@ suite: $(STAMP) suite-deps
 bank: $(STAMP)
 	$(VENV)/bin/loramix bank build --suite default --out src/loramix/default/bank
 
-# Leave-one-out quality of every setting on the default bank -> benchmarks/results/quality.md (hours on 2 CPUs).
+# Leave-one-out quality of every setting, LoraHub and --refine on one task in three of the default bank
+# -> benchmarks/results/quality.md (about 1.5 hours on 2 CPUs; --every 1 for all tasks).
 bench-quality: $(STAMP)
 	$(PY) benchmarks/quality.py --every 3 --refine --engine ray --workers 2
 
@@ -59,4 +60,4 @@ bench-llamacpp: $(STAMP)
 
 # The leave-one-out benchmark on a subset, local engine vs 1 and 2 workers of a local Ray cluster -> scale.md.
 bench-scale: $(STAMP)
-	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/scale.py --tasks 4 --limit 10
