@@ -325,21 +325,21 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    heatmap(results[chosen], names, RESULTS / "coefficients.png", chosen)
+    heatmap(results[chosen], names, runner.names, RESULTS / "coefficients.png", chosen)
 
 
-def heatmap(result: dict, names: list[str], path: Path, title: str) -> None:
-    """The leave-one-out coefficient matrix as an image, like the paper's Figure 1."""
+def heatmap(result: dict, tasks: list[str], entries: list[str], path: Path, title: str) -> None:
+    """The leave-one-out coefficients [tasks, entries] as an image, like the paper's Figure 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = np.array([result[t]["coefficients"] for t in names])
+    c = np.array([result[t]["coefficients"] for t in tasks])
     fig, ax = plt.subplots(figsize=(11, 10))
-    im = ax.imshow(c, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(names)), names, fontsize=6)
+    im = ax.imshow(c, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(entries)), entries, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=6)
     ax.set_xlabel("bank entry (source)")
     ax.set_ylabel("task predicted (leave-one-out)")
     ax.set_title(f"coefficients: {title}")
