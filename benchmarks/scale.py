@@ -16,7 +16,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
-SETTINGS = ["uniform", "paper/unigram-kl-attentional", "loramix/embed-w2-normalized"]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality import default_setting  # noqa: E402
+
+SETTINGS = ["uniform", "paper/unigram-kl-attentional", default_setting().name]
 
 
 def run(args: list[str], env: dict[str, str]) -> float:
