@@ -65,8 +65,7 @@ def settings(top_k: int, quick: bool) -> list[Setting]:
                 for k in (None, top_k):
                     out.append(loramix_setting(sig, d, op, k))
     if quick:
-        keep = {"base", "trained", "uniform", "paper/unigram-kl-attentional", "loramix/embed-w2-normalized",
-                f"loramix/embed-w2-normalized-top{top_k}"}
+        keep = {"base", "trained", "uniform", "paper/unigram-kl-attentional", default_setting().name}
         out = [s for s in out if s.name in keep]
     return out
 
