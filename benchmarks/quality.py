@@ -103,6 +103,7 @@ class Runner:
         self.model = None
         self.tokenizer = None
         self.timings: dict[str, dict[str, float]] = {}
+        self.longest: dict[str, int] = {}
 
     # -- coefficients -----------------------------------------------------------------------------------
     def coefficient_matrix(self, s: Setting) -> np.ndarray:
@@ -133,8 +134,10 @@ class Runner:
         self._load()
         data = read_dataset(self.suite / task / "test.jsonl")
         samples = data.samples[: self.limit] if self.limit else data.samples
-        train = read_dataset(self.suite / task / "train.jsonl")
-        longest = max(len(self.tokenizer(s.output)["input_ids"]) for s in train)
+        if task not in self.longest:  # the longest training answer, in tokens: once per task, not per setting
+            train = read_dataset(self.suite / task / "train.jsonl")
+            self.longest[task] = max(len(self.tokenizer(s.output)["input_ids"]) for s in train)
+        longest = self.longest[task]
         start = time.perf_counter()
         with merged_adapter(self.model, adapter_dir):
             preds = generate_answers(self.model, self.tokenizer, [s.input for s in samples], batch_size=64,
