@@ -36,7 +36,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=20, help="test records per task")
     args = p.parse_args()
     common = ["--tasks", str(args.tasks), "--limit", str(args.limit), "--quick", "--only", *SETTINGS]
-    env = {**os.environ, "LORAMIX_PROGRESS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # one explicit auth mode for the cluster and its clients: unset, `ray start` turns token auth on whenever
+    # ~/.ray/auth_token exists, and a client given an address does not
+    env = {**os.environ, "LORAMIX_PROGRESS": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     work = Path(tempfile.mkdtemp(prefix="loramix-scale-"))
     # signatures and distance matrices are cached in the bank index by a first run, so every timed run below
     # measures the same work: coefficients, composition, generation and scoring per task

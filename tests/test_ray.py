@@ -22,26 +22,33 @@ SPEC = SignatureSpec("embed", max_samples=8)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """`ray start --head` with 2 CPUs; RAY_ADDRESS points every engine (and CLI subprocess) at it."""
+    """`ray start --head` with 2 CPUs; RAY_ADDRESS points every engine (and CLI subprocess) at it.
+
+    Token authentication is switched off explicitly, for the cluster and its clients alike: left unset, Ray turns
+    it on for `ray start` whenever ~/.ray/auth_token exists (any earlier local `ray.init()` writes one), while this
+    test process read its Ray settings when it imported ray, before the fixture ran, and would connect without
+    a token and be refused."""
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     tmp = tmp_path_factory.mktemp("ray")
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     start = [ray_bin, "start", "--head", "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
              "--object-store-memory", str(200 * 2**20), "--port", "0", "--temp-dir", str(tmp)]
     out = subprocess.run(start, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     address = next(line.split("'")[1] for line in (out.stdout + out.stderr).splitlines() if "ray.init(address=" in line or "address='" in line)
-    old = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
     yield address
     import ray
 
     ray.shutdown()
     subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env)
-    if old is None:
-        os.environ.pop("RAY_ADDRESS", None)
-    else:
-        os.environ["RAY_ADDRESS"] = old
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_index_and_generate_match_the_local_engine(cluster, tmp_path):
