@@ -286,3 +286,25 @@ def test_bank_order_changes_nothing(five, tmp_path_factory, w, perm):
         a, b = _dense(compose(five, c, rank=rank), five), _dense(compose(other, c_other, rank=rank), other)
         for m in five.shapes:
             assert float((a[m] - b[m]).norm()) <= 1e-9 + 1e-7 * float(a[m].norm())
+
+
+def test_factors_match_safetensors_and_leave_no_file_mapped(tmp_path):
+    """Tensor data is read with plain reads (dtype and shape as stored), so composing a bank keeps none of its
+    files open or memory-mapped: resident memory does not grow with the bank."""
+    import os
+
+    from safetensors.torch import load_file
+
+    bank = Bank(make_bank(tmp_path / "bank", n=4, mixed=True))
+    for e in bank.entries:
+        stored = load_file(e.adapter.path / "adapter_model.safetensors")
+        for m in e.adapter.modules:
+            a, b = e.adapter.factors(m)
+            want_a, want_b = (stored[f"base_model.model.{m}.lora_{x}.weight"] for x in "AB")
+            assert a.dtype == want_a.dtype and torch.equal(a, want_a) and torch.equal(b, want_b)
+    other = Bank(make_bank(tmp_path / "other", n=4, mixed=True))  # read by loramix only
+    compose(other, {e.name: 0.25 for e in other.entries}, rank=4)
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    assert str(tmp_path / "other") not in maps
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []
+    assert not any(str(tmp_path / "other") in os.readlink(f"/proc/self/fd/{fd}") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}"))

@@ -43,6 +43,18 @@ _REFUSED_FIELDS = {
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _tensor_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (first byte, end byte) of its data in a safetensors file (whose header safetensors has
+    validated): an 8-byte little-endian header length, the JSON header, then the data its offsets point into.
+    Data is then read with plain file reads, not safetensors' memory map: mapped pages count in the reading
+    process's resident memory, so a bank composed through open maps would grow it by the bank's size."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
 
 
 def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -74,7 +86,8 @@ class LoraAdapter:
         self.allow_pickle = allow_pickle
         self.config = self._read_config()
         self.base_model: str | None = self.config.get("base_model_name_or_path")
-        self._handle: Any = None
+        self._spans: dict[str, tuple[int, int]] = {}  # safetensors key -> (first byte, end) in the file
+        self._stored: dict[str, str] = {}  # key -> safetensors dtype name
         self._pickled: dict[str, torch.Tensor] | None = None
         self._tensor_keys: dict[str, tuple[str, str]] = {}
         self.modules, self.dtype = self._read_header()
@@ -115,10 +128,12 @@ class LoraAdapter:
         file = self.path / WEIGHTS_FILE
         if file.is_file():
             try:
-                with safe_open(file, framework="pt") as f:
-                    return WEIGHTS_FILE, [(k, list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()]
+                with safe_open(file, framework="pt") as f:  # validates the header against the file's size
+                    index = [(k, list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()]
             except SafetensorError as e:
                 raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+            self._spans = _tensor_spans(file)
+            return WEIGHTS_FILE, index
         pickled = self.path / PICKLE_FILE
         if not pickled.is_file():
             raise self._fail(f"no {WEIGHTS_FILE} in {self.path}")
@@ -145,9 +160,10 @@ class LoraAdapter:
             shapes.setdefault(m["module"], {})[m["which"]] = shape
             keys.setdefault(m["module"], {})[m["which"]] = key
             dtypes.add(dtype_name)
+            self._stored[key] = dtype_name
         if not shapes:
             raise self._fail(f"{source}: no LoRA tensors")
-        dtype = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+        dtype = _TORCH_DTYPES
         if not dtypes <= dtype.keys():
             raise self._fail(f"{source}: unsupported tensor dtype(s) {sorted(dtypes - dtype.keys())}")
         cfg = self.config
@@ -179,12 +195,18 @@ class LoraAdapter:
         key_a, key_b = self._tensor_keys[module]
         if self._pickled is not None:
             return self._pickled[key_a], self._pickled[key_b]
-        if self._handle is None:
-            self._handle = safe_open(self.path / WEIGHTS_FILE, framework="pt")
-        try:
-            return self._handle.get_tensor(key_a), self._handle.get_tensor(key_b)
-        except SafetensorError as e:
-            raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable ({e})") from None
+        shapes = {"A": (self.modules[module].rank, self.modules[module].in_features),
+                  "B": (self.modules[module].out_features, self.modules[module].rank)}
+        out = []
+        with open(self.path / WEIGHTS_FILE, "rb") as f:
+            for which, key in (("A", key_a), ("B", key_b)):
+                start, end = self._spans[key]
+                raw = torch.empty(end - start, dtype=torch.uint8)
+                f.seek(start)
+                if f.readinto(raw.numpy()) != end - start:
+                    raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable (the file is shorter than its header says)")
+                out.append(raw.view(_TORCH_DTYPES[self._stored[key]]).reshape(shapes[which]))
+        return out[0], out[1]
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense update scale * B @ A of one module, float64 [out, in] (for tests and small models)."""
@@ -192,7 +214,7 @@ class LoraAdapter:
         return self.modules[module].scale * (b.double() @ a.double())
 
     def close(self) -> None:
-        self._handle = None
+        """Kept for callers that release adapters; tensor reads hold no open file or mapping between calls."""
 
     @property
     def target_modules(self) -> list[str]:

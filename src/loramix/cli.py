@@ -50,6 +50,12 @@ def _parse_rank(value: Optional[str]) -> int | str | None:
         raise LoramixError(f"--rank must be an integer or 'full', got {value!r}") from None
 
 
+def _method_config(signature, distance, operator, compose, rank, top_k, temperature, seed, max_samples, model, **extra) -> GenerateConfig:
+    """The GenerateConfig of the method options `generate` and `bank loo` share (plus `extra` fields)."""
+    return GenerateConfig(signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
+                          top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model, **extra)
+
+
 _DEBUG = [False]  # set by --debug (or LORAMIX_DEBUG=1) for this invocation only
 
 
@@ -93,11 +99,8 @@ def generate(
     """Compose an adapter for DATA from the adapters of BANK and write it to OUT."""
     from .pipeline import generate as run
 
-    config = GenerateConfig(
-        signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
-        top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model, dtype=dtype,
-        refine=refine, refine_method=refine_method, refine_budget=budget,
-    )
+    config = _method_config(signature, distance, operator, compose, rank, top_k, temperature, seed, max_samples, model,
+                            dtype=dtype, refine=refine, refine_method=refine_method, refine_budget=budget)
     result = run(bank, data, out_dir, config, force=force, allow_pickle=allow_pickle)
     table = Table(title=f"top entries of {len(result.coefficients)}", show_edge=False)
     table.add_column("bank entry")
@@ -259,10 +262,7 @@ def bank_loo(
     """Leave-one-out: predict every entry's adapter from the others, in one pass over the bank's tensors."""
     from .pipeline import leave_one_out
 
-    config = GenerateConfig(
-        signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
-        top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model,
-    )
+    config = _method_config(signature, distance, operator, compose, rank, top_k, temperature, seed, max_samples, model)
     c = leave_one_out(bank, out_dir, config, force=force, allow_pickle=allow_pickle)
     out.print(f"wrote {len(c)} leave-one-out adapters to [bold]{out_dir}[/bold]")
 
