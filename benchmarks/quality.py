@@ -6,6 +6,9 @@ the paper's (unigram x {wd, kl, js, mmd} x {attentional, normalized, neural}, pa
 loramix's (embed / hidden x {w2, sliced, mmd-rbf, gaussian-w2} x operators, exact composition, with and
 without top-k). The neural operator is fitted by 5-fold cross-fitting: a task's own fold never trains it.
 
+The headline settings (base, trained, uniform, the paper's 12, generate's default and, with --refine, LoraHub
+and refinement) run on every task; the rest of the grid on one task in every `--every` (all by default).
+
 Per-task results are cached under .cache/bench-quality/ so an interrupted run resumes."""
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ class Runner:
         self.bank = Bank(bank)
         self.index = BankIndex(self.bank)
         self.entries = self.bank.usable
-        self.tasks = [e.name for e in self.entries]  # evaluated (all, or a subset); coefficients always use every entry
+        self.tasks = [e.name for e in self.entries]  # evaluated by headline settings; coefficients always use every entry
+        self.grid_tasks = self.tasks  # evaluated by the other settings (all, or a subset)
+        self.headline: set[str] = set()  # names of the headline settings
         self.names = [e.name for e in self.entries]
         self.suite = suite
         self.limit = limit
@@ -150,8 +155,11 @@ class Runner:
     def folder(self, s: Setting) -> Path:
         return CACHE / s.name.replace("/", "__")
 
+    def tasks_of(self, s: Setting) -> list[str]:
+        return self.tasks if s.name in self.headline else self.grid_tasks
+
     def pending(self, s: Setting) -> list[str]:
-        return [t for t in self.tasks if not (self.folder(s) / f"{t}.json").is_file()]
+        return [t for t in self.tasks_of(s) if not (self.folder(s) / f"{t}.json").is_file()]
 
     def prepare(self, all_settings: list[Setting]) -> dict[str, np.ndarray]:
         """Coefficient matrices of the settings that still have tasks to evaluate (their timings saved)."""
@@ -161,7 +169,9 @@ class Runner:
             if s.name in ("base", "trained", "refine/lorahub") or not self.pending(s):
                 continue
             coefs[s.name] = self.coefficient_matrix(s)
-            (self.folder(s) / "timing.json").write_text(json.dumps(self.timings.get(s.name, {})))
+            timing = self.folder(s) / "timing.json"
+            if not timing.is_file():  # the first measurement: distance matrices are cached in the bank index after it
+                timing.write_text(json.dumps(self.timings.get(s.name, {})))
             print(f"coefficients ready: {s.name} {self.timings.get(s.name, {})}", flush=True)
         return coefs
 
@@ -241,7 +251,7 @@ class Runner:
         return out, record
 
     def collect(self, s: Setting) -> dict[str, dict]:
-        out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.tasks}
+        out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.tasks_of(s)}
         timing = self.folder(s) / "timing.json"
         if timing.is_file():
             out["__timing__"] = json.loads(timing.read_text())
@@ -262,22 +272,31 @@ def family_of(suite: Path) -> dict[str, str]:
 
 
 def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Setting], args) -> None:
-    names = runner.tasks
+    names, grid = runner.tasks, runner.grid_tasks
     families = family_of(runner.suite)
+    chosen = args.default_setting
 
-    def mean(setting: str, metric: str, tasks=names) -> float:
+    def mean(setting: str, metric: str, tasks: list[str]) -> float:
         return float(np.mean([results[setting][t][metric] for t in tasks]))
 
-    base, trained = mean("base", "rougeL"), mean("trained", "rougeL")
-    rows = []
-    for s in all_settings:
-        r = results[s.name]
-        rl = mean(s.name, "rougeL")
-        gap = (rl - base) / (trained - base) if trained != base else float("nan")
-        timing = r.get("__timing__", {})
-        cpu = sum(timing.values()) + float(np.mean([r[t]["compose_seconds"] for t in names]))
-        rows.append((s, rl, mean(s.name, "exact_match"), mean(s.name, "contains"), gap, timing, cpu))
-    chosen = args.default_setting
+    def table(settings: list[Setting], tasks: list[str]) -> list[str]:
+        """Mean scores of `settings` over `tasks`, gap closed against base and trained on the same tasks."""
+        base, trained = mean("base", "rougeL", tasks), mean("trained", "rougeL", tasks)
+        lines = ["| setting | group | ROUGE-L | exact match | contains | gap closed | CPU stage (s) |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for s in settings:
+            r = results[s.name]
+            rl = mean(s.name, "rougeL", tasks)
+            gap = (rl - base) / (trained - base) if trained != base else float("nan")
+            timing = r.get("__timing__", {})
+            cpu = timing.get("distances", 0.0) + timing.get("operator", 0.0) + float(np.mean([r[t]["compose_seconds"] for t in tasks]))
+            mark = " **(default)**" if s.name == chosen else ""
+            lines.append(f"| {s.name}{mark} | {s.group} | {rl:.4f} | {mean(s.name, 'exact_match', tasks):.4f} | "
+                         f"{mean(s.name, 'contains', tasks):.4f} | {gap:.3f} | {cpu:.1f} |")
+        return lines
+
+    headline = [s for s in all_settings if s.name in runner.headline]
+    subset = len(grid) < len(names)
     lines = [
         "# Leave-one-out quality on the default bank",
         "",
@@ -285,34 +304,32 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         f"{platform.machine()}, {os.cpu_count()} CPUs).",
         "",
         f"Bank: {runner.bank.path.name} ({len(runner.names)} adapters of {runner.bank.base_model}, rank {runner.bank.max_rank}). "
-        + (f"Evaluated: one task in every {args.every} in name order ({len(names)} of {len(runner.names)}, all families; "
-           f"`--every 1` runs them all). " if args.every > 1 else "")
-        + f"Each of {len(names)} tasks' adapter is predicted from the other {len(runner.names) - 1} entries and evaluated on its test split "
+        f"Each task's adapter is predicted from the other {len(runner.names) - 1} entries and evaluated on its test split "
         f"({'first ' + str(args.limit) + ' records' if args.limit else 'all records'}), greedy decoding with the chat template. "
-        "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L. CPU stage = signatures of the whole bank "
-        "(first use; cached after), the bank's distance matrix, operator (incl. neural fitting) and the mean "
-        "per-task composition time, in seconds; generation time is not included.",
+        "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L over the same tasks. CPU stage = the bank's "
+        "distance matrix, the operator (incl. neural fitting) and the mean per-task composition time, in seconds; the "
+        "signatures (computed once per bank and cached, see speed.md for their cost) and generation are not included.",
         "",
-        "| setting | group | ROUGE-L | exact match | contains | gap closed | CPU stage (s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for s, rl, em, co, gap, timing, cpu in rows:
-        mark = " **(default)**" if s.name == chosen else ""
-        lines.append(f"| {s.name}{mark} | {s.group} | {rl:.4f} | {em:.4f} | {co:.4f} | {gap:.3f} | {cpu:.1f} |")
+    if subset:
+        lines += [f"## Headline settings on all {len(names)} tasks", "", *table(headline, names), "",
+                  f"## Every setting on one task in every {args.every} ({len(grid)} of {len(names)} tasks in name order, "
+                  "all families; `--every 1` runs the whole grid on every task)", ""]
+    lines += table(all_settings, grid)
     refined = [s for s in all_settings if s.group == "refine"]
     if refined:
-        lines += ["", "## Refinement on 5 labelled examples (train split; evaluation on the test split)", "",
+        base, trained = mean("base", "rougeL", names), mean("trained", "rougeL", names)
+        lines += ["", f"## Refinement on 5 labelled examples (train split; evaluation on the test split), {len(names)} tasks", "",
                   "| setting | ROUGE-L | exact match | gap closed | search CPU s / task |", "| --- | ---: | ---: | ---: | ---: |"]
         for name in [chosen] + [s.name for s in refined] + ["trained"]:
-            rl = mean(name, "rougeL")
+            rl = mean(name, "rougeL", names)
             cpu = np.mean([results[name][t].get("search", {}).get("cpu_seconds", 0.0) for t in names])
             gap = (rl - base) / (trained - base) if trained != base else float("nan")
-            lines.append(f"| {name} | {rl:.4f} | {mean(name, 'exact_match'):.4f} | {gap:.3f} | {cpu:.1f} |")
+            lines.append(f"| {name} | {rl:.4f} | {mean(name, 'exact_match', names):.4f} | {gap:.3f} | {cpu:.1f} |")
     if families:
         fams = sorted({families.get(t, "?") for t in names})
-        show = ["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen]
-        show = [x for x in dict.fromkeys(show) if x in results]
-        lines += ["", "## ROUGE-L per family", "", "| family | tasks | " + " | ".join(show) + " |",
+        show = [x for x in dict.fromkeys(["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen]) if x in results]
+        lines += ["", f"## ROUGE-L per family ({len(names)} tasks)", "", "| family | tasks | " + " | ".join(show) + " |",
                   "| --- | ---: | " + " | ".join("---:" for _ in show) + " |"]
         for f in fams:
             ts = [t for t in names if families.get(t) == f]
@@ -365,8 +382,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="at most this many Ray workers (one CPU each)")
     p.add_argument("--refine", action="store_true", help="also LoraHub's recipe and --refine on 5 examples")
     p.add_argument("--tasks", type=int, default=None, help="only the first N tasks of the bank (a subset)")
-    p.add_argument("--every", type=int, default=1, help="only every K-th task of the bank, in name order (a subset "
-                   "spread over all families); coefficients always use every entry")
+    p.add_argument("--every", type=int, default=1, help="the settings beyond the headline ones on every K-th task only, in "
+                   "name order (a subset spread over all families); coefficients always use every entry")
     args = p.parse_args()
     runner = Runner(args.bank, resolve_suite(args.suite), args.limit, args.max_samples)
     all_settings = settings(args.top_k, args.quick)
@@ -374,11 +391,13 @@ def main() -> None:
         all_settings += refine_settings(next(s for s in all_settings if s.name == args.default_setting))
     if args.only:
         all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
-    runner.tasks = runner.tasks[args.every // 2 :: args.every][: args.tasks]  # the middle task of every K
+    runner.tasks = runner.tasks[: args.tasks]
+    runner.grid_tasks = runner.tasks[args.every // 2 :: args.every]  # the middle task of every K
+    runner.headline = {s.name for s in all_settings if s.group != "loramix" or s.name == args.default_setting}
     coefs = runner.prepare(all_settings)
-    todo = [t for t in runner.tasks if any(t in runner.pending(s) for s in all_settings)]
+    items = [(t, [s for s in all_settings if t in runner.pending(s)], coefs) for t in runner.tasks]
     engine = RayEngine(max_workers=args.workers) if args.engine == "ray" else get_engine(args.engine)
-    engine.map(_evaluate_task, [(t, all_settings, coefs) for t in todo], "leave-one-out evaluation",
+    engine.map(_evaluate_task, [item for item in items if item[1]], "leave-one-out evaluation",
                setup=partial(Runner, args.bank, runner.suite, args.limit, args.max_samples),
                on_result=lambda item, res: runner.store(item[0], res))
     results = {s.name: runner.collect(s) for s in all_settings}
