@@ -38,8 +38,9 @@ suite: $(STAMP) suite-deps
 bank: $(STAMP)
 	$(VENV)/bin/loramix bank build --suite default --out src/loramix/default/bank
 
-# Leave-one-out quality of every setting, LoraHub and --refine on one task in three of the default bank
-# -> benchmarks/results/quality.md (about 1.5 hours on 2 CPUs; --every 1 for all tasks).
+# Leave-one-out quality on the default bank -> benchmarks/results/quality.md: the headline settings (references,
+# the paper's 12, the default, LoraHub and --refine) on every task, the other settings on one task in three
+# (about 2 hours on 2 CPUs, resumable; --every 1 runs the whole grid on every task).
 bench-quality: $(STAMP)
 	$(PY) benchmarks/quality.py --every 3 --refine --engine ray --workers 2
 
