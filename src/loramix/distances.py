@@ -20,21 +20,23 @@ Kind = Literal["tokens", "cloud"]
 @dataclass(frozen=True)
 class Distance:
     """A registered distance: `fn(x, y, seed) -> float`, for signatures of `kind`; `matrix(sigs, seed)` is an
-    optional fast path for a whole matrix, returning None where it does not apply."""
+    optional fast path for a whole matrix, returning None where it does not apply. `revision` changes when the
+    values do, so that cached matrices are recomputed."""
 
     name: str
     kind: Kind
     symmetric: bool
     fn: Callable[[np.ndarray, np.ndarray, int], float]
     matrix: Callable[[Sequence[np.ndarray], int], np.ndarray | None] | None = None
+    revision: int = 1
 
 
 DISTANCES: Registry[Distance] = Registry("distance")
 
 
-def _register(name: str, kind: Kind, symmetric: bool = True, matrix: Callable | None = None):
+def _register(name: str, kind: Kind, symmetric: bool = True, matrix: Callable | None = None, revision: int = 1):
     def decorator(fn: Callable[[np.ndarray, np.ndarray, int], float]):
-        DISTANCES.register(name)(Distance(name, kind, symmetric, fn, matrix))
+        DISTANCES.register(name)(Distance(name, kind, symmetric, fn, matrix, revision))
         return fn
 
     return decorator
@@ -167,13 +169,43 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     return float(np.sqrt(max(_mmd2(k[:n, :n], k[n:, n:], k[:n, n:]), 0.0)))
 
 
-@_register("gaussian-w2", "cloud")
-def gaussian_w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """Frechet (Bures-Wasserstein) distance between Gaussians fitted to the clouds (means and
-    covariances, ridge 1e-6): sqrt(|m_x - m_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2))."""
-    import ot
+def _gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """A cloud [n, d] as its Gaussian: mean [d], a factor F [min(n, d), d] with F^T F its covariance (1/n), and
+    the covariance's trace."""
+    x = x.astype(np.float64)
+    mean = x.mean(0)
+    f = (x - mean) / np.sqrt(len(x))
+    if len(x) > x.shape[1]:  # fewer rows: the covariance's symmetric square root
+        w, v = np.linalg.eigh(f.T @ f)
+        f = (v * np.sqrt(np.clip(w, 0.0, None))).T
+    return mean, f, float((f * f).sum())
 
-    return float(ot.gaussian.empirical_bures_wasserstein_distance(x.astype(np.float64), y.astype(np.float64), reg=1e-6))
+
+def _bures(gx: tuple[np.ndarray, np.ndarray, float], gy: tuple[np.ndarray, np.ndarray, float]) -> float:
+    """W2 between two `_gaussian`s. The cross term tr (S_x^1/2 S_y S_x^1/2)^1/2 is the nuclear norm of F_y F_x^T:
+    the square roots of the eigenvalues of a min(n, d)-sized Gram matrix, never a d x d square root per pair."""
+    (mx, fx, tx), (my, fy, ty) = gx, gy
+    m = fy @ fx.T
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    cross = float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum())
+    return float(np.sqrt(max(float(((mx - my) ** 2).sum()) + tx + ty - 2 * cross, 0.0)))
+
+
+def _gaussian_w2_matrix(sigs: Sequence[np.ndarray], seed: int) -> np.ndarray:
+    """All pairs, each cloud's Gaussian computed once. Same values as `gaussian-w2`."""
+    gs = [_gaussian(x) for x in sigs]
+    n = len(gs)
+    out = np.zeros((n, n))
+    for i, j in track([(i, j) for i in range(n) for j in range(i + 1, n)], "distance matrix (gaussian-w2)", total=n * (n - 1) // 2):
+        out[i, j] = out[j, i] = _bures(gs[i], gs[j])
+    return out
+
+
+@_register("gaussian-w2", "cloud", matrix=_gaussian_w2_matrix, revision=2)  # 2: no ridge, factor form
+def gaussian_w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """Frechet (Bures-Wasserstein) distance between Gaussians fitted to the clouds (means, covariances with
+    1/n): sqrt(|m_x - m_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2)), computed from low-rank factors."""
+    return _bures(_gaussian(x), _gaussian(y))
 
 
 # -- rows and matrices -------------------------------------------------------------------------------------

@@ -98,9 +98,9 @@ class BankIndex:
     def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0) -> np.ndarray:
         """D[i, j] = distance(entry i, entry j) over usable entries, float64 [n, n], cached."""
         spec = self.resolve(spec)
-        get_distance(distance, make_signer(spec).kind)
+        revision = get_distance(distance, make_signer(spec).kind).revision
         key = _digest([e.data_hash for e in self.bank.usable])
-        stem = self.dir / "distances" / f"{spec.key()}.{distance}.{seed}.{key}"
+        stem = self.dir / "distances" / f"{spec.key()}.{distance}-r{revision}.{seed}.{key}"
         cached = _fetch(stem)
         if cached is not None and cached.shape == (len(self.bank.usable),) * 2:
             return cached
