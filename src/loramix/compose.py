@@ -253,6 +253,12 @@ def plan(
     return Plan(method, dict(coefficients), active, target, ranks, scales, dtype or bank.dtype, _config_for(bank, ranks, scales))
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`: its min and max in one pass (NaN propagates), without a boolean copy of `t`."""
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry], tuple[torch.Tensor, torch.Tensor]]) -> ModuleResult:
     """One output module of plan `p`, `read(entry)` giving an entry's (A, B) for this module; padded to the
     planned rank, cast to the output dtype and checked to be finite."""
@@ -261,7 +267,7 @@ def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry],
         spec = e.adapter.modules.get(module)
         if spec is not None:
             a, b = read(e)
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            if not (_finite(a) and _finite(b)):
                 raise LoramixError(f"{e.name}: module '{module}' has NaN or Inf weights")
             terms.append(Term(a, b, p.coefficients[e.name], spec.scale))
     ref = next(e.adapter.modules[module] for e in bank.entries if module in e.adapter.modules)
@@ -271,7 +277,7 @@ def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry],
         r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
         r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
     r.a, r.b = r.a.to(p.dtype), r.b.to(p.dtype)
-    if not (torch.isfinite(r.a).all() and torch.isfinite(r.b).all()):
+    if not (_finite(r.a) and _finite(r.b)):
         raise LoramixError(f"module '{module}': the composed update overflows {p.dtype} (choose another --dtype)")
     return r
 
