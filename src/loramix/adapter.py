@@ -46,15 +46,17 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 _TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
-def _tensor_spans(file: Path) -> dict[str, tuple[int, int]]:
-    """Tensor name -> (first byte, end byte) of its data in a safetensors file (whose header safetensors has
-    validated): an 8-byte little-endian header length, the JSON header, then the data its offsets point into.
+def _tensor_spans(file: Path) -> dict[str, tuple[int, int, str, list[int]]]:
+    """Tensor name -> (first byte, end byte, dtype name, shape) of its data in a safetensors file (whose header
+    safetensors has validated): an 8-byte little-endian header length, the JSON header, then the data its offsets
+    point into.
     Data is then read with plain file reads, not safetensors' memory map: mapped pages count in the reading
     process's resident memory, so a bank composed through open maps would grow it by the bank's size."""
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1], v["dtype"], v["shape"])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -86,8 +88,7 @@ class LoraAdapter:
         self.allow_pickle = allow_pickle
         self.config = self._read_config()
         self.base_model: str | None = self.config.get("base_model_name_or_path")
-        self._spans: dict[str, tuple[int, int]] = {}  # safetensors key -> (first byte, end) in the file
-        self._stored: dict[str, str] = {}  # key -> safetensors dtype name
+        self._spans: dict[str, tuple[int, int, str, list[int]]] = {}  # safetensors key -> `_tensor_spans` record
         self._pickled: dict[str, torch.Tensor] | None = None
         self._tensor_keys: dict[str, tuple[str, str]] = {}
         self.modules, self.dtype = self._read_header()
@@ -160,12 +161,10 @@ class LoraAdapter:
             shapes.setdefault(m["module"], {})[m["which"]] = shape
             keys.setdefault(m["module"], {})[m["which"]] = key
             dtypes.add(dtype_name)
-            self._stored[key] = dtype_name
         if not shapes:
             raise self._fail(f"{source}: no LoRA tensors")
-        dtype = _TORCH_DTYPES
-        if not dtypes <= dtype.keys():
-            raise self._fail(f"{source}: unsupported tensor dtype(s) {sorted(dtypes - dtype.keys())}")
+        if not dtypes <= _TORCH_DTYPES.keys():
+            raise self._fail(f"{source}: unsupported tensor dtype(s) {sorted(dtypes - _TORCH_DTYPES.keys())}")
         cfg = self.config
         modules = {}
         for name, ab in sorted(shapes.items()):
@@ -186,7 +185,7 @@ class LoraAdapter:
             modules[name] = LoraModule(name, rank, float(scale), a[1], b[0])
             self._tensor_keys[name] = (keys[name]["A"], keys[name]["B"])
         # one stored dtype is kept; a mix is read as float32 (float64 if any tensor is float64)
-        stored = dtype[dtypes.pop()] if len(dtypes) == 1 else (torch.float64 if "F64" in dtypes else torch.float32)
+        stored = _TORCH_DTYPES[dtypes.pop()] if len(dtypes) == 1 else (torch.float64 if "F64" in dtypes else torch.float32)
         return modules, stored
 
     # -- tensor access ----------------------------------------------------------------------------------
@@ -195,26 +194,21 @@ class LoraAdapter:
         key_a, key_b = self._tensor_keys[module]
         if self._pickled is not None:
             return self._pickled[key_a], self._pickled[key_b]
-        shapes = {"A": (self.modules[module].rank, self.modules[module].in_features),
-                  "B": (self.modules[module].out_features, self.modules[module].rank)}
         out = []
         with open(self.path / WEIGHTS_FILE, "rb") as f:
-            for which, key in (("A", key_a), ("B", key_b)):
-                start, end = self._spans[key]
+            for key in (key_a, key_b):
+                start, end, dtype_name, shape = self._spans[key]
                 raw = torch.empty(end - start, dtype=torch.uint8)
                 f.seek(start)
                 if f.readinto(raw.numpy()) != end - start:
                     raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable (the file is shorter than its header says)")
-                out.append(raw.view(_TORCH_DTYPES[self._stored[key]]).reshape(shapes[which]))
+                out.append(raw.view(_TORCH_DTYPES[dtype_name]).reshape(shape))
         return out[0], out[1]
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense update scale * B @ A of one module, float64 [out, in] (for tests and small models)."""
         a, b = self.factors(module)
         return self.modules[module].scale * (b.double() @ a.double())
-
-    def close(self) -> None:
-        """Kept for callers that release adapters; tensor reads hold no open file or mapping between calls."""
 
     @property
     def target_modules(self) -> list[str]:

@@ -113,10 +113,6 @@ class Bank:
                 return e
         raise LoramixError(f"{self.path}: no entry named '{name}'")
 
-    def close(self) -> None:
-        for e in self.entries:
-            e.adapter.close()
-
 
 def check_entries(entries: Sequence[BankEntry]) -> tuple[str | None, dict[str, tuple[int, int]]]:
     """Check that entries can live in one bank: one base model (the most common name; unnamed entries allowed),

@@ -167,7 +167,6 @@ def merged_adapter(model: Any, adapter: str | Path | LoraAdapter | None) -> Iter
         with torch.no_grad():
             for name, original in saved.items():
                 model.get_submodule(name).weight.copy_(original)
-        adapter.close()
 
 
 def evaluate(

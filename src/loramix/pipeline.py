@@ -151,7 +151,6 @@ def generate(
                 "steps": refined.steps, "seconds": round(refined.seconds, 2), "history": refined.history,
             }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    bank.close()
     return GenerateResult(Path(out), weights, report["distances"], report)
 
 
@@ -254,7 +253,6 @@ def leave_one_out(
             report = _report(config, spec, bank, entry.dataset(), comp, dict(zip(names, map(float, c[t]))), row)
             report["leave_one_out"] = entry.name
             (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    bank.close()
     return c
 
 
