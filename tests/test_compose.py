@@ -308,3 +308,56 @@ def test_factors_match_safetensors_and_leave_no_file_mapped(tmp_path):
     assert str(tmp_path / "other") not in maps
     fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []
     assert not any(str(tmp_path / "other") in os.readlink(f"/proc/self/fd/{fd}") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+# -- the float32 factorisation of large stacks ------------------------------------------------------------
+def _terms(d: int, ranks: list[int], seed: int = 0, near_copy: bool = False):
+    from loramix.compose import LoraFactors, Term
+
+    g = torch.Generator().manual_seed(seed)
+    factors = [LoraFactors(torch.randn(r, d, generator=g), torch.randn(d, r, generator=g)) for r in ranks]
+    if near_copy:  # a second entry whose subspaces nearly coincide with the first's
+        f = factors[0]
+        factors[1] = LoraFactors(f.a + 1e-5 * torch.randn(f.a.shape, generator=g), f.b + 1e-5 * torch.randn(f.b.shape, generator=g))
+    weights = torch.rand(len(ranks), generator=g)
+    return [Term(f, float(w), 0.5) for f, w in zip(factors, weights)]
+
+
+def _dense_terms(terms) -> torch.Tensor:
+    return sum(t.coefficient * t.scale * (t.factors.b.double() @ t.factors.a.double()) for t in terms)
+
+
+@pytest.mark.parametrize("near_copy", [False, True])
+def test_float32_stacks_take_the_cholesky_path_unless_ill_conditioned(monkeypatch, near_copy):
+    import importlib
+
+    from loramix.adapter import LoraModule
+
+    comp_mod = importlib.import_module("loramix.compose")
+    monkeypatch.setattr(comp_mod, "EXACT_FLOAT64_MAX_ELEMENTS", 0)
+    calls = {"cholesky": [], "eigen": 0}
+    cholesky, eigen = comp_mod._cholesky_basis, comp_mod._eigen_basis
+
+    def spy_cholesky(qt, blocks):
+        calls["cholesky"].append(cholesky(qt, blocks) is not None)
+        return None if not calls["cholesky"][-1] else cholesky(qt, blocks)
+
+    def spy_eigen(qt, blocks):
+        calls["eigen"] += 1
+        return eigen(qt, blocks)
+
+    monkeypatch.setattr(comp_mod, "_cholesky_basis", spy_cholesky)
+    monkeypatch.setattr(comp_mod, "_eigen_basis", spy_eigen)
+    terms = _terms(256, [8, 4, 8, 6, 8], near_copy=near_copy)
+    ref = LoraModule("m", 8, 0.5, 256, 256)
+    want = _dense_terms(terms)
+    full = comp_mod.Exact().module(terms, ref, None)
+    assert rel(full.b @ full.a, want) <= 1e-5
+    s = torch.linalg.svdvals(want)
+    cut = comp_mod.Exact().module(terms, ref, 6)
+    assert float((cut.b @ cut.a - want).norm()) <= float(s[6:].norm()) * (1 + 1e-4)
+    assert cut.energy == pytest.approx(float((s[:6] ** 2).sum() / (s**2).sum()), rel=1e-5)
+    if near_copy:  # float32 Gram matrices too ill-conditioned: refused, and the module redone in float64
+        assert calls["cholesky"][0] is False and calls["eigen"] > 0
+    else:
+        assert all(calls["cholesky"]) and calls["eigen"] == 0

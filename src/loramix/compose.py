@@ -2,17 +2,23 @@
 (tensors read lazily per module, so memory holds one module's factors at a time plus the output).
 
 `exact`: the weighted sum of updates, sum_i c_i s_i B_i A_i, which equals [c_1 s_1 B_1 ... c_n s_n B_n] @
-[A_1; ...; A_n] (rank R = sum r_i). QR of both stacked factors and an SVD of the small R x R core give its best
-rank-k approximation (Eckart-Young) in O((d_in + d_out) R^2), never a dense d_out x d_in matrix.
-`paper`: A and B averaged separately with the coefficients (the paper's C @ W); equal ranks and scales required."""
+[A_1; ...; A_n] (rank R = sum r_i). Orthonormal bases of both stacked factors (from each entry's QR and the
+R x R Gram matrices of the stacks) and an SVD of the small R x R core give its best rank-k approximation
+(Eckart-Young) in O((d_in + d_out) R^2), never a dense d_out x d_in matrix.
+`paper`: A and B averaged separately with the coefficients (the paper's C @ W); equal ranks and scales required.
+
+Modules (and leave-one-out outputs) are composed in parallel threads, each torch op on one thread: the
+result does not depend on the number of threads."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+import threading
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -24,12 +30,38 @@ from .progress import track
 from .registry import Registry
 
 
+class LoraFactors:
+    """One entry's factors of one module as stored, A [r, in] and B [out, r], checked finite. Their thin QR
+    factorisations are computed on first use and kept, so outputs sharing an entry (leave-one-out) factorise it once."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+        self._qr: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+        self._lock = threading.Lock()  # outputs composed in parallel share it
+
+    @classmethod
+    def read(cls, entry: BankEntry, module: str) -> "LoraFactors":
+        a, b = entry.adapter.factors(module)
+        if not (_finite(a) and _finite(b)):
+            raise LoramixError(f"{entry.name}: module '{module}' has NaN or Inf weights")
+        return cls(a, b)
+
+    def qr(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(Q_a^T [r', in], R_a [r', r], Q_b^T [r'', out], R_b [r'', r]) with A^T = Q_a R_a and B = Q_b R_b, in
+        `dtype`; the Q factors transposed (contiguous rows), so that stacking them is a plain copy."""
+        with self._lock:
+            if dtype not in self._qr:
+                q_a, r_a = torch.linalg.qr(self.a.to(dtype).T)
+                q_b, r_b = torch.linalg.qr(self.b.to(dtype))
+                self._qr[dtype] = (q_a.T.contiguous(), r_a, q_b.T.contiguous(), r_b)
+            return self._qr[dtype]
+
+
 @dataclass
 class Term:
     """One entry's contribution to a module: coefficient * scale * B @ A (scale: the entry's PEFT scaling)."""
 
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
+    factors: LoraFactors
     coefficient: float
     scale: float
 
@@ -74,23 +106,40 @@ class Exact(Composer):
         if not terms:
             k = rank or 1
             return ModuleResult(torch.zeros(k, in_f, dtype=torch.float64), torch.zeros(out_f, k, dtype=torch.float64), 1.0)
-        stacked = sum(t.a.shape[0] for t in terms)
+        stacked = sum(t.factors.a.shape[0] for t in terms)
         if rank is not None and stacked > EXACT_MAX_STACKED_RANK:
             return self._randomized(terms, ref, rank)
         # float64 while the stacks are small (tiny cost, ~1e-12 error); float32 beyond (~1e-6, half the time)
-        work = torch.float64 if (in_f + out_f) * stacked <= EXACT_FLOAT64_MAX_ELEMENTS else torch.float32
-        b_stack = torch.cat([(t.coefficient * t.scale) * t.b.to(work) for t in terms], dim=1)  # [out, R]
-        a_stack = torch.cat([t.a.to(work) for t in terms], dim=0)  # [R, in]
-        q_b, r_b = torch.linalg.qr(b_stack)  # [out, kb], [kb, R]
-        q_a, r_a = torch.linalg.qr(a_stack.T)  # [in, ka], [ka, R]
-        u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # core [kb, ka]
+        # unless the entries' subspaces nearly coincide, where the Gram matrices need float64 and an eigendecomposition
+        small = (in_f + out_f) * stacked <= EXACT_FLOAT64_MAX_ELEMENTS
+        return self._factorised(terms, ref, rank, torch.float64 if small else torch.float32) or self._factorised(
+            terms, ref, rank, torch.float64
+        )
+
+    @staticmethod
+    def _factorised(terms: list[Term], ref: LoraModule, rank: int | None, work: torch.dtype) -> ModuleResult | None:
+        """With each entry's QR (A_i^T = Q_ai R_ai, B_i = Q_bi R_bi), the sum is Q_b K Q_a^T, Q the entries' Q
+        factors side by side [d, R] and K the block-diagonal [R, R] of w_i R_bi R_ai^T. Each Q's range gets an
+        orthonormal basis U = Q T (Q = U P) from the R x R Gram matrix Q^T Q, and the SVD of the core P_b K P_a^T
+        gives the truncation: two GEMMs and three R x R factorisations per output instead of two Householder QRs
+        of the stacks. None if a float32 Gram matrix is too ill-conditioned (the caller retries in float64)."""
+        qrs = [t.factors.qr(work) for t in terms]
+        qt_a = torch.cat([f[0] for f in qrs])  # Q_a^T [R, in]
+        qt_b = torch.cat([f[2] for f in qrs])  # Q_b^T [R, out]
+        core = torch.block_diag(*[(t.coefficient * t.scale) * (r_b @ r_a.T) for t, (_, r_a, _, r_b) in zip(terms, qrs)])
+        basis = _cholesky_basis if work == torch.float32 else _eigen_basis
+        bases = [basis(qt_b, len(terms)), basis(qt_a, len(terms))]
+        if None in bases:
+            return None
+        (t_b, p_b), (t_a, p_a) = bases
+        u, s, vh = torch.linalg.svd(p_b @ core @ p_a.T)  # core [m_b, m_a]
         k = len(s) if rank is None else rank
         kept = min(k, len(s))
         root = s[:kept].sqrt()
-        b = torch.zeros(out_f, k, dtype=torch.float64)
-        a = torch.zeros(k, in_f, dtype=torch.float64)
-        b[:, :kept] = ((q_b @ u[:, :kept]) * root).double()
-        a[:kept] = ((root[:, None] * vh[:kept]) @ q_a.T).double()
+        b = torch.zeros(ref.out_features, k, dtype=torch.float64)
+        a = torch.zeros(k, ref.in_features, dtype=torch.float64)
+        b[:, :kept] = (qt_b.T @ (t_b @ u[:, :kept]) * root).double()
+        a[:kept] = ((root[:, None] * (vh[:kept] @ t_a.T)) @ qt_a).double()
         s = s.double()
         total = float((s**2).sum())
         energy = float((s[:kept] ** 2).sum()) / total if total > 0 else 1.0
@@ -102,8 +151,8 @@ class Exact(Composer):
         (Halko, Martinsson & Tropp 2011) with k + 16 seeded probes and 2 power iterations, in float32. M is
         only applied, never formed: O((d_in + d_out) R k) time, O((d_in + d_out) R) memory. The retained
         energy would need O(R^2 d) work and is not computed (None)."""
-        b_stack = torch.cat([(t.coefficient * t.scale) * t.b.float() for t in terms], dim=1)  # [out, R]
-        a_stack = torch.cat([t.a.float() for t in terms], dim=0)  # [R, in]
+        b_stack = torch.cat([(t.coefficient * t.scale) * t.factors.b.float() for t in terms], dim=1)  # [out, R]
+        a_stack = torch.cat([t.factors.a.float() for t in terms], dim=0)  # [R, in]
         width = min(rank + 16, ref.in_features, ref.out_features)
         probes = torch.randn(ref.in_features, width, generator=torch.Generator().manual_seed(0))
         y = b_stack @ (a_stack @ probes)
@@ -143,8 +192,8 @@ class Paper(Composer):
         a = torch.zeros(ref.rank, ref.in_features, dtype=torch.float64)
         b = torch.zeros(ref.out_features, ref.rank, dtype=torch.float64)
         for t in terms:
-            a += t.coefficient * t.a.double()
-            b += t.coefficient * t.b.double()
+            a += t.coefficient * t.factors.a.double()
+            b += t.coefficient * t.factors.b.double()
         return ModuleResult(a, b, ref.scale)
 
 
@@ -259,17 +308,42 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry], tuple[torch.Tensor, torch.Tensor]]) -> ModuleResult:
-    """One output module of plan `p`, `read(entry)` giving an entry's (A, B) for this module; padded to the
+def _eigen_basis(qt: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T [R, m], P [m, R]) such that U = Q T has orthonormal columns spanning the range of Q = qt^T [d, R] and
+    Q = U P, from the eigendecomposition of the Gram matrix Q^T Q; directions below 1e-12 of its largest eigenvalue
+    (rank deficiency, rounding) are dropped: they carry at most 1e-6 of Q's norm. For float64 Q."""
+    lam, v = torch.linalg.eigh(qt @ qt.T)
+    keep = lam > 1e-12 * lam[-1]
+    root = lam[keep].sqrt()
+    return v[:, keep] / root, root[:, None] * v[:, keep].T
+
+
+def _cholesky_basis(qt: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """As `_eigen_basis`, for a float32 Q made of `blocks` blocks of orthonormal columns, from the Cholesky factor
+    Q^T Q = L L^T (T = L^-T, P = L^T): a tenth of the eigendecomposition's time. None unless the Gram matrix is
+    safely conditioned for float32: its largest eigenvalue is at most `blocks` (a sum of that many projections),
+    its smallest is 1 / |L^-1|_2^2, estimated by power iteration, and their ratio must stay below 1e3."""
+    l, info = torch.linalg.cholesky_ex(qt @ qt.T)
+    if info:
+        return None
+    inv = torch.linalg.solve_triangular(l, torch.eye(len(l), dtype=l.dtype), upper=False)  # L^-1
+    v = torch.linspace(1.0, 2.0, len(l), dtype=l.dtype)
+    for _ in range(8):  # v -> G^-1 v = L^-T L^-1 v
+        v = inv.T @ (inv @ v)
+        v = v / v.norm()
+    if not blocks * float((inv @ v).norm()) ** 2 <= 1e3:
+        return None
+    return inv.T, l.T
+
+
+def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry], LoraFactors]) -> ModuleResult:
+    """One output module of plan `p`, `read(entry)` giving an entry's factors for this module; padded to the
     planned rank, cast to the output dtype and checked to be finite."""
     terms = []
     for e in p.active:
         spec = e.adapter.modules.get(module)
         if spec is not None:
-            a, b = read(e)
-            if not (_finite(a) and _finite(b)):
-                raise LoramixError(f"{e.name}: module '{module}' has NaN or Inf weights")
-            terms.append(Term(a, b, p.coefficients[e.name], spec.scale))
+            terms.append(Term(read(e), p.coefficients[e.name], spec.scale))
     ref = next(e.adapter.modules[module] for e in bank.entries if module in e.adapter.modules)
     r = COMPOSERS.get(p.method)().module(terms, ref, p.target_rank)
     pad = p.ranks[module] - r.a.shape[0]
@@ -282,10 +356,48 @@ def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry],
     return r
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def threaded_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """fn(item) for each item, in order, on torch.get_num_threads() threads, each torch op running on one thread
+    and at most that many items in flight: results are bit-identical whatever the number of threads (and faster
+    than one item at a time with multi-threaded ops, which leave cores idle in small LAPACK calls)."""
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(workers)
+
+
+def randomized(bank: Bank, p: Plan) -> bool:
+    """Whether plan `p` truncates some module by the randomized range finder (a stacked rank beyond
+    EXACT_MAX_STACKED_RANK): memory-bound work on all of a module's factors, run one module at a time with
+    multi-threaded ops. Every other composition runs per module (per output) on one thread, see threaded_map."""
+    if p.method != "exact" or p.target_rank is None:
+        return False
+    stacked = {m: sum(e.adapter.modules[m].rank for e in p.active if m in e.adapter.modules) for m in bank.shapes}
+    return max(stacked.values()) > EXACT_MAX_STACKED_RANK
+
+
 def composed_modules(bank: Bank, p: Plan) -> Iterator[tuple[str, ModuleResult]]:
     """Compose module by module, reading each entry's factors only for the module at hand."""
-    for module in track(sorted(bank.shapes), f"composing ({p.method})", total=len(bank.shapes)):
-        yield module, compose_module(bank, p, module, lambda e: e.adapter.factors(module))
+    modules = sorted(bank.shapes)
+
+    def one(module: str) -> ModuleResult:
+        return compose_module(bank, p, module, lambda e: LoraFactors.read(e, module))
+
+    results = map(one, modules) if randomized(bank, p) else threaded_map(one, modules)
+    yield from zip(modules, track(results, f"composing ({p.method})", total=len(modules)))
 
 
 def tensor_specs(bank: Bank, p: Plan) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:

@@ -16,7 +16,21 @@ import torch
 from . import __version__
 from .adapter import WEIGHTS_FILE, SafetensorsWriter
 from .bank import Bank
-from .compose import Composition, compose_module, gram_matrix, plan, tensor_specs, write_composition, write_config, write_module
+from .compose import (
+    Composition,
+    LoraFactors,
+    ModuleResult,
+    Plan,
+    compose_module,
+    gram_matrix,
+    plan,
+    randomized,
+    tensor_specs,
+    threaded_map,
+    write_composition,
+    write_config,
+    write_module,
+)
 from .data import Dataset, read_dataset
 from .distances import distance_row, get_distance
 from .errors import LoramixError
@@ -237,13 +251,18 @@ def leave_one_out(
     ]
     needed = [e for e in bank.entries if any(e.name in p.coefficients for p in plans)]
     compositions = [Composition(p.config, p.rank) for p in plans]
+    serial = any(randomized(bank, p) for p in plans)  # else outputs are composed in parallel, see threaded_map
     with ExitStack() as stack:
         folders = [stack.enter_context(atomic_dir(Path(out) / name, force=force)) for name in names]
         writers = [stack.enter_context(SafetensorsWriter(f / WEIGHTS_FILE, tensor_specs(bank, p))) for f, p in zip(folders, plans)]
         for module in track(sorted(bank.shapes), f"leave-one-out ({len(names)} adapters)", total=len(bank.shapes)):
-            factors = {e.name: e.adapter.factors(module) for e in needed if module in e.adapter.modules}
-            for p, w, comp in zip(plans, writers, compositions):
-                r = compose_module(bank, p, module, lambda e: factors[e.name])
+            factors = {e.name: LoraFactors.read(e, module) for e in needed if module in e.adapter.modules}
+
+            def one(p: Plan) -> ModuleResult:
+                return compose_module(bank, p, module, lambda e: factors[e.name])
+
+            results = map(one, plans) if serial else threaded_map(one, plans)
+            for p, w, comp, r in zip(plans, writers, compositions, results):
                 write_module(w, p, module, r)
                 comp.energy[module] = r.energy
         for t, (folder, p, comp) in enumerate(zip(folders, plans, compositions)):
