@@ -361,3 +361,18 @@ def test_float32_stacks_take_the_cholesky_path_unless_ill_conditioned(monkeypatc
         assert calls["cholesky"][0] is False and calls["eigen"] > 0
     else:
         assert all(calls["cholesky"]) and calls["eigen"] == 0
+
+
+def test_composition_does_not_depend_on_the_thread_count(mixed):
+    b, c = mixed
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compose(b, c, rank=3)
+        torch.set_num_threads(3)
+        three = compose(b, c, rank=3)
+        assert torch.get_num_threads() == 3  # restored after the parallel composition
+    finally:
+        torch.set_num_threads(threads)
+    for m in b.shapes:
+        assert torch.equal(one.factors[m][0], three.factors[m][0]) and torch.equal(one.factors[m][1], three.factors[m][1])
