@@ -342,9 +342,9 @@ def test_float32_stacks_take_the_cholesky_path_unless_ill_conditioned(monkeypatc
         calls["cholesky"].append(cholesky(qt, blocks) is not None)
         return None if not calls["cholesky"][-1] else cholesky(qt, blocks)
 
-    def spy_eigen(qt, blocks):
+    def spy_eigen(qt):
         calls["eigen"] += 1
-        return eigen(qt, blocks)
+        return eigen(qt)
 
     monkeypatch.setattr(comp_mod, "_cholesky_basis", spy_cholesky)
     monkeypatch.setattr(comp_mod, "_eigen_basis", spy_eigen)

@@ -127,11 +127,12 @@ class Exact(Composer):
         qt_a = torch.cat([f[0] for f in qrs])  # Q_a^T [R, in]
         qt_b = torch.cat([f[2] for f in qrs])  # Q_b^T [R, out]
         core = torch.block_diag(*[(t.coefficient * t.scale) * (r_b @ r_a.T) for t, (_, r_a, _, r_b) in zip(terms, qrs)])
-        basis = _cholesky_basis if work == torch.float32 else _eigen_basis
-        bases = [basis(qt_b, len(terms)), basis(qt_a, len(terms))]
-        if None in bases:
+        def basis(qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return _cholesky_basis(qt, len(terms)) if work == torch.float32 else _eigen_basis(qt)
+
+        if (on_b := basis(qt_b)) is None or (on_a := basis(qt_a)) is None:
             return None
-        (t_b, p_b), (t_a, p_a) = bases
+        (t_b, p_b), (t_a, p_a) = on_b, on_a
         u, s, vh = torch.linalg.svd(p_b @ core @ p_a.T)  # core [m_b, m_a]
         k = len(s) if rank is None else rank
         kept = min(k, len(s))
@@ -237,6 +238,24 @@ class Plan:
     def rank(self) -> int | None:
         return None if self.method == "paper" else max(self.ranks.values())
 
+    @property
+    def randomized(self) -> bool:
+        """Whether some module is truncated by the randomized range finder (a stacked rank beyond
+        EXACT_MAX_STACKED_RANK): memory-bound work on all of a module's factors, run one module at a time with
+        multi-threaded ops. Every other composition runs per module (per output) on one thread, see threaded_map."""
+        if self.method != "exact" or self.target_rank is None:
+            return False
+        return max(_stacked_ranks(self.active).values()) > EXACT_MAX_STACKED_RANK
+
+
+def _stacked_ranks(entries: Sequence[BankEntry]) -> dict[str, int]:
+    """Module -> the sum of the entries' ranks there (the stacked rank R of an exact composition)."""
+    stacked: Counter = Counter()
+    for e in entries:
+        for name, m in e.adapter.modules.items():
+            stacked[name] += m.rank
+    return dict(stacked)
+
 
 def _config_for(bank: Bank, ranks: dict[str, int], scales: dict[str, float]) -> dict:
     """adapter_config.json giving each module its rank and scale: the most common (rank, scale) as r and
@@ -291,8 +310,8 @@ def plan(
     else:
         if rank == "full":
             target = None
-            stacked = {m: sum(e.adapter.modules[m].rank for e in active if m in e.adapter.modules) for m in refs}
-            width = max(max(1, min(stacked[m], r.in_features, r.out_features)) for m, r in refs.items())
+            stacked = _stacked_ranks(active)
+            width = max(max(1, min(stacked.get(m, 0), r.in_features, r.out_features)) for m, r in refs.items())
         else:
             target = bank.max_rank if rank is None else int(rank)
             if target < 1:
@@ -308,7 +327,7 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _eigen_basis(qt: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _eigen_basis(qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T [R, m], P [m, R]) such that U = Q T has orthonormal columns spanning the range of Q = qt^T [d, R] and
     Q = U P, from the eigendecomposition of the Gram matrix Q^T Q; directions below 1e-12 of its largest eigenvalue
     (rank deficiency, rounding) are dropped: they carry at most 1e-6 of Q's norm. For float64 Q."""
@@ -379,16 +398,6 @@ def threaded_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         torch.set_num_threads(workers)
 
 
-def randomized(bank: Bank, p: Plan) -> bool:
-    """Whether plan `p` truncates some module by the randomized range finder (a stacked rank beyond
-    EXACT_MAX_STACKED_RANK): memory-bound work on all of a module's factors, run one module at a time with
-    multi-threaded ops. Every other composition runs per module (per output) on one thread, see threaded_map."""
-    if p.method != "exact" or p.target_rank is None:
-        return False
-    stacked = {m: sum(e.adapter.modules[m].rank for e in p.active if m in e.adapter.modules) for m in bank.shapes}
-    return max(stacked.values()) > EXACT_MAX_STACKED_RANK
-
-
 def composed_modules(bank: Bank, p: Plan) -> Iterator[tuple[str, ModuleResult]]:
     """Compose module by module, reading each entry's factors only for the module at hand."""
     modules = sorted(bank.shapes)
@@ -396,7 +405,7 @@ def composed_modules(bank: Bank, p: Plan) -> Iterator[tuple[str, ModuleResult]]:
     def one(module: str) -> ModuleResult:
         return compose_module(bank, p, module, lambda e: LoraFactors.read(e, module))
 
-    results = map(one, modules) if randomized(bank, p) else threaded_map(one, modules)
+    results = map(one, modules) if p.randomized else threaded_map(one, modules)
     yield from zip(modules, track(results, f"composing ({p.method})", total=len(modules)))
 
 

@@ -24,7 +24,6 @@ from .compose import (
     compose_module,
     gram_matrix,
     plan,
-    randomized,
     tensor_specs,
     threaded_map,
     write_composition,
@@ -251,7 +250,7 @@ def leave_one_out(
     ]
     needed = [e for e in bank.entries if any(e.name in p.coefficients for p in plans)]
     compositions = [Composition(p.config, p.rank) for p in plans]
-    serial = any(randomized(bank, p) for p in plans)  # else outputs are composed in parallel, see threaded_map
+    serial = any(p.randomized for p in plans)  # else outputs are composed in parallel, see threaded_map
     with ExitStack() as stack:
         folders = [stack.enter_context(atomic_dir(Path(out) / name, force=force)) for name in names]
         writers = [stack.enter_context(SafetensorsWriter(f / WEIGHTS_FILE, tensor_specs(bank, p))) for f, p in zip(folders, plans)]
