@@ -85,6 +85,16 @@ def write_adapter(
     return folder
 
 
+def at_threads(n: int, fn):
+    """fn() with torch set to n threads, the previous count restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
 def make_bank(root: Path, n: int = 8, *, base: str | None = "tiny-base", mixed: bool = False, **kw) -> Path:
     """A bank of n adapters, one per topic, each with train.jsonl. `mixed`: vary ranks, patterns and rsLoRA."""
     root.mkdir(parents=True, exist_ok=True)

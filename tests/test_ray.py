@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_bank, topic_records, write_jsonl
+from conftest import at_threads, make_bank, topic_records, write_jsonl
 
 pytest.importorskip("ray")
 
-from loramix import Bank, BankIndex, SignatureSpec, generate, read_report  # noqa: E402
+from loramix import Bank, BankIndex, SignatureSpec, generate, make_signer, read_report  # noqa: E402
 
 CLI = [sys.executable, "-c", "from loramix.cli import main; main()"]
 SPEC = SignatureSpec("embed", max_samples=8)
@@ -57,6 +57,10 @@ def test_index_and_generate_match_the_local_engine(cluster, tmp_path):
     local = BankIndex(Bank(local_bank)).signatures(SPEC)
     remote = BankIndex(Bank(ray_bank)).signatures(SPEC, engine="ray")
     assert all(np.array_equal(a, b) for a, b in zip(local, remote))
+    signer = make_signer(SPEC.resolved(None))  # and the same bytes at any thread count of this process
+    for threads in (1, 2, 3):
+        sigs = at_threads(threads, lambda: [signer(e.dataset()) for e in Bank(local_bank).usable])
+        assert all(np.array_equal(a, b) for a, b in zip(sigs, remote)), threads
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 10))
     generate(local_bank, data, tmp_path / "a", max_samples=8)
     generate(ray_bank, data, tmp_path / "b", max_samples=8)
@@ -73,15 +77,9 @@ def test_bank_build_on_ray_matches_local(cluster, tmp_path, tiny_base):
     for topic in ("colors", "tools", "music"):
         (suite / f"t_{topic}").mkdir(parents=True)
         write_jsonl(suite / f"t_{topic}" / "train.jsonl", topic_records(topic, 8))
-    import torch
-
     cfg = TrainConfig(steps=4, batch_size=4, rank=2, alpha=4, bf16=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a 1-CPU Ray worker: float sums, hence trained bits, depend on the thread count
-    try:
-        build_bank(suite, tmp_path / "local", exclude=(), config=cfg, base=str(tiny_base))
-    finally:
-        torch.set_num_threads(threads)
+    # as a 1-CPU Ray worker: training runs multi-threaded ops, so its float sums depend on the thread count
+    at_threads(1, lambda: build_bank(suite, tmp_path / "local", exclude=(), config=cfg, base=str(tiny_base)))
     status = build_bank(suite, tmp_path / "ray", exclude=(), config=cfg, base=str(tiny_base), engine="ray")
     assert status == {"t_colors": "trained", "t_music": "trained", "t_tools": "trained"}
     for t in status:

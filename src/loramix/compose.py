@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from .bank import Bank, BankEntry
 from .errors import LoramixError
 from .progress import track
 from .registry import Registry
+from .threads import threaded_map
 
 
 class LoraFactors:
@@ -373,29 +373,6 @@ def compose_module(bank: Bank, p: Plan, module: str, read: Callable[[BankEntry],
     if not (_finite(r.a) and _finite(r.b)):
         raise LoramixError(f"module '{module}': the composed update overflows {p.dtype} (choose another --dtype)")
     return r
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def threaded_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """fn(item) for each item, in order, on torch.get_num_threads() threads, each torch op running on one thread
-    and at most that many items in flight: results are bit-identical whatever the number of threads (and faster
-    than one item at a time with multi-threaded ops, which leave cores idle in small LAPACK calls)."""
-    workers = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            pending: deque = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(workers)
 
 
 def composed_modules(bank: Bank, p: Plan) -> Iterator[tuple[str, ModuleResult]]:

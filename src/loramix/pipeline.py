@@ -25,7 +25,6 @@ from .compose import (
     gram_matrix,
     plan,
     tensor_specs,
-    threaded_map,
     write_composition,
     write_config,
     write_module,
@@ -38,6 +37,7 @@ from .index import BankIndex
 from .operators import OPERATORS, Operator
 from .progress import track
 from .signatures import SIGNATURES, SignatureSpec, make_signer
+from .threads import threaded_map
 
 REPORT_FILE = "loramix.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -13,10 +13,12 @@ import numpy as np
 
 from .data import Dataset
 from .registry import Registry
+from .threads import threaded_map
 
 DEFAULT_EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Bumped when a signer's output changes for the same spec, so cached signatures are recomputed.
-_SIGNATURE_VERSION = 1
+# 2: embed / hidden batches fixed by the data alone, each on one thread (bytes independent of the thread count).
+_SIGNATURE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,28 @@ def _embedder_path(model: str) -> str:
     return model
 
 
+def _batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Sample indices, longest first (ties in sample order), cut into batches of `size`: which samples share a
+    batch (hence a padded width) depends on the data alone, never on the number of threads."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _gather(batches: list[list[int]], parts: list[np.ndarray]) -> np.ndarray:
+    """The per-batch rows put back in sample order: float32 [n, d]."""
+    out = np.empty((sum(len(b) for b in batches), parts[0].shape[1]), dtype=np.float32)
+    for idx, rows in zip(batches, parts):
+        out[idx] = rows
+    return out
+
+
 @SIGNATURES.register("embed")
 class EmbedSigner(Signer):
-    """Sentence embeddings (L2-normalised) of `input \\n output` per sample. Returns float32 [n, d]."""
+    """Sentence embeddings (L2-normalised) of `input \\n output` per sample. Returns float32 [n, d].
+    Batches of `batch_size` samples of similar length run in parallel threads, each on one thread."""
 
     kind = "cloud"
+    batch_size = 32
     _model = None
 
     def compute(self, dataset: Dataset) -> np.ndarray:
@@ -113,17 +132,25 @@ class EmbedSigner(Signer):
             from .models import quiet_loading
 
             with quiet_loading():
-                self._model = SentenceTransformer(_embedder_path(self.spec.model or DEFAULT_EMBED_MODEL), device="cpu")
-        emb = self._model.encode(
-            _texts(dataset), batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
-        return emb.astype(np.float32)
+                model = SentenceTransformer(_embedder_path(self.spec.model or DEFAULT_EMBED_MODEL), device="cpu")
+            # one call before any concurrent ones: the fast tokenizer records its padding / truncation settings on
+            # first use, a mutation that must not race with another thread's encoding
+            model.encode(["warm-up"], show_progress_bar=False)
+            self._model = model
+        texts = _texts(dataset)
+        batches = _batches([len(t) for t in texts], self.batch_size)
+
+        def encode(idx: list[int]) -> np.ndarray:
+            return self._model.encode([texts[i] for i in idx], batch_size=len(idx), normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False)
+
+        return _gather(batches, list(threaded_map(encode, batches)))
 
 
 @SIGNATURES.register("hidden")
 class HiddenSigner(Signer):
     """The base model's last hidden states, mean-pooled over each sample's tokens (`input \\n output`,
-    at most 256 tokens). Returns float32 [n, hidden_size]."""
+    at most 256 tokens). Returns float32 [n, hidden_size]. Batches as `embed`'s, each on one thread."""
 
     kind = "cloud"
     needs_base = True
@@ -140,15 +167,16 @@ class HiddenSigner(Signer):
         if self._model is None:
             self._model = load_model(self.spec.model, causal_lm=False)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        texts = _texts(dataset)
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                enc = [tokenizer(t, truncation=True, max_length=self.max_tokens)["input_ids"] for t in texts[i : i + self.batch_size]]
-                width = max(len(x) for x in enc)
-                ids = torch.tensor([x + [pad] * (width - len(x)) for x in enc])
-                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in enc])
+        enc = [tokenizer(t, truncation=True, max_length=self.max_tokens)["input_ids"] for t in _texts(dataset)]
+        batches = _batches([len(x) for x in enc], self.batch_size)
+
+        def forward(idx: list[int]) -> np.ndarray:
+            width = max(len(enc[i]) for i in idx)
+            ids = torch.tensor([enc[i] + [pad] * (width - len(enc[i])) for i in idx])
+            mask = torch.tensor([[1] * len(enc[i]) + [0] * (width - len(enc[i])) for i in idx])
+            with torch.inference_mode():
                 hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
-                m = mask.unsqueeze(-1).to(hidden.dtype)
-                out.append(((hidden * m).sum(1) / m.sum(1)).float().numpy())
-        return np.concatenate(out).astype(np.float32)
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return ((hidden * m).sum(1) / m.sum(1)).float().numpy()
+
+        return _gather(batches, list(threaded_map(forward, batches)))
