@@ -206,7 +206,7 @@ def test_safetensors_writer_checks_shapes_and_completeness(tmp_path):
 def test_randomized_truncation_for_large_stacked_rank(mixed, monkeypatch):
     import importlib
 
-    comp_mod = importlib.import_module("loramix.compose")  # the package attribute `compose` is the function
+    comp_mod = importlib.import_module("loramix.compose.methods")  # the package attribute `compose` is the function
 
     b, c = mixed
     exact = compose(b, c, rank=3)
@@ -224,7 +224,7 @@ def test_float32_factorisation_for_large_stacks(mixed, monkeypatch):
     import importlib
 
     b, c = mixed
-    monkeypatch.setattr(importlib.import_module("loramix.compose"), "EXACT_FLOAT64_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(importlib.import_module("loramix.compose.methods"), "EXACT_FLOAT64_MAX_ELEMENTS", 0)
     comp = compose(b, c, rank="full")
     for m in b.shapes:
         assert rel(composed_delta(comp, m), dense_sum(b, c, m)) <= 1e-5
@@ -333,7 +333,7 @@ def test_float32_stacks_take_the_cholesky_path_unless_ill_conditioned(monkeypatc
 
     from loramix.adapter import LoraModule
 
-    comp_mod = importlib.import_module("loramix.compose")
+    comp_mod = importlib.import_module("loramix.compose.methods")
     monkeypatch.setattr(comp_mod, "EXACT_FLOAT64_MAX_ELEMENTS", 0)
     calls = {"cholesky": [], "eigen": 0}
     cholesky, eigen = comp_mod._cholesky_basis, comp_mod._eigen_basis

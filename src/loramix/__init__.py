@@ -9,13 +9,14 @@ __version__ = "0.1.0"
 
 from .adapter import LoraAdapter, save_adapter  # noqa: E402
 from .bank import Bank, BankEntry  # noqa: E402
-from .compose import COMPOSERS, Composition, compose, gram_matrix  # noqa: E402
+from .compose import COMPOSERS, Composition, compose  # noqa: E402
+from .config import GenerateConfig  # noqa: E402
 from .data import Dataset, Sample, read_dataset  # noqa: E402
 from .distances import DISTANCES, distance_matrix, distance_row  # noqa: E402
 from .errors import LoramixError  # noqa: E402
 from .index import BankIndex  # noqa: E402
-from .operators import OPERATORS, Neural, coefficients, softmin  # noqa: E402
-from .pipeline import GenerateConfig, GenerateResult, generate, read_report  # noqa: E402
+from .operators import OPERATORS, Neural, coefficients, gram_matrix, softmin  # noqa: E402
+from .pipeline import GenerateResult, generate, read_report  # noqa: E402
 from .signatures import SIGNATURES, SignatureSpec, make_signer  # noqa: E402
 
 __all__ = [

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .errors import LoramixError
 from .build import BANK_TRAINING
-from .pipeline import GenerateConfig
+from .config import GenerateConfig
 from .train import TrainConfig
 
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)

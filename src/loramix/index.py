@@ -1,8 +1,8 @@
 """The bank index: per-entry signatures and what is derived from them (bank distance matrices, fitted
-neural operators), cached under BANK/.loramix/ and keyed by content, so a changed entry is recomputed.
+trained operators), cached under BANK/.loramix/ and keyed by content, so a changed entry is recomputed.
 
 Layout: signatures/<spec key>/<sha256 of train.jsonl>.<checksum>.npy (+ spec.json);
-distances/<spec key>.<distance>.<seed>.<entries hash>.<checksum>.npy; operators/neural.<...>.safetensors.
+distances/<spec key>.<distance>.<seed>.<entries hash>.<checksum>.npy; operators/<operator>.<...>.safetensors.
 Every array file carries the checksum of its bytes in its name: a damaged file is detected, deleted and recomputed."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 from .adapter import WEIGHTS_FILE
 from .bank import Bank, BankEntry
 from .distances import distance_matrix, get_distance
+from .errors import LoramixError
 from .files import atomic_write_bytes, sha256_file
-from .operators import Neural
+from .operators import OPERATORS, Operator, gram_matrix
 from .engine import get_engine
 from .signatures import SignatureSpec, make_signer
 
@@ -60,7 +61,7 @@ def _digest(parts: list[str]) -> str:
 
 
 class BankIndex:
-    """Cached signatures, distance matrices and neural operators of one bank's usable entries."""
+    """Cached signatures, distance matrices and trained operators of one bank's usable entries."""
 
     def __init__(self, bank: Bank):
         self.bank = bank
@@ -108,19 +109,20 @@ class BankIndex:
         _store(stem, matrix)
         return matrix
 
-    def neural(self, spec: SignatureSpec, distance: str, space: str, seed: int = 0) -> Neural:
-        """The neural operator fitted on this bank (every usable entry), cached with the index."""
-        from .compose import gram_matrix
-
+    def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, space: str, seed: int = 0) -> Operator:
+        """The trainable operator `name` fitted on this bank (every usable entry) for Gram `space`, cached."""
+        cls = OPERATORS.get(name)
+        if not cls.trainable:
+            raise LoramixError(f"operator '{name}' is not trained: use it as it is")
         spec = self.resolve(spec)
         entries = self.bank.usable
         key = _digest([f"{e.name}:{e.data_hash}:{sha256_file(e.adapter.path / WEIGHTS_FILE)}" for e in entries])
-        path = self.dir / "operators" / f"neural.{spec.key()}.{distance}.{space}.{seed}.{key}.safetensors"
+        path = self.dir / "operators" / f"{name}.{spec.key()}.{distance}.{space}.{seed}.{key}.safetensors"
         if path.is_file():
             try:
-                return Neural.load(path)
+                return cls.load(path)
             except Exception:  # a damaged cache file is refitted
                 pass
-        op = Neural().fit(self.distance_matrix(spec, distance, seed), gram_matrix(self.bank, entries, space), seed=seed)
+        op = cls().fit(self.distance_matrix(spec, distance, seed), gram_matrix(self.bank, entries, space), seed=seed)
         op.save(path)
         return op

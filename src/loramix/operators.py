@@ -2,16 +2,22 @@
 non-negative, summing to 1. An entry at +inf is excluded (weight 0), as the paper's leave-one-out does.
 
 `attentional`: softmin(d / T). `normalized`: softmin(z / T), z the row's z-score. `neural`: softmin(f(z) / T),
-f a scalar MLP fitted on the bank to reconstruct each adapter from the others (the paper's)."""
+f a scalar MLP fitted on the bank to reconstruct each adapter from the others (the paper's).
+
+A trained operator's target is the bank's Gram matrix (`gram_matrix`) in the space its composition method
+declares (Composer.operator_space)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from .bank import Bank, BankEntry
 from .errors import LoramixError
+from .progress import track
 from .registry import Registry
 
 
@@ -51,9 +57,14 @@ def zscore(d: np.ndarray) -> np.ndarray:
 
 
 class Operator:
-    """Maps a distance row [n] (+inf = excluded) to scores; `coefficients` applies softmin and top-k."""
+    """Maps a distance row [n] (+inf = excluded) to scores; `coefficients` applies softmin and top-k.
+
+    A trainable operator (`trainable = True`) also implements `fit(distances [n, n], gram [n, n], *, seed) -> self`
+    on a bank of at least `min_entries` entries, `save(path)` and the classmethod `load(path)`; the bank index
+    fits and caches it (BankIndex.fitted_operator)."""
 
     trainable = False
+    min_entries = 1
 
     def scores(self, d: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -90,17 +101,19 @@ class Neural(Operator):
     mean_t (C_t - e_t) G (C_t - e_t)^T, so the adapters are never held in memory together."""
 
     trainable = True
+    min_entries = 3
     hidden = 32
 
     def __init__(self, state: dict[str, np.ndarray] | None = None):
         import torch
 
-        torch.manual_seed(0)
-        self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(1, self.hidden), torch.nn.ReLU(),
-            torch.nn.Linear(self.hidden, self.hidden), torch.nn.ReLU(),
-            torch.nn.Linear(self.hidden, 1),
-        ).double()
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation; torch's global generator left as it was
+            torch.manual_seed(0)
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(1, self.hidden), torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden, self.hidden), torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden, 1),
+            ).double()
         self.history: list[float] = []
         if state is not None:
             self.mlp.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
@@ -124,12 +137,13 @@ class Neural(Operator):
         import torch
 
         n = len(distances)
-        if n < 3:
-            raise LoramixError("the neural operator needs at least 3 bank entries with data to fit")
-        torch.manual_seed(seed)
-        for layer in self.mlp:
-            if hasattr(layer, "reset_parameters"):
-                layer.reset_parameters()
+        if n < self.min_entries:
+            raise LoramixError(f"the neural operator needs at least {self.min_entries} bank entries with data to fit")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in self.mlp:
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
         d = np.array(distances, dtype=np.float64)
         np.fill_diagonal(d, np.inf)
         z = torch.as_tensor(np.stack([zscore(row) for row in d]))
@@ -180,3 +194,34 @@ def coefficients(
     if op.trainable and isinstance(operator, str):
         raise LoramixError(f"operator '{operator}' must be fitted on a bank first (Neural().fit or the bank index)")
     return op.coefficients(distances, temperature, top_k)
+
+
+def gram_matrix(bank: Bank, entries: Sequence[BankEntry], space: str = "updates") -> np.ndarray:
+    """G[i, j] = <W_i, W_j> over all modules, float64 [n, n]. space='params': W is the flattened lora_A and
+    lora_B tensors (the paper's); 'updates': W is the updates s B A (computed from r x r products)."""
+    import torch
+
+    if space not in ("params", "updates"):
+        raise LoramixError(f"unknown gram space '{space}'; use 'params' or 'updates'")
+    n = len(entries)
+    gram = np.zeros((n, n))
+    for module in track(sorted(bank.shapes), f"gram matrix ({space})", total=len(bank.shapes)):
+        rows = [(i, e) for i, e in enumerate(entries) if module in e.adapter.modules]
+        if not rows:
+            continue
+        factors = [e.adapter.factors(module) for _, e in rows]
+        idx = [i for i, _ in rows]
+        if space == "params":
+            flat = torch.stack([torch.cat([a.double().flatten(), b.double().flatten()]) for a, b in factors])
+            gram[np.ix_(idx, idx)] += (flat @ flat.T).numpy()
+        else:
+            a_all = torch.cat([a.double() for a, _ in factors])  # [R, in]
+            b_all = torch.cat([e.adapter.modules[module].scale * b.double() for (_, b), (_, e) in zip(factors, rows)], dim=1)
+            inner = (a_all @ a_all.T) * (b_all.T @ b_all)  # [R, R]: <b_p a_p, b_q a_q> for rank-1 pieces p, q
+            owner = torch.zeros(a_all.shape[0], len(rows), dtype=torch.float64)
+            start = 0
+            for col, (a, _) in enumerate(factors):
+                owner[start : start + a.shape[0], col] = 1.0
+                start += a.shape[0]
+            gram[np.ix_(idx, idx)] += (owner.T @ inner @ owner).numpy()
+    return gram

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .bank import Bank, BankEntry
+from .compose import COMPOSERS
 from .data import Dataset
 from .errors import LoramixError
 from .progress import track
@@ -51,41 +52,31 @@ class RefineResult:
 
 
 class MixedLoRA:
-    """Attaches k bank LoRAs to a base model through forward hooks: each adapted linear module's output gains
-    sum_i w_i s_i B_i (A_i x) ('exact'), or s (sum_i w_i B_i)((sum_i w_i A_i) x) ('paper', LoraHub's mixing).
-    `weights` is a tensor [k] that the hooks read at every call (differentiable)."""
+    """Attaches k bank LoRAs to a base model through forward hooks: each adapted linear module's output gains the
+    composition method's mix of them (Composer.mix: sum_i w_i s_i B_i (A_i x) for 'exact'; LoraHub's A-and-B
+    average for 'paper'). `weights` is a tensor [k] that the hooks read at every call (differentiable)."""
 
-    def __init__(self, model: Any, bank: Bank, entries: Sequence[BankEntry], mode: str = "exact"):
-        if mode not in ("exact", "paper"):
-            raise LoramixError(f"unknown mixing mode {mode!r}")
-        self.model, self.mode = model, mode
+    def __init__(self, model: Any, bank: Bank, entries: Sequence[BankEntry], method: str = "exact"):
+        self.composer = COMPOSERS.get(method)()
+        if not self.composer.refinable:
+            raise LoramixError(f"composition '{method}' cannot be refined")
+        self.composer.check(entries)
+        self.model = model
         self.weights = torch.zeros(len(entries), dtype=torch.float32)
         self._hooks = []
         for name in sorted(bank.shapes):
             parts = [(i, e.adapter.modules[name], e.adapter.factors(name)) for i, e in enumerate(entries) if name in e.adapter.modules]
             if not parts:
                 continue
-            if mode == "paper" and len({(m.rank, m.scale) for _, m, _ in parts}) > 1:
-                raise LoramixError(f"module '{name}': LoraHub mixing needs equal ranks and scales")
             a = torch.cat([ab[0].float() for _, _, ab in parts])  # [R, in]
             b = torch.cat([m.scale * ab[1].float() for _, m, ab in parts], dim=1)  # [out, R]
             owner = torch.cat([torch.full((m.rank,), i) for i, m, _ in parts])  # entry of each rank-1 piece
             module = model.get_submodule(name)
-            self._hooks.append(module.register_forward_hook(self._hook(a, b, owner, parts)))
+            self._hooks.append(module.register_forward_hook(self._hook(a, b, owner, len(parts))))
 
-    def _hook(self, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, parts: list):
-        rank = parts[0][1].rank
-
+    def _hook(self, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, k: int):
         def add(module: Any, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = inputs[0].to(a.dtype)
-            w = self.weights[owner]
-            if self.mode == "exact":
-                delta = ((x @ a.T) * w) @ b.T
-            else:  # (sum_i w_i B_i) (sum_i w_i A_i): A and B mixed separately, shared scale already in b
-                k = len(parts)
-                a_mix = (a * w[:, None]).reshape(k, rank, -1).sum(0)
-                b_mix = (b * w[None, :]).reshape(b.shape[0], k, rank).sum(1)
-                delta = (x @ a_mix.T) @ b_mix.T
+            delta = self.composer.mix(inputs[0].to(a.dtype), a, b, self.weights[owner], k)
             return output + delta.to(output.dtype)
 
         return add
@@ -181,14 +172,14 @@ def _nevergrad(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, dea
 
 def search_weights(
     model: Any, tokenizer: Any, bank: Bank, entries: Sequence[BankEntry], w0: np.ndarray, samples: Sequence,
-    cfg: RefineConfig, mode: str = "exact",
+    cfg: RefineConfig, method: str = "exact",
 ) -> tuple[np.ndarray, float, float, list[float]]:
     """Search weights for `entries` (starting at w0) minimising loss + l1 |w|. Returns (weights, initial loss,
     final loss, history); the base model's own weights never change."""
     for p in model.parameters():
         p.requires_grad_(False)
     deadline = time.perf_counter() + (cfg.budget if cfg.budget is not None else float("inf"))
-    mixed = MixedLoRA(model, bank, entries, mode)
+    mixed = MixedLoRA(model, bank, entries, method)
     loss_fn = answer_loss_fn(model, tokenizer, samples)
     torch.manual_seed(cfg.seed)
     try:
@@ -210,13 +201,13 @@ def refine(
     dataset: Dataset,
     cfg: RefineConfig,
     *,
-    mode: str = "exact",
+    method: str = "exact",
     model: Any = None,
     tokenizer: Any = None,
 ) -> RefineResult:
     """Refine `coefficients` (from a meta-operator) on `cfg.examples` samples drawn from `dataset` (seeded): the
-    top_k entries' weights are searched, the others set to 0; `mode` is how the adapters are mixed ('exact' sum of
-    updates or 'paper'). Loads the bank's base model unless given."""
+    top_k entries' weights are searched, the others set to 0; `method` is the composition method whose mix is
+    searched (Composer.mix). Loads the bank's base model unless given."""
     from .models import load_model, load_tokenizer
 
     if cfg.examples < 1:
@@ -228,7 +219,7 @@ def refine(
     w0 = np.array([coefficients[n] for n in ranked], dtype=np.float64)
     if model is None:
         model, tokenizer = load_model(bank.base_model), load_tokenizer(bank.base_model)
-    w, initial, final, history = search_weights(model, tokenizer, bank, entries, w0, samples, cfg, mode)
+    w, initial, final, history = search_weights(model, tokenizer, bank, entries, w0, samples, cfg, method)
     if final > initial:  # never worse than the start on the examples
         w, final = w0, initial
     refined = {n: 0.0 for n in coefficients}

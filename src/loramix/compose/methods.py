@@ -1,0 +1,313 @@
+"""Composition methods: each one registered class that declares everything its name implies (see `Composer`).
+
+`exact`: the weighted sum of updates, sum_i c_i s_i B_i A_i, which equals [c_1 s_1 B_1 ... c_n s_n B_n] @
+[A_1; ...; A_n] (rank R = sum r_i). Orthonormal bases of both stacked factors (from each entry's QR and the
+R x R Gram matrices of the stacks) and an SVD of the small R x R core give its best rank-k approximation
+(Eckart-Young) in O((d_in + d_out) R^2), never a dense d_out x d_in matrix.
+`paper`: A and B averaged separately with the coefficients (the paper's C @ W); equal ranks and scales required."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Sequence
+
+import torch
+
+from ..adapter import LoraModule
+from ..bank import BankEntry
+from ..errors import LoramixError
+from ..registry import Registry
+
+Rank = int | Literal["full"] | None  # an int truncates to that rank; 'full' keeps every singular value; None: default
+
+
+class LoraFactors:
+    """One entry's factors of one module as stored, A [r, in] and B [out, r], checked finite. Their thin QR
+    factorisations are computed on first use and kept, so outputs sharing an entry (leave-one-out) factorise it once."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+        self._qr: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+        self._lock = threading.Lock()  # outputs composed in parallel share it
+
+    @classmethod
+    def read(cls, entry: BankEntry, module: str) -> "LoraFactors":
+        a, b = entry.adapter.factors(module)
+        if not (_finite(a) and _finite(b)):
+            raise LoramixError(f"{entry.name}: module '{module}' has NaN or Inf weights")
+        return cls(a, b)
+
+    def qr(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(Q_a^T [r', in], R_a [r', r], Q_b^T [r'', out], R_b [r'', r]) with A^T = Q_a R_a and B = Q_b R_b, in
+        `dtype`; the Q factors transposed (contiguous rows), so that stacking them is a plain copy."""
+        with self._lock:
+            if dtype not in self._qr:
+                q_a, r_a = torch.linalg.qr(self.a.to(dtype).T)
+                q_b, r_b = torch.linalg.qr(self.b.to(dtype))
+                self._qr[dtype] = (q_a.T.contiguous(), r_a, q_b.T.contiguous(), r_b)
+            return self._qr[dtype]
+
+
+@dataclass
+class Term:
+    """One entry's contribution to a module: coefficient * scale * B @ A (scale: the entry's PEFT scaling)."""
+
+    factors: LoraFactors
+    coefficient: float
+    scale: float
+
+
+@dataclass
+class ModuleResult:
+    """A composed module: delta_W = scale * B @ A, with the fraction of the exact update's energy it keeps."""
+
+    a: torch.Tensor  # [k, in]
+    b: torch.Tensor  # [out, k]
+    scale: float
+    energy: float | None = 1.0  # |truncated|_F^2 / |exact|_F^2; None when not computed (randomized)
+    singular_values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Shape:
+    """An output's shape: `target` rank handed to `module` (None: keep every singular value, or the entries'
+    own), each module's stored rank and PEFT scale, and the rank the report states (None: the entries' own)."""
+
+    target: int | None
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    rank: int | None
+
+
+class Composer:
+    """A composition method. A subclass registered in COMPOSERS declares all that its name implies:
+
+    - `validate(rank)`: refuse a rank option it cannot honour (called with the configuration, before any work);
+    - `check(entries)`: refuse bank entries it cannot compose correctly (before any tensor is read);
+    - `shape(refs, active, rank)`: the output's ranks and scales per module;
+    - `module(terms, ref, target)`: one composed module;
+    - `operator_space`: the space in which a trained operator reconstructs adapters ('updates' or 'params',
+      see operators.gram_matrix);
+    - `mix(x, a, b, w, k)`: the composed module's output for refinement, differentiable in the weights, or
+      `refinable = False` when refinement cannot mix this method;
+    - `serial(active, target)`: True when modules must run one at a time with multi-threaded ops (memory-bound
+      work); otherwise modules (and outputs) run in parallel threads, each op single-threaded."""
+
+    name: ClassVar[str]
+    operator_space: ClassVar[str] = "updates"
+    refinable: ClassVar[bool] = True
+
+    @classmethod
+    def validate(cls, rank: Rank) -> None:
+        if rank not in (None, "full") and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+            raise LoramixError(f"rank must be at least 1 or 'full', got {rank!r}")
+
+    def check(self, entries: Sequence[BankEntry]) -> None:
+        """Raise LoramixError if these entries cannot be composed correctly by this method."""
+
+    def shape(self, refs: dict[str, LoraModule], active: Sequence[BankEntry], rank: Rank, max_rank: int) -> Shape:
+        raise NotImplementedError
+
+    def module(self, terms: list["Term"], ref: LoraModule, target: int | None) -> "ModuleResult":
+        """Compose one module from its terms; `ref` is the module as one bank entry has it (shape, rank, scale)."""
+        raise NotImplementedError
+
+    def mix(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+        """The update's output on inputs x [..., in]: a [R, in] the k entries' A stacked, b [out, R] their scaled
+        B side by side, w [R] each rank-1 piece's entry weight. Returns [..., out]."""
+        raise NotImplementedError
+
+    def serial(self, active: Sequence[BankEntry], target: int | None) -> bool:
+        return False
+
+
+COMPOSERS: Registry[type[Composer]] = Registry("composition")
+
+
+def stacked_ranks(entries: Sequence[BankEntry]) -> dict[str, int]:
+    """Module -> the sum of the entries' ranks there (the stacked rank R of an exact composition)."""
+    stacked: Counter = Counter()
+    for e in entries:
+        for name, m in e.adapter.modules.items():
+            stacked[name] += m.rank
+    return dict(stacked)
+
+
+EXACT_MAX_STACKED_RANK = 1024  # QR + SVD costs O((d_in + d_out) R^2): beyond this R, a randomized range finder
+EXACT_FLOAT64_MAX_ELEMENTS = 1 << 20  # stacks up to (d_in + d_out) * R elements are factorised in float64
+
+
+@COMPOSERS.register("exact")
+class Exact(Composer):
+    """sum_i w_i B_i A_i, truncated to rank k by SVD (k=None keeps every singular value). Output scale is 1,
+    with sqrt of the singular values on each factor; ranks below k are padded with zeros. Beyond a stacked
+    rank of EXACT_MAX_STACKED_RANK the truncation is computed by a randomized range finder."""
+
+    name = "exact"
+
+    def shape(self, refs: dict[str, LoraModule], active: Sequence[BankEntry], rank: Rank, max_rank: int) -> Shape:
+        """Every module at one width: `rank` (default the bank's largest), or for 'full' the largest stacked rank
+        (capped by the module's sides); scale 1."""
+        if rank == "full":
+            target = None
+            stacked = stacked_ranks(active)
+            width = max(max(1, min(stacked.get(m, 0), r.in_features, r.out_features)) for m, r in refs.items())
+        else:
+            target = width = max_rank if rank is None else int(rank)
+        return Shape(target, {m: width for m in refs}, {m: 1.0 for m in refs}, width)
+
+    def serial(self, active: Sequence[BankEntry], target: int | None) -> bool:
+        """Beyond EXACT_MAX_STACKED_RANK the randomized range finder works on all of a module's factors at once."""
+        return target is not None and max(stacked_ranks(active).values()) > EXACT_MAX_STACKED_RANK
+
+    def mix(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+        return ((x @ a.T) * w) @ b.T
+
+    def module(self, terms: list[Term], ref: LoraModule, rank: int | None) -> ModuleResult:
+        out_f, in_f = ref.out_features, ref.in_features
+        if not terms:
+            k = rank or 1
+            return ModuleResult(torch.zeros(k, in_f, dtype=torch.float64), torch.zeros(out_f, k, dtype=torch.float64), 1.0)
+        stacked = sum(t.factors.a.shape[0] for t in terms)
+        if rank is not None and stacked > EXACT_MAX_STACKED_RANK:
+            return self._randomized(terms, ref, rank)
+        # float64 while the stacks are small (tiny cost, ~1e-12 error); float32 beyond (~1e-6, half the time)
+        # unless the entries' subspaces nearly coincide, where the Gram matrices need float64 and an eigendecomposition
+        small = (in_f + out_f) * stacked <= EXACT_FLOAT64_MAX_ELEMENTS
+        return self._factorised(terms, ref, rank, torch.float64 if small else torch.float32) or self._factorised(
+            terms, ref, rank, torch.float64
+        )
+
+    @staticmethod
+    def _factorised(terms: list[Term], ref: LoraModule, rank: int | None, work: torch.dtype) -> ModuleResult | None:
+        """With each entry's QR (A_i^T = Q_ai R_ai, B_i = Q_bi R_bi), the sum is Q_b K Q_a^T, Q the entries' Q
+        factors side by side [d, R] and K the block-diagonal [R, R] of w_i R_bi R_ai^T. Each Q's range gets an
+        orthonormal basis U = Q T (Q = U P) from the R x R Gram matrix Q^T Q, and the SVD of the core P_b K P_a^T
+        gives the truncation: two GEMMs and three R x R factorisations per output instead of two Householder QRs
+        of the stacks. None if a float32 Gram matrix is too ill-conditioned (the caller retries in float64)."""
+        qrs = [t.factors.qr(work) for t in terms]
+        qt_a = torch.cat([f[0] for f in qrs])  # Q_a^T [R, in]
+        qt_b = torch.cat([f[2] for f in qrs])  # Q_b^T [R, out]
+        core = torch.block_diag(*[(t.coefficient * t.scale) * (r_b @ r_a.T) for t, (_, r_a, _, r_b) in zip(terms, qrs)])
+        def basis(qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return _cholesky_basis(qt, len(terms)) if work == torch.float32 else _eigen_basis(qt)
+
+        if (on_b := basis(qt_b)) is None or (on_a := basis(qt_a)) is None:
+            return None
+        (t_b, p_b), (t_a, p_a) = on_b, on_a
+        u, s, vh = torch.linalg.svd(p_b @ core @ p_a.T)  # core [m_b, m_a]
+        k = len(s) if rank is None else rank
+        kept = min(k, len(s))
+        root = s[:kept].sqrt()
+        b = torch.zeros(ref.out_features, k, dtype=torch.float64)
+        a = torch.zeros(k, ref.in_features, dtype=torch.float64)
+        b[:, :kept] = (qt_b.T @ (t_b @ u[:, :kept]) * root).double()
+        a[:kept] = ((root[:, None] * (vh[:kept] @ t_a.T)) @ qt_a).double()
+        s = s.double()
+        total = float((s**2).sum())
+        energy = float((s[:kept] ** 2).sum()) / total if total > 0 else 1.0
+        return ModuleResult(a, b, 1.0, energy, s.tolist())
+
+    @staticmethod
+    def _randomized(terms: list[Term], ref: LoraModule, rank: int) -> ModuleResult:
+        """Rank-k truncation of M = B_stack @ A_stack for a large stacked rank R: a randomized range finder
+        (Halko, Martinsson & Tropp 2011) with k + 16 seeded probes and 2 power iterations, in float32. M is
+        only applied, never formed: O((d_in + d_out) R k) time, O((d_in + d_out) R) memory. The retained
+        energy would need O(R^2 d) work and is not computed (None)."""
+        b_stack = torch.cat([(t.coefficient * t.scale) * t.factors.b.float() for t in terms], dim=1)  # [out, R]
+        a_stack = torch.cat([t.factors.a.float() for t in terms], dim=0)  # [R, in]
+        width = min(rank + 16, ref.in_features, ref.out_features)
+        probes = torch.randn(ref.in_features, width, generator=torch.Generator().manual_seed(0))
+        y = b_stack @ (a_stack @ probes)
+        for _ in range(2):  # power iterations sharpen the range towards the top singular vectors
+            q, _ = torch.linalg.qr(a_stack.T @ (b_stack.T @ torch.linalg.qr(y)[0]))
+            y = b_stack @ (a_stack @ q)
+        q, _ = torch.linalg.qr(y)  # [out, width]
+        u, s, vh = torch.linalg.svd((q.T @ b_stack) @ a_stack, full_matrices=False)
+        kept = min(rank, len(s))
+        root = s[:kept].sqrt()
+        b = torch.zeros(ref.out_features, rank, dtype=torch.float64)
+        a = torch.zeros(rank, ref.in_features, dtype=torch.float64)
+        b[:, :kept] = ((q @ u[:, :kept]) * root).double()
+        a[:kept] = (root[:, None] * vh[:kept]).double()
+        return ModuleResult(a, b, 1.0, None, s.tolist())
+
+
+@COMPOSERS.register("paper")
+class Paper(Composer):
+    """The paper's code: A = sum_i c_i A_i and B = sum_i c_i B_i, keeping the entries' common rank and scale.
+    This is not the weighted sum of updates: it adds cross terms c_i c_j B_i A_j. Its trained operator
+    reconstructs the flattened A and B tensors (the paper's), and refinement mixes A and B separately (LoraHub's)."""
+
+    name = "paper"
+    operator_space = "params"
+
+    @classmethod
+    def validate(cls, rank: Rank) -> None:
+        if rank is not None:
+            raise LoramixError("composition 'paper' keeps the entries' rank; --rank applies to 'exact' only")
+
+    def check(self, entries: Sequence[BankEntry]) -> None:
+        first: dict[str, tuple[int, float]] = {}
+        for e in entries:
+            for name, m in e.adapter.modules.items():
+                ref = first.setdefault(name, (m.rank, m.scale))
+                if (m.rank, m.scale) != ref:
+                    raise LoramixError(
+                        f"{e.name}: module '{name}' has rank {m.rank} and scale {m.scale:g}, another entry rank {ref[0]} and "
+                        f"scale {ref[1]:g}: composition 'paper' needs equal ranks and scales (use 'exact')"
+                    )
+
+    def shape(self, refs: dict[str, LoraModule], active: Sequence[BankEntry], rank: Rank, max_rank: int) -> Shape:
+        return Shape(None, {m: r.rank for m, r in refs.items()}, {m: r.scale for m, r in refs.items()}, None)
+
+    def module(self, terms: list[Term], ref: LoraModule, target: int | None) -> ModuleResult:
+        a = torch.zeros(ref.rank, ref.in_features, dtype=torch.float64)
+        b = torch.zeros(ref.out_features, ref.rank, dtype=torch.float64)
+        for t in terms:
+            a += t.coefficient * t.factors.a.double()
+            b += t.coefficient * t.factors.b.double()
+        return ModuleResult(a, b, ref.scale)
+
+    def mix(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+        """(sum_i w_i B_i) (sum_i w_i A_i) x: equal ranks r = R / k, the shared scale already in b."""
+        r = a.shape[0] // k
+        a_mix = (a * w[:, None]).reshape(k, r, -1).sum(0)
+        b_mix = (b * w[None, :]).reshape(b.shape[0], k, r).sum(1)
+        return (x @ a_mix.T) @ b_mix.T
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`: its min and max in one pass (NaN propagates), without a boolean copy of `t`."""
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _eigen_basis(qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T [R, m], P [m, R]) such that U = Q T has orthonormal columns spanning the range of Q = qt^T [d, R] and
+    Q = U P, from the eigendecomposition of the Gram matrix Q^T Q; directions below 1e-12 of its largest eigenvalue
+    (rank deficiency, rounding) are dropped: they carry at most 1e-6 of Q's norm. For float64 Q."""
+    lam, v = torch.linalg.eigh(qt @ qt.T)
+    keep = lam > 1e-12 * lam[-1]
+    root = lam[keep].sqrt()
+    return v[:, keep] / root, root[:, None] * v[:, keep].T
+
+
+def _cholesky_basis(qt: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """As `_eigen_basis`, for a float32 Q made of `blocks` blocks of orthonormal columns, from the Cholesky factor
+    Q^T Q = L L^T (T = L^-T, P = L^T): a tenth of the eigendecomposition's time. None unless the Gram matrix is
+    safely conditioned for float32: its largest eigenvalue is at most `blocks` (a sum of that many projections),
+    its smallest is 1 / |L^-1|_2^2, estimated by power iteration, and their ratio must stay below 1e3."""
+    l, info = torch.linalg.cholesky_ex(qt @ qt.T)
+    if info:
+        return None
+    inv = torch.linalg.solve_triangular(l, torch.eye(len(l), dtype=l.dtype), upper=False)  # L^-1
+    v = torch.linspace(1.0, 2.0, len(l), dtype=l.dtype)
+    for _ in range(8):  # v -> G^-1 v = L^-T L^-1 v
+        v = inv.T @ (inv @ v)
+        v = v / v.norm()
+    if not blocks * float((inv @ v).norm()) ** 2 <= 1e3:
+        return None
+    return inv.T, l.T

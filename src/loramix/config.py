@@ -1,0 +1,90 @@
+"""`generate`'s configuration: the single source of truth for its choices. Each field carries its help text
+(the CLI's options are generated from it) and is validated in `__post_init__` against the registries, so an
+invalid choice is refused when the configuration is made, before any work is done."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from .compose import COMPOSERS
+from .distances import get_distance
+from .errors import LoramixError
+from .operators import OPERATORS
+from .refine import SEARCHES
+from .signatures import SIGNATURES, SignatureSpec
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _names(registry) -> str:
+    return ", ".join(registry.names())
+
+
+def option(default, help: str, *, flag: str | None = None, method: bool = True):
+    """A configuration field: its default, help text, CLI flag (default --<name>) and whether it is one of the
+    method options that `generate` and `bank loo` share (`method`)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "method": method})
+
+
+@dataclass
+class GenerateConfig:
+    """Every choice `generate` makes (see each field's help). Validated on creation; `dataclasses.replace`
+    re-validates."""
+
+    signature: str = option("embed", f"Dataset signature: {_names(SIGNATURES)}.")
+    distance: str = option("gaussian-w2", "Distance between signatures: wd, kl, js, mmd (unigram); w2, sliced, "
+                           "mmd-rbf, gaussian-w2 (embed, hidden).")
+    operator: str = option("normalized", f"Meta-operator: {_names(OPERATORS)}.")
+    compose: str = option("exact", f"Composition: {_names(COMPOSERS)} (exact: the sum of updates; paper: A and B "
+                          "averaged).")
+    rank: int | str | None = option(None, "Output rank: an integer, or 'full'. Default: the bank's largest rank.")
+    top_k: int | None = option(None, "Keep only the k largest coefficients.")
+    temperature: float = option(1.0, "Softmin temperature (larger: flatter weights).")
+    seed: int = option(0, "Seed for subsampling, sliced projections and MMD draws.")
+    max_samples: int | None = option(128, "At most this many samples per dataset for signatures.")
+    model: str | None = option(None, "Embedding model (embed) or base model (unigram, hidden) override.")
+    dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
+    refine: int = option(0, "Refine the top entries' weights on this many examples of DATA (loads the base).",
+                         method=False)
+    refine_method: str = option("gradient", "Refinement search: gradient (k weights by backprop) or nevergrad.",
+                                method=False)
+    refine_budget: float | None = option(None, "Seconds the refinement may take.", flag="--budget", method=False)
+
+    def __post_init__(self) -> None:
+        kind = SIGNATURES.get(self.signature).kind
+        get_distance(self.distance, kind)
+        OPERATORS.get(self.operator)
+        composer = COMPOSERS.get(self.compose)
+        if isinstance(self.rank, str) and self.rank != "full":
+            try:
+                self.rank = int(self.rank)
+            except ValueError:
+                raise LoramixError(f"rank must be an integer or 'full', got {self.rank!r}") from None
+        composer.validate(self.rank)
+        _at_least("top-k", self.top_k, 1)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise LoramixError(f"temperature must be positive and finite, got {self.temperature}")
+        _at_least("max-samples", self.max_samples, 1)
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise LoramixError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if not (isinstance(self.refine, int) and self.refine >= 0):
+            raise LoramixError(f"--refine takes a number of examples, got {self.refine}")
+        SEARCHES.get(self.refine_method)
+        if self.refine and not composer.refinable:
+            raise LoramixError(f"composition '{self.compose}' cannot be refined (--refine)")
+        if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget >= 0):
+            raise LoramixError(f"--budget must be a non-negative number of seconds, got {self.refine_budget}")
+
+    def signature_spec(self) -> SignatureSpec:
+        return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)
+
+
+def _at_least(name: str, value: int | None, low: int) -> None:
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        raise LoramixError(f"{name} must be at least {low}, got {value}")
+
+
+def method_fields() -> list:
+    """The fields that `generate` and `bank loo` share, in declaration order."""
+    return [f for f in fields(GenerateConfig) if f.metadata["method"]]
