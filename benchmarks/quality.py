@@ -239,7 +239,7 @@ class Runner:
             cfg = RefineConfig(examples=5, method="nevergrad", steps=40, l1=0.05)
             samples = train.subsample(cfg.examples, cfg.seed).samples
             w, first, last, history = search_weights(self.model, self.tokenizer, self.bank, [self.entries[j] for j in pick],
-                                                     np.zeros(len(pick)), samples, cfg, mode="paper")
+                                                     np.zeros(len(pick)), samples, cfg, method="paper")
             out = np.zeros(len(self.names))
             out[pick] = w
         else:

@@ -216,7 +216,8 @@ def main() -> None:
         rows.append((f"`generate`, exact to rank 16, {'all ' + str(args.n) + ' entries' if top_k is None else 'top-k 16'}", f"{wall:.1f} s", f"{peak:.0f} MiB", f"median of {args.runs}: " + ", ".join(f"{x:.1f}" for x in walls)))
 
     # leave-one-out for every entry, top-k 16, adapters written
-    from loramix.pipeline import GenerateConfig, loo_coefficients
+    from loramix.config import GenerateConfig
+    from loramix.pipeline import loo_coefficients
 
     cfg = GenerateConfig(top_k=16, rank=16, max_samples=100)
     seconds, _ = timed(lambda: loo_coefficients(index, cfg), args.runs)

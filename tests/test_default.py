@@ -60,5 +60,5 @@ def test_generate_from_default_bank_for_a_demo_task(tmp_path, task):
     result = loramix.generate("default", data, tmp_path / "out", max_samples=32)
     family = task.split("_")[0]
     assert result.top(1)[0][0].startswith(family)
-    assert read_dataset(data).fingerprint() == result.report["data"]["fingerprint"]
+    assert read_dataset(data).fingerprint() == result.report.data.fingerprint
     assert os.path.getsize(tmp_path / "out" / "adapter_model.safetensors") > 0

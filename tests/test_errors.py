@@ -78,7 +78,7 @@ DATA_CASES = {
 OPTION_CASES = {
     "unknown signature": (["--signature", "nope"], "unknown signature 'nope'; choose one of"),
     "distance for another signature": (["--distance", "kl"], "distance 'kl' compares tokens signatures, not cloud"),
-    "bad rank": (["--rank", "half"], "--rank must be an integer or 'full'"),
+    "bad rank": (["--rank", "half"], "rank must be an integer or 'full'"),
     "zero top-k": (["--top-k", "0"], "top-k must be at least 1"),
     "zero temperature": (["--temperature", "0"], "temperature must be positive"),
     "paper with a rank": (["--compose", "paper", "--rank", "4"], "composition 'paper' keeps the entries' rank"),

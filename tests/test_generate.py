@@ -47,16 +47,17 @@ def test_generate_full_rank_matches_coefficients_in_peft(tmp_path, tiny_base, mi
     out = tmp_path / "out"
     result = generate(mixed_bank, user_data, out, rank="full")
     report = read_report(out)
-    assert set(report["coefficients"]) == {f"task_{t}" for t in list(TOPICS)[:8]}
-    assert sum(report["coefficients"].values()) == pytest.approx(1.0)
-    assert all(c >= 0 for c in report["coefficients"].values())
+    assert set(report.coefficients) == {f"task_{t}" for t in list(TOPICS)[:8]}
+    assert sum(report.coefficients.values()) == pytest.approx(1.0)
+    assert all(c >= 0 for c in report.coefficients.values())
+    written = json.loads((out / "loramix.json").read_text())
     for key in ("signature", "distance", "operator", "compose", "rank", "energy", "bank", "loramix_version"):
-        assert key in report
-    assert report["loramix_version"] == loramix.__version__
+        assert key in written
+    assert report.loramix_version == loramix.__version__
     # the task closest in meaning gets the largest weight
     assert result.top(1)[0][0] == "task_fruits"
     got = peft_deltas(tiny_base, out)
-    want = expected_deltas(mixed_bank, report["coefficients"])
+    want = expected_deltas(mixed_bank, report.coefficients)
     assert set(got) == set(want)
     for m in want:
         assert float((got[m] - want[m]).norm() / want[m].norm()) <= 1e-5, m
@@ -69,8 +70,8 @@ def test_generate_truncated_in_peft_and_forward(tmp_path, tiny_base, mixed_bank,
     out = tmp_path / "out"
     generate(mixed_bank, user_data, out, rank=4, top_k=3)
     report = read_report(out)
-    assert sum(1 for c in report["coefficients"].values() if c > 0) == 3
-    assert 0 < report["energy"]["min"] <= report["energy"]["mean"] <= 1
+    assert sum(1 for c in report.coefficients.values() if c > 0) == 3
+    assert 0 < report.energy.min <= report.energy.mean <= 1
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 4 and cfg["peft_type"] == "LORA"
     # forward pass: PEFT model == base with the composed update merged by hand
@@ -90,10 +91,10 @@ def test_generate_paper_mode_and_unigram(tmp_path, tiny_base, user_data):
     out = tmp_path / "out"
     generate(bank_dir, user_data, out, signature="unigram", distance="kl", operator="attentional", compose="paper")
     report = read_report(out)
-    assert report["signature"]["method"] == "unigram" and report["signature"]["model"] == str(tiny_base)
+    assert report.signature.method == "unigram" and report.signature.model == str(tiny_base)
     got = peft_deltas(tiny_base, out)
     bank = Bank(bank_dir)
-    c = report["coefficients"]
+    c = report.coefficients
     for m in bank.shapes:  # paper: (sum c_i B_i)(sum c_i A_i) * s
         a = sum(c[e.name] * e.adapter.factors(m)[0].double() for e in bank.entries)
         b = sum(c[e.name] * e.adapter.factors(m)[1].double() for e in bank.entries)
@@ -105,7 +106,7 @@ def test_generate_other_signatures_and_distances(tmp_path, tiny_base, user_data,
     bank_dir = make_bank(tmp_path / "bank", base=str(tiny_base))
     generate(bank_dir, user_data, tmp_path / "out", signature=signature, distance=distance, max_samples=16)
     report = read_report(tmp_path / "out")
-    assert report["distance"] == distance and sum(report["coefficients"].values()) == pytest.approx(1.0)
+    assert report.distance == distance and sum(report.coefficients.values()) == pytest.approx(1.0)
 
 
 def test_generate_neural_operator_is_fitted_and_cached(tmp_path, user_data):
@@ -116,7 +117,7 @@ def test_generate_neural_operator_is_fitted_and_cached(tmp_path, user_data):
     mtime = cached[0].stat().st_mtime_ns
     generate(bank_dir, user_data, tmp_path / "o2", operator="neural", max_samples=16)
     assert cached[0].stat().st_mtime_ns == mtime
-    assert read_report(tmp_path / "o1")["coefficients"] == read_report(tmp_path / "o2")["coefficients"]
+    assert read_report(tmp_path / "o1").coefficients == read_report(tmp_path / "o2").coefficients
 
 
 def test_generate_does_not_load_base_for_embed(tmp_path, user_data):
@@ -151,7 +152,7 @@ def test_generate_excludes_entries_without_data(tmp_path, user_data, caplog):
     (bank_dir / "task_animals" / "train.jsonl").unlink()
     generate(bank_dir, user_data, tmp_path / "out", max_samples=16)
     report = read_report(tmp_path / "out")
-    assert "task_animals" not in report["coefficients"] and report["excluded"] == ["task_animals"]
+    assert "task_animals" not in report.coefficients and report.excluded == ["task_animals"]
     assert any("task_animals" in r.message and "no train.jsonl" in r.message for r in caplog.records)
 
 
@@ -183,7 +184,7 @@ def test_leave_one_out_matches_one_by_one(tmp_path, operator):
     assert ((c > 0).sum(1) == 3).all()
     for t, name in enumerate(names):
         report = read_report(tmp_path / "loo" / name)
-        assert report["leave_one_out"] == name and report["coefficients"][name] == 0 and name not in report["distances"]
+        assert report.leave_one_out == name and report.coefficients[name] == 0 and name not in report.distances
         want = compose(bank, {n: float(x) for n, x in zip(names, c[t]) if x > 0}, rank=5)
         got = load_file(tmp_path / "loo" / name / "adapter_model.safetensors")
         for m, (a, b) in want.factors.items():

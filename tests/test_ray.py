@@ -64,7 +64,7 @@ def test_index_and_generate_match_the_local_engine(cluster, tmp_path):
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 10))
     generate(local_bank, data, tmp_path / "a", max_samples=8)
     generate(ray_bank, data, tmp_path / "b", max_samples=8)
-    assert read_report(tmp_path / "a")["coefficients"] == read_report(tmp_path / "b")["coefficients"]
+    assert read_report(tmp_path / "a").coefficients == read_report(tmp_path / "b").coefficients
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 

@@ -63,10 +63,10 @@ def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
     generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full")
     report = read_report(tmp_path / "out")
-    r = report["refine"]
-    assert r["examples"] == 4 and r["method"] == "gradient" and r["loss"] <= r["initial_loss"]
-    assert sum(1 for v in r["meta_coefficients"].values() if v > 0) == 3
-    assert report["coefficients"] != r["meta_coefficients"]
+    r = report.refine
+    assert r.examples == 4 and r.method == "gradient" and r.loss <= r.initial_loss
+    assert sum(1 for v in r.meta_coefficients.values() if v > 0) == 3
+    assert report.coefficients != r.meta_coefficients
 
 
 def test_shared_prefix_loss_equals_the_plain_loss(tiny_base):

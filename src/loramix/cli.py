@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -15,7 +19,7 @@ from rich.table import Table
 
 from .errors import LoramixError
 from .build import BANK_TRAINING
-from .config import GenerateConfig
+from .config import GenerateConfig, method_fields
 from .train import TrainConfig
 
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)
@@ -24,36 +28,51 @@ app.add_typer(bank_app, name="bank")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-D = GenerateConfig()  # the defaults, in one place
-
 # Options that several commands take, each defined once.
-SignatureOpt = Annotated[str, typer.Option("--signature", help="Dataset signature: unigram, embed, hidden.")]
-DistanceOpt = Annotated[str, typer.Option("--distance", help="Distance: wd, kl, js, mmd (unigram); w2, sliced, mmd-rbf, gaussian-w2 (embed, hidden).")]
-OperatorOpt = Annotated[str, typer.Option("--operator", help="Meta-operator: attentional, normalized, neural.")]
-ComposeOpt = Annotated[str, typer.Option("--compose", help="Composition: exact (sum of updates) or paper (A and B averaged).")]
-RankOpt = Annotated[Optional[str], typer.Option("--rank", help="Output rank: an integer, or 'full'. Default: the bank's largest rank.")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep only the k largest coefficients.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Softmin temperature (larger: flatter weights).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsampling, sliced projections and MMD draws.")]
-MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", help="At most this many samples per dataset for signatures.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Embedding model (embed) or base model (unigram, hidden) override.")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process) or ray (RAY_ADDRESS, else a local Ray cluster).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only).")]
+SignatureOpt = Annotated[str, typer.Option("--signature", help=GenerateConfig.__dataclass_fields__["signature"].metadata["help"])]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help=GenerateConfig.__dataclass_fields__["model"].metadata["help"])]
+MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", help=GenerateConfig.__dataclass_fields__["max_samples"].metadata["help"])]
+SeedOpt = Annotated[int, typer.Option("--seed", help=GenerateConfig.__dataclass_fields__["seed"].metadata["help"])]
+D = GenerateConfig()
 
 
-def _parse_rank(value: Optional[str]) -> int | str | None:
-    if value is None or value == "full":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise LoramixError(f"--rank must be an integer or 'full', got {value!r}") from None
+def _cli_type(f: dataclasses.Field) -> Any:
+    """The type typer parses a configuration field as: its own, Optional when its default is None; the rank
+    (an int or 'full') as text, parsed by GenerateConfig."""
+    hint = typing.get_type_hints(GenerateConfig)[f.name]
+    if f.name == "rank":
+        return Optional[str]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return Optional[args[0]] if args else hint
 
 
-def _method_config(signature, distance, operator, compose, rank, top_k, temperature, seed, max_samples, model, **extra) -> GenerateConfig:
-    """The GenerateConfig of the method options `generate` and `bank loo` share (plus `extra` fields)."""
-    return GenerateConfig(signature=signature, distance=distance, operator=operator, compose=compose, rank=_parse_rank(rank),
-                          top_k=top_k, temperature=temperature, seed=seed, max_samples=max_samples, model=model, **extra)
+def config_options(names: Sequence[str] | None = None):
+    """Decorator: the command gains one option per GenerateConfig field (`names`, default every method field),
+    with the field's flag, default and help text, and receives them as `config: GenerateConfig`."""
+    chosen = [f for f in dataclasses.fields(GenerateConfig) if (f.name in names if names else True)]
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.name != "config"]
+        for f in chosen:
+            flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            opt = typer.Option(f.default, flag, help=f.metadata["help"])
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=_cli_type(f)))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            config = GenerateConfig(**{f.name: kwargs.pop(f.name) for f in chosen})
+            return fn(config=config, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=params)
+        return command
+
+    return wrap
+
+
+METHOD_FIELDS = [f.name for f in method_fields()]
 
 
 _DEBUG = [False]  # set by --debug (or LORAMIX_DEBUG=1) for this invocation only
@@ -74,48 +93,33 @@ def _main(
 
 
 @app.command()
+@config_options()
 def generate(
     bank: Path = typer.Option(..., "--bank", "-b", help="Bank folder (subfolders: PEFT adapters with train.jsonl)."),
     data: Path = typer.Option(..., "--data", "-d", help="Your task's data: .jsonl, .json, .csv/.tsv, NI task, or save_to_disk folder."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the new adapter to."),
-    signature: SignatureOpt = D.signature,
-    distance: DistanceOpt = D.distance,
-    operator: OperatorOpt = D.operator,
-    compose: ComposeOpt = D.compose,
-    rank: RankOpt = None,
-    top_k: TopKOpt = None,
-    temperature: TemperatureOpt = D.temperature,
-    seed: SeedOpt = D.seed,
-    max_samples: MaxSamplesOpt = D.max_samples,
-    model: ModelOpt = None,
-    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32, float16, bfloat16 (default: the bank's)."),
-    refine: int = typer.Option(0, "--refine", help="Refine the top entries' weights on this many examples of DATA (loads the base)."),
-    budget: Optional[float] = typer.Option(None, "--budget", help="Seconds the refinement may take."),
-    refine_method: str = typer.Option("gradient", "--refine-method", help="gradient (k weights by backprop) or nevergrad."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     show: int = typer.Option(5, "--show", help="How many top entries to print."),
     allow_pickle: PickleOpt = False,
+    config: GenerateConfig = D,
 ) -> None:
     """Compose an adapter for DATA from the adapters of BANK and write it to OUT."""
     from .pipeline import generate as run
 
-    config = _method_config(signature, distance, operator, compose, rank, top_k, temperature, seed, max_samples, model,
-                            dtype=dtype, refine=refine, refine_method=refine_method, refine_budget=budget)
     result = run(bank, data, out_dir, config, force=force, allow_pickle=allow_pickle)
     table = Table(title=f"top entries of {len(result.coefficients)}", show_edge=False)
     table.add_column("bank entry")
     table.add_column("coefficient", justify="right")
-    table.add_column(f"distance ({distance})", justify="right")
+    table.add_column(f"distance ({config.distance})", justify="right")
     for name, c in result.top(show):
         table.add_row(name, f"{c:.4f}", f"{result.distances[name]:.4g}")
     out.print(table)
-    energy = result.report["energy"]
-    kept = f", energy kept {energy['mean']:.4f} (min {energy['min']:.4f})" if energy["mean"] is not None else ""
-    if "refine" in result.report:
-        r = result.report["refine"]
-        out.print(f"refined on {r['examples']} examples ({r['method']}, {r['steps']} steps, {r['seconds']:.1f} s): "
-                  f"loss {r['initial_loss']:.4f} -> {r['loss']:.4f}")
-    out.print(f"wrote [bold]{result.out}[/bold]: rank {result.report['rank'] or 'as bank'}{kept}")
+    report = result.report
+    kept = f", energy kept {report.energy.mean:.4f} (min {report.energy.min:.4f})" if report.energy.mean is not None else ""
+    if (r := report.refine) is not None:
+        out.print(f"refined on {r.examples} examples ({r.method}, {r.steps} steps, {r.seconds:.1f} s): "
+                  f"loss {r.initial_loss:.4f} -> {r.loss:.4f}")
+    out.print(f"wrote [bold]{result.out}[/bold]: rank {report.rank or 'as bank'}{kept}")
 
 
 @app.command()
@@ -207,62 +211,50 @@ def bank_build(
 
 
 @bank_app.command("index")
+@config_options(["signature", "model", "max_samples", "seed"])
 def bank_index(
     bank: Path = typer.Argument(..., help="Bank folder."),
-    signature: SignatureOpt = D.signature,
-    model: ModelOpt = None,
-    max_samples: MaxSamplesOpt = D.max_samples,
-    seed: SeedOpt = D.seed,
     distance: Optional[str] = typer.Option(None, help="Also compute the bank's distance matrix for this distance."),
     neural: bool = typer.Option(False, "--neural", help="Also fit the neural operator (needs --distance)."),
     compose: str = typer.Option(D.compose, help="Composition the neural operator is fitted for (exact or paper)."),
     engine: EngineOpt = "local",
     allow_pickle: PickleOpt = False,
+    config: GenerateConfig = D,
 ) -> None:
     """Compute and cache every entry's signature under BANK/.loramix/ (only what changed)."""
     from .bank import Bank
     from .index import BankIndex
     from .pipeline import fit_operator
-    from .signatures import SignatureSpec
 
-    index = BankIndex(Bank(bank, allow_pickle=allow_pickle))
-    spec = SignatureSpec(signature, model, max_samples, seed)
-    before = sum(index.status(spec).values())
-    sigs = index.signatures(spec, engine=engine)
-    out.print(f"{len(sigs)} signatures ({signature}) in {index.dir}: {len(sigs) - before} computed, {before} cached")
     if neural and distance is None:
         raise LoramixError("--neural needs --distance")
+    if distance:  # checked before any work
+        config = dataclasses.replace(config, distance=distance, compose=compose, operator="neural" if neural else config.operator)
+    index = BankIndex(Bank(bank, allow_pickle=allow_pickle))
+    spec = config.signature_spec()
+    before = sum(index.status(spec).values())
+    sigs = index.signatures(spec, engine=engine)
+    out.print(f"{len(sigs)} signatures ({config.signature}) in {index.dir}: {len(sigs) - before} computed, {before} cached")
     if distance:
-        matrix = index.distance_matrix(spec, distance, seed)
+        matrix = index.distance_matrix(spec, distance, config.seed)
         out.print(f"distance matrix ({distance}): {matrix.shape[0]} x {matrix.shape[1]}")
     if neural:
-        config = GenerateConfig(signature=signature, model=model, max_samples=max_samples, seed=seed,
-                                distance=distance, operator="neural", compose=compose)
         op = fit_operator(index, config)
         out.print(f"neural operator fitted: reconstruction loss {op.history[0]:.6g} -> {op.history[-1]:.6g}")
 
 
 @bank_app.command("loo")
+@config_options(METHOD_FIELDS)
 def bank_loo(
     bank: Path = typer.Argument(..., help="Bank folder."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write one predicted adapter per entry into."),
-    signature: SignatureOpt = D.signature,
-    distance: DistanceOpt = D.distance,
-    operator: OperatorOpt = D.operator,
-    compose: ComposeOpt = D.compose,
-    rank: RankOpt = None,
-    top_k: TopKOpt = None,
-    temperature: TemperatureOpt = D.temperature,
-    seed: SeedOpt = D.seed,
-    max_samples: MaxSamplesOpt = D.max_samples,
-    model: ModelOpt = None,
     force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
     allow_pickle: PickleOpt = False,
+    config: GenerateConfig = D,
 ) -> None:
     """Leave-one-out: predict every entry's adapter from the others, in one pass over the bank's tensors."""
     from .pipeline import leave_one_out
 
-    config = _method_config(signature, distance, operator, compose, rank, top_k, temperature, seed, max_samples, model)
     c = leave_one_out(bank, out_dir, config, force=force, allow_pickle=allow_pickle)
     out.print(f"wrote {len(c)} leave-one-out adapters to [bold]{out_dir}[/bold]")
 

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from .compose import COMPOSERS
-from .distances import get_distance
+from .distances import DISTANCES, get_distance
 from .errors import LoramixError
 from .operators import OPERATORS
 from .refine import SEARCHES
@@ -19,6 +19,16 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 def _names(registry) -> str:
     return ", ".join(registry.names())
+
+
+def _distance_help() -> str:
+    """The distances grouped by the signatures they compare, e.g. 'wd, kl (unigram); w2, sliced (embed, hidden)'."""
+    groups = []
+    for kind in dict.fromkeys(DISTANCES.get(n).kind for n in DISTANCES.names()):
+        dists = [n for n in DISTANCES.names() if DISTANCES.get(n).kind == kind]
+        sigs = [n for n in SIGNATURES.names() if SIGNATURES.get(n).kind == kind]
+        groups.append(f"{', '.join(dists)} ({', '.join(sigs)})")
+    return "; ".join(groups)
 
 
 def option(default, help: str, *, flag: str | None = None, method: bool = True):
@@ -33,8 +43,7 @@ class GenerateConfig:
     re-validates."""
 
     signature: str = option("embed", f"Dataset signature: {_names(SIGNATURES)}.")
-    distance: str = option("gaussian-w2", "Distance between signatures: wd, kl, js, mmd (unigram); w2, sliced, "
-                           "mmd-rbf, gaussian-w2 (embed, hidden).")
+    distance: str = option("gaussian-w2", f"Distance between signatures: {_distance_help()}.")
     operator: str = option("normalized", f"Meta-operator: {_names(OPERATORS)}.")
     compose: str = option("exact", f"Composition: {_names(COMPOSERS)} (exact: the sum of updates; paper: A and B "
                           "averaged).")

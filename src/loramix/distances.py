@@ -34,7 +34,8 @@ class Distance:
 DISTANCES: Registry[Distance] = Registry("distance")
 
 
-def _register(name: str, kind: Kind, symmetric: bool = True, matrix: Callable | None = None, revision: int = 1):
+def register_distance(name: str, kind: Kind, symmetric: bool = True, matrix: Callable | None = None, revision: int = 1):
+    """Decorator: register `fn(x, y, seed) -> float` as distance `name` between signatures of `kind` (see Distance)."""
     def decorator(fn: Callable[[np.ndarray, np.ndarray, int], float]):
         DISTANCES.register(name)(Distance(name, kind, symmetric, fn, matrix, revision))
         return fn
@@ -57,7 +58,7 @@ def _histograms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p, q
 
 
-@_register("wd", "tokens")
+@register_distance("wd", "tokens")
 def wd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """1-D Wasserstein-1 between the two token-id arrays, ids taken as numbers."""
     from scipy.stats import wasserstein_distance
@@ -65,14 +66,14 @@ def wd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     return float(wasserstein_distance(x, y))
 
 
-@_register("kl", "tokens", symmetric=False)
+@register_distance("kl", "tokens", symmetric=False)
 def kl(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """KL(p_x || p_y) = sum p_x log(p_x / p_y) on the +1e-10 unigram histograms (nats)."""
     p, q = _histograms(x, y)
     return float(np.sum(p * np.log(p / q)))
 
 
-@_register("js", "tokens")
+@register_distance("js", "tokens")
 def js(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """Jensen-Shannon divergence (nats): KL(p || m) / 2 + KL(q || m) / 2, m = (p + q) / 2, same histograms."""
     p, q = _histograms(x, y)
@@ -94,7 +95,7 @@ def _mmd2(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
     return float(kxx.mean() + kyy.mean() - 2 * kxy.mean())
 
 
-@_register("mmd", "tokens")
+@register_distance("mmd", "tokens")
 def mmd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """Biased MMD^2 between 1000 ids drawn from each, with the kernel sum_a a^2 / (a^2 + (i - j)^2),
     a in {0.2, 0.5, 0.9, 1.3}."""
@@ -111,7 +112,7 @@ def mmd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
 _EXACT_OT_MAX = 1_000_000  # n * m up to which W2 uses exact OT; Sinkhorn beyond
 
 
-@_register("w2", "cloud")
+@register_distance("w2", "cloud")
 def w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """2-Wasserstein distance between uniform point clouds (Euclidean ground cost): exact OT (POT's emd2)
     up to 10^6 point pairs, entropic OT (Sinkhorn, reg 0.01 of the largest cost) beyond."""
@@ -146,7 +147,7 @@ def _sliced_matrix(sigs: Sequence[np.ndarray], seed: int) -> np.ndarray | None:
     return np.sqrt(d2)
 
 
-@_register("sliced", "cloud", matrix=_sliced_matrix)
+@register_distance("sliced", "cloud", matrix=_sliced_matrix)
 def sliced(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """Sliced 2-Wasserstein distance: W2 of 1-D projections on 256 seeded random directions (POT)."""
     import ot
@@ -154,7 +155,7 @@ def sliced(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     return float(ot.sliced_wasserstein_distance(x.astype(np.float64), y.astype(np.float64), n_projections=_PROJECTIONS, p=2, seed=seed))
 
 
-@_register("mmd-rbf", "cloud")
+@register_distance("mmd-rbf", "cloud")
 def mmd_rbf(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """MMD (square root of the biased MMD^2) with a Gaussian kernel exp(-|u - v|^2 / (2 s^2)),
     s^2 the median squared distance between distinct points of the pooled sample (median heuristic)."""
@@ -201,7 +202,7 @@ def _gaussian_w2_matrix(sigs: Sequence[np.ndarray], seed: int) -> np.ndarray:
     return out
 
 
-@_register("gaussian-w2", "cloud", matrix=_gaussian_w2_matrix, revision=2)  # 2: no ridge, factor form
+@register_distance("gaussian-w2", "cloud", matrix=_gaussian_w2_matrix, revision=2)  # 2: no ridge, factor form
 def gaussian_w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """Frechet (Bures-Wasserstein) distance between Gaussians fitted to the clouds (means, covariances with
     1/n): sqrt(|m_x - m_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2)), computed from low-rank factors."""

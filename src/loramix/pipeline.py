@@ -3,10 +3,9 @@ composition -> adapter folder (PEFT files + loramix.json, written atomically).""
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,9 +22,9 @@ from .errors import LoramixError
 from .files import atomic_dir
 from .index import BankIndex
 from .operators import OPERATORS, Operator, gram_matrix
+from .report import DataInfo, EnergyInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 
-REPORT_FILE = "loramix.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -36,7 +35,7 @@ class GenerateResult:
     out: Path
     coefficients: dict[str, float]
     distances: dict[str, float]
-    report: dict[str, Any] = field(repr=False)
+    report: Report = field(repr=False)
 
     def top(self, n: int = 5) -> list[tuple[str, float]]:
         """The n largest coefficients, largest first."""
@@ -111,13 +110,12 @@ def generate(
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, bank, dataset, composition, weights, d)
         if refined:
-            report["refine"] = {
-                "examples": config.refine, "method": config.refine_method, "budget_seconds": config.refine_budget,
-                "meta_coefficients": coefficients, "initial_loss": refined.initial_loss, "loss": refined.loss,
-                "steps": refined.steps, "seconds": round(refined.seconds, 2), "history": refined.history,
-            }
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return GenerateResult(Path(out), weights, report["distances"], report)
+            report.refine = RefineInfo(
+                config.refine, config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
+                refined.loss, refined.steps, round(refined.seconds, 2), refined.history,
+            )
+        report.write(tmp)
+    return GenerateResult(Path(out), weights, report.distances, report)
 
 
 def _report(
@@ -128,27 +126,26 @@ def _report(
     composition: Composition,
     coefficients: dict[str, float],
     d: Sequence[float],
-) -> dict[str, Any]:
+) -> Report:
     """The contents of loramix.json."""
-    usable = bank.usable
-    return {
-        "loramix_version": __version__,
-        "bank": str(bank.path.resolve()),
-        "base_model": bank.base_model,
-        "data": {"path": dataset.source, "samples": len(dataset), "fingerprint": dataset.fingerprint()},
-        "signature": asdict(spec),
-        "distance": config.distance,
-        "operator": config.operator,
-        "temperature": config.temperature,
-        "top_k": config.top_k,
-        "compose": config.compose,
-        "rank": composition.rank,
-        "seed": config.seed,
-        "coefficients": coefficients,
-        "distances": {e.name: float(x) for e, x in zip(usable, d) if math.isfinite(x)},
-        "excluded": [e.name for e in bank.entries if not e.has_data],
-        "energy": {"mean": composition.mean_energy, "min": composition.min_energy, "per_module": composition.energy},
-    }
+    return Report(
+        loramix_version=__version__,
+        bank=str(bank.path.resolve()),
+        base_model=bank.base_model,
+        data=DataInfo(dataset.source, len(dataset), dataset.fingerprint()),
+        signature=spec,
+        distance=config.distance,
+        operator=config.operator,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        compose=config.compose,
+        rank=composition.rank,
+        seed=config.seed,
+        coefficients=coefficients,
+        distances={e.name: float(x) for e, x in zip(bank.usable, d) if math.isfinite(x)},
+        excluded=[e.name for e in bank.entries if not e.has_data],
+        energy=EnergyInfo(composition.mean_energy, composition.min_energy, composition.energy),
+    )
 
 
 def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -> np.ndarray:
@@ -208,14 +205,6 @@ def leave_one_out(
             entry = bank.usable[t]
             row = np.where(np.arange(len(names)) == t, np.inf, d[t])
             report = _report(config, spec, bank, entry.dataset(), comp, dict(zip(names, map(float, c[t]))), row)
-            report["leave_one_out"] = entry.name
-            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            report.leave_one_out = entry.name
+            report.write(folder)
     return c
-
-
-def read_report(adapter_dir: str | Path) -> dict[str, Any]:
-    """The loramix.json of a generated adapter."""
-    path = Path(adapter_dir) / REPORT_FILE
-    if not path.is_file():
-        raise LoramixError(f"{adapter_dir}: no {REPORT_FILE} (not an adapter written by loramix)")
-    return json.loads(path.read_text(encoding="utf-8"))

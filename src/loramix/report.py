@@ -1,0 +1,117 @@
+"""loramix.json: how a generated adapter was made, as a typed object (written by `generate` and leave-one-out,
+read back with `read_report`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import LoramixError
+from .signatures import SignatureSpec
+
+REPORT_FILE = "loramix.json"
+
+
+@dataclass
+class DataInfo:
+    """The user's dataset: where it came from, how many samples, its content fingerprint."""
+
+    path: str | None
+    samples: int
+    fingerprint: str
+
+
+@dataclass
+class EnergyInfo:
+    """Fraction of the exact update's squared Frobenius norm kept by the truncation, per module and summarised
+    (None where it was not computed: randomized truncation, 'paper')."""
+
+    mean: float | None
+    min: float | None
+    per_module: dict[str, float | None]
+
+
+@dataclass
+class RefineInfo:
+    """The refinement run (`--refine`): its settings, the meta-operator's coefficients it started from, the loss
+    (answer-token cross-entropy + l1, nats) before and after, and the loss of every step."""
+
+    examples: int
+    method: str
+    budget_seconds: float | None
+    meta_coefficients: dict[str, float]
+    initial_loss: float
+    loss: float
+    steps: int
+    seconds: float
+    history: list[float]
+
+
+@dataclass
+class Report:
+    """The contents of loramix.json. `coefficients` and `distances` are per usable bank entry (distances only where
+    finite); `excluded` lists the entries without training data; `leave_one_out` names the held-out entry of a
+    leave-one-out output."""
+
+    loramix_version: str
+    bank: str
+    base_model: str | None
+    data: DataInfo
+    signature: SignatureSpec
+    distance: str
+    operator: str
+    temperature: float
+    top_k: int | None
+    compose: str
+    rank: int | None
+    seed: int
+    coefficients: dict[str, float]
+    distances: dict[str, float]
+    excluded: list[str]
+    energy: EnergyInfo
+    refine: RefineInfo | None = None
+    leave_one_out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """As written to loramix.json: optional parts left out when absent."""
+        d = asdict(self)
+        for key in ("refine", "leave_one_out"):
+            if d[key] is None:
+                del d[key]
+        return d
+
+    def write(self, folder: str | Path) -> None:
+        (Path(folder) / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+_NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "refine": RefineInfo}
+
+
+def read_report(adapter_dir: str | Path) -> Report:
+    """The loramix.json of a generated adapter."""
+    path = Path(adapter_dir) / REPORT_FILE
+    if not path.is_file():
+        raise LoramixError(f"{adapter_dir}: no {REPORT_FILE} (not an adapter written by loramix)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise LoramixError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    return _build(Report, raw, path)
+
+
+def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:
+    """`cls` (a dataclass) from the JSON object `raw`; nested reports are built from their own objects."""
+    if not isinstance(raw, dict):
+        raise LoramixError(f"{path}: field '{where or 'top level'}' must be an object")
+    kwargs = {}
+    for f in fields(cls):
+        name = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise LoramixError(f"{path}: field '{name}' is missing")
+            continue
+        value, nested = raw[f.name], _NESTED.get(f.name) if cls is Report else None
+        kwargs[f.name] = _build(nested, value, path, name) if nested is not None and value is not None else value
+    return cls(**kwargs)

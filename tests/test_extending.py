@@ -1,0 +1,211 @@
+"""Adding a variant of any stage is one class or function, registered in one place: toy variants of a signature,
+a distance, an operator (plain and trained) and a composition method run `generate` end to end. And every
+invalid choice is refused before any signature is computed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_bank, topic_records, write_jsonl
+
+from peft.utils import load_peft_weights
+
+from loramix import (COMPOSERS, DISTANCES, OPERATORS, SIGNATURES, Bank, BankIndex, GenerateConfig, LoramixError,
+                     SignatureSpec, generate, read_report)
+from loramix.compose.methods import Composer, ModuleResult, Shape, stacked_ranks
+from loramix.distances import register_distance
+from loramix.operators import Operator, softmin
+from loramix.signatures import Signer
+
+TOY_BANK_SIZE = 5
+
+
+@pytest.fixture
+def registries(monkeypatch):
+    """Every registry restored after the test: variants registered inside it do not leak."""
+    for reg in (SIGNATURES, DISTANCES, OPERATORS, COMPOSERS):
+        monkeypatch.setattr(reg, "_items", dict(reg._items))
+
+
+def register_toys():
+    @SIGNATURES.register("toy-lengths")
+    class Lengths(Signer):
+        """[n, 2]: the lengths (characters) of input and output."""
+
+        kind = "cloud"
+
+        def compute(self, dataset):
+            return np.array([[len(s.input), len(s.output)] for s in dataset], dtype=np.float32)
+
+    @register_distance("toy-mean", "cloud")
+    def mean_gap(x, y, seed=0):
+        """|mean(x) - mean(y)|."""
+        return float(np.linalg.norm(x.mean(0) - y.mean(0)))
+
+    @OPERATORS.register("toy-nearest")
+    class Nearest(Operator):
+        """All the weight on the nearest entries (ties share it)."""
+
+        def scores(self, d):
+            return np.where(np.asarray(d) <= np.min(d) + 1e-9, 0.0, np.inf)
+
+    @OPERATORS.register("toy-trained")
+    class Trained(Operator):
+        """softmin(d / s), s fitted as the mean off-diagonal bank distance; saved as JSON."""
+
+        trainable = True
+        min_entries = 2
+        fits = 0
+
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def scores(self, d):
+            return np.asarray(d, dtype=np.float64) / self.scale
+
+        def fit(self, distances, gram, *, seed=0):
+            type(self).fits += 1
+            off = distances[~np.eye(len(distances), dtype=bool)]
+            self.scale = float(off.mean()) or 1.0
+            self.history = [self.scale]
+            return self
+
+        def save(self, path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.scale))
+
+        @classmethod
+        def load(cls, path):
+            return cls(json.loads(path.read_text()))
+
+    @COMPOSERS.register("toy-stack")
+    class Stack(Composer):
+        """The exact sum kept at its full stacked rank: B = [c_i s_i B_i], A = [A_i] (no truncation)."""
+
+        name = "toy-stack"
+
+        @classmethod
+        def validate(cls, rank):
+            if rank is not None:
+                raise LoramixError("toy-stack keeps the stacked rank")
+
+        def shape(self, refs, active, rank, max_rank):
+            width = max(stacked_ranks(active).values())
+            return Shape(None, {m: width for m in refs}, {m: 1.0 for m in refs}, width)
+
+        def module(self, terms, ref, target):
+            b = torch.cat([t.coefficient * t.scale * t.factors.b.double() for t in terms], dim=1)
+            a = torch.cat([t.factors.a.double() for t in terms])
+            return ModuleResult(a, b, 1.0)
+
+        def mix(self, x, a, b, w, k):
+            return ((x @ a.T) * w) @ b.T
+
+    @COMPOSERS.register("toy-frozen")
+    class Frozen(Stack):
+        """As toy-stack, but refinement cannot mix it."""
+
+        name = "toy-frozen"
+        refinable = False
+
+    return Trained
+
+
+def dense_update(bank: Bank, coefficients: dict[str, float], module: str) -> torch.Tensor:
+    total = 0
+    for e in bank.entries:
+        if coefficients.get(e.name) and module in e.adapter.modules:
+            a, b = e.adapter.factors(module)
+            total = total + coefficients[e.name] * e.adapter.modules[module].scale * (b.double() @ a.double())
+    return total
+
+
+def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_path):
+    trained = register_toys()
+    bank_dir = make_bank(tmp_path / "bank", n=TOY_BANK_SIZE)
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 12))
+    for operator in ("toy-nearest", "toy-trained"):
+        out = tmp_path / operator
+        result = generate(bank_dir, data, out, signature="toy-lengths", distance="toy-mean", operator=operator,
+                          compose="toy-stack", max_samples=8)
+        report = read_report(out)
+        assert (report.signature.method, report.distance, report.operator, report.compose) == (
+            "toy-lengths", "toy-mean", operator, "toy-stack")
+        bank = Bank(bank_dir)
+        d = np.array([result.distances[e.name] for e in bank.usable])
+        if operator == "toy-nearest":
+            want = np.where(d <= d.min() + 1e-9, 1.0, 0.0) / np.count_nonzero(d <= d.min() + 1e-9)
+        else:  # fitted on the bank's own distance matrix, through the index
+            matrix = BankIndex(bank).distance_matrix(SignatureSpec("toy-lengths", max_samples=8), "toy-mean")
+            scale = matrix[~np.eye(len(matrix), dtype=bool)].mean()
+            want = softmin(d / scale)
+            assert trained.fits == 1
+        c = np.array([result.coefficients[e.name] for e in bank.usable])
+        assert np.allclose(c, want)
+        # the output is the exact weighted sum of the entries' updates, at the stacked rank
+        weights = load_peft_weights(str(out))
+        for module in bank.shapes:
+            key = f"base_model.model.{module}"
+            got = weights[f"{key}.lora_B.weight"].double() @ weights[f"{key}.lora_A.weight"].double()
+            assert torch.allclose(got, dense_update(bank, result.coefficients, module), atol=1e-6)
+    generate(bank_dir, data, tmp_path / "again", signature="toy-lengths", distance="toy-mean", operator="toy-trained",
+             compose="toy-stack", max_samples=8)
+    assert trained.fits == 1  # the trained operator is cached with the bank index, found through its registry
+
+
+def test_refining_a_method_that_cannot_be_mixed_is_refused(registries, tmp_path):
+    register_toys()
+    with pytest.raises(LoramixError, match="cannot be refined"):
+        GenerateConfig(compose="toy-frozen", refine=4)
+
+
+INVALID = {
+    "unknown signature": {"signature": "nope"},
+    "unknown distance": {"distance": "nope"},
+    "distance of another kind": {"distance": "kl"},
+    "unknown operator": {"operator": "nope"},
+    "unknown composition": {"compose": "nope"},
+    "rank with paper": {"compose": "paper", "rank": 4},
+    "rank zero": {"rank": 0},
+    "rank text": {"rank": "half"},
+    "top-k zero": {"top_k": 0},
+    "temperature zero": {"temperature": 0.0},
+    "temperature infinite": {"temperature": float("inf")},
+    "temperature NaN": {"temperature": float("nan")},
+    "max samples zero": {"max_samples": 0},
+    "negative refine": {"refine": -1},
+    "unknown refine method": {"refine": 2, "refine_method": "nope"},
+    "negative budget": {"refine": 2, "refine_budget": -1.0},
+    "unknown dtype": {"dtype": "int8"},
+}
+
+
+@pytest.mark.parametrize("overrides", INVALID.values(), ids=INVALID.keys())
+def test_invalid_choices_are_refused_before_any_signature(overrides, tmp_path, monkeypatch):
+    def no_signatures(self, dataset):
+        raise AssertionError("a signature was computed before the refusal")
+
+    monkeypatch.setattr(Signer, "__call__", no_signatures)
+    bank = make_bank(tmp_path / "bank", n=3)
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 6))
+    with pytest.raises(LoramixError):
+        generate(bank, data, tmp_path / "out", **overrides)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bank_level_refusals_come_before_any_signature(tmp_path, monkeypatch):
+    def no_signatures(self, dataset):
+        raise AssertionError("a signature was computed before the refusal")
+
+    monkeypatch.setattr(Signer, "__call__", no_signatures)
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 6))
+    two = make_bank(tmp_path / "two", n=2)
+    with pytest.raises(LoramixError, match="at least 3"):
+        generate(two, data, tmp_path / "o1", operator="neural")
+    mixed = make_bank(tmp_path / "mixed", n=3, mixed=True)
+    with pytest.raises(LoramixError, match="equal ranks and scales"):
+        generate(mixed, data, tmp_path / "o2", compose="paper")
+    nameless = make_bank(tmp_path / "nameless", n=3, base=None)
+    with pytest.raises(LoramixError, match="needs the base model"):
+        generate(nameless, data, tmp_path / "o3", signature="hidden", distance="w2")
