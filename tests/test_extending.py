@@ -209,3 +209,26 @@ def test_bank_level_refusals_come_before_any_signature(tmp_path, monkeypatch):
     nameless = make_bank(tmp_path / "nameless", n=3, base=None)
     with pytest.raises(LoramixError, match="needs the base model"):
         generate(nameless, data, tmp_path / "o3", signature="hidden", distance="w2")
+
+
+def test_cli_options_are_generated_from_the_config(tmp_path):
+    """Every GenerateConfig field is a `generate` option with its help text; the method fields are `bank loo`'s."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+
+    runner = CliRunner()
+    helps = {cmd: runner.invoke(app, [*cmd.split(), "--help"], env={"COLUMNS": "400"}).output for cmd in ("generate", "bank loo")}
+    for f in dataclasses.fields(GenerateConfig):
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        assert flag in helps["generate"] and f.metadata["help"].split(":")[0] in helps["generate"], f.name
+        assert (flag in helps["bank loo"]) == f.metadata["method"], f.name
+    bank = make_bank(tmp_path / "bank", n=3)
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 6))
+    r = runner.invoke(app, ["generate", "--bank", str(bank), "--data", str(data), "--out", str(tmp_path / "out"),
+                            "--temperature", "2.5", "--top-k", "2", "--rank", "3", "--max-samples", "4", "--seed", "7"])
+    assert r.exit_code == 0, r.output
+    report = read_report(tmp_path / "out")
+    assert (report.temperature, report.top_k, report.rank, report.seed, report.signature.max_samples) == (2.5, 2, 3, 7, 4)

@@ -20,6 +20,7 @@ from rich.table import Table
 from .errors import LoramixError
 from .build import BANK_TRAINING
 from .config import GenerateConfig, method_fields
+from .engine import ENGINES
 from .train import TrainConfig
 
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)
@@ -29,7 +30,7 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 # Options that several commands take, each defined once.
-EngineOpt = Annotated[str, typer.Option("--engine", help="local (this process) or ray (RAY_ADDRESS, else a local Ray cluster).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help=f"Execution engine: {', '.join(ENGINES.names())} (local: this process; ray: RAY_ADDRESS, else a local Ray cluster).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only).")]
 SignatureOpt = Annotated[str, typer.Option("--signature", help=GenerateConfig.__dataclass_fields__["signature"].metadata["help"])]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help=GenerateConfig.__dataclass_fields__["model"].metadata["help"])]
@@ -55,7 +56,8 @@ def config_options(names: Sequence[str] | None = None):
 
     def wrap(fn):
         sig = inspect.signature(fn)
-        params = [p for p in sig.parameters.values() if p.name != "config"]
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolved, Annotated options kept
+        params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values() if p.name != "config"]
         for f in chosen:
             flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
             opt = typer.Option(f.default, flag, help=f.metadata["help"])
@@ -67,6 +69,7 @@ def config_options(names: Sequence[str] | None = None):
             return fn(config=config, **kwargs)
 
         command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
         return command
 
     return wrap

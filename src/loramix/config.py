@@ -56,8 +56,8 @@ class GenerateConfig:
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
     refine: int = option(0, "Refine the top entries' weights on this many examples of DATA (loads the base).",
                          method=False)
-    refine_method: str = option("gradient", "Refinement search: gradient (k weights by backprop) or nevergrad.",
-                                method=False)
+    refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
+                                "backpropagation).", method=False)
     refine_budget: float | None = option(None, "Seconds the refinement may take.", flag="--budget", method=False)
 
     def __post_init__(self) -> None:
