@@ -6,7 +6,9 @@ import os
 import pytest
 
 import loramix
-from loramix.build import BANK_TRAINING, DEFAULT_BANK, DEFAULT_SUITE, DEMO_TASKS, suite_tasks
+from loramix.build import DEMO_TASKS, suite_tasks
+from loramix.paths import DEFAULT_BANK, DEFAULT_SUITE
+from loramix.train_config import BANK_TRAINING
 from loramix.data import read_dataset
 
 

@@ -14,9 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import LoramixError
-from .build import BANK_TRAINING
 from .pipeline import GenerateConfig
-from .train import TrainConfig
+from .train_config import BANK_TRAINING, TrainConfig
 
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)
 bank_app = typer.Typer(help="Inspect and index a bank of adapters.", no_args_is_help=True)
@@ -444,7 +443,7 @@ def try_(
 @app.command()
 def version() -> None:
     """Print loramix's version."""
-    from . import __version__
+    from .version import __version__
 
     out.print(__version__)
 

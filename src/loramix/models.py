@@ -6,27 +6,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import LoramixError
+from .paths import loramix_home
 
 log = logging.getLogger("loramix")
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def loramix_home() -> Path:
-    """Cache folder: $LORAMIX_HOME, else the platform's user cache dir for loramix."""
-    if env := os.environ.get("LORAMIX_HOME"):
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("loramix"))
 
 
 def default_base_path() -> Path:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from .version import __version__
 from .adapter import WEIGHTS_FILE, SafetensorsWriter
 from .bank import Bank
 from .compose import (

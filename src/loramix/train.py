@@ -7,7 +7,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +18,9 @@ from .errors import LoramixError
 from .files import atomic_dir
 from .models import DEFAULT_BASE, end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
 from .progress import track
+from .train_config import TrainConfig
 
 TRAINING_FILE = "training.json"
-
-
-@dataclass
-class TrainConfig:
-    """LoRA fine-tuning settings: `steps` optimizer steps of `batch_size` samples drawn (seeded) from the
-    data; AdamW at `lr` with `warmup` linear steps, then cosine decay; LoRA of `rank` / `alpha` on
-    `target_modules`; sequences cut to `max_length` tokens; saved as `save_dtype`."""
-
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup: int = 10
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
-    max_length: int = 256
-    seed: int = 0
-    bf16: bool = True
-    save_dtype: str = "float32"
-    device: str | None = None  # None: cuda when available, else cpu
 
 
 def encode(tokenizer: Any, dataset: Dataset, max_length: int) -> list[tuple[list[int], int]]:
