@@ -16,7 +16,8 @@ def test_default_base_converts_from_the_gguf(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loramix.models import DEFAULT_BASE, default_base_path, load_tokenizer, prompt_ids, resolve_base
+    from loramix.models import DEFAULT_BASE, default_base_path, load_tokenizer, resolve_base
+    from loramix.prompts import prompt_ids
 
     monkeypatch.setenv("LORAMIX_HOME", str(tmp_path))
     path = default_base_path()

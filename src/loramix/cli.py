@@ -408,7 +408,7 @@ def try_(
     from transformers import TextStreamer
 
     from .evaluate import load_for_eval
-    from .models import end_of_turn_id, prompt_ids
+    from .prompts import end_of_turn_id, prompt_ids
 
     model, tokenizer = load_for_eval(base, adapter)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -17,8 +17,9 @@ import torch
 
 from .adapter import LoraAdapter
 from .data import Dataset, read_dataset
-from .models import end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
+from .models import load_model, load_tokenizer, quiet_loading
 from .progress import track
+from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids
 
 
 def normalize(text: str) -> str:
@@ -61,16 +62,6 @@ class Scorer:
         return rouge, exact, contains
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the longest prefix all `seqs` share, leaving each at least one token of its own."""
-    n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for k in range(max(n, 0)):
-        if any(s[k] != first[k] for s in seqs):
-            return k
-    return max(n, 0)
-
-
 def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_size: int = 32, max_new_tokens: int = 48) -> list[str]:
     """Greedy answers to `inputs` (each a user turn in the chat template), batched, longest prompts first.
     Returns the decoded answers in input order.
@@ -78,8 +69,7 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     The prompts of a batch share a prefix (system turn, task definition): it is run once and its key/value
     cache reused by every row, laid out as [prefix][padding][own tokens] with the padding masked out, so
     positions stay contiguous and the answers equal those of unbatched generation."""
-    eot = end_of_turn_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
     device = next(model.parameters()).device
     encoded = [prompt_ids(tokenizer, text) for text in inputs]
     order = sorted(range(len(inputs)), key=lambda i: -len(encoded[i]))
@@ -88,27 +78,15 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     with torch.inference_mode():
         for batch in track(batches, "generating", total=len(batches)):
             seqs = [encoded[i] for i in batch]
-            p = _common_prefix(seqs)
-            width = p + max(len(s) - p for s in seqs)
-            ids = torch.full((len(batch), width), pad)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            ids[:, :p] = torch.tensor(seqs[0][:p])
-            mask[:, :p] = 1
-            for row, seq in enumerate(seqs):
-                ids[row, width - (len(seq) - p) :] = torch.tensor(seq[p:])
-                mask[row, width - (len(seq) - p) :] = 1
-            cache = {}
-            if p:
-                run = model(input_ids=ids[:1, :p].to(device), use_cache=True)
-                key = "cache" if "cache" in run else "past_key_values"  # transformers >= 5.20 renamed it
-                run[key].batch_repeat_interleave(len(batch))
-                cache[key] = run[key]
+            p = common_prefix(seqs)
+            ids, mask = left_padded(seqs, pad, p)
+            cache = prefix_cache(model, ids[:1, :p].to(device), len(batch))
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, eos_token_id=eot, pad_token_id=pad, **cache,
             )
             for row in range(len(batch)):
-                answers[batch[row]] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                answers[batch[row]] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
     return answers
 
 

@@ -98,21 +98,3 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
     except OSError as e:
         raise LoramixError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
     return model.eval()
-
-
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` as a user turn in the base's chat template, ready for the answer to follow
-    (plain text ids when the tokenizer has no chat template)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text)["input_ids"]
-
-
-def end_of_turn_id(tokenizer: Any) -> int:
-    """The token that ends an answer: the eos token (SmolLM2's <|im_end|>)."""
-    if tokenizer.eos_token_id is None:
-        raise LoramixError("the base tokenizer has no eos token to end answers with")
-    return tokenizer.eos_token_id

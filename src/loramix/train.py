@@ -16,38 +16,12 @@ import torch
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import atomic_dir
-from .models import DEFAULT_BASE, end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
+from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading
 from .progress import track
+from .prompts import answer_batch, encode, pad_id
 from .train_config import TrainConfig
 
 TRAINING_FILE = "training.json"
-
-
-def encode(tokenizer: Any, dataset: Dataset, max_length: int) -> list[tuple[list[int], int]]:
-    """Per sample: (prompt ids + answer ids + end-of-turn, number of answer tokens incl. end-of-turn),
-    truncated from the left of the prompt so the answer always fits."""
-    eot = end_of_turn_id(tokenizer)
-    out = []
-    for s in dataset:
-        answer = tokenizer(s.output, add_special_tokens=False)["input_ids"][: max_length // 2] + [eot]
-        prompt = prompt_ids(tokenizer, s.input)[-(max_length - len(answer)) :]
-        out.append((prompt + answer, len(answer)))
-    return out
-
-
-def _batch(items: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids [B, L], attention mask [B, L] and, over the last K positions, the answer targets
-    [B, K] (-100 elsewhere), K = longest answer. Left padding puts every answer at the end."""
-    width = max(len(ids) for ids, _ in items)
-    k = max(n for _, n in items)
-    ids = torch.full((len(items), width), pad)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    targets = torch.full((len(items), k), -100)
-    for row, (seq, n) in enumerate(items):
-        ids[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
-        targets[row, k - n :] = torch.tensor(seq[-n:])
-    return ids, mask, targets
 
 
 def train(
@@ -77,7 +51,7 @@ def train(
         model = get_peft_model(model, lora)
     model.peft_config["default"].base_model_name_or_path = DEFAULT_BASE if base in (None, "default") else base
     encoded = encode(tokenizer, dataset, config.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
+    pad = pad_id(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
@@ -97,7 +71,7 @@ def train(
         if len(order) < config.batch_size:  # epochs of shuffled samples, without replacement within one
             order += rng.sample(range(len(encoded)), len(encoded))
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        ids, mask, targets = (t.to(device) for t in _batch([encoded[i] for i in picked], pad))
+        ids, mask, targets = (t.to(device) for t in answer_batch([encoded[i] for i in picked], pad))
         k = targets.shape[1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             # logits for the last k + 1 positions only: position t predicts token t + 1
