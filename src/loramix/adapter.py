@@ -42,8 +42,11 @@ _REFUSED_FIELDS = {
 }
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+# The dtypes loramix writes adapters in, by the names options and configs use.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The dtypes it reads (also float64), by their safetensors codes: F32, F16, BF16, F64.
+_TORCH_DTYPES = {name.upper().replace("FLOAT", "F"): dtype for name, dtype in {**DTYPES, "float64": torch.float64}.items()}
+_SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
 def _tensor_spans(file: Path) -> dict[str, tuple[int, int, str, list[int]]]:
@@ -57,6 +60,29 @@ def _tensor_spans(file: Path) -> dict[str, tuple[int, int, str, list[int]]]:
         header = json.loads(f.read(n))
     return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1], v["dtype"], v["shape"])
             for k, v in header.items() if k != "__metadata__"}
+
+
+def read_config(folder: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The adapter_config.json of an adapter folder, as read (a JSON object; nothing else checked). Errors name
+    `name` (default: the folder's name)."""
+    folder = Path(folder)
+    name = name or folder.name
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise LoramixError(f"{name}: no {CONFIG_FILE} in {folder}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoramixError(f"{name}: {CONFIG_FILE}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoramixError(f"{name}: {CONFIG_FILE}: expected a JSON object")
+    return config
+
+
+def base_model_of(folder: str | Path) -> str | None:
+    """The base model an adapter folder's config names (base_model_name_or_path); the adapter is not validated
+    otherwise (PEFT loads adapters that loramix cannot compose)."""
+    return read_config(folder).get("base_model_name_or_path")
 
 
 def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -98,15 +124,7 @@ class LoraAdapter:
         return LoramixError(f"{self.name}: {what}")
 
     def _read_config(self) -> dict[str, Any]:
-        file = self.path / CONFIG_FILE
-        if not file.is_file():
-            raise self._fail(f"no {CONFIG_FILE} in {self.path}")
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise self._fail(f"{CONFIG_FILE}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise self._fail(f"{CONFIG_FILE}: expected a JSON object")
+        config = read_config(self.path, self.name)
         if config.get("peft_type", "LORA") != "LORA":
             raise self._fail(f"{CONFIG_FILE}: peft_type is {config.get('peft_type')!r}, only LORA adapters are composed")
         for field_name, why in _REFUSED_FIELDS.items():

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .adapter import LoraAdapter
+from .adapter import LoraAdapter, base_model_of
 from .data import Dataset, read_dataset
 from .models import load_model, load_tokenizer, quiet_loading
 from .progress import track
@@ -104,12 +104,10 @@ def score(predictions: list[str], dataset: Dataset) -> dict[str, float]:
 
 
 def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer): the base, with the PEFT adapter loaded on top when given. `base` None means the
-    adapter's own base model (its adapter_config.json), else the default base."""
+    """(model, tokenizer): the base, with the PEFT adapter loaded on top when given (any adapter PEFT loads, even
+    one loramix cannot compose). `base` None means the adapter's own base model, else the default base."""
     if base is None and adapter is not None:
-        import json
-
-        base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = base_model_of(adapter)
     tokenizer = load_tokenizer(base)
     tokenizer.padding_side = "left"
     model = load_model(base)

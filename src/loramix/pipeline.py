@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .version import __version__
+from .adapter import DTYPES as _DTYPES
 from .adapter import WEIGHTS_FILE, SafetensorsWriter
 from .bank import Bank
 from .compose import (
@@ -40,7 +41,6 @@ from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .threads import threaded_map
 
 REPORT_FILE = "loramix.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass

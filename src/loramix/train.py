@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .adapter import DTYPES
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import atomic_dir
@@ -106,7 +107,7 @@ def _cast_weights(path: Path, dtype: str) -> None:
     """Rewrite a safetensors file with every tensor cast to `dtype`."""
     from safetensors.torch import load_file, save_file
 
-    target = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    target = DTYPES[dtype]
     tensors = load_file(path)
     if any(t.dtype != target for t in tensors.values()):
         save_file({k: v.to(target).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
