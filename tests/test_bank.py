@@ -111,6 +111,7 @@ def test_entry_without_data_is_listed_and_warned(tmp_path, caplog):
     assert [e.name for e in b.entries] == ["task_animals", "task_colors", "task_fruits"]
     assert [e.name for e in b.usable] == ["task_animals", "task_fruits"]
     assert "task_colors: no train.jsonl" in caplog.text
+    assert [e.samples for e in b.entries] == [24, None, 24]
 
 
 def test_index_is_keyed_by_content(tmp_path, monkeypatch):

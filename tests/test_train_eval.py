@@ -97,10 +97,13 @@ def test_cli_train_and_eval_json(tmp_path, tiny_base):
 
     assert {t.dtype for t in load_file(tmp_path / "ad" / "adapter_model.safetensors").values()} == {torch.float16}
     r = runner.invoke(app, ["eval", "--data", str(data), "--adapter", str(tmp_path / "ad"), "--limit", "3",
-                            "--max-new-tokens", "3", "--json"])
+                            "--max-new-tokens", "3", "--json", "--predictions", str(tmp_path / "p.jsonl")])
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert result["n"] == 3 and {"rougeL", "exact_match", "contains"} <= set(result)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(x["input"], x["references"]) for x in rows] == [(s.input, list(s.outputs)) for s in read_dataset(data).samples[:3]]
+    assert all(isinstance(x["prediction"], str) for x in rows)
 
 
 def test_shared_prefix_generation_equals_one_by_one(tiny_base):

@@ -44,6 +44,14 @@ class BankEntry:
             raise LoramixError(f"{self.name}: no {DATA_FILE}")
         return sha256_file(self.data_file)
 
+    @property
+    def samples(self) -> int | None:
+        """Number of records in train.jsonl (its non-blank lines), None when the entry has none."""
+        if self.data_file is None:
+            return None
+        with open(self.data_file, encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
+
     def dataset(self) -> Dataset:
         if self.data_file is None:
             raise LoramixError(f"{self.name}: no {DATA_FILE}")

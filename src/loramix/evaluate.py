@@ -4,11 +4,12 @@ references as Natural-Instructions does: ROUGE-L (rouge-score, Porter-stemmed), 
 
 from __future__ import annotations
 
+import json
 import re
 import string
 import time
 import unicodedata
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -90,6 +91,14 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     return answers
 
 
+def stream_answer(model: Any, tokenizer: Any, text: str, *, streamer: Any, adapter: bool = True, max_new_tokens: int = 64) -> None:
+    """Generate the greedy answer to `text` (a user turn in the chat template), its tokens sent to `streamer` (a
+    transformers streamer) as they come; `adapter=False`: a PeftModel answers as its base model."""
+    ids = torch.tensor([prompt_ids(tokenizer, text)], device=next(model.parameters()).device)
+    with nullcontext() if adapter else model.disable_adapter():
+        model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, eos_token_id=end_of_turn_id(tokenizer))
+
+
 def score(predictions: list[str], dataset: Dataset) -> dict[str, float]:
     """Mean rougeL, exact_match and contains over the records, and n."""
     scorer = Scorer()
@@ -101,6 +110,13 @@ def score(predictions: list[str], dataset: Dataset) -> dict[str, float]:
         "contains": sum(r[2] for r in rows) / n,
         "n": n,
     }
+
+
+def write_predictions(path: str | Path, dataset: Dataset, predictions: list[str]) -> None:
+    """One JSON line per prediction: the record's input, the prediction and its references, in dataset order."""
+    with open(path, "w", encoding="utf-8") as f:
+        for s, p in zip(dataset, predictions):
+            f.write(json.dumps({"input": s.input, "prediction": p, "references": list(s.outputs)}, ensure_ascii=False) + "\n")
 
 
 def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[Any, Any]:
