@@ -3,7 +3,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TINY_SHAPES, make_bank, topic_records, write_adapter, write_jsonl
+from helpers import TINY_SHAPES, make_bank, topic_records, write_adapter, write_jsonl
 from safetensors.torch import save_file
 
 from loramix import Bank, BankIndex, LoramixError, SignatureSpec

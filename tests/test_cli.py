@@ -1,6 +1,6 @@
 import json
 
-from conftest import topic_records, write_jsonl
+from helpers import topic_records, write_jsonl
 from typer.testing import CliRunner
 
 from loramix.cli import app

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bank, topic_records, write_adapter, write_jsonl
+from helpers import make_bank, topic_records, write_adapter, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from loramix.cli import main

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TOPICS, make_bank, topic_records, write_jsonl
+from helpers import TOPICS, make_bank, topic_records, write_jsonl
 
 import loramix
 from loramix import Bank, LoramixError, generate, read_report

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import at_threads, make_bank, topic_records, write_jsonl
+from helpers import at_threads, make_bank, topic_records, write_jsonl
 
 pytest.importorskip("ray")
 

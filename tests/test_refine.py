@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_bank, topic_records, write_jsonl
+from helpers import make_bank, topic_records, write_jsonl
 
 from loramix import Bank, compose, generate, read_dataset, read_report
 from loramix.refine import MixedLoRA, RefineConfig, refine

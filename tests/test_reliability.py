@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_bank, topic_records, write_jsonl
+from helpers import make_bank, topic_records, write_jsonl
 
 from loramix import Bank, BankIndex, SignatureSpec
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import at_threads, make_bank, topic_records, write_jsonl
+from helpers import at_threads, make_bank, topic_records, write_jsonl
 from threadpoolctl import threadpool_limits
 
 from loramix import Bank, BankIndex, Dataset, Sample, SignatureSpec, generate, make_signer

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import topic_records, write_jsonl
+from helpers import topic_records, write_jsonl
 from typer.testing import CliRunner
 
 from loramix import Bank, read_dataset
