@@ -12,6 +12,7 @@ from loramix.train_config import BANK_TRAINING
 from loramix.data import read_dataset
 
 
+@pytest.mark.slow
 def test_default_base_converts_from_the_gguf(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
@@ -57,6 +58,7 @@ def test_default_bank_is_valid_and_small():
         assert record["config"]["rank"] == BANK_TRAINING.rank and record["config"]["steps"] == BANK_TRAINING.steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", DEMO_TASKS[:2])
 def test_generate_from_default_bank_for_a_demo_task(tmp_path, task):
     data = DEFAULT_SUITE / task / "train.jsonl"

@@ -16,6 +16,8 @@ pytest.importorskip("ray")
 
 from loramix import Bank, BankIndex, SignatureSpec, generate, make_signer, read_report  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Ray cluster
+
 CLI = [sys.executable, "-c", "from loramix.cli import main; main()"]
 SPEC = SignatureSpec("embed", max_samples=8)
 
