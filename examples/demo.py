@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 import loramix
-from loramix.build import DEFAULT_SUITE, DEMO_TASKS
+from loramix.build import DEMO_TASKS
 from loramix.data import read_dataset
 from loramix.evaluate import evaluate, load_for_eval, merged_adapter
+from loramix.paths import DEFAULT_SUITE
 
 OUT = Path(__file__).resolve().parent.parent / "demo-out"
 LIMIT = int(os.environ.get("DEMO_LIMIT", "40"))

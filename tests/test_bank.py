@@ -3,7 +3,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TINY_SHAPES, make_bank, topic_records, write_adapter, write_jsonl
+from helpers import TINY_SHAPES, make_bank, topic_records, write_adapter, write_jsonl
 from safetensors.torch import save_file
 
 from loramix import Bank, BankIndex, LoramixError, SignatureSpec
@@ -26,6 +26,11 @@ def _edit_config(folder, **fields):
         ({"r": 0}, "field 'r' must be a positive number"),
         ({"r": 8}, "rank 8 for module"),
         ({"rank_pattern": ["x"]}, "field 'rank_pattern' must be an object"),
+        ({"kasa_config": {"beta": 1e-4}}, "field 'kasa_config' is set: KaSA"),
+        ({"monteclora_config": {"num_samples": 4}}, "field 'monteclora_config' is set"),
+        ({"some_future_field": 1}, "field 'some_future_field' is set: loramix does not know this field"),
+        ({"init_lora_weights": "pissa"}, "field 'init_lora_weights' is 'pissa': only adapters over unchanged base weights"),
+        ({"init_lora_weights": "loftq"}, "field 'init_lora_weights' is 'loftq'"),
     ],
 )
 def test_refused_configs_name_entry_and_field(tmp_path, fields, pattern):
@@ -34,6 +39,24 @@ def test_refused_configs_name_entry_and_field(tmp_path, fields, pattern):
     with pytest.raises(LoramixError, match=pattern) as info:
         Bank(root)
     assert str(info.value).startswith("task_colors: ") and "\n" not in str(info.value)
+
+
+def test_a_config_saved_by_peft_is_accepted(tmp_path):
+    from peft import LoraConfig
+
+    from loramix import LoraAdapter
+
+    folder = write_adapter(tmp_path / "ad", rank=4, alpha=8, use_rslora=True, rank_pattern={"model.layers.1.self_attn.q_proj": 2})
+    LoraConfig(r=4, lora_alpha=8, use_rslora=True, rank_pattern={"model.layers.1.self_attn.q_proj": 2}, lora_dropout=0.1,
+               target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights="gaussian", task_type="CAUSAL_LM",
+               base_model_name_or_path="tiny-base").save_pretrained(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert {"kasa_config", "monteclora_config", "use_dora", "megatron_core"} <= set(cfg)  # PEFT writes every field
+    adapter = LoraAdapter(folder)
+    assert adapter.base_model == "tiny-base" and adapter.modules["model.layers.1.self_attn.q_proj"].rank == 2
+    assert adapter.modules["model.layers.0.self_attn.q_proj"].scale == pytest.approx(8 / 2)  # rsLoRA: alpha / sqrt(r)
+    _edit_config(folder, some_future_field=None, kasa_config={})  # unknown or refused, but unset
+    LoraAdapter(folder)
 
 
 def test_refused_tensors(tmp_path):
@@ -88,6 +111,7 @@ def test_entry_without_data_is_listed_and_warned(tmp_path, caplog):
     assert [e.name for e in b.entries] == ["task_animals", "task_colors", "task_fruits"]
     assert [e.name for e in b.usable] == ["task_animals", "task_fruits"]
     assert "task_colors: no train.jsonl" in caplog.text
+    assert [e.samples for e in b.entries] == [24, None, 24]
 
 
 def test_index_is_keyed_by_content(tmp_path, monkeypatch):

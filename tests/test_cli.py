@@ -1,6 +1,7 @@
 import json
 
-from conftest import topic_records, write_jsonl
+import pytest
+from helpers import topic_records, write_jsonl
 from typer.testing import CliRunner
 
 from loramix.cli import app
@@ -19,6 +20,7 @@ def test_generate_prints_top_entries_and_writes_adapter(tmp_path, bank):
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_nonzero_exit(tmp_path, bank):
     from loramix.cli import main
     import subprocess

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SHAPES, make_bank, write_adapter
+from helpers import TINY_SHAPES, make_bank, write_adapter
 
 from loramix import Bank, LoramixError, compose, gram_matrix
 from loramix.adapter import LoraAdapter, pattern_value

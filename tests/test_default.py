@@ -6,15 +6,19 @@ import os
 import pytest
 
 import loramix
-from loramix.build import BANK_TRAINING, DEFAULT_BANK, DEFAULT_SUITE, DEMO_TASKS, suite_tasks
+from loramix.build import DEMO_TASKS, suite_tasks
+from loramix.paths import DEFAULT_BANK, DEFAULT_SUITE
+from loramix.train_config import BANK_TRAINING
 from loramix.data import read_dataset
 
 
+@pytest.mark.slow
 def test_default_base_converts_from_the_gguf(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loramix.models import DEFAULT_BASE, default_base_path, load_tokenizer, prompt_ids, resolve_base
+    from loramix.models import DEFAULT_BASE, default_base_path, load_tokenizer, resolve_base
+    from loramix.prompts import prompt_ids
 
     monkeypatch.setenv("LORAMIX_HOME", str(tmp_path))
     path = default_base_path()
@@ -54,6 +58,7 @@ def test_default_bank_is_valid_and_small():
         assert record["config"]["rank"] == BANK_TRAINING.rank and record["config"]["steps"] == BANK_TRAINING.steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", DEMO_TASKS[:2])
 def test_generate_from_default_bank_for_a_demo_task(tmp_path, task):
     data = DEFAULT_SUITE / task / "train.jsonl"

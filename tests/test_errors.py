@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bank, topic_records, write_adapter, write_jsonl
+from helpers import make_bank, topic_records, write_adapter, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from loramix.cli import main
@@ -61,6 +61,7 @@ BANK_CASES = {
     "DoRA": (lambda b: _edit_config(b / E, use_dora=True), f"{E}: adapter_config.json: field 'use_dora' is set"),
     "LoRA bias": (lambda b: _edit_config(b / E, lora_bias=True), f"{E}: adapter_config.json: field 'lora_bias' is set"),
     "modules_to_save": (lambda b: _edit_config(b / E, modules_to_save=["lm_head"]), f"{E}: adapter_config.json: field 'modules_to_save' is set"),
+    "unknown config field": (lambda b: _edit_config(b / E, some_future_field=1), f"{E}: adapter_config.json: field 'some_future_field' is set"),
     "bias training": (lambda b: _edit_config(b / E, bias="lora_only"), f"{E}: adapter_config.json: field 'bias' is 'lora_only'"),
     "not a LoRA": (lambda b: _edit_config(b / E, peft_type="IA3"), f"{E}: adapter_config.json: peft_type is 'IA3'"),
     "pickle adapter": (lambda b: ((b / E / "adapter_model.safetensors").rename(b / E / "adapter_model.bin")), f"{E}: adapter_model.bin is a pickle"),

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_bank, topic_records, write_jsonl
+from helpers import make_bank, topic_records, write_jsonl
 
 from loramix import LoraAdapter, generate
 from loramix.export import export_gguf, export_merged, rope_permute
@@ -58,7 +58,7 @@ def test_gguf_structure_and_values(tmp_path, adapter, tiny_base):
 def test_gguf_folds_per_module_scales(tmp_path):
     from gguf import GGUFReader
 
-    from conftest import write_adapter
+    from helpers import write_adapter
 
     folder = write_adapter(tmp_path / "ad", rank=4, alpha=8, rank_pattern={"model.layers.1.self_attn.v_proj": 2},
                            alpha_pattern={"model.layers.0.self_attn.v_proj": 3},

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_bank, topic_records, write_jsonl
+from helpers import make_bank, topic_records, write_jsonl
 
 from peft.utils import load_peft_weights
 

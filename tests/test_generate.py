@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TOPICS, make_bank, topic_records, write_jsonl
+from helpers import TOPICS, make_bank, topic_records, write_jsonl
 
 import loramix
 from loramix import Bank, LoramixError, generate, read_report
@@ -127,6 +127,7 @@ def test_generate_does_not_load_base_for_embed(tmp_path, user_data):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_generate_is_deterministic(tmp_path, bank, user_data):
     generate(bank, user_data, tmp_path / "a", max_samples=16, distance="sliced")
     generate(bank, user_data, tmp_path / "b", max_samples=16, distance="sliced")
@@ -134,6 +135,7 @@ def test_generate_is_deterministic(tmp_path, bank, user_data):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+@pytest.mark.slow
 def test_generate_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path, bank, user_data):
     out = tmp_path / "out"
     out.mkdir()
@@ -169,6 +171,7 @@ def test_generate_unknown_names_are_one_line_errors(tmp_path, bank, user_data):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("operator", ["normalized", "neural"])
 def test_leave_one_out_matches_one_by_one(tmp_path, operator):
     from safetensors.torch import load_file

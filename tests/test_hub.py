@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import topic_records, write_adapter, write_jsonl
+from helpers import topic_records, write_adapter, write_jsonl
 
 from loramix import Bank, LoramixError
 from loramix.hub import add_adapter, lots_of_loras_datasets, pull_lots_of_loras, safe_entry_name

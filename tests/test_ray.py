@@ -10,11 +10,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import at_threads, make_bank, topic_records, write_jsonl
+from helpers import at_threads, make_bank, topic_records, write_jsonl
 
 pytest.importorskip("ray")
 
 from loramix import Bank, BankIndex, SignatureSpec, generate, make_signer, read_report  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a Ray cluster
 
 CLI = [sys.executable, "-c", "from loramix.cli import main; main()"]
 SPEC = SignatureSpec("embed", max_samples=8)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_bank, topic_records, write_jsonl
+from helpers import make_bank, topic_records, write_jsonl
 
 from loramix import Bank, compose, generate, read_dataset, read_report
 from loramix.refine import MixedLoRA, RefineConfig, refine
@@ -72,12 +72,12 @@ def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
 def test_shared_prefix_loss_equals_the_plain_loss(tiny_base):
     from loramix.data import Dataset, Sample
     from loramix.models import load_model, load_tokenizer
+    from loramix.prompts import answer_batch, encode
     from loramix.refine import answer_loss_fn
-    from loramix.train import _batch, encode
 
     model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
     samples = [Sample(r["input"], tuple(r["output"])) for r in topic_records("animals", 5)]
-    ids, mask, targets = _batch(encode(tok, Dataset(samples, "x"), 64), tok.pad_token_id)
+    ids, mask, targets = answer_batch(encode(tok, Dataset(samples, "x"), 64), tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -targets.shape[1] - 1 : -1]
         plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

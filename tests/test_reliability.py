@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_bank, topic_records, write_jsonl
+from helpers import make_bank, topic_records, write_jsonl
 
 from loramix import Bank, BankIndex, SignatureSpec
+
+pytestmark = pytest.mark.slow  # loramix processes, killed and raced
 
 CLI = [sys.executable, "-c", "from loramix.cli import main; main()"]
 

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import topic_records
+from helpers import topic_records
 
 from loramix import Dataset, Sample, SignatureSpec, make_signer
 from loramix.signatures import DEFAULT_EMBED_MODEL

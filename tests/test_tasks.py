@@ -244,6 +244,7 @@ def check_task(folder: Path, name: str) -> None:
     assert read_dataset(folder / "task.json").samples[0].input.startswith(spec.definition + "\n\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_builds(family, suite):
     out, report = suite
@@ -260,6 +261,7 @@ def test_family_builds(family, suite):
             assert not any(unicodedata.category(c) == "Sc" for i in doc["Instances"] for c in i["input"])
 
 
+@pytest.mark.slow
 def test_suite_json_and_report(suite):
     out, report = suite
     entries = json.loads((out / "suite.json").read_text(encoding="utf-8"))
@@ -268,6 +270,7 @@ def test_suite_json_and_report(suite):
     assert not set(report.skipped) & {e["name"] for e in entries}
 
 
+@pytest.mark.slow
 def test_rebuild_is_byte_identical(suite, tmp_path):
     out, report = suite
     names = [e["name"] for e in report.built][:1] + ["numbers_roman", "wordnet_antonym", "freedict_eng_fra"]

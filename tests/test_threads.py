@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import at_threads, make_bank, topic_records, write_jsonl
+from helpers import at_threads, make_bank, topic_records, write_jsonl
 from threadpoolctl import threadpool_limits
 
 from loramix import Bank, BankIndex, Dataset, Sample, SignatureSpec, generate, make_signer
@@ -30,7 +30,7 @@ def dataset(n: int = 40) -> Dataset:
     return Dataset([Sample(r["input"] + " and" * (i % 7), tuple(r["output"])) for i, r in enumerate(records)], "mix")
 
 
-@pytest.mark.parametrize("method", ["embed", "hidden", "unigram"])
+@pytest.mark.parametrize("method", [pytest.param("embed", marks=pytest.mark.slow), "hidden", "unigram"])
 def test_signatures_do_not_depend_on_the_thread_count(method, tiny_base):
     spec = SignatureSpec(method, None if method == "embed" else str(tiny_base), max_samples=None).resolved(None)
     signer = make_signer(spec)

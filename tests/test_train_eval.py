@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import topic_records, write_jsonl
+from helpers import topic_records, write_jsonl
 from typer.testing import CliRunner
 
 from loramix import Bank, read_dataset
@@ -12,7 +12,8 @@ from loramix.build import build_bank
 from loramix.cli import app
 from loramix.evaluate import Scorer, evaluate, normalize
 from loramix.models import load_tokenizer
-from loramix.train import TrainConfig, _batch, encode, train
+from loramix.prompts import answer_batch, encode
+from loramix.train import TrainConfig, train
 
 TINY = TrainConfig(steps=6, batch_size=4, lr=1e-2, rank=4, alpha=8, bf16=False)
 
@@ -24,7 +25,7 @@ def test_encode_and_batch_put_answers_last(tiny_base):
     ids, n = enc[0]
     answer = tok(ds.samples[0].output, add_special_tokens=False)["input_ids"]
     assert ids[-n:] == answer + [tok.eos_token_id]
-    x, mask, targets = _batch(enc, pad=tok.pad_token_id)
+    x, mask, targets = answer_batch(enc, pad=tok.pad_token_id)
     assert x.shape == mask.shape and targets.shape[1] == max(k for _, k in enc)
     for row, (seq, k) in enumerate(enc):
         assert x[row, -len(seq):].tolist() == seq and mask[row].sum() == len(seq)
@@ -96,16 +97,20 @@ def test_cli_train_and_eval_json(tmp_path, tiny_base):
 
     assert {t.dtype for t in load_file(tmp_path / "ad" / "adapter_model.safetensors").values()} == {torch.float16}
     r = runner.invoke(app, ["eval", "--data", str(data), "--adapter", str(tmp_path / "ad"), "--limit", "3",
-                            "--max-new-tokens", "3", "--json"])
+                            "--max-new-tokens", "3", "--json", "--predictions", str(tmp_path / "p.jsonl")])
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert result["n"] == 3 and {"rougeL", "exact_match", "contains"} <= set(result)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [(x["input"], x["references"]) for x in rows] == [(s.input, list(s.outputs)) for s in read_dataset(data).samples[:3]]
+    assert all(isinstance(x["prediction"], str) for x in rows)
 
 
 def test_shared_prefix_generation_equals_one_by_one(tiny_base):
-    from loramix.evaluate import _common_prefix, generate_answers, load_for_eval
+    from loramix.evaluate import generate_answers, load_for_eval
+    from loramix.prompts import common_prefix
 
-    assert _common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and _common_prefix([[1, 2], [1, 2, 3]]) == 1
+    assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1
     model, tok = load_for_eval(str(tiny_base))
     inputs = [r["input"] for r in topic_records("animals", 6)] + ["cat dog", "red"]
     batched = generate_answers(model, tok, inputs, batch_size=8, max_new_tokens=5)

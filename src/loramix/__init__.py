@@ -5,24 +5,32 @@
     print(result.top(5))
 """
 
-__version__ = "0.1.0"
+import importlib
 
-from .adapter import LoraAdapter, save_adapter  # noqa: E402
-from .bank import Bank, BankEntry  # noqa: E402
-from .compose import COMPOSERS, Composition, compose  # noqa: E402
-from .config import GenerateConfig  # noqa: E402
-from .data import Dataset, Sample, read_dataset  # noqa: E402
-from .distances import DISTANCES, distance_matrix, distance_row  # noqa: E402
-from .errors import LoramixError  # noqa: E402
-from .index import BankIndex  # noqa: E402
-from .operators import OPERATORS, Neural, coefficients, gram_matrix, softmin  # noqa: E402
-from .pipeline import GenerateResult, generate  # noqa: E402
-from .report import Report, read_report  # noqa: E402
-from .signatures import SIGNATURES, SignatureSpec, make_signer  # noqa: E402
+from .adapter import LoraAdapter, save_adapter
+from .bank import Bank, BankEntry
+from .compose import COMPOSERS, Composition, compose
+from .data import Dataset, Sample, read_dataset
+from .distances import DISTANCES, distance_matrix, distance_row
+from .errors import LoramixError
+from .operators import OPERATORS, Neural, coefficients, gram_matrix, softmin
+from .report import Report, read_report
+from .signatures import SIGNATURES, SignatureSpec, make_signer
+from .version import __version__
+
+# Imported on first use: the bank index and the pipeline run the engines (loramix.engine), which a reader of
+# banks or adapters (`import loramix.bank`) does not need.
+_LAZY = {"BankIndex": "index", "GenerateConfig": "config", "GenerateResult": "pipeline", "generate": "pipeline"}
 
 __all__ = [
     "Bank", "BankEntry", "BankIndex", "COMPOSERS", "Composition", "DISTANCES", "Dataset", "GenerateConfig",
-    "GenerateResult", "LoraAdapter", "LoramixError", "Neural", "OPERATORS", "Report", "SIGNATURES", "Sample", "SignatureSpec",
-    "coefficients", "compose", "distance_matrix", "distance_row", "generate", "gram_matrix", "make_signer",
-    "read_dataset", "read_report", "save_adapter", "softmin",
+    "GenerateResult", "LoraAdapter", "LoramixError", "Neural", "OPERATORS", "Report", "SIGNATURES", "Sample",
+    "SignatureSpec", "__version__", "coefficients", "compose", "distance_matrix", "distance_row", "generate",
+    "gram_matrix", "make_signer", "read_dataset", "read_report", "save_adapter", "softmin",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

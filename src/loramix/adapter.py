@@ -26,7 +26,22 @@ PICKLE_FILE = "adapter_model.bin"
 TENSOR_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
-# Config fields that change what an adapter computes beyond scale * B @ A: refused unless unset.
+# The adapter_config.json fields loramix understands (PEFT 0.21's LoraConfig and PeftConfig, and older). Any other
+# field is refused when set (not null, false, 0 or empty): it may change the update beyond scale * B @ A.
+# Composed: checked here or by bank.check_entries, and honoured (which modules are adapted, the tensors say).
+_COMPOSED = frozenset({
+    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+    "bias", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
+})
+# Metadata: provenance, and settings of training (dropout, VeLoRA's backward pass) or of initialisation (the
+# configs of LoftQ, EVA, CorDA, LoRA-GA, which init_lora_weights selects): a saved adapter's update does not depend
+# on them.
+_METADATA = frozenset({
+    "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version", "auto_mapping",
+    "lora_dropout", "runtime_config", "megatron_core", "qalora_group_size", "velora_config",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+})
+# Why the PEFT fields loramix knows but cannot compose are refused.
 _REFUSED_FIELDS = {
     "use_dora": "DoRA adds a magnitude vector that a sum of low-rank updates cannot express",
     "lora_bias": "LoRA bias terms are not composed",
@@ -39,11 +54,22 @@ _REFUSED_FIELDS = {
     "use_bdlora": "block-diagonal LoRA is not supported",
     "arrow_config": "Arrow routing is not a fixed update",
     "megatron_config": "Megatron-parallel LoRA is not supported",
+    "kasa_config": "KaSA puts learnable singular values between A and B and changes the base weights",
+    "monteclora_config": "MonteCLoRA samples its update, which is not a fixed one",
+    "ensure_weight_tying": "the update is also applied to the layers tied to its targets, which is not composed",
 }
+_UNKNOWN_FIELD = "loramix does not know this field, so it cannot tell that the update is scale * B @ A"
+# init_lora_weights values under which the update is a plain LoRA over the unchanged base weights. The others
+# (pissa*, olora, corda, loftq, lora_ga) change the base weights, so the adapter holds only over those (PEFT
+# converts such an adapter to a plain LoRA with path_initial_model_for_weight_conversion).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+# The dtypes loramix writes adapters in, by the names options and configs use.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The dtypes it reads (also float64), by their safetensors codes: F32, F16, BF16, F64.
+_TORCH_DTYPES = {name.upper().replace("FLOAT", "F"): dtype for name, dtype in {**DTYPES, "float64": torch.float64}.items()}
+_SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
 def _tensor_spans(file: Path) -> dict[str, tuple[int, int, str, list[int]]]:
@@ -57,6 +83,29 @@ def _tensor_spans(file: Path) -> dict[str, tuple[int, int, str, list[int]]]:
         header = json.loads(f.read(n))
     return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1], v["dtype"], v["shape"])
             for k, v in header.items() if k != "__metadata__"}
+
+
+def read_config(folder: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The adapter_config.json of an adapter folder, as read (a JSON object; nothing else checked). Errors name
+    `name` (default: the folder's name)."""
+    folder = Path(folder)
+    name = name or folder.name
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise LoramixError(f"{name}: no {CONFIG_FILE} in {folder}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoramixError(f"{name}: {CONFIG_FILE}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoramixError(f"{name}: {CONFIG_FILE}: expected a JSON object")
+    return config
+
+
+def base_model_of(folder: str | Path) -> str | None:
+    """The base model an adapter folder's config names (base_model_name_or_path); the adapter is not validated
+    otherwise (PEFT loads adapters that loramix cannot compose)."""
+    return read_config(folder).get("base_model_name_or_path")
 
 
 def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
@@ -98,22 +147,17 @@ class LoraAdapter:
         return LoramixError(f"{self.name}: {what}")
 
     def _read_config(self) -> dict[str, Any]:
-        file = self.path / CONFIG_FILE
-        if not file.is_file():
-            raise self._fail(f"no {CONFIG_FILE} in {self.path}")
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise self._fail(f"{CONFIG_FILE}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise self._fail(f"{CONFIG_FILE}: expected a JSON object")
+        config = read_config(self.path, self.name)
         if config.get("peft_type", "LORA") != "LORA":
             raise self._fail(f"{CONFIG_FILE}: peft_type is {config.get('peft_type')!r}, only LORA adapters are composed")
-        for field_name, why in _REFUSED_FIELDS.items():
-            if config.get(field_name):
-                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' is set: {why}")
+        for field_name, value in config.items():
+            if value and field_name not in _COMPOSED and field_name not in _METADATA:
+                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' is set: {_REFUSED_FIELDS.get(field_name, _UNKNOWN_FIELD)}")
         if config.get("bias", "none") != "none":
             raise self._fail(f"{CONFIG_FILE}: field 'bias' is {config['bias']!r}: bias training is not composed, only 'none'")
+        if config.get("init_lora_weights", True) not in _PLAIN_INITS:
+            raise self._fail(f"{CONFIG_FILE}: field 'init_lora_weights' is {config['init_lora_weights']!r}: only adapters "
+                             f"over unchanged base weights are composed ({', '.join(map(str, _PLAIN_INITS))}); convert it to a plain LoRA first")
         for field_name in ("r", "lora_alpha"):
             value = config.get(field_name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:

@@ -3,9 +3,7 @@ data it was trained on (`train.jsonl`). Entries without data are listed but not 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,11 +16,11 @@ from .adapter import LoraAdapter
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import sha256_file
+from .paths import index_dir, resolve_bank
 
 log = logging.getLogger("loramix")
 
 DATA_FILE = "train.jsonl"
-INDEX_DIR = ".loramix"
 # Config fields that must agree across a bank's entries for one composed adapter to express them all.
 _SHARED_FIELDS = ("fan_in_fan_out", "layers_to_transform", "layers_pattern")
 
@@ -46,6 +44,14 @@ class BankEntry:
             raise LoramixError(f"{self.name}: no {DATA_FILE}")
         return sha256_file(self.data_file)
 
+    @property
+    def samples(self) -> int | None:
+        """Number of records in train.jsonl (its non-blank lines), None when the entry has none."""
+        if self.data_file is None:
+            return None
+        with open(self.data_file, encoding="utf-8", errors="replace") as f:
+            return sum(1 for line in f if line.strip())
+
     def dataset(self) -> Dataset:
         if self.data_file is None:
             raise LoramixError(f"{self.name}: no {DATA_FILE}")
@@ -61,11 +67,7 @@ class Bank:
     def __init__(self, path: str | Path, *, allow_pickle: bool = False):
         """`path`: a bank folder, or 'default' for the bank shipped with loramix. `allow_pickle`: also read
         adapter_model.bin files (torch.load with weights_only=True); refused otherwise."""
-        if str(path) == "default":
-            from .build import DEFAULT_BANK
-
-            path = DEFAULT_BANK
-        self.path = Path(path)
+        self.path = resolve_bank(path)
         if not self.path.is_dir():
             raise LoramixError(f"{self.path}: bank folder not found")
         self.entries: list[BankEntry] = []
@@ -86,11 +88,7 @@ class Bank:
     @property
     def index_dir(self) -> Path:
         """BANK/.loramix, or a folder in loramix's cache when the bank folder is read-only (an installed package)."""
-        if os.access(self.path, os.W_OK):
-            return self.path / INDEX_DIR
-        from .models import loramix_home
-
-        return loramix_home() / "index" / hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        return index_dir(self.path)
 
     @property
     def max_rank(self) -> int:

@@ -14,24 +14,12 @@ from .data import read_dataset
 from .errors import LoramixError
 from .engine import get_engine
 from .files import atomic_dir, atomic_write_bytes
-from .train import TRAINING_FILE, TrainConfig, train
+from .paths import resolve_suite
+from .train import TRAINING_FILE, train
+from .train_config import BANK_TRAINING, TrainConfig
 
-DEFAULT_DIR = Path(__file__).parent / "default"
-DEFAULT_BANK = DEFAULT_DIR / "bank"
-DEFAULT_SUITE = DEFAULT_DIR / "suite"
 # Suite tasks kept out of the committed default bank, so `make demo` meets a task the bank has not seen.
 DEMO_TASKS = ("freedict_eng_deu", "countries_capital_to_country", "morphology_past_participle", "numbers_spanish")
-# The committed bank's training settings: q/k/v like Lots-of-LoRAs; rank 6 so that 53 fp16 adapters of
-# SmolLM2-135M (0.97 MB each) fit the 60 MB the repository allows the bank.
-BANK_TRAINING = TrainConfig(steps=150, rank=6, alpha=12, save_dtype="float16")
-
-
-def resolve_suite(suite: str | Path) -> Path:
-    """'default' -> the suite shipped with loramix; anything else is a folder built by `loramix tasks build`."""
-    path = DEFAULT_SUITE if str(suite) == "default" else Path(suite)
-    if not path.is_dir():
-        raise LoramixError(f"{path}: suite folder not found (build one with `loramix tasks build --out DIR`)")
-    return path
 
 
 def suite_tasks(suite: str | Path) -> list[str]:

@@ -18,10 +18,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import LoramixError
-from .build import BANK_TRAINING
 from .config import GenerateConfig, method_fields
 from .engine import ENGINES
-from .train import TrainConfig
+from .hub import COLLECTIONS
+from .train_config import BANK_TRAINING, TrainConfig, bank_config
 
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)
 bank_app = typer.Typer(help="Inspect and index a bank of adapters.", no_args_is_help=True)
@@ -171,15 +171,13 @@ def eval_(
     import json
 
     from .data import read_dataset
-    from .evaluate import evaluate
+    from .evaluate import evaluate, write_predictions
 
     dataset = read_dataset(data)
     result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
     preds = result.pop("predictions")
     if predictions is not None:
-        with open(predictions, "w", encoding="utf-8") as f:
-            for s, p in zip(dataset, preds):
-                f.write(json.dumps({"input": s.input, "prediction": p, "references": list(s.outputs)}, ensure_ascii=False) + "\n")
+        write_predictions(predictions, dataset, preds)
     if json_out:
         print(json.dumps(result))
         return
@@ -203,11 +201,9 @@ def bank_build(
     engine: EngineOpt = "local",
 ) -> None:
     """Train one adapter per suite task into OUT, each with its train.jsonl: a bank `generate` can use."""
-    from dataclasses import replace
-
     from .build import DEMO_TASKS, build_bank
 
-    config = replace(BANK_TRAINING, steps=steps, rank=rank, alpha=2 * rank, save_dtype=save_dtype)
+    config = bank_config(steps=steps, rank=rank, save_dtype=save_dtype)
     status = build_bank(suite, out_dir, tasks=tasks, exclude=() if include_demo else DEMO_TASKS, config=config, base=base, engine=engine)
     trained = sum(1 for v in status.values() if v == "trained")
     out.print(f"bank [bold]{out_dir}[/bold]: {len(status)} entries, {trained} trained, {len(status) - trained} kept")
@@ -264,17 +260,13 @@ def bank_loo(
 
 @bank_app.command("pull")
 def bank_pull(
-    collection: str = typer.Argument(..., help="The collection to pull: lots-of-loras."),
+    collection: str = typer.Argument(..., help=f"The collection to pull: {', '.join(COLLECTIONS.names())}."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Bank folder to write (resumable)."),
     limit: Optional[int] = typer.Option(None, help="At most this many tasks (in task-number order)."),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="Only these tasks, e.g. task081 or 81 (repeatable)."),
 ) -> None:
     """Download a collection's adapters and the train split of each one's dataset into a bank."""
-    from .hub import pull_lots_of_loras
-
-    if collection != "lots-of-loras":
-        raise LoramixError(f"unknown collection {collection!r}; available: lots-of-loras")
-    status = pull_lots_of_loras(out_dir, limit=limit, tasks=tasks)
+    status = COLLECTIONS.get(collection)(out_dir, limit=limit, tasks=tasks)
     pulled = sum(1 for v in status.values() if v == "pulled")
     out.print(f"bank [bold]{out_dir}[/bold]: {len(status)} entries, {pulled} pulled, {len(status) - pulled} kept")
 
@@ -315,8 +307,8 @@ def bank_list(
     for e in b.entries:
         ranks = sorted({m.rank for m in e.adapter.modules.values()})
         scales = sorted({round(m.scale, 4) for m in e.adapter.modules.values()})
-        samples = str(sum(1 for line in open(e.data_file, encoding="utf-8", errors="replace") if line.strip())) if e.data_file else "-"
         sig = "no data" if not e.has_data else ("cached" if status.get(e.name) else "missing")
+        samples = "-" if e.samples is None else str(e.samples)
         table.add_row(e.name, "/".join(map(str, ranks)), "/".join(f"{s:g}" for s in scales), ",".join(e.adapter.target_modules), samples, sig)
     out.print(table)
 
@@ -400,25 +392,17 @@ def try_(
     max_new_tokens: int = typer.Option(64, help="Longest answer."),
 ) -> None:
     """Answer prompts with the base model and with base + ADAPTER, one after the other, streaming the tokens."""
-    import torch
     from transformers import TextStreamer
 
-    from .evaluate import load_for_eval
-    from .models import end_of_turn_id, prompt_ids
+    from .evaluate import load_for_eval, stream_answer
 
     model, tokenizer = load_for_eval(base, adapter)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints the tokens
 
     def answer(text: str) -> None:
-        ids = torch.tensor([prompt_ids(tokenizer, text)], device=next(model.parameters()).device)
         for label in ("base", "adapter"):
             out.print(f"[bold]{label}:[/bold] ", end="")
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, eos_token_id=end_of_turn_id(tokenizer))
-            if label == "base":
-                with model.disable_adapter():
-                    model.generate(input_ids=ids, **kwargs)
-            else:
-                model.generate(input_ids=ids, **kwargs)
+            stream_answer(model, tokenizer, text, streamer=streamer, adapter=label == "adapter", max_new_tokens=max_new_tokens)
 
     if prompt:
         for text in prompt:
@@ -439,7 +423,7 @@ def try_(
 @app.command()
 def version() -> None:
     """Print loramix's version."""
-    from . import __version__
+    from .version import __version__
 
     out.print(__version__)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from .adapter import DTYPES
 from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
 from .errors import LoramixError
@@ -14,7 +15,7 @@ from .operators import OPERATORS
 from .refine import SEARCHES
 from .signatures import SIGNATURES, SignatureSpec
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DTYPE_NAMES = tuple(DTYPES)  # the output dtypes generate writes
 
 
 def _names(registry) -> str:

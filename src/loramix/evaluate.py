@@ -4,21 +4,23 @@ references as Natural-Instructions does: ROUGE-L (rouge-score, Porter-stemmed), 
 
 from __future__ import annotations
 
+import json
 import re
 import string
 import time
 import unicodedata
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .adapter import LoraAdapter
+from .adapter import LoraAdapter, base_model_of
 from .data import Dataset, read_dataset
-from .models import end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
+from .models import load_model, load_tokenizer, quiet_loading
 from .progress import track
+from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids
 
 
 def normalize(text: str) -> str:
@@ -61,16 +63,6 @@ class Scorer:
         return rouge, exact, contains
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the longest prefix all `seqs` share, leaving each at least one token of its own."""
-    n = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    for k in range(max(n, 0)):
-        if any(s[k] != first[k] for s in seqs):
-            return k
-    return max(n, 0)
-
-
 def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_size: int = 32, max_new_tokens: int = 48) -> list[str]:
     """Greedy answers to `inputs` (each a user turn in the chat template), batched, longest prompts first.
     Returns the decoded answers in input order.
@@ -78,8 +70,7 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     The prompts of a batch share a prefix (system turn, task definition): it is run once and its key/value
     cache reused by every row, laid out as [prefix][padding][own tokens] with the padding masked out, so
     positions stay contiguous and the answers equal those of unbatched generation."""
-    eot = end_of_turn_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
     device = next(model.parameters()).device
     encoded = [prompt_ids(tokenizer, text) for text in inputs]
     order = sorted(range(len(inputs)), key=lambda i: -len(encoded[i]))
@@ -88,28 +79,24 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     with torch.inference_mode():
         for batch in track(batches, "generating", total=len(batches)):
             seqs = [encoded[i] for i in batch]
-            p = _common_prefix(seqs)
-            width = p + max(len(s) - p for s in seqs)
-            ids = torch.full((len(batch), width), pad)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            ids[:, :p] = torch.tensor(seqs[0][:p])
-            mask[:, :p] = 1
-            for row, seq in enumerate(seqs):
-                ids[row, width - (len(seq) - p) :] = torch.tensor(seq[p:])
-                mask[row, width - (len(seq) - p) :] = 1
-            cache = {}
-            if p:
-                run = model(input_ids=ids[:1, :p].to(device), use_cache=True)
-                key = "cache" if "cache" in run else "past_key_values"  # transformers >= 5.20 renamed it
-                run[key].batch_repeat_interleave(len(batch))
-                cache[key] = run[key]
+            p = common_prefix(seqs)
+            ids, mask = left_padded(seqs, pad, p)
+            cache = prefix_cache(model, ids[:1, :p].to(device), len(batch))
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, eos_token_id=eot, pad_token_id=pad, **cache,
             )
             for row in range(len(batch)):
-                answers[batch[row]] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                answers[batch[row]] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
     return answers
+
+
+def stream_answer(model: Any, tokenizer: Any, text: str, *, streamer: Any, adapter: bool = True, max_new_tokens: int = 64) -> None:
+    """Generate the greedy answer to `text` (a user turn in the chat template), its tokens sent to `streamer` (a
+    transformers streamer) as they come; `adapter=False`: a PeftModel answers as its base model."""
+    ids = torch.tensor([prompt_ids(tokenizer, text)], device=next(model.parameters()).device)
+    with nullcontext() if adapter else model.disable_adapter():
+        model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, eos_token_id=end_of_turn_id(tokenizer))
 
 
 def score(predictions: list[str], dataset: Dataset) -> dict[str, float]:
@@ -125,13 +112,18 @@ def score(predictions: list[str], dataset: Dataset) -> dict[str, float]:
     }
 
 
-def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer): the base, with the PEFT adapter loaded on top when given. `base` None means the
-    adapter's own base model (its adapter_config.json), else the default base."""
-    if base is None and adapter is not None:
-        import json
+def write_predictions(path: str | Path, dataset: Dataset, predictions: list[str]) -> None:
+    """One JSON line per prediction: the record's input, the prediction and its references, in dataset order."""
+    with open(path, "w", encoding="utf-8") as f:
+        for s, p in zip(dataset, predictions):
+            f.write(json.dumps({"input": s.input, "prediction": p, "references": list(s.outputs)}, ensure_ascii=False) + "\n")
 
-        base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer): the base, with the PEFT adapter loaded on top when given (any adapter PEFT loads, even
+    one loramix cannot compose). `base` None means the adapter's own base model, else the default base."""
+    if base is None and adapter is not None:
+        base = base_model_of(adapter)
     tokenizer = load_tokenizer(base)
     tokenizer.padding_side = "left"
     model = load_model(base)

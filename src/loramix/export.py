@@ -8,15 +8,13 @@ that one alpha cannot express are folded into lora_b."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .adapter import LoraAdapter
+from .adapter import DTYPES, LoraAdapter
 from .errors import LoramixError
 from .files import atomic_dir
 
@@ -26,7 +24,7 @@ GGUF_ARCHS = {
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
 }
-GGUF_TYPES = {"f32": (np.float32, torch.float32), "f16": (np.float16, torch.float16)}
+GGUF_TYPES = {"f32": "float32", "f16": "float16"}  # GGUF tensor type -> dtype name (loramix.adapter.DTYPES)
 
 
 def _base_config(adapter: LoraAdapter, base: str | None) -> dict[str, Any]:
@@ -69,7 +67,7 @@ def export_gguf(
     # one alpha for the file: the most common scale * rank; other modules' scales are folded into lora_b
     products = [m.scale * m.rank for m in adapter.modules.values()]
     alpha = max(set(products), key=products.count)
-    np_type, torch_type = GGUF_TYPES[dtype]
+    tensor_dtype = DTYPES[GGUF_TYPES[dtype]]
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -84,8 +82,8 @@ def export_gguf(
             b = rope_permute(b, heads)
         elif permute and module.endswith("k_proj"):
             b = rope_permute(b, kv_heads)
-        writer.add_tensor(f"{target}.lora_a", a.to(torch_type).numpy().astype(np_type))
-        writer.add_tensor(f"{target}.lora_b", b.to(torch_type).numpy().astype(np_type))
+        writer.add_tensor(f"{target}.lora_a", a.to(tensor_dtype).numpy())
+        writer.add_tensor(f"{target}.lora_b", b.to(tensor_dtype).numpy())
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp")
@@ -107,12 +105,11 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
 
     from .models import load_model, load_tokenizer, quiet_loading
 
-    adapter_dir = Path(adapter_dir)
-    name = base if base is not None else json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    LoraAdapter(adapter_dir)  # validate before loading a model
+    adapter = LoraAdapter(adapter_dir)  # validated before a model is loaded
+    name = base if base is not None else adapter.base_model
     model = load_model(name)
     with quiet_loading():
-        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        merged = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
     with atomic_dir(out_dir, force=force) as tmp:
         merged.save_pretrained(tmp)
         load_tokenizer(name).save_pretrained(tmp)

@@ -19,6 +19,7 @@ from .data import read_dataset, write_jsonl
 from .errors import LoramixError
 from .files import atomic_dir
 from .progress import track
+from .registry import Registry
 
 log = logging.getLogger("loramix")
 
@@ -27,6 +28,8 @@ ADAPTER_REPO = LOTS_OF_LORAS + "/Mistral-7B-Instruct-v0.2-4b-r16-{task}"
 SOURCE_FILE = "source.json"
 _TASK = re.compile(r"^(task\d+)_[A-Za-z0-9_.-]+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# `loramix bank pull` collections: name -> fn(out, *, limit=None, tasks=None) -> {entry: 'pulled' or 'kept'}
+COLLECTIONS: Registry = Registry("collection")
 
 
 def safe_entry_name(name: str) -> str:
@@ -90,6 +93,7 @@ def _write_entry(dest: Path, adapter_dir: Path, data_samples, source: dict[str, 
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
 
 
+@COLLECTIONS.register("lots-of-loras")
 def pull_lots_of_loras(out: str | Path, *, limit: int | None = None, tasks: Sequence[str] | None = None) -> dict[str, str]:
     """Download Lots-of-LoRAs adapters and their datasets' train splits into the bank OUT, one entry per task,
     named like the dataset (`task081_<slug>`). Resumable: entries already there are kept. Returns entry -> status."""

@@ -6,27 +6,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import LoramixError
+from .paths import loramix_home
 
 log = logging.getLogger("loramix")
 
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def loramix_home() -> Path:
-    """Cache folder: $LORAMIX_HOME, else the platform's user cache dir for loramix."""
-    if env := os.environ.get("LORAMIX_HOME"):
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("loramix"))
 
 
 def default_base_path() -> Path:
@@ -107,21 +98,3 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
     except OSError as e:
         raise LoramixError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
     return model.eval()
-
-
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` as a user turn in the base's chat template, ready for the answer to follow
-    (plain text ids when the tokenizer has no chat template)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text)["input_ids"]
-
-
-def end_of_turn_id(tokenizer: Any) -> int:
-    """The token that ends an answer: the eos token (SmolLM2's <|im_end|>)."""
-    if tokenizer.eos_token_id is None:
-        raise LoramixError("the base tokenizer has no eos token to end answers with")
-    return tokenizer.eos_token_id

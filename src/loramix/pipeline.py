@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from . import __version__
+from .adapter import DTYPES
 from .bank import Bank
 from .compose import COMPOSERS, Composition, plan, write_compositions
 from .config import GenerateConfig
@@ -24,8 +23,8 @@ from .index import BankIndex
 from .operators import OPERATORS, Operator, gram_matrix
 from .report import DataInfo, EnergyInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
+from .version import __version__
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -106,7 +105,7 @@ def generate(
 
     with atomic_dir(out, force=force) as tmp:
         weights = refined.coefficients if refined else coefficients
-        p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=_DTYPES.get(config.dtype or ""))
+        p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""))
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, bank, dataset, composition, weights, d)
         if refined:
@@ -193,7 +192,7 @@ def leave_one_out(
     c = loo_coefficients(index, config)
     d = index.distance_matrix(spec, config.distance, config.seed)
     names = [e.name for e in bank.usable]
-    dtype = _DTYPES.get(config.dtype or "")
+    dtype = DTYPES.get(config.dtype or "")
     plans = [
         plan(bank, {n: float(x) for n, x in zip(names, row) if x > 0}, method=config.compose, rank=config.rank, dtype=dtype)
         for row in c

@@ -92,34 +92,17 @@ def answer_loss_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: in
     The samples' shared prompt prefix (system turn, task definition) runs once per call and its key/value cache
     serves every sample, laid out as [prefix][padding][own tokens] with explicit positions: the same loss as
     running each sample whole, for a fraction of the tokens."""
-    from .evaluate import _common_prefix
-    from .train import encode
+    from .prompts import answer_batch, common_prefix, encode, pad_id, prefix_cache
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = encode(tokenizer, Dataset(list(samples), "refine"), max_length)
-    seqs = [ids for ids, _ in encoded]
-    p = _common_prefix(seqs)
-    width = max(len(x) for x in seqs) - p
-    k = max(n for _, n in encoded)
-    rest = torch.full((len(seqs), width), pad)
-    rest_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), k), -100)
-    for row, (ids, n) in enumerate(encoded):
-        own = ids[p:]
-        rest[row, width - len(own):] = torch.tensor(own)
-        rest_mask[row, width - len(own):] = 1
-        targets[row, k - n:] = torch.tensor(ids[-n:])
-    mask = torch.cat([torch.ones((len(seqs), p), dtype=torch.long), rest_mask], dim=1)
-    positions = (p + rest_mask.cumsum(1) - 1).clamp(min=0)
-    prefix = torch.tensor([seqs[0][:p]])
+    encoded = encode(tokenizer, samples, max_length)
+    p = common_prefix([seq for seq, _ in encoded])
+    ids, mask, targets = answer_batch(encoded, pad_id(tokenizer), p)
+    rest = ids[:, p:].contiguous()  # the prefix runs from its cache
+    positions = (p + mask[:, p:].cumsum(1) - 1).clamp(min=0)
+    k = targets.shape[1]
 
     def loss() -> torch.Tensor:
-        extra = {}
-        if p:
-            run = model(input_ids=prefix, use_cache=True)
-            key = "cache" if "cache" in run else "past_key_values"  # transformers >= 5.20 renamed it
-            run[key].batch_repeat_interleave(len(seqs))
-            extra[key] = run[key]
+        extra = prefix_cache(model, ids[:1, :p], len(encoded))
         logits = model(input_ids=rest, attention_mask=mask, position_ids=positions, logits_to_keep=k + 1, **extra).logits[:, :-1]
         return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 

@@ -162,11 +162,12 @@ class HiddenSigner(Signer):
         import torch
 
         from .models import load_model, load_tokenizer
+        from .prompts import pad_id
 
         tokenizer = load_tokenizer(self.spec.model)
         if self._model is None:
             self._model = load_model(self.spec.model, causal_lm=False)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         enc = [tokenizer(t, truncation=True, max_length=self.max_tokens)["input_ids"] for t in _texts(dataset)]
         batches = _batches([len(x) for x in enc], self.batch_size)
 

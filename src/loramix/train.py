@@ -7,67 +7,22 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .adapter import DTYPES
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import atomic_dir
-from .models import DEFAULT_BASE, end_of_turn_id, load_model, load_tokenizer, prompt_ids, quiet_loading
+from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading
 from .progress import track
+from .prompts import answer_batch, encode, pad_id
+from .train_config import TrainConfig
 
 TRAINING_FILE = "training.json"
-
-
-@dataclass
-class TrainConfig:
-    """LoRA fine-tuning settings: `steps` optimizer steps of `batch_size` samples drawn (seeded) from the
-    data; AdamW at `lr` with `warmup` linear steps, then cosine decay; LoRA of `rank` / `alpha` on
-    `target_modules`; sequences cut to `max_length` tokens; saved as `save_dtype`."""
-
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup: int = 10
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
-    max_length: int = 256
-    seed: int = 0
-    bf16: bool = True
-    save_dtype: str = "float32"
-    device: str | None = None  # None: cuda when available, else cpu
-
-
-def encode(tokenizer: Any, dataset: Dataset, max_length: int) -> list[tuple[list[int], int]]:
-    """Per sample: (prompt ids + answer ids + end-of-turn, number of answer tokens incl. end-of-turn),
-    truncated from the left of the prompt so the answer always fits."""
-    eot = end_of_turn_id(tokenizer)
-    out = []
-    for s in dataset:
-        answer = tokenizer(s.output, add_special_tokens=False)["input_ids"][: max_length // 2] + [eot]
-        prompt = prompt_ids(tokenizer, s.input)[-(max_length - len(answer)) :]
-        out.append((prompt + answer, len(answer)))
-    return out
-
-
-def _batch(items: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded ids [B, L], attention mask [B, L] and, over the last K positions, the answer targets
-    [B, K] (-100 elsewhere), K = longest answer. Left padding puts every answer at the end."""
-    width = max(len(ids) for ids, _ in items)
-    k = max(n for _, n in items)
-    ids = torch.full((len(items), width), pad)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    targets = torch.full((len(items), k), -100)
-    for row, (seq, n) in enumerate(items):
-        ids[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
-        targets[row, k - n :] = torch.tensor(seq[-n:])
-    return ids, mask, targets
 
 
 def train(
@@ -97,7 +52,7 @@ def train(
         model = get_peft_model(model, lora)
     model.peft_config["default"].base_model_name_or_path = DEFAULT_BASE if base in (None, "default") else base
     encoded = encode(tokenizer, dataset, config.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
+    pad = pad_id(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
@@ -117,7 +72,7 @@ def train(
         if len(order) < config.batch_size:  # epochs of shuffled samples, without replacement within one
             order += rng.sample(range(len(encoded)), len(encoded))
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        ids, mask, targets = (t.to(device) for t in _batch([encoded[i] for i in picked], pad))
+        ids, mask, targets = (t.to(device) for t in answer_batch([encoded[i] for i in picked], pad))
         k = targets.shape[1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             # logits for the last k + 1 positions only: position t predicts token t + 1
@@ -152,7 +107,7 @@ def _cast_weights(path: Path, dtype: str) -> None:
     """Rewrite a safetensors file with every tensor cast to `dtype`."""
     from safetensors.torch import load_file, save_file
 
-    target = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    target = DTYPES[dtype]
     tensors = load_file(path)
     if any(t.dtype != target for t in tensors.values()):
         save_file({k: v.to(target).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})

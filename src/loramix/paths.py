@@ -1,0 +1,46 @@
+"""Where loramix keeps things: its cache home, the bank and task suite it ships, and bank index folders.
+
+Imports nothing of loramix but its errors, so that any module may ask for a path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import LoramixError
+
+DEFAULT_DIR = Path(__file__).parent / "default"
+DEFAULT_BANK = DEFAULT_DIR / "bank"
+DEFAULT_SUITE = DEFAULT_DIR / "suite"
+INDEX_DIR = ".loramix"  # a bank's index (cached signatures, distances, operators), inside the bank folder
+
+
+def loramix_home() -> Path:
+    """Cache folder: $LORAMIX_HOME, else the platform's user cache dir for loramix."""
+    if env := os.environ.get("LORAMIX_HOME"):
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("loramix"))
+
+
+def resolve_bank(bank: str | Path) -> Path:
+    """'default' -> the bank shipped with loramix; anything else is a bank folder."""
+    return DEFAULT_BANK if str(bank) == "default" else Path(bank)
+
+
+def resolve_suite(suite: str | Path) -> Path:
+    """'default' -> the suite shipped with loramix; anything else is a folder built by `loramix tasks build`."""
+    path = DEFAULT_SUITE if str(suite) == "default" else Path(suite)
+    if not path.is_dir():
+        raise LoramixError(f"{path}: suite folder not found (build one with `loramix tasks build --out DIR`)")
+    return path
+
+
+def index_dir(bank: Path) -> Path:
+    """BANK/.loramix, or a folder in loramix's cache (one per resolved path) when the bank folder is read-only
+    (an installed package)."""
+    if os.access(bank, os.W_OK):
+        return bank / INDEX_DIR
+    return loramix_home() / "index" / hashlib.sha256(str(bank.resolve()).encode()).hexdigest()[:16]

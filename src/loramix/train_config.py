@@ -1,0 +1,38 @@
+"""Training settings, apart from the trainer (train.py) so that the command line and readers can use them
+without importing the training stack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    """LoRA fine-tuning settings: `steps` optimizer steps of `batch_size` samples drawn (seeded) from the
+    data; AdamW at `lr` with `warmup` linear steps, then cosine decay; LoRA of `rank` / `alpha` on
+    `target_modules`; sequences cut to `max_length` tokens; saved as `save_dtype`."""
+
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 10
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    max_length: int = 256
+    seed: int = 0
+    bf16: bool = True
+    save_dtype: str = "float32"
+    device: str | None = None  # None: cuda when available, else cpu
+
+
+def bank_config(*, steps: int = 150, rank: int = 6, save_dtype: str = "float16") -> TrainConfig:
+    """The settings of a bank entry (`loramix bank build`): `steps` of the other defaults, LoRA `rank` with
+    alpha = 2 * rank, weights saved as `save_dtype`."""
+    return TrainConfig(steps=steps, rank=rank, alpha=2 * rank, save_dtype=save_dtype)
+
+
+# The committed bank's training settings: q/k/v like Lots-of-LoRAs; rank 6 so that 53 fp16 adapters of
+# SmolLM2-135M (0.97 MB each) fit the 60 MB the repository allows the bank.
+BANK_TRAINING = bank_config()
