@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -35,8 +36,8 @@ class Plan:
         """Modules must run one at a time with multi-threaded ops (see Composer.serial)."""
         return self.composer.serial(self.active, self.target)
 
-    def terms(self, module: str, factors: dict[str, LoraFactors]) -> list[Term]:
-        """The active entries' terms for `module`, `factors` holding each entry's factors (by name)."""
+    def terms(self, module: str, factors: Mapping[str, LoraFactors]) -> list[Term]:
+        """The active entries' terms for `module`, `factors[name]` giving each entry's factors."""
         return [
             Term(factors[e.name], self.coefficients[e.name], e.adapter.modules[module].scale)
             for e in self.active

@@ -6,6 +6,7 @@ module) run in parallel threads with single-threaded ops, so the bytes do not de
 from __future__ import annotations
 
 import json
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWriter
-from ..bank import Bank
+from ..bank import Bank, BankEntry
 from ..errors import LoramixError
 from ..progress import track
 from ..threads import threaded_map
@@ -45,7 +46,7 @@ class Composition:
         return float(min(known)) if known else None
 
 
-def _module(p: Plan, module: str, factors: dict[str, LoraFactors]) -> ModuleResult:
+def _module(p: Plan, module: str, factors: "ModuleFactors") -> ModuleResult:
     """One output module of plan `p`: composed, padded to the planned rank, cast to the output dtype, checked finite."""
     r = p.composer.module(p.terms(module, factors), p.refs[module], p.target)
     pad = p.ranks[module] - r.a.shape[0]
@@ -58,6 +59,23 @@ def _module(p: Plan, module: str, factors: dict[str, LoraFactors]) -> ModuleResu
     return r
 
 
+class ModuleFactors:
+    """The factors of one module for the entries some plan uses, each read from disk by the first unit of work that
+    asks for it (in that unit's thread, so several modules are read in parallel) and then shared by the others."""
+
+    def __init__(self, entries: Sequence[BankEntry], module: str):
+        self.module = module
+        self._entries = {e.name: e for e in entries if module in e.adapter.modules}
+        self._locks = {name: threading.Lock() for name in self._entries}
+        self._read: dict[str, LoraFactors] = {}
+
+    def __getitem__(self, name: str) -> LoraFactors:
+        with self._locks[name]:
+            if name not in self._read:
+                self._read[name] = LoraFactors.read(self._entries[name], self.module)
+            return self._read[name]
+
+
 def stream(bank: Bank, plans: Sequence[Plan], description: str = "composing") -> Iterator[tuple[int, str, ModuleResult]]:
     """(plan index, module, result) for every module (sorted) and plan, in that order. Plans whose composer
     needs it (Composer.serial) make the pass run one unit at a time with multi-threaded ops."""
@@ -65,13 +83,13 @@ def stream(bank: Bank, plans: Sequence[Plan], description: str = "composing") ->
     used = {e.name for p in plans for e in p.active}
     needed = [e for e in bank.entries if e.name in used]
 
-    def units() -> Iterator[tuple[int, str, dict[str, LoraFactors]]]:
+    def units() -> Iterator[tuple[int, str, ModuleFactors]]:
         for m in modules:
-            factors = {e.name: LoraFactors.read(e, m) for e in needed if m in e.adapter.modules}
+            factors = ModuleFactors(needed, m)
             for i in range(len(plans)):
                 yield i, m, factors
 
-    def one(unit: tuple[int, str, dict[str, LoraFactors]]) -> tuple[int, str, ModuleResult]:
+    def one(unit: tuple[int, str, ModuleFactors]) -> tuple[int, str, ModuleResult]:
         i, m, factors = unit
         return i, m, _module(plans[i], m, factors)
 
