@@ -46,7 +46,7 @@ bank: $(STAMP)
 # the paper's 12, the default, LoraHub and --refine) on every task, the other settings on one task in three
 # (about 2 hours on 2 CPUs, resumable; --every 1 runs the whole grid on every task).
 bench-quality: $(STAMP)
-	$(PY) benchmarks/quality.py --every 3 --refine --engine ray --workers 2
+	$(PY) benchmarks/quality.py --every 3 --refine --levers --engine ray --workers 2
 
 clean:
 	rm -rf $(VENV) demo-out .cache

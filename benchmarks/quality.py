@@ -18,6 +18,7 @@ from functools import partial
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from loramix.engine import RayEngine, get_engine  # noqa: E402
 from loramix.files import atomic_write_bytes  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import generate_answers, load_for_eval, merged_adapter, score  # noqa: E402
+from loramix.meta import loo_coefficients  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
-from loramix.pipeline import loo_coefficients  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
@@ -54,6 +55,9 @@ class Setting:
     top_k: int | None = None
     temperature: float = 1.0
     warm_start: str | None = None  # refine group: the setting whose coefficients are refined ('lorahub': none)
+    shots: int = 0  # training examples put in the prompt (in-context learning)
+    calibrated: bool = False  # temperature, top-k and scale from the bank's calibration (cross-fitted: 5 folds)
+    checked: bool = False  # the scale (0: the base) of lowest answer loss on 16 of the task's training examples
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -82,6 +86,21 @@ def default_setting() -> Setting:
     """The setting `loramix generate` uses by default."""
     d = GenerateConfig()
     return loramix_setting(d.signature, d.distance, d.operator, d.top_k, d.temperature)
+
+
+def lever_settings(default: Setting) -> list[Setting]:
+    """The levers beyond the meta-operator (issue 14), on the default setting, and in-context learning."""
+    tail = default.name.split("/", 1)[1]
+    base = dict(signature=default.signature, distance=default.distance, operator=default.operator, compose="exact",
+                top_k=default.top_k, temperature=default.temperature)
+    return [
+        Setting(f"loramix/{tail}-calibrated", "lever", **base, calibrated=True),
+        Setting(f"loramix/{tail}-checked", "lever", **base, checked=True),
+        Setting(f"loramix/{tail}-calibrated-checked", "lever", **base, calibrated=True, checked=True),
+        Setting("icl/base-5shot", "icl", shots=5),
+        Setting("icl/base-16shot", "icl", shots=16),
+        Setting(f"icl/{tail}-5shot", "icl", **base, shots=5),
+    ]
 
 
 def refine_settings(default: Setting) -> list[Setting]:
@@ -116,6 +135,8 @@ class Runner:
         n = len(self.entries)
         if s.name == "uniform":
             return (np.ones((n, n)) - np.eye(n)) / (n - 1)
+        if s.calibrated:
+            return self.calibrated_matrix(s)
         config = GenerateConfig(signature=s.signature, distance=s.distance, operator=s.operator, compose=s.compose,
                                 top_k=s.top_k, temperature=s.temperature, max_samples=self.max_samples)
         spec = self.index.resolve(config.signature_spec())
@@ -134,26 +155,35 @@ class Runner:
         if self.model is None:
             self.model, self.tokenizer = load_for_eval(self.bank.base_model)
 
-    def evaluate(self, task: str, adapter_dir: Path | None) -> dict:
-        """Greedy answers to the task's first `limit` test records, the adapter's update added to the base weights."""
+    def evaluate(self, task: str, adapter_dir: Path | None, shots: int = 0) -> dict:
+        """Greedy answers to the task's first `limit` test records, the adapter's update added to the base weights;
+        with `shots`, that many training examples (seeded) in the prompt after the task's definition."""
         self._load()
         data = read_dataset(self.suite / task / "test.jsonl")
         samples = data.samples[: self.limit] if self.limit else data.samples
+        inputs = [s.input for s in samples]
+        if shots:
+            inputs = few_shot(read_dataset(self.suite / task / "train.jsonl").subsample(shots, 0).samples, inputs)
         if task not in self.longest:  # the longest training answer, in tokens: once per task, not per setting
             train = read_dataset(self.suite / task / "train.jsonl")
             self.longest[task] = max(len(self.tokenizer(s.output)["input_ids"]) for s in train)
         longest = self.longest[task]
         start = time.perf_counter()
         with merged_adapter(self.model, adapter_dir):
-            preds = generate_answers(self.model, self.tokenizer, [s.input for s in samples], batch_size=64,
+            preds = generate_answers(self.model, self.tokenizer, inputs, batch_size=64 if not shots else 16,
                                      max_new_tokens=longest + 8)
         result = score(preds, type(data)(samples, data.source))
         result["eval_seconds"] = time.perf_counter() - start
         result["predictions"] = preds[:5]
         return result
 
+    @property
+    def root(self) -> Path:
+        """Cached results, per number of test records (results at another --limit are never mixed in)."""
+        return CACHE / f"records-{self.limit or 'all'}"
+
     def folder(self, s: Setting) -> Path:
-        return CACHE / s.name.replace("/", "__")
+        return self.root / s.name.replace("/", "__")
 
     def tasks_of(self, s: Setting) -> list[str]:
         return self.tasks if s.name in self.headline else self.grid_tasks
@@ -166,7 +196,7 @@ class Runner:
         coefs = {}
         for s in all_settings:
             self.folder(s).mkdir(parents=True, exist_ok=True)
-            if s.name in ("base", "trained", "refine/lorahub") or not self.pending(s):
+            if s.name in ("base", "trained", "refine/lorahub") or (s.group == "icl" and s.signature is None) or not self.pending(s):
                 continue
             coefs[s.name] = self.coefficient_matrix(s)
             timing = self.folder(s) / "timing.json"
@@ -185,8 +215,8 @@ class Runner:
                 continue
             compose_s = 0.0
             search = None
-            if s.name == "base":
-                result = self.evaluate(task, None)
+            if s.name == "base" or (s.group == "icl" and s.signature is None):
+                result = self.evaluate(task, None, s.shots)
             elif s.name == "trained":
                 result = self.evaluate(task, self.entries[i].adapter.path)
             else:
@@ -196,11 +226,16 @@ class Runner:
                     lorahub = results.get("refine/lorahub") or self.cached("refine/lorahub", task)
                     budget = lorahub["search"]["cpu_seconds"] if lorahub and s.warm_start != "lorahub" else None
                     c, search = self.search(task, s, c, budget)
-                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
-                compose_s = time.perf_counter() - start
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_adapter(tmp, comp.config, comp.factors)
-                    result = self.evaluate(task, Path(tmp))
+                if s.checked:
+                    c, search = self.check(task, c)
+                if not c.any():  # the check kept the base model
+                    result = self.evaluate(task, None, s.shots)
+                else:
+                    comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
+                    compose_s = time.perf_counter() - start
+                    with tempfile.TemporaryDirectory() as tmp:
+                        save_adapter(tmp, comp.config, comp.factors)
+                        result = self.evaluate(task, Path(tmp), s.shots)
                 result["top"] = [[self.names[j], round(float(c[j]), 4)] for j in np.argsort(-c)[:3]]
                 result["coefficients"] = [round(float(x), 6) for x in c]
             result["compose_seconds"] = compose_s
@@ -209,13 +244,45 @@ class Runner:
             results[s.name] = result
         return results
 
+    def check(self, task: str, c: np.ndarray) -> tuple[np.ndarray, dict]:
+        """`generate --check 16`: the scale of c (0: the base) with the lowest answer loss on 16 training examples."""
+        from loramix.calibrate import check
+
+        self._load()
+        cpu = time.process_time()
+        train = read_dataset(self.suite / task / "train.jsonl")
+        res = check(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, train, examples=16, seed=1,
+                    model=self.model, tokenizer=self.tokenizer)
+        return c * res.scale, {"cpu_seconds": time.process_time() - cpu, "scale": res.scale,
+                               "losses": {f"{k:g}": v for k, v in res.losses.items()}}
+
+    def calibrated_matrix(self, s: Setting) -> np.ndarray:
+        """Rows of the calibrated setting: task t's temperature, top-k and scale chosen on the bank's calibration
+        without t's fold (entry j in fold j % 5), so no task's own loss picks its parameters."""
+        from dataclasses import replace as dc_replace
+
+        from loramix.calibrate import calibrate
+
+        self._load()
+        config = GenerateConfig(signature=s.signature, distance=s.distance, operator=s.operator, compose=s.compose,
+                                max_samples=self.max_samples)
+        cal = calibrate(self.bank, config, examples=16, model=self.model, tokenizer=self.tokenizer)
+        self.timings[s.name] = {"calibration_cpu_seconds": cal.seconds}
+        n = len(self.names)
+        out = np.zeros((n, n))
+        for t in range(n):
+            best = cal.select([j for j in range(n) if j % 5 != t % 5])
+            rows = loo_coefficients(self.index, dc_replace(config, temperature=best.temperature, top_k=best.top_k))
+            out[t] = best.scale * rows[t]
+        return out
+
     def cached(self, setting: str, task: str) -> dict | None:
-        file = CACHE / setting.replace("/", "__") / f"{task}.json"
+        file = self.root / setting.replace("/", "__") / f"{task}.json"
         return json.loads(file.read_text()) if file.is_file() else None
 
     def store(self, task: str, results: dict[str, dict]) -> None:
         for name, result in results.items():
-            folder = CACHE / name.replace("/", "__")
+            folder = self.root / name.replace("/", "__")
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(folder / f"{task}.json", json.dumps(result).encode())
             print(f"{name:45s} {task:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
@@ -258,10 +325,32 @@ class Runner:
         return out
 
 
+def few_shot(examples, inputs: list[str]) -> list[str]:
+    """In-context prompts: the task's definition (the inputs' shared first paragraph, if any) once, then the examples
+    as Input / Output pairs, then the query."""
+    def split(text: str) -> tuple[str, str]:
+        head, sep, rest = text.partition("\n\n")
+        return (head, rest) if sep else ("", text)
+
+    definition = split(inputs[0])[0] if all(split(x)[0] == split(inputs[0])[0] for x in inputs) else ""
+    strip = (lambda x: split(x)[1]) if definition else (lambda x: x)
+    shots = "\n\n".join(f"Input: {strip(e.input)}\nOutput: {e.output}" for e in examples)
+    return [(definition + "\n\n" if definition else "") + f"{shots}\n\nInput: {strip(x)}\nOutput:" for x in inputs]
+
+
 def _evaluate_task(runner: "Runner", item: tuple) -> dict[str, dict]:
     """Engine work item: every pending setting of one task, on a worker holding its own Runner (and model)."""
     task, all_settings, coefs = item
     return runner.run_task(task, all_settings, coefs)
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed: int = 0) -> str:
+    """mean(a - b) over tasks and its 95% paired bootstrap interval (tasks resampled with replacement), as text."""
+    d = np.asarray(a) - np.asarray(b)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(draws, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return f"{d.mean():+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def family_of(suite: Path) -> dict[str, str]:
@@ -280,19 +369,26 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         return float(np.mean([results[setting][t][metric] for t in tasks]))
 
     def table(settings: list[Setting], tasks: list[str]) -> list[str]:
-        """Mean scores of `settings` over `tasks`, gap closed against base and trained on the same tasks."""
+        """Mean scores of `settings` over `tasks`, gap closed against base and trained on the same tasks, the paired
+        bootstrap interval of the difference to the default, and the tasks where the setting is below the base."""
         base, trained = mean("base", "rougeL", tasks), mean("trained", "rougeL", tasks)
-        lines = ["| setting | group | ROUGE-L | exact match | contains | gap closed | CPU stage (s) |",
-                 "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines = ["| setting | group | ROUGE-L | exact match | contains | gap closed | vs default [95% CI] | tasks < base | "
+                 "CPU s / task |", "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+        ref = np.array([results[chosen][t]["rougeL"] for t in tasks]) if chosen in results else None
+        below_base = np.array([results["base"][t]["rougeL"] for t in tasks])
         for s in settings:
             r = results[s.name]
             rl = mean(s.name, "rougeL", tasks)
             gap = (rl - base) / (trained - base) if trained != base else float("nan")
             timing = r.get("__timing__", {})
-            cpu = timing.get("distances", 0.0) + timing.get("operator", 0.0) + float(np.mean([r[t]["compose_seconds"] for t in tasks]))
+            per_task = float(np.mean([r[t]["compose_seconds"] + r[t].get("search", {}).get("cpu_seconds", 0.0) for t in tasks]))
+            cpu = timing.get("distances", 0.0) + timing.get("operator", 0.0) + per_task
             mark = " **(default)**" if s.name == chosen else ""
+            scores = np.array([r[t]["rougeL"] for t in tasks])
+            diff = "-" if ref is None or s.name == chosen else paired_interval(scores, ref)
+            below = int((scores < below_base - 1e-9).sum()) if s.name != "base" else 0
             lines.append(f"| {s.name}{mark} | {s.group} | {rl:.4f} | {mean(s.name, 'exact_match', tasks):.4f} | "
-                         f"{mean(s.name, 'contains', tasks):.4f} | {gap:.3f} | {cpu:.1f} |")
+                         f"{mean(s.name, 'contains', tasks):.4f} | {gap:.3f} | {diff} | {below} | {cpu:.1f} |")
         return lines
 
     headline = [s for s in all_settings if s.name in runner.headline]
@@ -300,22 +396,34 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
     lines = [
         "# Leave-one-out quality on the default bank",
         "",
-        f"Reproduce: `make bench-quality` ({'quick subset; ' if args.quick else ''}loramix {loramix.__version__}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs).",
+        f"Reproduce: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` ({'quick subset; ' if args.quick else ''}"
+        f"loramix {loramix.__version__}, {platform.machine()}, {os.cpu_count()} CPUs).",
         "",
         f"Bank: {runner.bank.path.name} ({len(runner.names)} adapters of {runner.bank.base_model}, rank {runner.bank.max_rank}). "
         f"Each task's adapter is predicted from the other {len(runner.names) - 1} entries and evaluated on its test split "
         f"({'first ' + str(args.limit) + ' records' if args.limit else 'all records'}), greedy decoding with the chat template. "
-        "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L over the same tasks. CPU stage = the bank's "
-        "distance matrix, the operator (incl. neural fitting) and the mean per-task composition time, in seconds; the "
-        "signatures (computed once per bank and cached, see speed.md for their cost) and generation are not included.",
+        "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L over the same tasks. vs default = the mean "
+        "per-task ROUGE-L difference to the default, with its 95% paired bootstrap interval (tasks resampled, 10,000 "
+        "draws); tasks < base = tasks where the setting scores below the base model. CPU s / task = the bank's "
+        "distance matrix, the operator (incl. neural fitting), and per task the composition and any search or check, "
+        "in seconds; the signatures (computed once per bank and cached, see speed.md for their cost), the bank "
+        "calibration (given below) and generation are not included. Calibrated settings are cross-fitted: task t's "
+        "temperature, top-k and scale are chosen on the bank's calibration without t's fold (5 folds). Checked "
+        "settings keep the scale (0: the base model) of lowest answer loss on 16 of the task's training examples. "
+        "In-context settings put 5 or 16 training examples in the prompt.",
         "",
     ]
     if subset:
-        lines += [f"## Headline settings on all {len(names)} tasks", "", *table(headline, names), "",
+        lines += [f"## Headline settings on {len(names)} of the bank's {len(runner.names)} tasks", "", *table(headline, names), "",
                   f"## Every setting on one task in every {args.every} ({len(grid)} of {len(names)} tasks in name order, "
                   "all families; `--every 1` runs the whole grid on every task)", ""]
     lines += table(all_settings, grid)
+    calibrated = [s for s in all_settings if s.calibrated and "__timing__" in results[s.name]]
+    if calibrated:
+        cpu = results[calibrated[0].name]["__timing__"].get("calibration_cpu_seconds")
+        if cpu is not None:
+            lines += ["", f"Bank calibration (`loramix bank calibrate`, {len(runner.names)} entries x 16 examples, 40 "
+                      f"candidates): {cpu:.0f} CPU seconds, once per bank and setting."]
     refined = [s for s in all_settings if s.group == "refine"]
     if refined:
         base, trained = mean("base", "rougeL", names), mean("trained", "rougeL", names)
@@ -343,8 +451,9 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
             f"{results['uniform'][t]['rougeL']:.3f} | {results[chosen][t]['rougeL']:.3f} | {top} |"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    heatmap(results[chosen], names, runner.names, RESULTS / "coefficients.png", chosen)
+    (RESULTS / args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if args.out == "quality.md":
+        heatmap(results[chosen], names, runner.names, RESULTS / "coefficients.png", chosen)
 
 
 def heatmap(result: dict, tasks: list[str], entries: list[str], path: Path, title: str) -> None:
@@ -372,7 +481,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bank", default="default")
     p.add_argument("--suite", default="default")
-    p.add_argument("--limit", type=int, default=10, help="test records per task")
+    p.add_argument("--limit", type=int, default=30, help="test records per task")
     p.add_argument("--max-samples", type=int, default=GenerateConfig().max_samples, help="signature samples per dataset")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a handful of settings only")
@@ -381,17 +490,24 @@ def main() -> None:
     p.add_argument("--engine", default="local", help="local, or ray (RAY_ADDRESS, else a local Ray cluster)")
     p.add_argument("--workers", type=int, default=None, help="at most this many Ray workers (one CPU each)")
     p.add_argument("--refine", action="store_true", help="also LoraHub's recipe and --refine on 5 examples")
+    p.add_argument("--levers", action="store_true", help="also calibration, the held-out check and in-context learning")
     p.add_argument("--tasks", type=int, default=None, help="only the first N tasks of the bank (a subset)")
+    p.add_argument("--out", default="quality.md", help="the results file (in benchmarks/results/)")
+    p.add_argument("--spread", type=int, default=1, help="only every K-th task of the bank, in name order (a subset "
+                   "over all families, for every setting)")
     p.add_argument("--every", type=int, default=1, help="the settings beyond the headline ones on every K-th task only, in "
                    "name order (a subset spread over all families); coefficients always use every entry")
     args = p.parse_args()
     runner = Runner(args.bank, resolve_suite(args.suite), args.limit, args.max_samples)
     all_settings = settings(args.top_k, args.quick)
+    default = next(s for s in all_settings if s.name == args.default_setting)
+    if args.levers:
+        all_settings += lever_settings(default)
     if args.refine:
-        all_settings += refine_settings(next(s for s in all_settings if s.name == args.default_setting))
+        all_settings += refine_settings(default)
     if args.only:
         all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
-    runner.tasks = runner.tasks[: args.tasks]
+    runner.tasks = runner.tasks[: args.tasks][args.spread // 2 :: args.spread]
     runner.grid_tasks = runner.tasks[args.every // 2 :: args.every]  # the middle task of every K
     runner.headline = {s.name for s in all_settings if s.group != "loramix" or s.name == args.default_setting}
     coefs = runner.prepare(all_settings)
@@ -402,7 +518,7 @@ def main() -> None:
                on_result=lambda item, res: runner.store(item[0], res))
     results = {s.name: runner.collect(s) for s in all_settings}
     write_report(runner, results, all_settings, args)
-    print((RESULTS / "quality.md").read_text())
+    print((RESULTS / args.out).read_text())
 
 
 if __name__ == "__main__":

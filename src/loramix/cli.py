@@ -60,6 +60,8 @@ def config_options(names: Sequence[str] | None = None):
         params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values() if p.name != "config"]
         for f in chosen:
             flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            if _cli_type(f) is bool:  # a switch: --x / --no-x
+                flag = f"{flag}/--no-{flag[2:]}"
             opt = typer.Option(f.default, flag, help=f.metadata["help"])
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=_cli_type(f)))
 
@@ -119,9 +121,18 @@ def generate(
     out.print(table)
     report = result.report
     kept = f", energy kept {report.energy.mean:.4f} (min {report.energy.min:.4f})" if report.energy.mean is not None else ""
+    if (cal := report.calibration) is not None:
+        out.print(f"using the bank's calibration ({cal.entries} entries, leave-one-out loss {cal.loss_ratio:.3f} x the base "
+                  f"model's): temperature {cal.temperature:g}, top-k {cal.top_k or 'all'}, scale {cal.scale:g}")
     if (r := report.refine) is not None:
         out.print(f"refined on {r.examples} examples ({r.method}, {r.steps} steps, {r.seconds:.1f} s): "
                   f"loss {r.initial_loss:.4f} -> {r.loss:.4f}")
+    if (chk := report.check) is not None:
+        losses = ", ".join(f"{s}: {v:.4f}" for s, v in chk.losses.items())
+        out.print(f"checked on {chk.examples} held-out examples (answer loss by scale: {losses}): kept scale {chk.scale:g}")
+        if not chk.beats_base:
+            err.print("[yellow]warning:[/yellow] no composition beat the base model on the held-out examples: the adapter "
+                      "written has a zero update (the base model)")
     out.print(f"wrote [bold]{result.out}[/bold]: rank {report.rank or 'as bank'}{kept}")
 
 
@@ -223,7 +234,7 @@ def bank_index(
     """Compute and cache every entry's signature under BANK/.loramix/ (only what changed)."""
     from .bank import Bank
     from .index import BankIndex
-    from .pipeline import fit_operator
+    from .meta import operator_for
 
     if neural and distance is None:
         raise LoramixError("--neural needs --distance")
@@ -238,8 +249,32 @@ def bank_index(
         matrix = index.distance_matrix(spec, distance, config.seed)
         out.print(f"distance matrix ({distance}): {matrix.shape[0]} x {matrix.shape[1]}")
     if neural:
-        op = fit_operator(index, config)
+        op = operator_for(index, config)
         out.print(f"neural operator fitted: reconstruction loss {op.history[0]:.6g} -> {op.history[-1]:.6g}")
+
+
+@bank_app.command("calibrate")
+@config_options(["signature", "distance", "operator", "compose", "max_samples", "model", "seed"])
+def bank_calibrate(
+    bank: Path = typer.Argument(..., help="Bank folder."),
+    examples: int = typer.Option(16, "--examples", min=1, max=4096, help="Training samples of each held-out entry scored."),
+    force: bool = typer.Option(False, "--force", help="Compute again even if cached."),
+    allow_pickle: PickleOpt = False,
+    config: GenerateConfig = D,
+) -> None:
+    """Choose the temperature, top-k and scale of the composed update by the bank's own leave-one-out answer loss
+    (forward passes of the base model only); `generate` then uses them for this setting."""
+    from .bank import Bank
+    from .calibrate import calibrate
+
+    cal = calibrate(Bank(bank, allow_pickle=allow_pickle), config, examples=examples, force=force)
+    r = cal.ratios()
+    best = cal.candidates.index(cal.best)
+    default = next(i for i, c in enumerate(cal.candidates) if (c.temperature, c.top_k, c.scale) == (1.0, None, 1.0))
+    out.print(f"calibrated on {len(cal.entries)} entries x {cal.examples} examples ({cal.seconds:.0f} CPU s): temperature "
+              f"{cal.best.temperature:g}, top-k {cal.best.top_k or 'all'}, scale {cal.best.scale:g}; leave-one-out answer loss "
+              f"{r[:, best].mean():.3f} x the base model's (uncalibrated {r[:, default].mean():.3f}); "
+              f"worse than the base on {int((r[:, best] > 1).sum())} entries (uncalibrated {int((r[:, default] > 1).sum())})")
 
 
 @bank_app.command("loo")

@@ -54,7 +54,12 @@ class GenerateConfig:
     seed: int = option(0, "Seed for subsampling, sliced projections and MMD draws.")
     max_samples: int | None = option(128, "At most this many samples per dataset for signatures.")
     model: str | None = option(None, "Embedding model (embed) or base model (unigram, hidden) override.")
+    scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
+    calibration: bool = option(True, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
+                               "setting: its temperature, top-k and scale replace those options.")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
+    check: int = option(0, "Hold out this many examples of DATA and keep the scale of the composed update (0: none, "
+                        "the base model) with the lowest answer loss on them (loads the base).", method=False)
     refine: int = option(0, "Refine the top entries' weights on this many examples of DATA (loads the base).",
                          method=False)
     refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
@@ -76,6 +81,10 @@ class GenerateConfig:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise LoramixError(f"temperature must be positive and finite, got {self.temperature}")
         _at_least("max-samples", self.max_samples, 1)
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise LoramixError(f"scale must be positive and finite, got {self.scale}")
+        if not (isinstance(self.check, int) and self.check >= 0):
+            raise LoramixError(f"--check takes a number of examples, got {self.check}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise LoramixError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if not (isinstance(self.refine, int) and self.refine >= 0):

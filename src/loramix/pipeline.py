@@ -20,8 +20,10 @@ from .distances import distance_row
 from .errors import LoramixError
 from .files import atomic_dir
 from .index import BankIndex
-from .operators import OPERATORS, Operator, gram_matrix
-from .report import DataInfo, EnergyInfo, RefineInfo, Report
+from .meta import loo_coefficients, operator_for
+from .operators import OPERATORS
+from .calibrate import cached_calibration
+from .report import CalibrationInfo, CheckInfo, DataInfo, EnergyInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
 
@@ -39,16 +41,6 @@ class GenerateResult:
     def top(self, n: int = 5) -> list[tuple[str, float]]:
         """The n largest coefficients, largest first."""
         return sorted(self.coefficients.items(), key=lambda kv: -kv[1])[:n]
-
-
-def fit_operator(index: BankIndex, config: GenerateConfig) -> Operator:
-    """The operator instance: fitted on the bank (cached in its index) when it is trainable, in the Gram space
-    that the composition method declares."""
-    cls = OPERATORS.get(config.operator)
-    if not cls.trainable:
-        return cls()
-    space = COMPOSERS.get(config.compose).operator_space
-    return index.fitted_operator(config.operator, config.signature_spec(), config.distance, space, config.seed)
 
 
 def _configure(config: GenerateConfig | None, overrides: dict[str, Any]) -> GenerateConfig:
@@ -89,30 +81,54 @@ def generate(
     spec = index.resolve(config.signature_spec())
     _check_bank(bank, config, spec)
 
+    calibration = cached_calibration(bank, config) if config.calibration else None
+    if calibration is not None:  # the bank's calibrated parameters replace the options they cover
+        best = calibration.best
+        config = replace(config, temperature=best.temperature, top_k=best.top_k, scale=best.scale)
     bank_sigs = index.signatures(spec)
     user_sig = make_signer(spec)(dataset)
     d = distance_row(config.distance, user_sig, bank_sigs, config.seed)
-    operator = fit_operator(index, config)
-    c = operator.coefficients(d, config.temperature, config.top_k)
-    coefficients = {e.name: float(x) for e, x in zip(usable, c)}
-    refined = None
+    c = operator_for(index, config).coefficients(d, config.temperature, config.top_k)
+    coefficients = {e.name: config.scale * float(x) for e, x in zip(usable, c)}
+    refined = checked = None
+    refine_samples = dataset.subsample(config.refine, config.seed) if config.refine else None
     if config.refine:
         from .refine import RefineConfig, refine
 
         rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or 8, method=config.refine_method,
                             budget=config.refine_budget, seed=config.seed)
-        refined = refine(bank, coefficients, dataset, rcfg, method=config.compose)
+        refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose)
+    weights = refined.coefficients if refined else coefficients
+    if config.check:
+        from .calibrate import check
+
+        used = set(refine_samples.samples) if refine_samples else set()
+        held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
+        if not held.samples:
+            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}")
+        checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1)
+        weights = {n: checked.scale * w for n, w in weights.items()}
+    if not any(weights.values()):  # the check kept the base model: an adapter whose update is zero
+        weights = {n: 0.0 for n in weights}
 
     with atomic_dir(out, force=force) as tmp:
-        weights = refined.coefficients if refined else coefficients
-        p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""))
+        p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
+                 allow_zero=True)
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, bank, dataset, composition, weights, d)
+        if calibration is not None:
+            best = calibration.best
+            ratio = float(calibration.ratios()[:, calibration.candidates.index(best)].mean())
+            report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale, round(ratio, 4), len(calibration.entries))
         if refined:
             report.refine = RefineInfo(
                 config.refine, config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
                 refined.loss, refined.steps, round(refined.seconds, 2), refined.history,
             )
+        if checked:
+            report.scale = config.scale * checked.scale
+            report.check = CheckInfo(checked.examples, {f"{s:g}": round(v, 5) for s, v in checked.losses.items()},
+                                     checked.scale, checked.beats_base)
         report.write(tmp)
     return GenerateResult(Path(out), weights, report.distances, report)
 
@@ -141,35 +157,11 @@ def _report(
         rank=composition.rank,
         seed=config.seed,
         coefficients=coefficients,
+        scale=config.scale,
         distances={e.name: float(x) for e, x in zip(bank.usable, d) if math.isfinite(x)},
         excluded=[e.name for e in bank.entries if not e.has_data],
         energy=EnergyInfo(composition.mean_energy, composition.min_energy, composition.energy),
     )
-
-
-def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -> np.ndarray:
-    """C[t] = the coefficients predicting usable entry t from the others, [n, n] with C[t, t] = 0: the operator on
-    row t of the bank's distance matrix, t's own entry excluded. A trainable operator is cross-fitted: it is
-    fitted on `folds` - 1 folds of the entries (entry t at position t falls in fold t % folds) for each fold."""
-    spec = index.resolve(config.signature_spec())
-    d = index.distance_matrix(spec, config.distance, config.seed).copy()
-    np.fill_diagonal(d, np.inf)
-    n = len(d)
-    c = np.zeros((n, n))
-    cls = OPERATORS.get(config.operator)
-    if not cls.trainable:
-        op = cls()
-        for t in range(n):
-            c[t] = op.coefficients(d[t], config.temperature, config.top_k)
-        return c
-    gram = gram_matrix(index.bank, index.bank.usable, COMPOSERS.get(config.compose).operator_space)
-    fold = np.arange(n) % folds
-    for f in range(folds):
-        train = np.flatnonzero(fold != f)
-        op = cls().fit(d[np.ix_(train, train)], gram[np.ix_(train, train)], seed=config.seed)
-        for t in np.flatnonzero(fold == f):
-            c[t] = op.coefficients(d[t], config.temperature, config.top_k)
-    return c
 
 
 def leave_one_out(
@@ -183,7 +175,7 @@ def leave_one_out(
 ) -> np.ndarray:
     """Predict every usable entry's adapter from the other entries and write each to OUT/<entry>/ (PEFT files and
     loramix.json), in one pass over the bank's tensors: each module of every entry is read once, however many
-    outputs use it. Returns the coefficient matrix [n, n] (`loo_coefficients`)."""
+    outputs use it. Returns the coefficient matrix [n, n] (`meta.loo_coefficients`)."""
     config = _configure(config, overrides)
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     index = BankIndex(bank)

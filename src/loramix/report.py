@@ -50,10 +50,33 @@ class RefineInfo:
 
 
 @dataclass
+class CalibrationInfo:
+    """The bank calibration `generate` used: the chosen temperature, top-k and scale, and the mean leave-one-out
+    answer-loss ratio to the base model (below 1: better than the base) over `entries` bank entries."""
+
+    temperature: float
+    top_k: int | None
+    scale: float
+    loss_ratio: float
+    entries: int
+
+
+@dataclass
+class CheckInfo:
+    """The held-out check (`--check`): answer loss (nats per token) on `examples` samples of the data at each scale
+    of the composed update (0: the base model), the scale kept, and whether the composition beat the base."""
+
+    examples: int
+    losses: dict[str, float]
+    scale: float
+    beats_base: bool
+
+
+@dataclass
 class Report:
     """The contents of loramix.json. `coefficients` and `distances` are per usable bank entry (distances only where
-    finite); `excluded` lists the entries without training data; `leave_one_out` names the held-out entry of a
-    leave-one-out output."""
+    finite) and sum to `scale`; `excluded` lists the entries without training data; `leave_one_out` names the
+    held-out entry of a leave-one-out output."""
 
     loramix_version: str
     bank: str
@@ -71,13 +94,16 @@ class Report:
     distances: dict[str, float]
     excluded: list[str]
     energy: EnergyInfo
+    scale: float = 1.0
+    calibration: CalibrationInfo | None = None
     refine: RefineInfo | None = None
+    check: CheckInfo | None = None
     leave_one_out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As written to loramix.json: optional parts left out when absent."""
         d = asdict(self)
-        for key in ("refine", "leave_one_out"):
+        for key in ("calibration", "refine", "check", "leave_one_out"):
             if d[key] is None:
                 del d[key]
         return d
@@ -86,7 +112,8 @@ class Report:
         (Path(folder) / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
-_NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "refine": RefineInfo}
+_NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "calibration": CalibrationInfo,
+           "refine": RefineInfo, "check": CheckInfo}
 
 
 def read_report(adapter_dir: str | Path) -> Report:

@@ -160,7 +160,7 @@ class Exact(Composer):
 
     def serial(self, active: Sequence[BankEntry], target: int | None) -> bool:
         """Beyond EXACT_MAX_STACKED_RANK the randomized range finder works on all of a module's factors at once."""
-        return target is not None and max(stacked_ranks(active).values()) > EXACT_MAX_STACKED_RANK
+        return target is not None and max(stacked_ranks(active).values(), default=0) > EXACT_MAX_STACKED_RANK
 
     def mix(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
         return ((x @ a.T) * w) @ b.T

@@ -54,16 +54,17 @@ class Plan:
 
 
 def plan(bank: Bank, coefficients: dict[str, float], *, method: str = "exact", rank: Rank = None,
-         dtype: torch.dtype | None = None) -> Plan:
+         dtype: torch.dtype | None = None, allow_zero: bool = False) -> Plan:
     """Check the request and fix the output's shape. `rank`: an int truncates (exact) to that rank; None is the
-    bank's largest rank; 'full' keeps every singular value (all modules padded to one rank)."""
+    bank's largest rank; 'full' keeps every singular value (all modules padded to one rank). All-zero coefficients
+    are refused unless `allow_zero` (the output is then an adapter whose update is zero: the base model)."""
     cls = COMPOSERS.get(method)
     cls.validate(rank)
     unknown = set(coefficients) - {e.name for e in bank.entries}
     if unknown:
         raise LoramixError(f"coefficients name entries not in the bank: {', '.join(sorted(unknown))}")
     active = [e for e in bank.entries if coefficients.get(e.name, 0.0) != 0.0]
-    if not active:
+    if not active and not allow_zero:
         raise LoramixError("every coefficient is zero: nothing to compose")
     composer = cls()
     composer.check(bank.entries)

@@ -1,0 +1,214 @@
+"""Beyond the paper: the meta-operator's free parameters chosen by the answer loss they give (forward passes only).
+
+A candidate is (temperature, top_k, scale): the operator's coefficients at that temperature and top-k, multiplied
+by `scale`, the composed update's global scale (scale 0 is the base model). Its loss on a task is the answer-token
+cross-entropy (nats per token) of the task's examples under the base model plus that update, applied exactly by
+forward hooks (refine.MixedLoRA): nothing is composed or written.
+
+- `calibrate(bank, config)`: the bank's own leave-one-out. Each usable entry is held out in turn, its coefficients
+  predicted from the others, and every candidate scored on `examples` of the entry's own training samples (which
+  no other entry was trained on). The candidate with the lowest mean loss ratio to the base model wins. Cached
+  with the bank index; `generate` uses a calibrated bank's parameters.
+- `check(...)`: the user's own labels. A held-out slice of the dataset scores the composed update at a few scales
+  against the base model; the best is kept, and the report says when none beat the base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .adapter import WEIGHTS_FILE
+from .bank import Bank
+from .config import GenerateConfig
+from .data import Dataset
+from .errors import LoramixError
+from .files import atomic_write_bytes
+from .index import BankIndex
+from .meta import loo_coefficients
+from .progress import track
+from .refine import MixedLoRA, answer_loss_fn
+
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0)
+TOP_KS: tuple[int | None, ...] = (None, 5)
+SCALES = (0.5, 1.0, 1.5, 2.0, 3.0)
+CHECK_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0)  # 0: the base model
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Coefficients at `temperature` and `top_k`, the composed update scaled by `scale`."""
+
+    temperature: float
+    top_k: int | None
+    scale: float
+
+
+def grid() -> list[Candidate]:
+    return [Candidate(t, k, s) for t in TEMPERATURES for k in TOP_KS for s in SCALES]
+
+
+@dataclass
+class Calibration:
+    """A bank's leave-one-out losses for every candidate: `loss[t][j]` is entry t's answer loss (nats per token) under
+    candidate j, `base_loss[t]` under the base model; `examples` training samples per entry. `best` is the chosen
+    candidate; `seconds` the CPU time the calibration took."""
+
+    setting: dict[str, Any]
+    examples: int
+    entries: list[str]
+    candidates: list[Candidate]
+    base_loss: list[float]
+    loss: list[list[float]]
+    seconds: float
+    best: Candidate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.best = self.select()
+
+    def ratios(self) -> np.ndarray:
+        """loss / base loss, [entries, candidates]: below 1 where the candidate helps that entry."""
+        return np.asarray(self.loss) / np.asarray(self.base_loss)[:, None]
+
+    def select(self, entries: Sequence[int] | None = None) -> Candidate:
+        """The candidate of lowest mean loss ratio over `entries` (indices; default all)."""
+        r = self.ratios()
+        rows = r if entries is None else r[list(entries)]
+        return self.candidates[int(np.argmin(rows.mean(0)))]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["candidates"] = [asdict(c) for c in self.candidates]
+        d["best"] = asdict(self.best)
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Calibration":
+        d = json.loads(text)
+        d.pop("best", None)
+        d["candidates"] = [Candidate(**c) for c in d["candidates"]]
+        return cls(**d)
+
+
+def _setting(config: GenerateConfig) -> dict[str, Any]:
+    """The parts of `config` that a calibration is for (the rest it chooses, or does not affect it)."""
+    return {"signature": asdict(config.signature_spec()), "distance": config.distance, "operator": config.operator,
+            "compose": config.compose}
+
+
+def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidate]) -> str:
+    """Changes with the setting, the grid and every usable entry (its data's sha256, its weights file's size and
+    modification time: cheap enough for every `generate` at the paper's scale)."""
+    entries = []
+    for e in index.bank.usable:
+        st = (e.adapter.path / WEIGHTS_FILE).stat()
+        entries.append(f"{e.name}:{e.data_hash}:{st.st_size}:{st.st_mtime_ns}")
+    blob = json.dumps([_setting(config), [asdict(c) for c in candidates], entries], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_base(bank: Bank, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    from .models import load_model, load_tokenizer
+
+    if model is None:
+        model, tokenizer = load_model(bank.base_model), load_tokenizer(bank.base_model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int = 16,
+              candidates: Sequence[Candidate] | None = None, model: Any = None, tokenizer: Any = None,
+              force: bool = False) -> Calibration:
+    """The bank's leave-one-out losses for every candidate under `config`'s signature, distance, operator and
+    composition; cached in the bank index (computed again with `force` or another number of `examples`). Loads the
+    bank's base model unless given."""
+    config = config or GenerateConfig()
+    candidates = list(candidates or grid())
+    index = BankIndex(bank)
+    entries = bank.usable
+    if len(entries) < 3:
+        raise LoramixError(f"{bank.path}: calibration needs at least 3 bank entries with data, found {len(entries)}")
+    path = index.dir / "calibration" / f"{_key(index, config, candidates)}.json"
+    cached = _read(path)
+    if cached is not None and cached.examples == examples and not force:
+        return cached
+    start = time.process_time()
+    model, tokenizer = _load_base(bank, model, tokenizer)
+    coefs = {(c.temperature, c.top_k): loo_coefficients(index, replace(config, temperature=c.temperature, top_k=c.top_k))
+             for c in candidates}
+    mixed = MixedLoRA(model, bank, entries, config.compose)
+    base_loss, loss = [], []
+    try:
+        with torch.no_grad():
+            for t, entry in enumerate(track(entries, "calibrating (leave-one-out)", total=len(entries))):
+                fn = answer_loss_fn(model, tokenizer, entry.dataset().subsample(examples, config.seed).samples)
+                mixed.weights = torch.zeros(len(entries))
+                base_loss.append(float(fn()))
+                row = []
+                for c in candidates:
+                    mixed.weights = torch.as_tensor(c.scale * coefs[(c.temperature, c.top_k)][t], dtype=torch.float32)
+                    row.append(float(fn()))
+                loss.append(row)
+    finally:
+        mixed.remove()
+    cal = Calibration(_setting(config), examples, [e.name for e in entries], candidates, base_loss, loss,
+                      round(time.process_time() - start, 2))
+    atomic_write_bytes(path, cal.to_json().encode())
+    return cal
+
+
+def _read(path) -> Calibration | None:
+    """The calibration stored at `path`; None when there is none or it is damaged (then it is recomputed)."""
+    try:
+        return Calibration.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def cached_calibration(bank: Bank, config: GenerateConfig) -> Calibration | None:
+    """The bank's calibration for `config`'s setting (default grid) if `loramix bank calibrate` computed it."""
+    index = BankIndex(bank)
+    return _read(index.dir / "calibration" / f"{_key(index, config, grid())}.json")
+
+
+@dataclass
+class CheckResult:
+    """The held-out check: loss (nats per token) at each scale of the composed update (0: the base model), the
+    scale kept, and whether the composition beat the base model."""
+
+    examples: int
+    losses: dict[float, float]
+    scale: float
+
+    @property
+    def beats_base(self) -> bool:
+        return self.scale != 0.0
+
+
+def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
+          scales: Sequence[float] = CHECK_SCALES, seed: int = 0, model: Any = None, tokenizer: Any = None) -> CheckResult:
+    """Score the composition of `coefficients` at each of `scales` on `examples` samples of `dataset` (seeded) by
+    answer loss, the base model included (scale 0); keep the best (ties go to the smaller scale)."""
+    model, tokenizer = _load_base(bank, model, tokenizer)
+    names = [n for n, c in coefficients.items() if c != 0]
+    entries = [bank.entry(n) for n in names]
+    w = torch.tensor([coefficients[n] for n in names], dtype=torch.float32)
+    samples = dataset.subsample(examples, seed).samples
+    mixed = MixedLoRA(model, bank, entries, method)
+    losses = {}
+    try:
+        fn = answer_loss_fn(model, tokenizer, samples)
+        with torch.no_grad():
+            for s in sorted(scales):
+                mixed.weights = s * w
+                losses[float(s)] = float(fn())
+    finally:
+        mixed.remove()
+    best = min(losses, key=lambda s: (losses[s], s))
+    return CheckResult(len(samples), losses, best)

@@ -1,0 +1,46 @@
+"""Stage 4 on a bank: the meta-operator that a configuration names, fitted on the bank when it is trainable, and
+the bank's leave-one-out coefficients (each entry predicted from the others)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .compose import COMPOSERS
+from .config import GenerateConfig
+from .index import BankIndex
+from .operators import OPERATORS, Operator, gram_matrix
+
+
+def operator_for(index: BankIndex, config: GenerateConfig) -> Operator:
+    """`config`'s operator: fitted on the bank (cached in its index) when it is trainable, in the Gram space that the
+    composition method declares."""
+    cls = OPERATORS.get(config.operator)
+    if not cls.trainable:
+        return cls()
+    space = COMPOSERS.get(config.compose).operator_space
+    return index.fitted_operator(config.operator, config.signature_spec(), config.distance, space, config.seed)
+
+
+def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -> np.ndarray:
+    """C[t] = the coefficients predicting usable entry t from the others, [n, n] with C[t, t] = 0: the operator on
+    row t of the bank's distance matrix, t's own entry excluded. A trainable operator is cross-fitted: it is fitted
+    on `folds` - 1 folds of the entries (entry t at position t falls in fold t % folds) for each fold."""
+    spec = index.resolve(config.signature_spec())
+    d = index.distance_matrix(spec, config.distance, config.seed).copy()
+    np.fill_diagonal(d, np.inf)
+    n = len(d)
+    c = np.zeros((n, n))
+    cls = OPERATORS.get(config.operator)
+    if not cls.trainable:
+        op = cls()
+        for t in range(n):
+            c[t] = op.coefficients(d[t], config.temperature, config.top_k)
+        return c
+    gram = gram_matrix(index.bank, index.bank.usable, COMPOSERS.get(config.compose).operator_space)
+    fold = np.arange(n) % folds
+    for f in range(folds):
+        train = np.flatnonzero(fold != f)
+        op = cls().fit(d[np.ix_(train, train)], gram[np.ix_(train, train)], seed=config.seed)
+        for t in np.flatnonzero(fold == f):
+            c[t] = op.coefficients(d[t], config.temperature, config.top_k)
+    return c

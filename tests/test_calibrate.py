@@ -1,0 +1,118 @@
+"""Calibration on the bank's own leave-one-out, and the held-out check on the user's labels (forward passes only)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_bank, topic_records, write_jsonl
+from typer.testing import CliRunner
+
+from loramix import Bank, generate, read_report
+from loramix.calibrate import Candidate, CheckResult, cached_calibration, calibrate, check
+from loramix.cli import app
+from loramix.config import GenerateConfig
+from loramix.index import BankIndex
+from loramix.meta import loo_coefficients
+from loramix.models import load_model, load_tokenizer
+from loramix.refine import MixedLoRA, answer_loss_fn
+
+GRID = [Candidate(t, k, s) for t in (0.5, 1.0) for k in (None, 2) for s in (1.0, 2.0)]
+
+
+@pytest.fixture
+def tiny_bank(tmp_path, tiny_base):
+    return Bank(make_bank(tmp_path / "bank", n=5, base=str(tiny_base)))
+
+
+def test_calibration_scores_every_candidate_on_held_out_entries(tiny_bank, tiny_base):
+    model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
+    cfg = GenerateConfig(max_samples=8)
+    cal = calibrate(tiny_bank, cfg, examples=4, candidates=GRID, model=model, tokenizer=tok)
+    n = len(tiny_bank.usable)
+    assert np.asarray(cal.loss).shape == (n, len(GRID)) and len(cal.base_loss) == n
+    assert cal.best == GRID[int(np.argmin(cal.ratios().mean(0)))]
+    # one entry's loss recomputed by hand: its leave-one-out coefficients at the candidate, times the scale
+    t, j = 2, 5
+    c = GRID[j]
+    coefs = loo_coefficients(BankIndex(tiny_bank), GenerateConfig(max_samples=8, temperature=c.temperature, top_k=c.top_k))
+    assert coefs[t, t] == 0
+    mixed = MixedLoRA(model, tiny_bank, tiny_bank.usable)
+    try:
+        mixed.weights = torch.as_tensor(c.scale * coefs[t], dtype=torch.float32)
+        fn = answer_loss_fn(model, tok, tiny_bank.usable[t].dataset().subsample(4, 0).samples)
+        with torch.no_grad():
+            assert float(fn()) == pytest.approx(cal.loss[t][j], rel=1e-5)
+    finally:
+        mixed.remove()
+    # cached with the bank index: the same object back without the model
+    again = calibrate(tiny_bank, cfg, examples=4, candidates=GRID)
+    assert again.loss == cal.loss and again.best == cal.best
+    assert cal.select([0, 1]) == GRID[int(np.argmin(cal.ratios()[[0, 1]].mean(0)))]
+
+
+def test_generate_uses_the_banks_calibration_and_says_so(tiny_bank, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
+    assert cached_calibration(tiny_bank, GenerateConfig(max_samples=8)) is None
+    cal = calibrate(tiny_bank, GenerateConfig(max_samples=8), examples=4)
+    r = generate(tiny_bank, data, tmp_path / "cal", max_samples=8)
+    report = read_report(tmp_path / "cal")
+    assert report.calibration is not None and report.temperature == cal.best.temperature
+    assert (report.top_k, report.scale) == (cal.best.top_k, cal.best.scale)
+    assert sum(r.coefficients.values()) == pytest.approx(cal.best.scale)
+    plain = generate(tiny_bank, data, tmp_path / "plain", max_samples=8, calibration=False)
+    assert read_report(tmp_path / "plain").calibration is None
+    assert sum(plain.coefficients.values()) == pytest.approx(1.0)
+    out = CliRunner().invoke(app, ["generate", "--bank", str(tiny_bank.path), "--data", str(data), "--out",
+                                   str(tmp_path / "cli"), "--max-samples", "8"])
+    assert out.exit_code == 0, out.output
+    assert "using the bank's calibration" in out.output
+
+
+def test_check_keeps_the_scale_of_lowest_held_out_loss(tiny_bank, tiny_base, tmp_path, monkeypatch):
+    model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
+    from loramix import read_dataset
+
+    ds = read_dataset(data)
+    coefs = {e.name: 0.2 for e in tiny_bank.usable}
+    res = check(tiny_bank, coefs, ds, examples=4, scales=(0.0, 1.0, 30.0), model=model, tokenizer=tok)
+    assert set(res.losses) == {0.0, 1.0, 30.0} and res.scale == min(res.losses, key=res.losses.get)
+    assert len(set(res.losses.values())) == 3  # the update changes the loss
+    # the held-out loss of each scale is the model's with the mixed update at that scale
+    mixed = MixedLoRA(model, tiny_bank, tiny_bank.usable)
+    try:
+        mixed.weights = torch.full((len(tiny_bank.usable),), 0.2 * 30.0)
+        with torch.no_grad():
+            assert float(answer_loss_fn(model, tok, ds.subsample(4, 0).samples)()) == pytest.approx(res.losses[30.0], rel=1e-5)
+    finally:
+        mixed.remove()
+
+    import loramix.calibrate
+
+    losses = iter([1.0, 1.5, 2.0])
+    monkeypatch.setattr(loramix.calibrate, "answer_loss_fn", lambda *a: (lambda: next(losses)))
+    base_wins = check(tiny_bank, coefs, ds, examples=4, scales=(0.0, 1.0, 2.0), model=model, tokenizer=tok)
+    assert base_wins.scale == 0.0 and not base_wins.beats_base
+
+
+def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_it(tiny_bank, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
+    generate(tiny_bank, data, tmp_path / "checked", max_samples=8, check=4, calibration=False)
+    chk = read_report(tmp_path / "checked").check
+    assert chk.examples == 4 and set(chk.losses) == {"0", "0.5", "1", "1.5", "2"}
+    assert chk.scale == min((float(s) for s in chk.losses), key=lambda s: (chk.losses[f"{s:g}"], s))
+    import loramix.calibrate
+
+    monkeypatch.setattr(loramix.calibrate, "check", lambda *a, **k: CheckResult(4, {0.0: 1.0, 1.0: 2.0}, 0.0))
+    runner = CliRunner()
+    out = runner.invoke(app, ["generate", "--bank", str(tiny_bank.path), "--data", str(data), "--out", str(tmp_path / "base"),
+                              "--max-samples", "8", "--check", "4", "--no-calibration"])
+    assert out.exit_code == 0, out.output
+    assert "no composition beat the base model" in out.output
+    report = read_report(tmp_path / "base")
+    assert not report.check.beats_base and report.scale == 0.0 and set(report.coefficients.values()) == {0.0}
+    from safetensors.torch import load_file
+
+    assert all(float(t.abs().max()) == 0.0 for t in load_file(tmp_path / "base" / "adapter_model.safetensors").values())
+    assert json.loads((tmp_path / "base" / "adapter_config.json").read_text())["r"] >= 1
