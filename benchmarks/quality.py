@@ -266,7 +266,7 @@ class Runner:
         self._load()
         config = GenerateConfig(signature=s.signature, distance=s.distance, operator=s.operator, compose=s.compose,
                                 max_samples=self.max_samples)
-        cal = calibrate(self.bank, config, examples=16, model=self.model, tokenizer=self.tokenizer)
+        cal = calibrate(self.bank, config, model=self.model, tokenizer=self.tokenizer)
         self.timings[s.name] = {"calibration_cpu_seconds": cal.seconds}
         n = len(self.names)
         out = np.zeros((n, n))
@@ -422,7 +422,7 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
     if calibrated:
         cpu = results[calibrated[0].name]["__timing__"].get("calibration_cpu_seconds")
         if cpu is not None:
-            lines += ["", f"Bank calibration (`loramix bank calibrate`, {len(runner.names)} entries x 16 examples, 40 "
+            lines += ["", f"Bank calibration (`loramix bank calibrate`, {len(runner.names)} entries x 8 examples, 12 "
                       f"candidates): {cpu:.0f} CPU seconds, once per bank and setting."]
     refined = [s for s in all_settings if s.group == "refine"]
     if refined:

@@ -257,7 +257,7 @@ def bank_index(
 @config_options(["signature", "distance", "operator", "compose", "max_samples", "model", "seed"])
 def bank_calibrate(
     bank: Path = typer.Argument(..., help="Bank folder."),
-    examples: int = typer.Option(16, "--examples", min=1, max=4096, help="Training samples of each held-out entry scored."),
+    examples: int = typer.Option(8, "--examples", min=1, max=4096, help="Training samples of each held-out entry scored."),
     force: bool = typer.Option(False, "--force", help="Compute again even if cached."),
     allow_pickle: PickleOpt = False,
     config: GenerateConfig = D,
