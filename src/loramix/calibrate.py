@@ -8,7 +8,7 @@ forward hooks (refine.MixedLoRA): nothing is composed or written.
 - `calibrate(bank, config)`: the bank's own leave-one-out. Each usable entry is held out in turn, its coefficients
   predicted from the others, and every candidate scored on `examples` of the entry's own training samples (which
   no other entry was trained on). The candidate with the lowest mean loss ratio to the base model wins. Cached
-  with the bank index; `generate` uses a calibrated bank's parameters.
+  with the bank index; `generate --calibration` uses a calibrated bank's parameters.
 - `check(...)`: the user's own labels. A held-out slice of the dataset scores the composed update at a few scales
   against the base model; the best is kept, and the report says when none beat the base."""
 

@@ -55,8 +55,9 @@ class GenerateConfig:
     max_samples: int | None = option(128, "At most this many samples per dataset for signatures.")
     model: str | None = option(None, "Embedding model (embed) or base model (unigram, hidden) override.")
     scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
-    calibration: bool = option(True, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
-                               "setting: its temperature, top-k and scale replace those options.")
+    calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
+                               "setting: its temperature, top-k and scale replace those options. Off by default: "
+                               "on 12 leave-one-out tasks it lowered ROUGE-L (benchmarks/results/quality-levers.md).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
     check: int = option(0, "Hold out this many examples of DATA and keep the scale of the composed update (0: none, "
                         "the base model) with the lowest answer loss on them (loads the base).", method=False)
