@@ -102,9 +102,9 @@ def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_i
     chk = read_report(tmp_path / "checked").check
     assert chk.examples == 4 and set(chk.losses) == {"0", "0.5", "1", "1.5", "2"}
     assert chk.scale == min((float(s) for s in chk.losses), key=lambda s: (chk.losses[f"{s:g}"], s))
-    import loramix.calibrate
+    import loramix.pipeline
 
-    monkeypatch.setattr(loramix.calibrate, "check", lambda *a, **k: CheckResult(4, {0.0: 1.0, 1.0: 2.0}, 0.0))
+    monkeypatch.setattr(loramix.pipeline, "check", lambda *a, **k: CheckResult(4, {0.0: 1.0, 1.0: 2.0}, 0.0))
     runner = CliRunner()
     out = runner.invoke(app, ["generate", "--bank", str(tiny_bank.path), "--data", str(data), "--out", str(tmp_path / "base"),
                               "--max-samples", "8", "--check", "4"])

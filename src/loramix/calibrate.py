@@ -78,6 +78,10 @@ class Calibration:
         """loss / base loss, [entries, candidates]: below 1 where the candidate helps that entry."""
         return np.asarray(self.loss) / np.asarray(self.base_loss)[:, None]
 
+    def mean_ratio(self, candidate: Candidate) -> float:
+        """The mean loss ratio to the base model of `candidate` over every entry."""
+        return float(self.ratios()[:, self.candidates.index(candidate)].mean())
+
     def select(self, entries: Sequence[int] | None = None) -> Candidate:
         """The candidate of lowest mean loss ratio over `entries` (indices; default all)."""
         r = self.ratios()

@@ -22,7 +22,7 @@ from .files import atomic_dir
 from .index import BankIndex
 from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
-from .calibrate import cached_calibration
+from .calibrate import cached_calibration, check
 from .report import CalibrationInfo, CheckInfo, DataInfo, EnergyInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
@@ -100,26 +100,23 @@ def generate(
         refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose)
     weights = refined.coefficients if refined else coefficients
     if config.check:
-        from .calibrate import check
-
         used = set(refine_samples.samples) if refine_samples else set()
         held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
         if not held.samples:
             raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}")
         checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1)
         weights = {n: checked.scale * w for n, w in weights.items()}
-    if not any(weights.values()):  # the check kept the base model: an adapter whose update is zero
-        weights = {n: 0.0 for n in weights}
 
     with atomic_dir(out, force=force) as tmp:
+        base_kept = checked is not None and not checked.beats_base  # an adapter whose update is zero
         p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
-                 allow_zero=True)
+                 allow_zero=base_kept)
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, bank, dataset, composition, weights, d)
         if calibration is not None:
             best = calibration.best
-            ratio = float(calibration.ratios()[:, calibration.candidates.index(best)].mean())
-            report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale, round(ratio, 4), len(calibration.entries))
+            report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale,
+                                                 round(calibration.mean_ratio(best), 4), len(calibration.entries))
         if refined:
             report.refine = RefineInfo(
                 config.refine, config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
