@@ -58,6 +58,10 @@ class Setting:
     shots: int = 0  # training examples put in the prompt (in-context learning)
     calibrated: bool = False  # temperature, top-k and scale from the bank's calibration (cross-fitted: 5 folds)
     checked: bool = False  # the scale (0: the base) of lowest answer loss on 16 of the task's training examples
+    check_singles: int = 0  # checked: the top entries alone among the candidates
+    check_criterion: str = "loss"  # checked: how candidates are ranked (loramix.refine.CRITERIA)
+    examples: int = 5  # refine group: labelled training examples the search (or the equal-compute LoRA) sees
+    per_layer: bool = False  # refine group: one weight per layer and entry
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -97,6 +101,10 @@ def lever_settings(default: Setting) -> list[Setting]:
         Setting(f"loramix/{tail}-calibrated", "lever", **base, calibrated=True),
         Setting(f"loramix/{tail}-checked", "lever", **base, checked=True),
         Setting(f"loramix/{tail}-calibrated-checked", "lever", **base, calibrated=True, checked=True),
+        Setting(f"loramix/{tail}-checked-acc", "lever", **base, checked=True, check_criterion="accuracy"),
+        Setting(f"loramix/{tail}-checked-singles4", "lever", **base, checked=True, check_singles=4),
+        Setting(f"loramix/{tail}-checked-singles4-acc", "lever", **base, checked=True, check_singles=4,
+                check_criterion="accuracy"),
         Setting("icl/base-5shot", "icl", shots=5),
         Setting("icl/base-16shot", "icl", shots=16),
         Setting(f"icl/{tail}-5shot", "icl", **base, shots=5),
@@ -104,12 +112,23 @@ def lever_settings(default: Setting) -> list[Setting]:
 
 
 def refine_settings(default: Setting) -> list[Setting]:
-    """LoraHub's recipe and loramix's refinement of the default setting, both on 5 labelled examples."""
+    """LoraHub's recipe and loramix's refinement of the default setting on 5 labelled examples, refinement on 16
+    (`generate --refine 16`), and the equal-compute baseline: a LoRA trained from scratch on the same 16 examples
+    for as long as that refinement took on the task."""
+    tail = default.name.split("/", 1)[1]
+    base = dict(signature=default.signature, distance=default.distance, operator=default.operator, compose="exact",
+                top_k=default.top_k, temperature=default.temperature, warm_start=default.name)
     return [
         Setting("refine/lorahub", "refine", compose="paper", warm_start="lorahub"),
-        Setting(f"refine/{default.name.split('/', 1)[1]}-refine5", "refine", default.signature, default.distance,
-                default.operator, "exact", default.top_k, default.temperature, warm_start=default.name),
+        Setting(f"refine/{tail}-refine5", "refine", **base),
+        Setting(f"refine/{tail}-refine16", "refine", **base, examples=16, per_layer=REFINE16_PER_LAYER),
+        Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=f"refine/{tail}-refine16"),
     ]
+
+
+EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
+CHECK_SINGLES = 4  # the most entries alone any checked setting tries
+REFINE16_PER_LAYER = False
 
 
 class Runner:
@@ -196,7 +215,7 @@ class Runner:
         coefs = {}
         for s in all_settings:
             self.folder(s).mkdir(parents=True, exist_ok=True)
-            if s.name in ("base", "trained", "refine/lorahub") or (s.group == "icl" and s.signature is None) or not self.pending(s):
+            if s.name in ("base", "trained", "refine/lorahub", EQUAL_COMPUTE) or (s.group == "icl" and s.signature is None) or not self.pending(s):
                 continue
             coefs[s.name] = self.coefficient_matrix(s)
             timing = self.folder(s) / "timing.json"
@@ -222,20 +241,31 @@ class Runner:
             else:
                 c = coefs[s.name][i] if s.name in coefs else np.zeros(len(self.names))
                 start = time.perf_counter()
+                if s.name == EQUAL_COMPUTE:
+                    ref = results.get(s.warm_start) or self.cached(s.warm_start, task)
+                    budget = ref["search"]["cpu_seconds"] if ref else 60.0
+                    result, search = self.train_equal(task, s, budget)
+                    result["compose_seconds"], result["search"] = 0.0, search
+                    results[s.name] = result
+                    continue
                 if s.group == "refine":
                     lorahub = results.get("refine/lorahub") or self.cached("refine/lorahub", task)
-                    budget = lorahub["search"]["cpu_seconds"] if lorahub and s.warm_start != "lorahub" else None
+                    budget = lorahub["search"]["cpu_seconds"] if lorahub and s.examples == 5 and s.warm_start != "lorahub" else None
                     c, search = self.search(task, s, c, budget)
                 if s.checked:
-                    c, search = self.check(task, c)
+                    c, search = self.check(task, s, c)
+                memo = self.memo(task, c, s)
                 if not c.any():  # the check kept the base model
                     result = self.evaluate(task, None, s.shots)
+                elif memo.is_file():  # another setting chose the same composition on this task
+                    result = json.loads(memo.read_text())
                 else:
                     comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
                     compose_s = time.perf_counter() - start
                     with tempfile.TemporaryDirectory() as tmp:
                         save_adapter(tmp, comp.config, comp.factors)
                         result = self.evaluate(task, Path(tmp), s.shots)
+                    atomic_write_bytes(memo, json.dumps(result).encode())
                 result["top"] = [[self.names[j], round(float(c[j]), 4)] for j in np.argsort(-c)[:3]]
                 result["coefficients"] = [round(float(x), 6) for x in c]
             result["compose_seconds"] = compose_s
@@ -244,17 +274,41 @@ class Runner:
             results[s.name] = result
         return results
 
-    def check(self, task: str, c: np.ndarray) -> tuple[np.ndarray, dict]:
-        """`generate --check 16`: the scale of c (0: the base) with the lowest answer loss on 16 training examples."""
-        from loramix.calibrate import check
+    def memo(self, task: str, c: np.ndarray, s: Setting) -> Path:
+        """Where the evaluation of the composition c (with s's method and prompt) on `task` is kept, so settings that
+        choose the same composition share one generation."""
+        import hashlib
 
-        self._load()
-        cpu = time.process_time()
-        train = read_dataset(self.suite / task / "train.jsonl")
-        res = check(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, train, examples=16, seed=1,
-                    model=self.model, tokenizer=self.tokenizer)
-        return c * res.scale, {"cpu_seconds": time.process_time() - cpu, "scale": res.scale,
-                               "losses": {f"{k:g}": v for k, v in res.losses.items()}}
+        key = hashlib.sha256(json.dumps([np.round(c, 8).tolist(), s.compose, s.shots]).encode()).hexdigest()[:16]
+        folder = self.root / "by-composition" / task
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{key}.json"
+
+    def check(self, task: str, s: Setting, c: np.ndarray) -> tuple[np.ndarray, dict]:
+        """`generate --check 16 --check-singles K --check-criterion X`: of the base, c at scales 0.5 to 2 and the top K
+        entries alone, the candidate X prefers on 16 training examples. The checked settings share one check of every
+        candidate (CHECK_SINGLES entries alone), kept on disk; each then chooses among its own candidates."""
+        from loramix.calibrate import check, check_candidates
+        from loramix.refine import CRITERIA, AnswerScores
+
+        coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
+        memo = self.memo(task, c, Setting("check", "lever", compose=s.compose)).with_suffix(".check.json")
+        if memo.is_file():
+            record = json.loads(memo.read_text())
+        else:
+            self._load()
+            cpu = time.process_time()
+            train = read_dataset(self.suite / task / "train.jsonl")
+            res = check(self.bank, coefficients, train, examples=16, seed=1, singles=CHECK_SINGLES,
+                        model=self.model, tokenizer=self.tokenizer)
+            record = {"cpu_seconds": time.process_time() - cpu, "scores": {k: [v.loss, v.accuracy, v.exact] for k, v in res.scores.items()}}
+            atomic_write_bytes(memo, json.dumps(record).encode())
+        scores = {k: AnswerScores(*v) for k, v in record["scores"].items()}
+        pool = list(check_candidates(coefficients, singles=s.check_singles))
+        chosen = min(pool, key=lambda k: CRITERIA[s.check_criterion](scores[k]))
+        weights = check_candidates(coefficients, singles=s.check_singles)[chosen]
+        out = np.array([weights.get(n, 0.0) for n in self.names])
+        return out, {"cpu_seconds": record["cpu_seconds"], "chosen": chosen, "scores": record["scores"]}
 
     def calibrated_matrix(self, s: Setting) -> np.ndarray:
         """Rows of the calibrated setting: task t's temperature, top-k and scale chosen on the bank's calibration
@@ -310,12 +364,28 @@ class Runner:
             out = np.zeros(len(self.names))
             out[pick] = w
         else:
-            cfg = RefineConfig(examples=5, top_k=8, method="gradient", steps=40, budget=budget)
+            cfg = RefineConfig(examples=s.examples, top_k=8, method="gradient", steps=40, budget=budget, per_layer=s.per_layer)
             r = refine(self.bank, dict(zip(self.names, map(float, c))), train, cfg, model=self.model, tokenizer=self.tokenizer)
             out = np.array([r.coefficients[n] for n in self.names])
             first, last, history = r.initial_loss, r.loss, r.history
         record = {"cpu_seconds": time.process_time() - cpu, "initial_loss": first, "loss": last, "steps": len(history)}
         return out, record
+
+    def train_equal(self, task: str, s: Setting, budget: float) -> tuple[dict, dict]:
+        """The equal-compute baseline: BANK_TRAINING's LoRA trained from scratch on `s.examples` training examples
+        (the refinement's) for `budget` seconds, then evaluated like every setting."""
+        from dataclasses import replace as dc_replace
+
+        from loramix.train import train
+        from loramix.train_config import BANK_TRAINING
+
+        data = read_dataset(self.suite / task / "train.jsonl").subsample(s.examples, 0)
+        cpu = time.process_time()
+        with tempfile.TemporaryDirectory() as tmp:
+            record = train(data, Path(tmp) / "lora", dc_replace(BANK_TRAINING, budget=budget), base=self.bank.base_model)
+            seconds = time.process_time() - cpu
+            result = self.evaluate(task, Path(tmp) / "lora")
+        return result, {"cpu_seconds": seconds, "budget": budget, "steps": len(record["loss"]), "loss": record["loss"][-1]}
 
     def collect(self, s: Setting) -> dict[str, dict]:
         out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.tasks_of(s)}
@@ -427,13 +497,18 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
     refined = [s for s in all_settings if s.group == "refine"]
     if refined:
         base, trained = mean("base", "rougeL", names), mean("trained", "rougeL", names)
-        lines += ["", f"## Refinement on 5 labelled examples (train split; evaluation on the test split), {len(names)} tasks", "",
-                  "| setting | ROUGE-L | exact match | gap closed | search CPU s / task |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += ["", f"## Refinement on labelled training examples (evaluation on the test split), {len(names)} tasks", "",
+                  "LoraHub and refine5 see 5 examples, refine16 and the LoRA trained from scratch 16; that LoRA (the bank's "
+                  "training settings) trains for as long as refine16 took on the same task.", "",
+                  "| setting | ROUGE-L | exact match | gap closed | vs default [95% CI] | search CPU s / task |",
+                  "| --- | ---: | ---: | ---: | --- | ---: |"]
+        ref = np.array([results[chosen][t]["rougeL"] for t in names])
         for name in [chosen] + [s.name for s in refined] + ["trained"]:
+            diff = "-" if name == chosen else paired_interval(np.array([results[name][t]["rougeL"] for t in names]), ref)
             rl = mean(name, "rougeL", names)
             cpu = np.mean([results[name][t].get("search", {}).get("cpu_seconds", 0.0) for t in names])
             gap = (rl - base) / (trained - base) if trained != base else float("nan")
-            lines.append(f"| {name} | {rl:.4f} | {mean(name, 'exact_match', names):.4f} | {gap:.3f} | {cpu:.1f} |")
+            lines.append(f"| {name} | {rl:.4f} | {mean(name, 'exact_match', names):.4f} | {gap:.3f} | {diff} | {cpu:.1f} |")
     if families:
         fams = sorted({families.get(t, "?") for t in names})
         show = [x for x in dict.fromkeys(["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen]) if x in results]
@@ -442,17 +517,18 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         for f in fams:
             ts = [t for t in names if families.get(t) == f]
             lines.append(f"| {f} | {len(ts)} | " + " | ".join(f"{mean(x, 'rougeL', ts):.3f}" for x in show) + " |")
-    lines += ["", "## Per task (ROUGE-L)", "", "| task | base | trained | uniform | default | default's top entries |",
-              "| --- | ---: | ---: | ---: | ---: | --- |"]
+    if chosen not in results:  # a partial run (--only without the default): the tables above only
+        names = []
+    cols = [x for x in ("base", "trained", "uniform") if x in results]
+    lines += ["", "## Per task (ROUGE-L)", "", "| task | " + " | ".join(cols) + " | default | default's top entries |",
+              "| --- | " + " | ".join("---:" for _ in cols) + " | ---: | --- |"]
     for t in names:
         top = ", ".join(f"{n} {c:.2f}" for n, c in results[chosen][t].get("top", []))
-        lines.append(
-            f"| {t} | {results['base'][t]['rougeL']:.3f} | {results['trained'][t]['rougeL']:.3f} | "
-            f"{results['uniform'][t]['rougeL']:.3f} | {results[chosen][t]['rougeL']:.3f} | {top} |"
-        )
+        lines.append(f"| {t} | " + " | ".join(f"{results[x][t]['rougeL']:.3f}" for x in cols)
+                     + f" | {results[chosen][t]['rougeL']:.3f} | {top} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if args.out == "quality.md":
+    if args.out == "quality.md" and names:
         heatmap(results[chosen], names, runner.names, RESULTS / "coefficients.png", chosen)
 
 
@@ -506,7 +582,7 @@ def main() -> None:
     if args.refine:
         all_settings += refine_settings(default)
     if args.only:
-        all_settings = [s for s in all_settings if s.name in args.only or s.group == "reference"]
+        all_settings = [s for s in all_settings if s.name in args.only or s.name in ("base", "trained")]
     runner.tasks = runner.tasks[: args.tasks][args.spread // 2 :: args.spread]
     runner.grid_tasks = runner.tasks[args.every // 2 :: args.every]  # the middle task of every K
     runner.headline = {s.name for s in all_settings if s.group != "loramix" or s.name == args.default_setting}

@@ -9,9 +9,10 @@ from helpers import make_bank, topic_records, write_jsonl
 from typer.testing import CliRunner
 
 from loramix import Bank, generate, read_report
-from loramix.calibrate import Candidate, CheckResult, cached_calibration, calibrate, check
+from loramix.calibrate import Candidate, cached_calibration, calibrate, check
 from loramix.cli import app
 from loramix.config import GenerateConfig
+from loramix.errors import LoramixError
 from loramix.index import BankIndex
 from loramix.meta import loo_coefficients
 from loramix.models import load_model, load_tokenizer
@@ -69,42 +70,62 @@ def test_generate_uses_the_banks_calibration_and_says_so(tiny_bank, tmp_path, mo
     assert "using the bank's calibration" in out.output
 
 
-def test_check_keeps_the_scale_of_lowest_held_out_loss(tiny_bank, tiny_base, tmp_path, monkeypatch):
+def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base, tmp_path, monkeypatch):
     model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
     from loramix import read_dataset
 
     ds = read_dataset(data)
-    coefs = {e.name: 0.2 for e in tiny_bank.usable}
-    res = check(tiny_bank, coefs, ds, examples=4, scales=(0.0, 1.0, 30.0), model=model, tokenizer=tok)
-    assert set(res.losses) == {0.0, 1.0, 30.0} and res.scale == min(res.losses, key=res.losses.get)
-    assert len(set(res.losses.values())) == 3  # the update changes the loss
-    # the held-out loss of each scale is the model's with the mixed update at that scale
+    coefs = {e.name: 0.1 + 0.1 * i for i, e in enumerate(tiny_bank.usable)}
+    res = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 30.0), singles=2, model=model, tokenizer=tok)
+    top = sorted(coefs, key=coefs.get)[::-1][:2]
+    assert list(res.scores) == ["base", "x1", "x30", *(f"entry:{n}" for n in top)]
+    assert res.chosen == min(res.scores, key=lambda k: res.scores[k].loss)
+    assert len({v.loss for v in res.scores.values()}) == len(res.scores)  # every candidate changes the loss
+    expect = {"base": dict.fromkeys(coefs, 0.0), "x1": coefs, "x30": {n: 30 * c for n, c in coefs.items()},
+              **{f"entry:{n}": {**dict.fromkeys(coefs, 0.0), n: 1.0} for n in top}}
+    assert res.coefficients == pytest.approx(expect[res.chosen])
+    # each candidate's held-out scores are the model's with that mixed update
     mixed = MixedLoRA(model, tiny_bank, tiny_bank.usable)
     try:
-        mixed.weights = torch.full((len(tiny_bank.usable),), 0.2 * 30.0)
-        with torch.no_grad():
-            assert float(answer_loss_fn(model, tok, ds.subsample(4, 0).samples)()) == pytest.approx(res.losses[30.0], rel=1e-5)
+        for label, w in [("x30", [30 * coefs[e.name] for e in tiny_bank.usable]),
+                         (f"entry:{top[0]}", [float(e.name == top[0]) for e in tiny_bank.usable])]:
+            mixed.weights = torch.tensor(w)
+            with torch.no_grad():
+                assert float(answer_loss_fn(model, tok, ds.subsample(4, 0).samples)()) == pytest.approx(res.scores[label].loss, rel=1e-5)
     finally:
         mixed.remove()
+    by_accuracy = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 30.0), singles=2, criterion="accuracy",
+                        model=model, tokenizer=tok)
+    assert by_accuracy.chosen == min(by_accuracy.scores, key=lambda k: (-by_accuracy.scores[k].accuracy, by_accuracy.scores[k].loss))
+    with pytest.raises(LoramixError, match="unknown check criterion"):
+        check(tiny_bank, coefs, ds, examples=4, criterion="vibes", model=model, tokenizer=tok)
 
     import loramix.calibrate
+    from loramix.refine import AnswerScores
 
-    losses = iter([1.0, 1.5, 2.0])
-    monkeypatch.setattr(loramix.calibrate, "answer_loss_fn", lambda *a: (lambda: next(losses)))
-    base_wins = check(tiny_bank, coefs, ds, examples=4, scales=(0.0, 1.0, 2.0), model=model, tokenizer=tok)
-    assert base_wins.scale == 0.0 and not base_wins.beats_base
+    scores = iter([AnswerScores(1.0, 0, 0), AnswerScores(1.5, 0, 0), AnswerScores(2.0, 0, 0)])
+    monkeypatch.setattr(loramix.calibrate, "answer_scores_fn", lambda *a: (lambda: next(scores)))
+    base_wins = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 2.0), model=model, tokenizer=tok)
+    assert base_wins.chosen == "base" and not base_wins.beats_base and set(base_wins.coefficients.values()) == {0.0}
 
 
 def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_it(tiny_bank, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
-    generate(tiny_bank, data, tmp_path / "checked", max_samples=8, check=4)
-    chk = read_report(tmp_path / "checked").check
-    assert chk.examples == 4 and set(chk.losses) == {"0", "0.5", "1", "1.5", "2"}
-    assert chk.scale == min((float(s) for s in chk.losses), key=lambda s: (chk.losses[f"{s:g}"], s))
+    generate(tiny_bank, data, tmp_path / "checked", max_samples=8, check=4, check_singles=1)
+    report = read_report(tmp_path / "checked")
+    chk = report.check
+    assert chk.examples == 4 and chk.criterion == "loss" and len(chk.candidates) == 6
+    assert list(chk.candidates)[:5] == ["base", "x0.5", "x1", "x1.5", "x2"] and list(chk.candidates)[5].startswith("entry:")
+    assert chk.chosen == min(chk.candidates, key=lambda k: chk.candidates[k]["loss"])
+    assert report.scale == pytest.approx(sum(report.coefficients.values()))
     import loramix.pipeline
+    from loramix.calibrate import CheckResult
+    from loramix.refine import AnswerScores
 
-    monkeypatch.setattr(loramix.pipeline, "check", lambda *a, **k: CheckResult(4, {0.0: 1.0, 1.0: 2.0}, 0.0))
+    zero = {e.name: 0.0 for e in tiny_bank.usable}
+    monkeypatch.setattr(loramix.pipeline, "check", lambda *a, **k: CheckResult(
+        4, "loss", {"base": AnswerScores(1.0, 0.5, 0.0), "x1": AnswerScores(2.0, 0.4, 0.0)}, "base", zero))
     runner = CliRunner()
     out = runner.invoke(app, ["generate", "--bank", str(tiny_bank.path), "--data", str(data), "--out", str(tmp_path / "base"),
                               "--max-samples", "8", "--check", "4"])

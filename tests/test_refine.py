@@ -69,16 +69,47 @@ def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     assert report.coefficients != r.meta_coefficients
 
 
-def test_shared_prefix_loss_equals_the_plain_loss(tiny_base):
+@pytest.mark.parametrize("n", [1, 6])
+def test_shared_prefix_scores_equal_the_plain_ones(tiny_base, n):
+    """Loss, token accuracy and exact match through the shared-prefix cache equal those of the plain batch (one
+    sample included: its prefix must stop before the answer's preceding token)."""
     from loramix.data import Dataset, Sample
     from loramix.models import load_model, load_tokenizer
     from loramix.prompts import answer_batch, encode
-    from loramix.refine import answer_loss_fn
+    from loramix.refine import answer_loss_fn, answer_scores_fn
 
     model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
-    samples = [Sample(r["input"], tuple(r["output"])) for r in topic_records("animals", 5)]
+    samples = [Sample(r["input"], tuple(r["output"])) for r in topic_records("animals", n)]
     ids, mask, targets = answer_batch(encode(tok, Dataset(samples, "x"), 64), tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -targets.shape[1] - 1 : -1]
         plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         assert float(answer_loss_fn(model, tok, samples)()) == pytest.approx(float(plain), rel=1e-5)
+    real = targets != -100
+    hit = logits.argmax(-1) == targets
+    got = answer_scores_fn(model, tok, samples)()
+    assert got.loss == pytest.approx(float(plain), rel=1e-5)
+    assert got.accuracy == pytest.approx(float(hit[real].float().mean()), abs=1e-6)
+    assert got.exact == pytest.approx(float((hit | ~real).all(1).float().mean()), abs=1e-6)
+
+
+def test_answer_scores_count_a_reproduced_answer_as_exact(tiny_base):
+    """A sample whose answer is the model's own greedy continuation (ending where the model ends it) scores 1."""
+    from loramix.data import Sample
+    from loramix.models import load_model, load_tokenizer
+    from loramix.prompts import end_of_turn_id, prompt_ids
+    from loramix.refine import answer_scores_fn
+
+    model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
+    prompt = prompt_ids(tok, "Name an animal.")
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(3):  # force an answer of three greedy tokens, then check the end-of-turn is scored as a miss
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    answer = tok.decode(ids[0, len(prompt):])
+    if tok(answer, add_special_tokens=False)["input_ids"] != ids[0, len(prompt):].tolist():
+        pytest.skip("the tiny tokenizer does not round-trip these tokens")
+    with torch.no_grad():
+        eot_is_next = int(model(input_ids=ids).logits[0, -1].argmax()) == end_of_turn_id(tok)
+    got = answer_scores_fn(model, tok, [Sample("Name an animal.", (answer,))])()
+    assert got.accuracy >= 3 / 4 and got.exact == float(eot_is_next)

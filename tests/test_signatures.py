@@ -52,3 +52,24 @@ def test_needs_base_resolution():
     assert SignatureSpec("hidden", "mine").resolved("org/base").model == "mine"
     with pytest.raises(Exception, match="unknown signature"):
         make_signer(SignatureSpec("nope"))
+
+
+def test_embed_io_puts_input_and_output_embeddings_side_by_side():
+    ds = dataset("fruits", 6)
+    sig = make_signer(SignatureSpec("embed-io").resolved(None))(ds)
+    assert sig.shape == (6, 768) and sig.dtype == np.float32
+    assert np.allclose(np.linalg.norm(sig, axis=1), 1, atol=1e-5)
+    plain = make_signer(SignatureSpec("embed").resolved(None))
+    assert np.allclose(sig[:, :384] * np.sqrt(2), plain._embed([s.input for s in ds]), atol=1e-5)
+    assert np.allclose(sig[:, 384:] * np.sqrt(2), plain._embed([s.output for s in ds]), atol=1e-5)
+
+
+def test_embed_io_tells_a_mapping_from_its_inverse():
+    """Same topic, opposite direction: plain embed sees the same texts, embed-io does not."""
+    from loramix.distances import w2
+
+    ds = dataset("fruits", 12)
+    flipped = Dataset([Sample(s.output, (s.input,)) for s in ds], "flipped")
+    embed = make_signer(SignatureSpec("embed").resolved(None))
+    io = make_signer(SignatureSpec("embed-io").resolved(None))
+    assert w2(io(ds), io(flipped)) > 3 * w2(embed(ds), embed(flipped))

@@ -136,3 +136,14 @@ def test_merged_adapter_equals_peft_and_restores_the_base(tmp_path, tiny_base):
         expected = peft_model(ids).logits
     assert torch.allclose(merged, expected, atol=1e-5) and not torch.allclose(merged, plain, atol=1e-3)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_train_budget_shortens_the_schedule_to_fit(tmp_path, tiny_base):
+    """With a budget the run stops in time and its learning rate still decays: far fewer steps than asked for."""
+    from dataclasses import replace
+
+    data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 16))
+    record = train(data, tmp_path / "ad", replace(TINY, steps=100_000, warmup=2, budget=1.0), base=str(tiny_base))
+    assert 2 < len(record["loss"]) < 100_000 and record["seconds"] < 3.0
+    assert record["config"]["budget"] == 1.0
+    assert "budget" not in json.loads(json.dumps(TINY.as_record()))  # unset: older training.json still match

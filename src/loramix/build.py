@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 import zlib
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +34,7 @@ def _is_built(dest: Path, config: TrainConfig, fingerprint: str) -> bool:
         return False
     return (
         (dest / "adapter_model.safetensors").is_file()
-        and record.get("config") == asdict(config)
+        and record.get("config") == config.as_record()
         and record.get("data", {}).get("fingerprint") == fingerprint
     )
 

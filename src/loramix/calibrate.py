@@ -32,7 +32,7 @@ from .files import atomic_write_bytes
 from .index import BankIndex
 from .meta import loo_coefficients
 from .progress import track
-from .refine import MixedLoRA, answer_loss_fn
+from .refine import CRITERIA, AnswerScores, MixedLoRA, answer_loss_fn, answer_scores_fn
 
 # The default grid: 12 candidates, 13 forward passes per bank entry (about 3 minutes for the 47-entry default bank on
 # 2 cores with 8 examples each; 40 candidates with top-k 5 and 16 examples took over half an hour).
@@ -40,7 +40,7 @@ TEMPERATURES = (0.5, 1.0, 2.0)
 TOP_KS: tuple[int | None, ...] = (None,)
 SCALES = (0.5, 1.0, 1.5, 2.0)
 EXAMPLES = 8
-CHECK_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0)  # 0: the base model
+CHECK_SCALES = (0.5, 1.0, 1.5, 2.0)  # of the composed update; the base model is always a candidate
 
 
 @dataclass(frozen=True)
@@ -184,38 +184,58 @@ def cached_calibration(bank: Bank, config: GenerateConfig) -> Calibration | None
     return _read(index.dir / "calibration" / f"{_key(index, config, grid())}.json")
 
 
+def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = CHECK_SCALES,
+                     singles: int = 0) -> dict[str, dict[str, float]]:
+    """The compositions `check` compares, label -> coefficients (every name of `coefficients`), in order of preference
+    on ties: 'base' (all 0), 'x<s>' the composition scaled by s for each non-zero scale (ascending), and
+    'entry:<name>' each of the `singles` largest coefficients' entries alone at weight 1."""
+    zero = dict.fromkeys(coefficients, 0.0)
+    out = {"base": zero}
+    for s in sorted(x for x in scales if x != 0):
+        out[f"x{s:g}"] = {n: s * c for n, c in coefficients.items()}
+    for name in sorted(coefficients, key=lambda n: -coefficients[n])[:singles]:
+        if coefficients[name] > 0:
+            out[f"entry:{name}"] = {**zero, name: 1.0}
+    return out
+
+
 @dataclass
 class CheckResult:
-    """The held-out check: loss (nats per token) at each scale of the composed update (0: the base model), the
-    scale kept, and whether the composition beat the base model."""
+    """The held-out check: each candidate's teacher-forced scores (refine.AnswerScores) on `examples` held-out samples,
+    the label `chosen` by `criterion`, and its coefficients."""
 
     examples: int
-    losses: dict[float, float]
-    scale: float
+    criterion: str
+    scores: dict[str, AnswerScores]
+    chosen: str
+    coefficients: dict[str, float]
 
     @property
     def beats_base(self) -> bool:
-        return self.scale != 0.0
+        return self.chosen != "base"
 
 
 def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
-          scales: Sequence[float] = CHECK_SCALES, seed: int = 0, model: Any = None, tokenizer: Any = None) -> CheckResult:
-    """Score the composition of `coefficients` at each of `scales` on `examples` samples of `dataset` (seeded) by
-    answer loss, the base model included (scale 0); keep the best (ties go to the smaller scale)."""
+          scales: Sequence[float] = CHECK_SCALES, singles: int = 0, criterion: str = "loss", seed: int = 0,
+          model: Any = None, tokenizer: Any = None) -> CheckResult:
+    """Score every `check_candidates` composition of `coefficients` (the base model included) on `examples` samples of
+    `dataset` (seeded) by teacher-forced answer scores; keep the best by `criterion` (CRITERIA; ties go to the
+    earlier candidate: the base, then smaller scales)."""
+    if criterion not in CRITERIA:
+        raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
     model, tokenizer = _load_base(bank, model, tokenizer)
-    names = [n for n, c in coefficients.items() if c != 0]
-    entries = [bank.entry(n) for n in names]
-    w = torch.tensor([coefficients[n] for n in names], dtype=torch.float32)
+    candidates = check_candidates(coefficients, scales, singles)
+    names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
     samples = dataset.subsample(examples, seed).samples
-    mixed = MixedLoRA(model, bank, entries, method)
-    losses = {}
+    mixed = MixedLoRA(model, bank, [bank.entry(n) for n in names], method)
+    scores = {}
     try:
-        fn = answer_loss_fn(model, tokenizer, samples)
-        with torch.no_grad():
-            for s in sorted(scales):
-                mixed.weights = s * w
-                losses[float(s)] = float(fn())
+        fn = answer_scores_fn(model, tokenizer, samples)
+        for label, c in candidates.items():
+            mixed.weights = torch.tensor([c[n] for n in names], dtype=torch.float32)
+            scores[label] = fn()
     finally:
         mixed.remove()
-    best = min(losses, key=lambda s: (losses[s], s))
-    return CheckResult(len(samples), losses, best)
+    rank = CRITERIA[criterion]
+    chosen = min(scores, key=lambda label: rank(scores[label]))
+    return CheckResult(len(samples), criterion, scores, chosen, candidates[chosen])

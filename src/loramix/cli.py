@@ -128,8 +128,9 @@ def generate(
         out.print(f"refined on {r.examples} examples ({r.method}, {r.steps} steps, {r.seconds:.1f} s): "
                   f"loss {r.initial_loss:.4f} -> {r.loss:.4f}")
     if (chk := report.check) is not None:
-        losses = ", ".join(f"{s}: {v:.4f}" for s, v in chk.losses.items())
-        out.print(f"checked on {chk.examples} held-out examples (answer loss by scale: {losses}): kept scale {chk.scale:g}")
+        scores = ", ".join(f"{k} {v['loss']:.3f}/{v['accuracy']:.3f}" for k, v in chk.candidates.items())
+        out.print(f"checked on {chk.examples} held-out examples (answer loss / token accuracy: {scores}): kept "
+                  f"{chk.chosen} (by {chk.criterion})")
         if not chk.beats_base:
             err.print("[yellow]warning:[/yellow] no composition beat the base model on the held-out examples: the adapter "
                       "written has a zero update (the base model)")
@@ -149,6 +150,7 @@ def train(
     target_modules: str = typer.Option("q_proj,k_proj,v_proj", help="Comma-separated module names to adapt."),
     seed: int = typer.Option(TrainConfig.seed, help="Seed for initialisation and batch order."),
     save_dtype: str = typer.Option(TrainConfig.save_dtype, help="dtype of the saved weights: float32, float16, bfloat16."),
+    budget: Optional[float] = typer.Option(None, help="Stop within this many seconds (the schedule shortened to fit)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Fine-tune a LoRA on DATA the ordinary way (gradients): the upper bound, and how banks are built."""
@@ -156,7 +158,7 @@ def train(
 
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, rank=rank, alpha=alpha, seed=seed, save_dtype=save_dtype,
-        target_modules=[m.strip() for m in target_modules.split(",") if m.strip()],
+        target_modules=[m.strip() for m in target_modules.split(",") if m.strip()], budget=budget,
     )
     record = run(data, out_dir, config, base=base, force=force)
     losses = record["loss"]

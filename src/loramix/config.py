@@ -12,7 +12,7 @@ from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
 from .errors import LoramixError
 from .operators import OPERATORS
-from .refine import SEARCHES
+from .refine import CRITERIA, SEARCHES
 from .signatures import SIGNATURES, SignatureSpec
 
 DTYPE_NAMES = tuple(DTYPES)  # the output dtypes generate writes
@@ -59,8 +59,12 @@ class GenerateConfig:
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
                                "on 12 leave-one-out tasks it lowered ROUGE-L (benchmarks/results/quality-levers.md).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
-    check: int = option(0, "Hold out this many examples of DATA and keep the scale of the composed update (0: none, "
-                        "the base model) with the lowest answer loss on them (loads the base).", method=False)
+    check: int = option(0, "Hold out this many examples of DATA and keep, of the base model, the composed update at "
+                        "scales 0.5 to 2 and the top entries alone (--check-singles), the one the held-out examples "
+                        "prefer (--check-criterion; loads the base).", method=False)
+    check_singles: int = option(0, "With --check: also try each of the top this-many entries alone.", method=False)
+    check_criterion: str = option("loss", "With --check: rank candidates by 'loss' (answer loss) or 'accuracy' "
+                                  "(teacher-forced token accuracy, then loss).", method=False)
     refine: int = option(0, "Refine the top entries' weights on this many examples of DATA (loads the base).",
                          method=False)
     refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
@@ -86,6 +90,9 @@ class GenerateConfig:
             raise LoramixError(f"scale must be positive and finite, got {self.scale}")
         if not (isinstance(self.check, int) and self.check >= 0):
             raise LoramixError(f"--check takes a number of examples, got {self.check}")
+        _at_least("check-singles", self.check_singles, 0)
+        if self.check_criterion not in CRITERIA:
+            raise LoramixError(f"--check-criterion must be one of {', '.join(CRITERIA)}, got {self.check_criterion!r}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise LoramixError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if not (isinstance(self.refine, int) and self.refine >= 0):

@@ -104,8 +104,9 @@ def generate(
         held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
         if not held.samples:
             raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}")
-        checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1)
-        weights = {n: checked.scale * w for n, w in weights.items()}
+        checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1,
+                        singles=config.check_singles, criterion=config.check_criterion)
+        weights = checked.coefficients
 
     with atomic_dir(out, force=force) as tmp:
         base_kept = checked is not None and not checked.beats_base  # an adapter whose update is zero
@@ -123,9 +124,10 @@ def generate(
                 refined.loss, refined.steps, round(refined.seconds, 2), refined.history,
             )
         if checked:
-            report.scale = config.scale * checked.scale
-            report.check = CheckInfo(checked.examples, {f"{s:g}": round(v, 5) for s, v in checked.losses.items()},
-                                     checked.scale, checked.beats_base)
+            report.scale = float(sum(weights.values()))
+            report.check = CheckInfo(checked.examples, checked.criterion,
+                                     {k: {"loss": round(v.loss, 5), "accuracy": round(v.accuracy, 5)} for k, v in checked.scores.items()},
+                                     checked.chosen, checked.beats_base)
         report.write(tmp)
     return GenerateResult(Path(out), weights, report.distances, report)
 

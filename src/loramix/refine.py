@@ -8,6 +8,7 @@ meta-operator's coefficients and stopped by a step count or a time budget."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ class RefineConfig:
     l1: float = 0.05
     lower: float = -1.5
     upper: float = 1.5
+    per_layer: bool = False
     seed: int = 0
 
 
@@ -54,7 +56,8 @@ class RefineResult:
 class MixedLoRA:
     """Attaches k bank LoRAs to a base model through forward hooks: each adapted linear module's output gains the
     composition method's mix of them (Composer.mix: sum_i w_i s_i B_i (A_i x) for 'exact'; LoraHub's A-and-B
-    average for 'paper'). `weights` is a tensor [k] that the hooks read at every call (differentiable)."""
+    average for 'paper'). `weights` is a tensor that the hooks read at every call (differentiable): [k], one weight
+    per entry, or [len(layers), k], one per layer and entry (`layers`: the modules' layer indices, `layer_of`)."""
 
     def __init__(self, model: Any, bank: Bank, entries: Sequence[BankEntry], method: str = "exact"):
         self.composer = COMPOSERS.get(method)()
@@ -63,6 +66,7 @@ class MixedLoRA:
         self.composer.check(entries)
         self.model = model
         self.weights = torch.zeros(len(entries), dtype=torch.float32)
+        self.layers = sorted({layer_of(m) for m in bank.shapes})
         self._hooks = []
         for name in sorted(bank.shapes):
             parts = [(i, e.adapter.modules[name], e.adapter.factors(name)) for i, e in enumerate(entries) if name in e.adapter.modules]
@@ -72,11 +76,13 @@ class MixedLoRA:
             b = torch.cat([m.scale * ab[1].float() for _, m, ab in parts], dim=1)  # [out, R]
             owner = torch.cat([torch.full((m.rank,), i) for i, m, _ in parts])  # entry of each rank-1 piece
             module = model.get_submodule(name)
-            self._hooks.append(module.register_forward_hook(self._hook(a, b, owner, len(parts))))
+            group = self.layers.index(layer_of(name))
+            self._hooks.append(module.register_forward_hook(self._hook(a, b, owner, len(parts), group)))
 
-    def _hook(self, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, k: int):
+    def _hook(self, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, k: int, group: int):
         def add(module: Any, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            delta = self.composer.mix(inputs[0].to(a.dtype), a, b, self.weights[owner], k)
+            w = self.weights if self.weights.dim() == 1 else self.weights[group]
+            delta = self.composer.mix(inputs[0].to(a.dtype), a, b, w[owner], k)
             return output + delta.to(output.dtype)
 
         return add
@@ -86,30 +92,89 @@ class MixedLoRA:
             h.remove()
 
 
-def answer_loss_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
-    """A function of no arguments returning the mean answer-token cross-entropy of `model` on `samples`.
+def layer_of(module: str) -> int:
+    """The layer index of a module name (its first dotted integer: model.layers.3.self_attn.q_proj -> 3; -1 if none)."""
+    m = re.search(r"\.(\d+)(\.|$)", module)
+    return int(m.group(1)) if m else -1
+
+
+def _answer_logits_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
+    """(a function of no arguments returning the answer positions' logits [B, K, vocab], the targets [B, K]: answer
+    token ids, -100 before each row's answer).
 
     The samples' shared prompt prefix (system turn, task definition) runs once per call and its key/value cache
-    serves every sample, laid out as [prefix][padding][own tokens] with explicit positions: the same loss as
+    serves every sample, laid out as [prefix][padding][own tokens] with explicit positions: the same logits as
     running each sample whole, for a fraction of the tokens."""
     from .prompts import answer_batch, common_prefix, encode, pad_id, prefix_cache
 
     encoded = encode(tokenizer, samples, max_length)
-    p = common_prefix([seq for seq, _ in encoded])
+    # the shared prefix stops before each answer's preceding token: that token's logits predict the answer
+    p = min(common_prefix([seq for seq, _ in encoded]), *(len(seq) - n - 1 for seq, n in encoded))
     ids, mask, targets = answer_batch(encoded, pad_id(tokenizer), p)
     rest = ids[:, p:].contiguous()  # the prefix runs from its cache
     positions = (p + mask[:, p:].cumsum(1) - 1).clamp(min=0)
     k = targets.shape[1]
 
-    def loss() -> torch.Tensor:
+    def logits() -> torch.Tensor:
         extra = prefix_cache(model, ids[:1, :p], len(encoded))
-        logits = model(input_ids=rest, attention_mask=mask, position_ids=positions, logits_to_keep=k + 1, **extra).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return model(input_ids=rest, attention_mask=mask, position_ids=positions, logits_to_keep=k + 1, **extra).logits[:, :-1]
+
+    return logits, targets
+
+
+def answer_loss_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
+    """A function of no arguments returning the mean answer-token cross-entropy (nats per token, a differentiable
+    scalar tensor) of `model` on `samples`."""
+    logits, targets = _answer_logits_fn(model, tokenizer, samples, max_length)
+
+    def loss() -> torch.Tensor:
+        out = logits()
+        return torch.nn.functional.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1))
 
     return loss
 
 
+@dataclass(frozen=True)
+class AnswerScores:
+    """Teacher-forced scores of a model on labelled samples: `loss`, the mean answer-token cross-entropy (nats per
+    token); `accuracy`, the fraction of answer tokens (end-of-turn included) that are the model's most likely next
+    token given the reference before them; `exact`, the fraction of samples whose every answer token is, i.e. that
+    greedy decoding reproduces exactly (up to ties)."""
+
+    loss: float
+    accuracy: float
+    exact: float
+
+
+# How a choice among candidates ranks their AnswerScores (the smallest key wins).
+CRITERIA = {
+    "loss": lambda s: s.loss,
+    "accuracy": lambda s: (-s.accuracy, s.loss),
+}
+
+
+def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
+    """A function of no arguments returning the AnswerScores of `model` on `samples` (one forward pass, no grad)."""
+    logits, targets = _answer_logits_fn(model, tokenizer, samples, max_length)
+    real = targets != -100
+
+    def scores() -> AnswerScores:
+        with torch.no_grad():
+            out = logits().float()
+            loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
+            hit = (out.argmax(-1) == targets) | ~real
+        accuracy = float(hit[real].float().mean()) if real.any() else 0.0
+        return AnswerScores(float(loss), accuracy, float(hit.all(1).float().mean()))
+
+    return scores
+
+
 SEARCHES: Registry = Registry("refine method")
+
+
+def _rows(w: Any) -> int:
+    """Layers a weight array spans: 1 for [k], L for [L, k] (the L1 penalty is averaged over them)."""
+    return w.shape[0] if len(w.shape) == 2 else 1
 
 
 @SEARCHES.register("gradient")
@@ -119,7 +184,7 @@ def _gradient(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, dead
     best, best_w, history = float("inf"), w0.copy(), []
     for _ in track(range(cfg.steps), "refining (gradient)", total=cfg.steps):
         mixed.weights = w
-        total = loss_fn() + cfg.l1 * w.abs().sum()
+        total = loss_fn() + cfg.l1 * w.abs().sum() / _rows(w)
         history.append(total.item())
         if history[-1] < best:
             best, best_w = history[-1], w.detach().numpy().copy()
@@ -145,7 +210,7 @@ def _nevergrad(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, dea
         cand = opt.ask()
         mixed.weights = torch.tensor(cand.value, dtype=torch.float32)
         with torch.no_grad():
-            value = float(loss_fn()) + cfg.l1 * float(np.abs(cand.value).sum())
+            value = float(loss_fn()) + cfg.l1 * float(np.abs(cand.value).sum()) / _rows(cand.value)
         opt.tell(cand, value)
         history.append(value)
         if time.perf_counter() > deadline:
@@ -157,22 +222,25 @@ def search_weights(
     model: Any, tokenizer: Any, bank: Bank, entries: Sequence[BankEntry], w0: np.ndarray, samples: Sequence,
     cfg: RefineConfig, method: str = "exact",
 ) -> tuple[np.ndarray, float, float, list[float]]:
-    """Search weights for `entries` (starting at w0) minimising loss + l1 |w|. Returns (weights, initial loss,
-    final loss, history); the base model's own weights never change."""
+    """Search weights for `entries` (starting at w0 [k]) minimising loss + l1 |w| (per layer, as the mean over layers,
+    with `cfg.per_layer`: then w0 is repeated for every layer and the weights returned are [layers, k]). Returns
+    (weights, initial loss, final loss, history); the base model's own weights never change."""
     for p in model.parameters():
         p.requires_grad_(False)
     deadline = time.perf_counter() + (cfg.budget if cfg.budget is not None else float("inf"))
     mixed = MixedLoRA(model, bank, entries, method)
+    if cfg.per_layer:
+        w0 = np.tile(w0, (len(mixed.layers), 1))
     loss_fn = answer_loss_fn(model, tokenizer, samples)
     torch.manual_seed(cfg.seed)
     try:
         with torch.no_grad():
             mixed.weights = torch.tensor(w0, dtype=torch.float32)
-            initial = float(loss_fn()) + cfg.l1 * float(np.abs(w0).sum())
+            initial = float(loss_fn()) + cfg.l1 * float(np.abs(w0).sum()) / _rows(w0)
         w, history = SEARCHES.get(cfg.method)(mixed, loss_fn, w0, cfg, deadline)
         with torch.no_grad():
             mixed.weights = torch.tensor(w, dtype=torch.float32)
-            final = float(loss_fn()) + cfg.l1 * float(np.abs(w).sum())
+            final = float(loss_fn()) + cfg.l1 * float(np.abs(w).sum()) / _rows(w)
     finally:
         mixed.remove()
     return w, initial, final, history

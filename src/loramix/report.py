@@ -63,12 +63,15 @@ class CalibrationInfo:
 
 @dataclass
 class CheckInfo:
-    """The held-out check (`--check`): answer loss (nats per token) on `examples` samples of the data at each scale
-    of the composed update (0: the base model), the scale kept, and whether the composition beat the base."""
+    """The held-out check (`--check`): on `examples` held-out samples of the data, each candidate's scores (labels as
+    calibrate.check_candidates: 'base', 'x<scale>', 'entry:<name>'), the `criterion` that ranked them, the label
+    `chosen`, and whether it is a composition rather than the base model. Scores: {'loss': answer loss in nats per
+    token, 'accuracy': teacher-forced token accuracy}."""
 
     examples: int
-    losses: dict[str, float]
-    scale: float
+    criterion: str
+    candidates: dict[str, dict[str, float]]
+    chosen: str
     beats_base: bool
 
 

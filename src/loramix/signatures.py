@@ -36,9 +36,7 @@ class SignatureSpec:
         """This spec with `model` filled in: the default embedder, or the bank's base model."""
         if self.model is not None:
             return self
-        if self.method == "embed":
-            return replace(self, model=DEFAULT_EMBED_MODEL)
-        return replace(self, model=base_model)
+        return replace(self, model=base_model if SIGNATURES.get(self.method).needs_base else DEFAULT_EMBED_MODEL)
 
     def key(self) -> str:
         """A short name that changes whenever the spec (or the signer's code version) does: `<method>-<hash>`."""
@@ -127,6 +125,10 @@ class EmbedSigner(Signer):
     _model = None
 
     def compute(self, dataset: Dataset) -> np.ndarray:
+        return self._embed(_texts(dataset))
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """float32 [len(texts), d], L2-normalised rows."""
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
@@ -138,7 +140,6 @@ class EmbedSigner(Signer):
             # first use, a mutation that must not race with another thread's encoding
             model.encode(["warm-up"], show_progress_bar=False)
             self._model = model
-        texts = _texts(dataset)
         batches = _batches([len(t) for t in texts], self.batch_size)
 
         def encode(idx: list[int]) -> np.ndarray:
@@ -146,6 +147,18 @@ class EmbedSigner(Signer):
                                       convert_to_numpy=True, show_progress_bar=False)
 
         return _gather(batches, list(threaded_map(encode, batches)))
+
+
+@SIGNATURES.register("embed-io")
+class EmbedIOSigner(EmbedSigner):
+    """The mapping, not only the topic: per sample the sentence embedding of its input and that of its output,
+    side by side and scaled by 1/sqrt(2) (unit rows). Returns float32 [n, 2 d]. Two tasks on the same topic in
+    opposite directions (numbers to words, words to numbers) share their points' halves crosswise, not in place."""
+
+    def compute(self, dataset: Dataset) -> np.ndarray:
+        n = len(dataset)
+        emb = self._embed([s.input for s in dataset] + [s.output for s in dataset])
+        return (np.concatenate([emb[:n], emb[n:]], axis=1) / np.sqrt(2.0)).astype(np.float32)
 
 
 @SIGNATURES.register("hidden")

@@ -7,7 +7,6 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +55,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
+    total = config.steps  # shortened to what fits the budget once the warmup's step time is known
+
     def lr_at(step: int) -> float:
         if step < config.warmup:
             return (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        progress = (step - config.warmup) / max(1, total - config.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = random.Random(config.seed)
@@ -68,7 +69,13 @@ def train(
     losses = []
     start = time.perf_counter()
     model.train()
-    for _ in track(range(config.steps), "training LoRA", total=config.steps):
+    for step in track(range(config.steps), "training LoRA", total=config.steps):
+        if config.budget is not None:
+            elapsed = time.perf_counter() - start
+            if step == max(config.warmup, 1):
+                total = min(config.steps, max(step + 1, int(config.budget / (elapsed / step))))
+            if step >= total or elapsed > config.budget:
+                break
         if len(order) < config.batch_size:  # epochs of shuffled samples, without replacement within one
             order += rng.sample(range(len(encoded)), len(encoded))
         picked, order = order[: config.batch_size], order[config.batch_size :]
@@ -88,7 +95,7 @@ def train(
         raise LoramixError(f"{dataset.source}: training diverged (loss is not finite); try a lower --lr")
 
     record = {
-        "config": asdict(config),
+        "config": config.as_record(),
         "base_model": model.peft_config["default"].base_model_name_or_path,
         "data": {"path": dataset.source, "samples": len(dataset), "fingerprint": dataset.fingerprint()},
         "device": device.type,

@@ -3,14 +3,16 @@ without importing the training stack."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
 class TrainConfig:
     """LoRA fine-tuning settings: `steps` optimizer steps of `batch_size` samples drawn (seeded) from the
     data; AdamW at `lr` with `warmup` linear steps, then cosine decay; LoRA of `rank` / `alpha` on
-    `target_modules`; sequences cut to `max_length` tokens; saved as `save_dtype`."""
+    `target_modules`; sequences cut to `max_length` tokens; saved as `save_dtype`. With `budget` (seconds), training
+    stops by then: after the warmup the step time is measured and the cosine schedule shortened to the steps that
+    fit, so the learning rate still decays to 0."""
 
     steps: int = 200
     batch_size: int = 8
@@ -25,6 +27,14 @@ class TrainConfig:
     bf16: bool = True
     save_dtype: str = "float32"
     device: str | None = None  # None: cuda when available, else cpu
+    budget: float | None = None
+
+    def as_record(self) -> dict:
+        """The settings as training.json records them (`budget` only when set, so older records still match)."""
+        d = asdict(self)
+        if d["budget"] is None:
+            del d["budget"]
+        return d
 
 
 def bank_config(*, steps: int = 150, rank: int = 6, save_dtype: str = "float16") -> TrainConfig:
