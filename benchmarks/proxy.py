@@ -73,7 +73,7 @@ def screened(scores: dict[str, dict], n: int) -> dict[str, np.ndarray]:
     return out
 
 
-def score_task(runner: dict, t: int, coefs: dict[str, np.ndarray], limit: int, check: int, refine: bool = False) -> dict:
+def score_task(runner: dict, t: int, coefs: dict[str, np.ndarray], limit: int, check: int, refine: str | None = None) -> dict:
     """{candidate: {'test': [loss, accuracy, exact], 'check': [...]}} for task t."""
     import torch
 
@@ -91,17 +91,21 @@ def score_task(runner: dict, t: int, coefs: dict[str, np.ndarray], limit: int, c
             mixed.weights = torch.as_tensor(w, dtype=torch.float32)
             out[cand] = {k: list(map(float, (s.loss, s.accuracy, s.exact))) for k, fn in fns.items() for s in [fn()]}
 
-    run(candidates(coefs, t, len(bank.usable)))
-    run(screened(out, len(bank.usable)))
+    every = candidates(coefs, t, len(bank.usable))
+    if refine == "only":
+        run({k: every[k] for k in ("base", "trained", "embed@1")})
+    else:
+        run(every)
+        run(screened(out, len(bank.usable)))
     if refine:
         run_refine(runner, t, coefs["embed"][t], train, run, out)
     return out
 
 
-REFINES = {  # refinement on the check examples (then scored on the test records; never a selector's candidate)
-    "refine-top8": dict(top_k=8),
-    "refine-top8-layers": dict(top_k=8, per_layer=True),
-    "refine-top16-layers": dict(top_k=16, per_layer=True),
+REFINES = {  # refinement on the check examples, at most 60 s (then scored on the test records; never a candidate)
+    "refine-top8": dict(top_k=8, budget=60.0),
+    "refine-top8-layers": dict(top_k=8, per_layer=True, budget=60.0),
+    "refine-top8-layers-lr0.1": dict(top_k=8, per_layer=True, budget=60.0, lr=0.1),
 }
 
 
@@ -142,7 +146,7 @@ def select(task: dict, pool: list[str], criterion: str) -> str:
 def report(results: dict[str, dict], names: list[str], families: dict[str, str], args) -> str:
     tasks = [n for n in names if n in results]
     fixed = ["base", "trained"] + [f"{s}@{x:g}" for s in SOURCES for x in SCALES]
-    fixed += [r for r in REFINES if all(r in results[t] for t in tasks)]
+    fixed = [c for c in fixed + list(REFINES) if all(c in results[t] for t in tasks)]
     rows: dict[str, list[str]] = {c: [c] * len(tasks) for c in fixed}
     pools = {  # selector pools, each with the base model
         "embed scales": lambda t: [c for c in results[t] if c.startswith("embed@")],
@@ -170,16 +174,17 @@ def report(results: dict[str, dict], names: list[str], families: dict[str, str],
         "the argmax given the reference prefix; exact = records whose every answer token is (what greedy decoding "
         "reproduces); gap = (x - base) / (trained - base) of the means; vs embed@1 = mean paired accuracy difference "
         "to today's default with its 95% bootstrap interval; < base = tasks below the base's accuracy.", "",
-        "| candidate or selector | loss | accuracy | exact | gap (acc) | gap (exact) | vs embed@1 (acc) | < base |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| candidate or selector | loss | accuracy | exact | gap (acc) | gap (exact) | vs embed@1 (acc) | < base | CPU s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for label, row in rows.items():
         acc, ex, loss = values(row, "accuracy"), values(row, "exact"), values(row, "loss")
         ga = (acc.mean() - base_acc.mean()) / (tr_acc.mean() - base_acc.mean())
         ge = (ex.mean() - base_ex.mean()) / (tr_ex.mean() - base_ex.mean())
         below = int((acc < base_acc - 1e-9).sum())
+        cpu = np.mean([results[t][c].get("cpu", 0.0) for t, c in zip(tasks, row)])
         lines.append(f"| {label} | {loss.mean():.3f} | {acc.mean():.4f} | {ex.mean():.4f} | {ga:.3f} | {ge:.3f} | "
-                     f"{interval(acc, default)} | {below} |")
+                     f"{interval(acc, default)} | {below} | {cpu:.1f} |")
     if families:
         show = ["base", "trained", "embed@1", "check[embed scales]/loss", "check[all]/accuracy"]
         lines += ["", "## Token accuracy per family", "", "| family | tasks | " + " | ".join(show) + " |",
@@ -205,7 +210,9 @@ def main() -> None:
     p.add_argument("--check", type=int, default=16, help="training examples a selector may look at")
     p.add_argument("--tasks", type=int, default=None, help="only the first N tasks")
     p.add_argument("--out", default="proxy.md")
-    p.add_argument("--refine", action="store_true", help="also refinement (REFINES) on the check examples")
+    p.add_argument("--refine", choices=["also", "only"], help="also (or only, with the base, trained and embed@1) "
+                   "refinement (REFINES) on the check examples")
+    p.add_argument("--spread", type=int, default=1, help="every K-th task only")
     args = p.parse_args()
 
     from loramix.models import load_model, load_tokenizer
@@ -218,15 +225,16 @@ def main() -> None:
     start = time.perf_counter()
     coefs = {k: loo_coefficients(index, GenerateConfig(**v)) for k, v in SOURCES.items()}
     print(f"coefficients: {time.perf_counter() - start:.1f} s", flush=True)
-    cache = CACHE / f"{bank.path.name}-{len(names)}-records-{args.limit}-check-{args.check}"
+    cache = CACHE / f"{bank.path.name}-{len(names)}-records-{args.limit}-check-{args.check}" / (args.refine or "screen")
     cache.mkdir(parents=True, exist_ok=True)
     runner = None
     results = {}
-    for t, name in enumerate(names[: args.tasks]):
+    for t, name in list(enumerate(names[: args.tasks]))[args.spread // 2 :: args.spread]:
         file = cache / f"{name}.json"
         if file.is_file():
             cached = json.loads(file.read_text())
-            if set(candidates(coefs, t, len(names))) | (set(REFINES) if args.refine else set()) <= set(cached):
+            want = {"base", "trained", "embed@1"} if args.refine == "only" else set(candidates(coefs, t, len(names)))
+            if want | (set(REFINES) if args.refine else set()) <= set(cached):
                 results[name] = cached
                 continue
         if runner is None:

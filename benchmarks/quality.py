@@ -62,6 +62,7 @@ class Setting:
     check_criterion: str = "loss"  # checked: how candidates are ranked (loramix.refine.CRITERIA)
     examples: int = 5  # refine group: labelled training examples the search (or the equal-compute LoRA) sees
     per_layer: bool = False  # refine group: one weight per layer and entry
+    budget: float | None = None  # refine group: seconds the search may take (None: LoraHub's time on 5 examples)
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -121,14 +122,14 @@ def refine_settings(default: Setting) -> list[Setting]:
     return [
         Setting("refine/lorahub", "refine", compose="paper", warm_start="lorahub"),
         Setting(f"refine/{tail}-refine5", "refine", **base),
-        Setting(f"refine/{tail}-refine16", "refine", **base, examples=16, per_layer=REFINE16_PER_LAYER),
+        Setting(f"refine/{tail}-refine16", "refine", **base, examples=16, budget=60.0),
+        Setting(f"refine/{tail}-refine16-layers", "refine", **base, examples=16, per_layer=True, budget=60.0),
         Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=f"refine/{tail}-refine16"),
     ]
 
 
 EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
 CHECK_SINGLES = 4  # the most entries alone any checked setting tries
-REFINE16_PER_LAYER = False
 
 
 class Runner:
@@ -201,8 +202,17 @@ class Runner:
         """Cached results, per number of test records (results at another --limit are never mixed in)."""
         return CACHE / f"records-{self.limit or 'all'}"
 
-    def folder(self, s: Setting) -> Path:
-        return self.root / s.name.replace("/", "__")
+    @property
+    def bank_root(self) -> Path:
+        """Cached results that depend on the bank's other entries (coefficients), per bank size."""
+        return self.root / f"bank-{len(self.names)}"
+
+    def folder(self, s: Setting | str) -> Path:
+        """Results of the setting (or setting name): bank-independent ones (the base, the task's own adapter, the base
+        with examples in the prompt) under root, the others under bank_root."""
+        name = s if isinstance(s, str) else s.name
+        independent = name in ("base", "trained") or name.startswith("icl/base-")
+        return (self.root if independent else self.bank_root) / name.replace("/", "__")
 
     def tasks_of(self, s: Setting) -> list[str]:
         return self.tasks if s.name in self.headline else self.grid_tasks
@@ -250,17 +260,19 @@ class Runner:
                     continue
                 if s.group == "refine":
                     lorahub = results.get("refine/lorahub") or self.cached("refine/lorahub", task)
-                    budget = lorahub["search"]["cpu_seconds"] if lorahub and s.examples == 5 and s.warm_start != "lorahub" else None
+                    budget = lorahub["search"]["cpu_seconds"] if lorahub and s.examples == 5 and s.warm_start != "lorahub" else s.budget
                     c, search = self.search(task, s, c, budget)
                 if s.checked:
                     c, search = self.check(task, s, c)
-                memo = self.memo(task, c, s)
+                layers = {int(k): v for k, v in search["layers"].items()} if search and "layers" in search else None
+                memo = self.memo(task, c, s, layers)
                 if not c.any():  # the check kept the base model
                     result = self.evaluate(task, None, s.shots)
                 elif memo.is_file():  # another setting chose the same composition on this task
                     result = json.loads(memo.read_text())
                 else:
-                    comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
+                    comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose,
+                                   layers=layers)
                     compose_s = time.perf_counter() - start
                     with tempfile.TemporaryDirectory() as tmp:
                         save_adapter(tmp, comp.config, comp.factors)
@@ -274,13 +286,14 @@ class Runner:
             results[s.name] = result
         return results
 
-    def memo(self, task: str, c: np.ndarray, s: Setting) -> Path:
+    def memo(self, task: str, c: np.ndarray, s: Setting, layers: dict | None = None) -> Path:
         """Where the evaluation of the composition c (with s's method and prompt) on `task` is kept, so settings that
         choose the same composition share one generation."""
         import hashlib
 
-        key = hashlib.sha256(json.dumps([np.round(c, 8).tolist(), s.compose, s.shots]).encode()).hexdigest()[:16]
-        folder = self.root / "by-composition" / task
+        blob = [np.round(c, 8).tolist(), s.compose, s.shots] + ([{str(k): v for k, v in sorted(layers.items())}] if layers else [])
+        key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+        folder = self.bank_root / "by-composition" / task
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{key}.json"
 
@@ -331,12 +344,12 @@ class Runner:
         return out
 
     def cached(self, setting: str, task: str) -> dict | None:
-        file = self.root / setting.replace("/", "__") / f"{task}.json"
+        file = self.folder(setting) / f"{task}.json"
         return json.loads(file.read_text()) if file.is_file() else None
 
     def store(self, task: str, results: dict[str, dict]) -> None:
         for name, result in results.items():
-            folder = self.root / name.replace("/", "__")
+            folder = self.folder(name)
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(folder / f"{task}.json", json.dumps(result).encode())
             print(f"{name:45s} {task:40s} rougeL {result['rougeL']:.3f} em {result['exact_match']:.3f}", flush=True)
@@ -354,6 +367,7 @@ class Runner:
         i = self.names.index(task)
         train = read_dataset(self.suite / task / "train.jsonl")
         cpu = time.process_time()
+        layers = None
         if s.warm_start == "lorahub":
             rng = np.random.default_rng(zlib.crc32(task.encode()))
             pick = rng.choice([j for j in range(len(self.names)) if j != i], size=min(20, len(self.names) - 1), replace=False)
@@ -368,7 +382,10 @@ class Runner:
             r = refine(self.bank, dict(zip(self.names, map(float, c))), train, cfg, model=self.model, tokenizer=self.tokenizer)
             out = np.array([r.coefficients[n] for n in self.names])
             first, last, history = r.initial_loss, r.loss, r.history
+            layers = r.layers
         record = {"cpu_seconds": time.process_time() - cpu, "initial_loss": first, "loss": last, "steps": len(history)}
+        if s.warm_start != "lorahub" and layers:
+            record["layers"] = {str(k): {n: w for n, w in v.items() if w} for k, v in layers.items()}
         return out, record
 
     def train_equal(self, task: str, s: Setting, budget: float) -> tuple[dict, dict]:

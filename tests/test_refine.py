@@ -40,6 +40,43 @@ def test_hooks_equal_the_composed_adapter(tmp_path, tiny_base, mode, mixed):
         assert torch.allclose(model(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_base).eval()(ids).logits)
 
 
+def test_per_layer_hooks_equal_the_per_layer_composition(tmp_path, tiny_base):
+    """Weights [layers, k] in the hooks give the logits of the adapter composed with those weights layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
+    w = np.array([[0.5, -0.3, 0.9], [0.0, 1.2, -0.4]])  # layer 0, layer 1
+    ids = torch.tensor([[1, 5, 9, 12, 3, 7]])
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    hooked = MixedLoRA(model, bank, bank.entries)
+    assert hooked.layers == [0, 1]
+    hooked.weights = torch.tensor(w, dtype=torch.float32)
+    with torch.no_grad():
+        got = model(ids).logits
+    hooked.remove()
+    names = [e.name for e in bank.entries]
+    layers = {i: dict(zip(names, map(float, row))) for i, row in enumerate(w)}
+    comp = compose(bank, dict(zip(names, map(float, w.mean(0)))), rank="full", layers=layers)
+    assert torch.allclose(got, peft_logits(tiny_base, comp, tmp_path, ids), atol=1e-5)
+    one = compose(bank, layers[1], rank="full")  # layer 1 composed alone with its own weights
+    for m in comp.factors:
+        if ".1." in m:
+            a, b = comp.factors[m]
+            a1, b1 = one.factors[m]
+            assert torch.allclose(b.double() @ a.double(), b1.double() @ a1.double(), atol=1e-5)
+
+
+def test_per_layer_refinement_is_written_and_recorded(tmp_path, tiny_base):
+    bank = make_bank(tmp_path / "bank", n=4, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
+    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", refine_per_layer=True)
+    r = read_report(tmp_path / "out").refine
+    assert r.layers is not None and set(r.layers) == {"0", "1"} and r.loss <= r.initial_loss
+    assert all(len(v) <= 3 for v in r.layers.values())
+    with pytest.raises(Exception, match="per-layer"):
+        generate(bank, data, tmp_path / "out2", refine=4, check=4, refine_per_layer=True)
+
+
 @pytest.mark.parametrize("method", ["gradient", "nevergrad"])
 def test_refine_lowers_the_loss_and_keeps_top_k(tmp_path, tiny_base, method):
     bank = Bank(make_bank(tmp_path / "bank", n=6, base=str(tiny_base)))

@@ -85,6 +85,12 @@ def _tensor_spans(file: Path) -> dict[str, tuple[int, int, str, list[int]]]:
             for k, v in header.items() if k != "__metadata__"}
 
 
+def layer_of(module: str) -> int:
+    """The layer index of a module name (its first dotted integer: model.layers.3.self_attn.q_proj -> 3; -1 if none)."""
+    m = re.search(r"\.(\d+)(\.|$)", module)
+    return int(m.group(1)) if m else -1
+
+
 def read_config(folder: str | Path, name: str | None = None) -> dict[str, Any]:
     """The adapter_config.json of an adapter folder, as read (a JSON object; nothing else checked). Errors name
     `name` (default: the folder's name)."""

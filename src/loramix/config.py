@@ -70,6 +70,8 @@ class GenerateConfig:
     refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
                                 "backpropagation).", method=False)
     refine_budget: float | None = option(None, "Seconds the refinement may take.", flag="--budget", method=False)
+    refine_per_layer: bool = option(False, "With --refine: one weight per entry and layer (the layers composed apart).",
+                                    method=False)
 
     def __post_init__(self) -> None:
         kind = SIGNATURES.get(self.signature).kind
@@ -100,6 +102,8 @@ class GenerateConfig:
         SEARCHES.get(self.refine_method)
         if self.refine and not composer.refinable:
             raise LoramixError(f"composition '{self.compose}' cannot be refined (--refine)")
+        if self.refine_per_layer and self.check:
+            raise LoramixError("--check does not yet score per-layer weights: use --refine-per-layer without --check")
         if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget >= 0):
             raise LoramixError(f"--budget must be a non-negative number of seconds, got {self.refine_budget}")
 

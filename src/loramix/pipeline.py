@@ -96,7 +96,7 @@ def generate(
         from .refine import RefineConfig, refine
 
         rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or 8, method=config.refine_method,
-                            budget=config.refine_budget, seed=config.seed)
+                            budget=config.refine_budget, per_layer=config.refine_per_layer, seed=config.seed)
         refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose)
     weights = refined.coefficients if refined else coefficients
     if config.check:
@@ -110,8 +110,9 @@ def generate(
 
     with atomic_dir(out, force=force) as tmp:
         base_kept = checked is not None and not checked.beats_base  # an adapter whose update is zero
+        layers = refined.layers if refined else None
         p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
-                 allow_zero=base_kept)
+                 allow_zero=base_kept, layers=layers)
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, bank, dataset, composition, weights, d)
         if calibration is not None:
@@ -122,6 +123,7 @@ def generate(
             report.refine = RefineInfo(
                 config.refine, config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
                 refined.loss, refined.steps, round(refined.seconds, 2), refined.history,
+                {str(k): {n: w for n, w in v.items() if w != 0} for k, v in refined.layers.items()} if refined.layers else None,
             )
         if checked:
             report.scale = float(sum(weights.values()))

@@ -8,7 +8,6 @@ meta-operator's coefficients and stopped by a step count or a time budget."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .adapter import layer_of
 from .bank import Bank, BankEntry
 from .compose import COMPOSERS
 from .data import Dataset
@@ -28,7 +28,8 @@ from .registry import Registry
 class RefineConfig:
     """`examples` labelled samples; the `top_k` largest coefficients searched (the rest stay 0); `method`
     'gradient' (Adam at `lr`) or 'nevergrad' (NGOpt); at most `steps` loss evaluations / steps and `budget`
-    seconds; `l1` * sum |w| added to the loss; weights kept in [`lower`, `upper`]."""
+    seconds; `l1` * sum |w| added to the loss; weights kept in [`lower`, `upper`]; `per_layer`: one weight per entry
+    and layer instead of per entry."""
 
     examples: int = 5
     top_k: int = 8
@@ -45,12 +46,16 @@ class RefineConfig:
 
 @dataclass
 class RefineResult:
+    """`coefficients` per entry (with `per_layer`, their mean over the layers); `layers`: layer -> entry -> weight
+    with `per_layer`, else None."""
+
     coefficients: dict[str, float]
     initial_loss: float
     loss: float
     steps: int
     seconds: float
     history: list[float] = field(default_factory=list)
+    layers: dict[int, dict[str, float]] | None = None
 
 
 class MixedLoRA:
@@ -90,12 +95,6 @@ class MixedLoRA:
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
-
-
-def layer_of(module: str) -> int:
-    """The layer index of a module name (its first dotted integer: model.layers.3.self_attn.q_proj -> 3; -1 if none)."""
-    m = re.search(r"\.(\d+)(\.|$)", module)
-    return int(m.group(1)) if m else -1
 
 
 def _answer_logits_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
@@ -271,8 +270,14 @@ def refine(
     if model is None:
         model, tokenizer = load_model(bank.base_model), load_tokenizer(bank.base_model)
     w, initial, final, history = search_weights(model, tokenizer, bank, entries, w0, samples, cfg, method)
-    if final > initial:  # never worse than the start on the examples
-        w, final = w0, initial
-    refined = {n: 0.0 for n in coefficients}
-    refined.update({n: float(x) for n, x in zip(ranked, w)})
-    return RefineResult(refined, initial, final, len(history), time.perf_counter() - start, [round(h, 5) for h in history])
+    if final > initial:  # never worse than the start on the examples (per layer: the start repeated)
+        w, final = (np.tile(w0, (np.shape(w)[0], 1)) if np.ndim(w) == 2 else w0), initial
+    zero = dict.fromkeys(coefficients, 0.0)
+    layers = None
+    if cfg.per_layer and np.ndim(w) == 2:
+        layer_ids = sorted({layer_of(m) for m in bank.shapes})
+        layers = {layer: {**zero, **{n: float(x) for n, x in zip(ranked, row)}} for layer, row in zip(layer_ids, w)}
+        w = np.mean(w, axis=0)
+    refined = {**zero, **{n: float(x) for n, x in zip(ranked, np.ravel(w))}}
+    return RefineResult(refined, initial, final, len(history), time.perf_counter() - start, [round(h, 5) for h in history],
+                        layers)

@@ -36,7 +36,8 @@ class EnergyInfo:
 @dataclass
 class RefineInfo:
     """The refinement run (`--refine`): its settings, the meta-operator's coefficients it started from, the loss
-    (answer-token cross-entropy + l1, nats) before and after, and the loss of every step."""
+    (answer-token cross-entropy + l1, nats) before and after, the loss of every step, and with `--refine-per-layer`
+    each layer's weights (layer index -> entry -> weight; the report's coefficients are their means)."""
 
     examples: int
     method: str
@@ -47,6 +48,7 @@ class RefineInfo:
     steps: int
     seconds: float
     history: list[float]
+    layers: dict[str, dict[str, float]] | None = None
 
 
 @dataclass

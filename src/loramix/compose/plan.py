@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from ..adapter import TENSOR_PREFIX, LoraModule, lora_config
+from ..adapter import TENSOR_PREFIX, LoraModule, layer_of, lora_config
 from ..bank import Bank, BankEntry
 from ..errors import LoramixError
 from .methods import COMPOSERS, Composer, LoraFactors, Rank, Term
@@ -17,8 +17,9 @@ from .methods import COMPOSERS, Composer, LoraFactors, Rank, Term
 
 @dataclass
 class Plan:
-    """One output: `composer` applied to the `active` entries with their `coefficients`; `refs` holds each module
-    as the first entry that has it stores it (shape, rank, scale); `target` is the rank handed to the composer."""
+    """One output: `composer` applied to the `active` entries with their `coefficients` (or, in a layer that `layers`
+    names, with that layer's: layer -> entry -> coefficient); `refs` holds each module as the first entry that has
+    it stores it (shape, rank, scale); `target` is the rank handed to the composer."""
 
     composer: Composer
     coefficients: dict[str, float]
@@ -30,6 +31,7 @@ class Plan:
     rank: int | None  # as reported: None for the entries' own ranks
     dtype: torch.dtype
     config: dict
+    layers: dict[int, dict[str, float]] | None = None
 
     @property
     def serial(self) -> bool:
@@ -38,8 +40,9 @@ class Plan:
 
     def terms(self, module: str, factors: Mapping[str, LoraFactors]) -> list[Term]:
         """The active entries' terms for `module`, `factors[name]` giving each entry's factors."""
+        coefficients = (self.layers or {}).get(layer_of(module), self.coefficients)
         return [
-            Term(factors[e.name], self.coefficients[e.name], e.adapter.modules[module].scale)
+            Term(factors[e.name], coefficients.get(e.name, 0.0), e.adapter.modules[module].scale)
             for e in self.active
             if module in e.adapter.modules
         ]
@@ -54,16 +57,18 @@ class Plan:
 
 
 def plan(bank: Bank, coefficients: dict[str, float], *, method: str = "exact", rank: Rank = None,
-         dtype: torch.dtype | None = None, allow_zero: bool = False) -> Plan:
+         dtype: torch.dtype | None = None, allow_zero: bool = False, layers: dict[int, dict[str, float]] | None = None) -> Plan:
     """Check the request and fix the output's shape. `rank`: an int truncates (exact) to that rank; None is the
     bank's largest rank; 'full' keeps every singular value (all modules padded to one rank). All-zero coefficients
-    are refused unless `allow_zero` (the output is then an adapter whose update is zero: the base model)."""
+    are refused unless `allow_zero` (the output is then an adapter whose update is zero: the base model). `layers`
+    (layer index -> entry -> coefficient) replaces `coefficients` in the layers it names."""
     cls = COMPOSERS.get(method)
     cls.validate(rank)
-    unknown = set(coefficients) - {e.name for e in bank.entries}
+    every = [coefficients, *(layers or {}).values()]
+    unknown = set().union(*every) - {e.name for e in bank.entries}
     if unknown:
         raise LoramixError(f"coefficients name entries not in the bank: {', '.join(sorted(unknown))}")
-    active = [e for e in bank.entries if coefficients.get(e.name, 0.0) != 0.0]
+    active = [e for e in bank.entries if any(c.get(e.name, 0.0) != 0.0 for c in every)]
     if not active and not allow_zero:
         raise LoramixError("every coefficient is zero: nothing to compose")
     composer = cls()
@@ -72,7 +77,7 @@ def plan(bank: Bank, coefficients: dict[str, float], *, method: str = "exact", r
     shape = composer.shape(refs, active, rank, bank.max_rank)
     config = _config_for(bank, shape.ranks, shape.scales)
     return Plan(composer, dict(coefficients), active, refs, shape.target, shape.ranks, shape.scales, shape.rank,
-                dtype or bank.dtype, config)
+                dtype or bank.dtype, config, layers)
 
 
 def _config_for(bank: Bank, ranks: dict[str, int], scales: dict[str, float]) -> dict:
