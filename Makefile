@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
 	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test test-fast demo suite-deps suite bank bench-quality bench-speed bench-llamacpp bench-scale clean
+.PHONY: venv test test-fast demo suite-deps suite bank bench-quality bench-proxy bench-speed bench-llamacpp bench-scale clean
 
 venv: $(STAMP)
 
@@ -43,10 +43,16 @@ bank: $(STAMP)
 	$(VENV)/bin/loramix bank build --suite default --out src/loramix/default/bank
 
 # Leave-one-out quality on the default bank -> benchmarks/results/quality.md: the headline settings (references,
-# the paper's 12, the default, LoraHub and --refine) on every task, the other settings on one task in three
-# (about 2 hours on 2 CPUs, resumable; --every 1 runs the whole grid on every task).
+# the paper's 12, the default, the levers, in-context learning, LoraHub and --refine) on every task, 30 test
+# records each, the other settings on one task in three (hours on 2 CPUs, resumable; --every 1 runs the whole grid
+# on every task).
 bench-quality: $(STAMP)
-	$(PY) benchmarks/quality.py --every 3 --refine --levers --engine ray --workers 2
+	RAY_AUTH_MODE=disabled $(PY) benchmarks/quality.py --every 3 --refine --levers --engine ray --workers 2
+
+# The teacher-forced screen (forward passes only, no generation) of candidate compositions and selectors on every
+# bank task -> benchmarks/results/proxy.md (resumable).
+bench-proxy: $(STAMP)
+	$(PY) benchmarks/proxy.py
 
 clean:
 	rm -rf $(VENV) demo-out .cache

@@ -106,6 +106,11 @@ def lever_settings(default: Setting) -> list[Setting]:
         Setting(f"loramix/{tail}-checked-singles4", "lever", **base, checked=True, check_singles=4),
         Setting(f"loramix/{tail}-checked-singles4-acc", "lever", **base, checked=True, check_singles=4,
                 check_criterion="accuracy"),
+        Setting(f"loramix/embed-io-{default.distance}-{default.operator}", "lever", "embed-io", default.distance,
+                default.operator, "exact", default.top_k, default.temperature),
+        *(Setting(f"loramix/embed-io-{default.distance}-{default.operator}-checked-singles4{tag}", "lever", "embed-io",
+                  default.distance, default.operator, "exact", default.top_k, default.temperature, checked=True,
+                  check_singles=4, check_criterion=crit) for tag, crit in (("", "loss"), ("-acc", "accuracy"))),
         Setting("icl/base-5shot", "icl", shots=5),
         Setting("icl/base-16shot", "icl", shots=16),
         Setting(f"icl/{tail}-5shot", "icl", **base, shots=5),
@@ -250,7 +255,6 @@ class Runner:
                 result = self.evaluate(task, self.entries[i].adapter.path)
             else:
                 c = coefs[s.name][i] if s.name in coefs else np.zeros(len(self.names))
-                start = time.perf_counter()
                 if s.name == EQUAL_COMPUTE:
                     ref = results.get(s.warm_start) or self.cached(s.warm_start, task)
                     budget = ref["search"]["cpu_seconds"] if ref else 60.0
@@ -271,6 +275,7 @@ class Runner:
                 elif memo.is_file():  # another setting chose the same composition on this task
                     result = json.loads(memo.read_text())
                 else:
+                    start = time.perf_counter()  # the search or check is counted by its own record
                     comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose,
                                    layers=layers)
                     compose_s = time.perf_counter() - start
