@@ -501,8 +501,11 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         "in seconds; the signatures (computed once per bank and cached, see speed.md for their cost), the bank "
         "calibration (given below) and generation are not included. Calibrated settings are cross-fitted: task t's "
         "temperature, top-k and scale are chosen on the bank's calibration without t's fold (5 folds). Checked "
-        "settings keep the scale (0: the base model) of lowest answer loss on 16 of the task's training examples. "
-        "In-context settings put 5 or 16 training examples in the prompt.",
+        "settings (`generate --check 16`) keep, of the base model, the composition at scales 0.5 to 2 and (singlesK) "
+        "the top K entries alone, the candidate their criterion (answer loss; -acc: teacher-forced token accuracy) "
+        "prefers on 16 of the task's training examples; their CPU s include that check's forward passes (one check "
+        "of every candidate, shared by the checked settings). In-context settings put 5 or 16 training examples in "
+        "the prompt.",
         "",
     ]
     if subset:
@@ -533,7 +536,8 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
             lines.append(f"| {name} | {rl:.4f} | {mean(name, 'exact_match', names):.4f} | {gap:.3f} | {diff} | {cpu:.1f} |")
     if families:
         fams = sorted({families.get(t, "?") for t in names})
-        show = [x for x in dict.fromkeys(["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen]) if x in results]
+        levers = [s.name for s in all_settings if s.group == "lever" and s.name in runner.headline]
+        show = [x for x in dict.fromkeys(["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen, *levers]) if x in results]
         lines += ["", f"## ROUGE-L per family ({len(names)} tasks)", "", "| family | tasks | " + " | ".join(show) + " |",
                   "| --- | ---: | " + " | ".join("---:" for _ in show) + " |"]
         for f in fams:

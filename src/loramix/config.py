@@ -57,7 +57,7 @@ class GenerateConfig:
     scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
     calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
-                               "on 12 leave-one-out tasks it lowered ROUGE-L (benchmarks/results/quality-levers.md).")
+                               "on 12 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
     check: int = option(0, "Hold out this many examples of DATA and keep, of the base model, the composed update at "
                         "scales 0.5 to 2 and the top entries alone (--check-singles), the one the held-out examples "
