@@ -147,3 +147,15 @@ def test_train_budget_shortens_the_schedule_to_fit(tmp_path, tiny_base):
     assert 2 < len(record["loss"]) < 100_000 and record["seconds"] < 3.0
     assert record["config"]["budget"] == 1.0
     assert "budget" not in json.loads(json.dumps(TINY.as_record()))  # unset: older training.json still match
+
+
+@pytest.mark.parametrize("budget", [0.0, -5.0, float("nan")])
+def test_train_refuses_a_budget_that_is_not_positive(tmp_path, tiny_base, budget):
+    from dataclasses import replace
+
+    from loramix.errors import LoramixError
+
+    data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 8))
+    with pytest.raises(LoramixError, match="--budget must be a positive number"):
+        train(data, tmp_path / "ad", replace(TINY, budget=budget), base=str(tiny_base))
+    assert not (tmp_path / "ad").exists()

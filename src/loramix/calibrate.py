@@ -9,8 +9,9 @@ forward hooks (refine.MixedLoRA): nothing is composed or written.
   predicted from the others, and every candidate scored on `examples` of the entry's own training samples (which
   no other entry was trained on). The candidate with the lowest mean loss ratio to the base model wins. Cached
   with the bank index; `generate --calibration` uses a calibrated bank's parameters.
-- `check(...)`: the user's own labels. A held-out slice of the dataset scores the composed update at a few scales
-  against the base model; the best is kept, and the report says when none beat the base."""
+- `check(...)`: the user's own labels. A held-out slice of the dataset scores the base model, the composed update at
+  a few scales and the top entries alone (teacher-forced loss and token accuracy); the one a criterion prefers is
+  kept, and the report says when none beat the base."""
 
 from __future__ import annotations
 

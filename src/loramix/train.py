@@ -37,6 +37,8 @@ def train(
     from peft import LoraConfig, get_peft_model
 
     config = config or TrainConfig()
+    if config.budget is not None and not (math.isfinite(config.budget) and config.budget > 0):
+        raise LoramixError(f"--budget must be a positive number of seconds, got {config.budget}")
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(config.seed)
