@@ -58,6 +58,11 @@ class RefineResult:
     layers: dict[int, dict[str, float]] | None = None
 
 
+def bank_layers(bank: Bank) -> list[int]:
+    """The layer indices of the bank's modules, sorted: the rows of per-layer weights [layers, k]."""
+    return sorted({layer_of(m) for m in bank.shapes})
+
+
 class MixedLoRA:
     """Attaches k bank LoRAs to a base model through forward hooks: each adapted linear module's output gains the
     composition method's mix of them (Composer.mix: sum_i w_i s_i B_i (A_i x) for 'exact'; LoraHub's A-and-B
@@ -71,7 +76,7 @@ class MixedLoRA:
         self.composer.check(entries)
         self.model = model
         self.weights = torch.zeros(len(entries), dtype=torch.float32)
-        self.layers = sorted({layer_of(m) for m in bank.shapes})
+        self.layers = bank_layers(bank)
         self._hooks = []
         for name in sorted(bank.shapes):
             parts = [(i, e.adapter.modules[name], e.adapter.factors(name)) for i, e in enumerate(entries) if name in e.adapter.modules]
@@ -275,8 +280,7 @@ def refine(
     zero = dict.fromkeys(coefficients, 0.0)
     layers = None
     if cfg.per_layer and np.ndim(w) == 2:
-        layer_ids = sorted({layer_of(m) for m in bank.shapes})
-        layers = {layer: {**zero, **{n: float(x) for n, x in zip(ranked, row)}} for layer, row in zip(layer_ids, w)}
+        layers = {layer: {**zero, **{n: float(x) for n, x in zip(ranked, row)}} for layer, row in zip(bank_layers(bank), w)}
         w = np.mean(w, axis=0)
     refined = {**zero, **{n: float(x) for n, x in zip(ranked, np.ravel(w))}}
     return RefineResult(refined, initial, final, len(history), time.perf_counter() - start, [round(h, 5) for h in history],
