@@ -21,7 +21,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +76,11 @@ def settings(top_k: int, quick: bool) -> list[Setting]:
             for op in ops:
                 for k in (None, top_k):
                     out.append(loramix_setting(sig, d, op, k))
+    default = default_setting()
+    if default.name not in {s.name for s in out}:
+        out.append(default)
     if quick:
-        keep = {"base", "trained", "uniform", "paper/unigram-kl-attentional", default_setting().name}
+        keep = {"base", "trained", "uniform", "paper/unigram-kl-attentional", composition_setting().name, default.name}
         out = [s for s in out if s.name in keep]
     return out
 
@@ -87,33 +90,47 @@ def loramix_setting(sig: str, distance: str, operator: str, top_k: int | None = 
     return Setting(name, "loramix", sig, distance, operator, "exact", top_k, temperature)
 
 
-def default_setting() -> Setting:
-    """The setting `loramix generate` uses by default."""
+def composition_setting() -> Setting:
+    """The meta-operator part of `loramix generate`'s default (`--check 0`): the default before issue 14."""
     d = GenerateConfig()
     return loramix_setting(d.signature, d.distance, d.operator, d.top_k, d.temperature)
 
 
-def lever_settings(default: Setting) -> list[Setting]:
-    """The levers beyond the meta-operator (issue 14), on the default setting, and in-context learning."""
+def checked(s: Setting, singles: int, criterion: str, group: str = "lever") -> Setting:
+    """`s` with the held-out check (`--check 16 --check-singles <singles> --check-criterion <criterion>`)."""
+    name = s.name + "-checked" + (f"-singles{singles}" if singles else "") + ("-acc" if criterion == "accuracy" else "")
+    return replace(s, name=name, group=group, checked=True, check_singles=singles, check_criterion=criterion)
+
+
+def default_setting() -> Setting:
+    """The setting `loramix generate` uses by default."""
+    d = GenerateConfig()
+    comp = composition_setting()
+    return checked(comp, d.check_singles, d.check_criterion, "loramix") if d.check else comp
+
+
+def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
+    """The levers beyond the meta-operator (issue 14) on the default's composition `comp` with the `embed` and the
+    `embed-io` signature (calibration, the held-out check), and in-context learning with the base and with the
+    default adapter."""
+    plain, io = (loramix_setting(sig, comp.distance, comp.operator, comp.top_k, comp.temperature) for sig in ("embed", "embed-io"))
+    plain, io = replace(plain, group="lever"), replace(io, group="lever")
+    icl_default = dict(signature=default.signature, distance=default.distance, operator=default.operator,
+                       compose=default.compose, top_k=default.top_k, temperature=default.temperature,
+                       checked=default.checked, check_singles=default.check_singles,
+                       check_criterion=default.check_criterion)
     tail = default.name.split("/", 1)[1]
-    base = dict(signature=default.signature, distance=default.distance, operator=default.operator, compose="exact",
-                top_k=default.top_k, temperature=default.temperature)
     return [
-        Setting(f"loramix/{tail}-calibrated", "lever", **base, calibrated=True),
-        Setting(f"loramix/{tail}-checked", "lever", **base, checked=True),
-        Setting(f"loramix/{tail}-calibrated-checked", "lever", **base, calibrated=True, checked=True),
-        Setting(f"loramix/{tail}-checked-acc", "lever", **base, checked=True, check_criterion="accuracy"),
-        Setting(f"loramix/{tail}-checked-singles4", "lever", **base, checked=True, check_singles=4),
-        Setting(f"loramix/{tail}-checked-singles4-acc", "lever", **base, checked=True, check_singles=4,
-                check_criterion="accuracy"),
-        Setting(f"loramix/embed-io-{default.distance}-{default.operator}", "lever", "embed-io", default.distance,
-                default.operator, "exact", default.top_k, default.temperature),
-        *(Setting(f"loramix/embed-io-{default.distance}-{default.operator}-checked-singles4{tag}", "lever", "embed-io",
-                  default.distance, default.operator, "exact", default.top_k, default.temperature, checked=True,
-                  check_singles=4, check_criterion=crit) for tag, crit in (("", "loss"), ("-acc", "accuracy"))),
+        replace(plain, name=f"{plain.name}-calibrated", calibrated=True),
+        replace(checked(plain, 0, "loss"), name=f"{plain.name}-calibrated-checked", calibrated=True),
+        *(checked(s, 0, crit) for s in (plain, io) for crit in ("loss", "accuracy")),
+        plain,
+        *(checked(s, k, crit) for s in (plain, io) for k in (4, CHECK_SINGLES) for crit in ("loss", "accuracy")),
+        io,
         Setting("icl/base-5shot", "icl", shots=5),
         Setting("icl/base-16shot", "icl", shots=16),
-        Setting(f"icl/{tail}-5shot", "icl", **base, shots=5),
+        Setting(f"icl/{tail}-5shot", "icl", **icl_default, shots=5),
+        Setting(f"icl/{tail}-16shot", "icl", **icl_default, shots=16),
     ]
 
 
@@ -134,7 +151,8 @@ def refine_settings(default: Setting) -> list[Setting]:
 
 
 EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
-CHECK_SINGLES = 4  # the most entries alone any checked setting tries
+CHECK_SINGLES = 8  # the most entries alone any checked setting tries
+PREVIOUS_DEFAULT = "loramix/embed-gaussian-w2-normalized"  # generate's default before issue 14 (no check)
 
 
 class Runner:
@@ -331,7 +349,6 @@ class Runner:
     def calibrated_matrix(self, s: Setting) -> np.ndarray:
         """Rows of the calibrated setting: task t's temperature, top-k and scale chosen on the bank's calibration
         without t's fold (entry j in fold j % 5), so no task's own loss picks its parameters."""
-        from dataclasses import replace as dc_replace
 
         from loramix.calibrate import calibrate
 
@@ -344,7 +361,7 @@ class Runner:
         out = np.zeros((n, n))
         for t in range(n):
             best = cal.select([j for j in range(n) if j % 5 != t % 5])
-            rows = loo_coefficients(self.index, dc_replace(config, temperature=best.temperature, top_k=best.top_k))
+            rows = loo_coefficients(self.index, replace(config, temperature=best.temperature, top_k=best.top_k))
             out[t] = best.scale * rows[t]
         return out
 
@@ -396,7 +413,6 @@ class Runner:
     def train_equal(self, task: str, s: Setting, budget: float) -> tuple[dict, dict]:
         """The equal-compute baseline: BANK_TRAINING's LoRA trained from scratch on `s.examples` training examples
         (the refinement's) for `budget` seconds, then evaluated like every setting."""
-        from dataclasses import replace as dc_replace
 
         from loramix.train import train
         from loramix.train_config import BANK_TRAINING
@@ -404,7 +420,7 @@ class Runner:
         data = read_dataset(self.suite / task / "train.jsonl").subsample(s.examples, 0)
         cpu = time.process_time()
         with tempfile.TemporaryDirectory() as tmp:
-            record = train(data, Path(tmp) / "lora", dc_replace(BANK_TRAINING, budget=budget), base=self.bank.base_model)
+            record = train(data, Path(tmp) / "lora", replace(BANK_TRAINING, budget=budget), base=self.bank.base_model)
             seconds = time.process_time() - cpu
             result = self.evaluate(task, Path(tmp) / "lora")
         return result, {"cpu_seconds": seconds, "budget": budget, "steps": len(record["loss"]), "loss": record["loss"][-1]}
@@ -456,6 +472,7 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
     names, grid = runner.tasks, runner.grid_tasks
     families = family_of(runner.suite)
     chosen = args.default_setting
+    comp = composition_setting().name
 
     def mean(setting: str, metric: str, tasks: list[str]) -> float:
         return float(np.mean([results[setting][t][metric] for t in tasks]))
@@ -475,7 +492,8 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
             timing = r.get("__timing__", {})
             per_task = float(np.mean([r[t]["compose_seconds"] + r[t].get("search", {}).get("cpu_seconds", 0.0) for t in tasks]))
             cpu = timing.get("distances", 0.0) + timing.get("operator", 0.0) + per_task
-            mark = " **(default)**" if s.name == chosen else ""
+            mark = (" **(default)**" if s.name == chosen else " (default composition, `--check 0`)" if s.name == comp
+                    else " (the default before issue 14)" if s.name == PREVIOUS_DEFAULT else "")
             scores = np.array([r[t]["rougeL"] for t in tasks])
             diff = "-" if ref is None or s.name == chosen else paired_interval(scores, ref)
             below = int((scores < below_base - 1e-9).sum()) if s.name != "base" else 0
@@ -504,8 +522,9 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         "settings (`generate --check 16`) keep, of the base model, the composition at scales 0.5 to 2 and (singlesK) "
         "the top K entries alone, the candidate their criterion (answer loss; -acc: teacher-forced token accuracy) "
         "prefers on 16 of the task's training examples; their CPU s include that check's forward passes (one check "
-        "of every candidate, shared by the checked settings). In-context settings put 5 or 16 training examples in "
-        "the prompt.",
+        f"of every candidate, the top {CHECK_SINGLES} entries alone included, shared by the checked settings). The "
+        "default is checked; its composition unchecked (`--check 0`) is the default before issue 14. In-context "
+        "settings put 5 or 16 training examples in the prompt.",
         "",
     ]
     if subset:
@@ -537,7 +556,8 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
     if families:
         fams = sorted({families.get(t, "?") for t in names})
         levers = [s.name for s in all_settings if s.group == "lever" and s.name in runner.headline]
-        show = [x for x in dict.fromkeys(["base", "trained", "uniform", "paper/unigram-kl-attentional", chosen, *levers]) if x in results]
+        show = [x for x in dict.fromkeys(["base", "trained", "uniform", "paper/unigram-kl-attentional", PREVIOUS_DEFAULT, chosen,
+                                          *levers]) if x in results]
         lines += ["", f"## ROUGE-L per family ({len(names)} tasks)", "", "| family | tasks | " + " | ".join(show) + " |",
                   "| --- | ---: | " + " | ".join("---:" for _ in show) + " |"]
         for f in fams:
@@ -603,15 +623,20 @@ def main() -> None:
     runner = Runner(args.bank, resolve_suite(args.suite), args.limit, args.max_samples)
     all_settings = settings(args.top_k, args.quick)
     default = next(s for s in all_settings if s.name == args.default_setting)
+    comp = composition_setting()
     if args.levers:
-        all_settings += lever_settings(default)
+        all_settings += lever_settings(comp, default)
     if args.refine:
-        all_settings += refine_settings(default)
+        all_settings += refine_settings(comp)
+    unique: dict[str, Setting] = {}
+    for s in all_settings:  # a lever that is the default is listed once, as the default
+        unique.setdefault(s.name, s)
+    all_settings = list(unique.values())
     if args.only:
         all_settings = [s for s in all_settings if s.name in args.only or s.name in ("base", "trained")]
     runner.tasks = runner.tasks[: args.tasks][args.spread // 2 :: args.spread]
     runner.grid_tasks = runner.tasks[args.every // 2 :: args.every]  # the middle task of every K
-    runner.headline = {s.name for s in all_settings if s.group != "loramix" or s.name == args.default_setting}
+    runner.headline = {s.name for s in all_settings if s.group != "loramix" or s.name in (args.default_setting, comp.name)}
     coefs = runner.prepare(all_settings)
     items = [(t, [s for s in all_settings if t in runner.pending(s)], coefs) for t in runner.tasks]
     engine = RayEngine(max_workers=args.workers) if args.engine == "ray" else get_engine(args.engine)

@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality import default_setting  # noqa: E402
+from quality import composition_setting  # noqa: E402
 
-SETTINGS = ["uniform", "paper/unigram-kl-attentional", default_setting().name]
+SETTINGS = ["uniform", "paper/unigram-kl-attentional", composition_setting().name]
 
 
 def run(args: list[str], env: dict[str, str]) -> float:
@@ -62,7 +62,6 @@ def main() -> None:
     evals = args.tasks * (len(SETTINGS) + 2)  # + base and trained
     local, one, two = (s for _, s in rows)
     efficiency = one / (2 * two)
-    per_eval = one / evals
     paper_evals = 502 * (12 + 3)  # 12 settings, base, trained, uniform per task
     paper_minutes = 32 * 48 * 60 / paper_evals  # the paper: 32 GPUs for two days
     lines = [

@@ -56,16 +56,16 @@ def test_generate_uses_the_banks_calibration_and_says_so(tiny_bank, tmp_path, mo
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
     assert cached_calibration(tiny_bank, GenerateConfig(max_samples=8)) is None
     cal = calibrate(tiny_bank, GenerateConfig(max_samples=8), examples=4)
-    r = generate(tiny_bank, data, tmp_path / "cal", max_samples=8, calibration=True)
+    r = generate(tiny_bank, data, tmp_path / "cal", max_samples=8, calibration=True, check=0)
     report = read_report(tmp_path / "cal")
     assert report.calibration is not None and report.temperature == cal.best.temperature
     assert (report.top_k, report.scale) == (cal.best.top_k, cal.best.scale)
     assert sum(r.coefficients.values()) == pytest.approx(cal.best.scale)
-    plain = generate(tiny_bank, data, tmp_path / "plain", max_samples=8)  # off by default
+    plain = generate(tiny_bank, data, tmp_path / "plain", max_samples=8, check=0)  # off by default
     assert read_report(tmp_path / "plain").calibration is None
     assert sum(plain.coefficients.values()) == pytest.approx(1.0)
     out = CliRunner().invoke(app, ["generate", "--bank", str(tiny_bank.path), "--data", str(data), "--out",
-                                   str(tmp_path / "cli"), "--max-samples", "8", "--calibration"])
+                                   str(tmp_path / "cli"), "--max-samples", "8", "--calibration", "--check", "0"])
     assert out.exit_code == 0, out.output
     assert "using the bank's calibration" in out.output
 
@@ -112,7 +112,7 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
 
 def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_it(tiny_bank, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
-    generate(tiny_bank, data, tmp_path / "checked", max_samples=8, check=4, check_singles=1)
+    generate(tiny_bank, data, tmp_path / "checked", max_samples=8, check=4, check_singles=1, check_criterion="loss")
     report = read_report(tmp_path / "checked")
     chk = report.check
     assert chk.examples == 4 and chk.criterion == "loss" and len(chk.candidates) == 6

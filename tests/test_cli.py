@@ -12,7 +12,7 @@ runner = CliRunner()
 def test_generate_prints_top_entries_and_writes_adapter(tmp_path, bank):
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("numbers", 20, seed=5))
     out = tmp_path / "out"
-    r = runner.invoke(app, ["generate", "--bank", str(bank), "--data", str(data), "--out", str(out), "--top-k", "3", "--max-samples", "16"])
+    r = runner.invoke(app, ["generate", "--bank", str(bank), "--data", str(data), "--out", str(out), "--top-k", "3", "--max-samples", "16", "--check", "0"])
     assert r.exit_code == 0, r.output
     assert "task_numbers" in r.output and "wrote" in r.output
     report = json.loads((out / "loramix.json").read_text())
@@ -40,7 +40,7 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, bank):
 
 def test_rank_option(tmp_path, bank):
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("numbers", 5))
-    base = ["generate", "--bank", str(bank), "--data", str(data), "--max-samples", "8"]
+    base = ["generate", "--bank", str(bank), "--data", str(data), "--max-samples", "8", "--check", "0"]
     r = runner.invoke(app, base + ["--out", str(tmp_path / "full"), "--rank", "full"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "full" / "adapter_config.json").read_text())["r"] == 32  # 8 entries x rank 4
@@ -55,7 +55,7 @@ def test_bank_index_and_list(tmp_path, bank):
     assert "task_animals" in r.output and "missing" in r.output and "no data" in r.output and "q_proj" in r.output
     r = runner.invoke(app, ["bank", "index", str(bank), "--max-samples", "8", "--distance", "w2", "--neural"])
     assert r.exit_code == 0, r.output
-    assert "7 signatures (embed)" in r.output and "7 computed" in r.output and "neural operator fitted" in r.output
+    assert "7 signatures (embed-io)" in r.output and "7 computed" in r.output and "neural operator fitted" in r.output
     r = runner.invoke(app, ["bank", "index", str(bank), "--max-samples", "8"])
     assert "0 computed, 7 cached" in r.output
     r = runner.invoke(app, ["bank", "list", str(bank), "--max-samples", "8"])

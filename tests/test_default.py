@@ -59,11 +59,21 @@ def test_default_bank_is_valid_and_small():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", DEMO_TASKS[:2])
-def test_generate_from_default_bank_for_a_demo_task(tmp_path, task):
+@pytest.mark.parametrize("task,check", [(DEMO_TASKS[0], 16), (DEMO_TASKS[1], 0)])
+def test_generate_from_default_bank_for_a_demo_task(tmp_path, task, check):
+    """The nearest bank entry is of the task's family; with the default held-out check (the base model runs), the
+    adapter written is the candidate the check kept, and its coefficients are that candidate's."""
     data = DEFAULT_SUITE / task / "train.jsonl"
-    result = loramix.generate("default", data, tmp_path / "out", max_samples=32)
+    result = loramix.generate("default", data, tmp_path / "out", max_samples=32, check=check)
     family = task.split("_")[0]
-    assert result.top(1)[0][0].startswith(family)
+    assert min(result.distances, key=result.distances.get).startswith(family)
+    chk = result.report.check
+    if check:
+        assert chk.examples == 16 and chk.criterion == "accuracy" and len(chk.candidates) == 1 + 4 + 4
+        assert chk.candidates[chk.chosen]["accuracy"] == max(v["accuracy"] for v in chk.candidates.values())
+        if chk.chosen.startswith("entry:"):
+            assert result.coefficients[chk.chosen.split(":", 1)[1]] == 1.0 and sum(result.coefficients.values()) == 1.0
+    else:
+        assert chk is None and result.top(1)[0][0].startswith(family)
     assert read_dataset(data).fingerprint() == result.report.data.fingerprint
     assert os.path.getsize(tmp_path / "out" / "adapter_model.safetensors") > 0

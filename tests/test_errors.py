@@ -25,6 +25,12 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def _rewrite(folder: Path, **kw) -> None:
+    """A new adapter in `folder` for the same base model, with write_adapter's options `kw`."""
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    write_adapter(folder, base=base, **kw)
+
+
 def _edit_config(folder: Path, **fields) -> None:
     cfg = json.loads((folder / "adapter_config.json").read_text())
     cfg.update(fields)
@@ -52,11 +58,11 @@ BANK_CASES = {
     "invalid config": (lambda b: (b / E / "adapter_config.json").write_text("{r: 4"), f"{E}: adapter_config.json: not valid JSON"),
     "config not an object": (lambda b: (b / E / "adapter_config.json").write_text("[1]"), f"{E}: adapter_config.json: expected a JSON object"),
     "other base model": (lambda b: _edit_config(b / E, base_model_name_or_path="other/model"), f"{E}: adapter_config.json field 'base_model_name_or_path'"),
-    "shape mismatch": (lambda b: write_adapter(b / E, shapes={"model.layers.0.self_attn.q_proj": (64, 32)}), f"{E}: module 'model.layers.0.self_attn.q_proj' is \\[64, 32\\]"),
+    "shape mismatch": (lambda b: _rewrite(b / E, shapes={"model.layers.0.self_attn.q_proj": (64, 32)}), f"{E}: module 'model.layers.0.self_attn.q_proj' is \\[64, 32\\]"),
     "lora_A without lora_B": (lambda b: _edit_tensors(b / E, lambda t: {k: v for k, v in t.items() if not k.endswith("layers.1.self_attn.v_proj.lora_B.weight")}), f"{E}: adapter_model.safetensors: module 'model.layers.1.self_attn.v_proj' has no lora_B"),
     "NaN weights": (lambda b: _edit_tensors(b / E, lambda t: _set_first(t, float("nan"))), f"{E}: module '.*' has NaN or Inf weights"),
     "Inf weights": (lambda b: _edit_tensors(b / E, lambda t: _set_first(t, float("inf"))), f"{E}: module '.*' has NaN or Inf weights"),
-    "rank 0": (lambda b: write_adapter(b / E, rank_pattern={"q_proj": 0}), f"{E}: .*rank 0"),
+    "rank 0": (lambda b: _rewrite(b / E, rank_pattern={"q_proj": 0}), f"{E}: .*rank 0"),
     "rank disagrees with tensors": (lambda b: _edit_config(b / E, r=8), f"{E}: adapter_config.json: rank 8 for module"),
     "DoRA": (lambda b: _edit_config(b / E, use_dora=True), f"{E}: adapter_config.json: field 'use_dora' is set"),
     "LoRA bias": (lambda b: _edit_config(b / E, lora_bias=True), f"{E}: adapter_config.json: field 'lora_bias' is set"),
@@ -98,8 +104,9 @@ def _assert_clean_failure(code: int, err: str, pattern: str, out: Path) -> None:
 
 
 @pytest.mark.parametrize("case", list(BANK_CASES))
-def test_bad_bank(case, tmp_path, capsys, monkeypatch):
-    bank = make_bank(tmp_path / "bank", n=3)
+def test_bad_bank(case, tmp_path, capsys, monkeypatch, tiny_base):
+    """Through the default path (the held-out check runs the real tiny base on the bank's factors first)."""
+    bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
     breaker, pattern = BANK_CASES[case]
     breaker(bank)
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 6))
@@ -129,6 +136,18 @@ def test_bad_options(case, tmp_path, capsys, monkeypatch):
     _assert_clean_failure(code, err, pattern, out)
 
 
+def test_a_base_model_that_cannot_be_loaded_names_the_check(tmp_path, capsys, monkeypatch):
+    """The default held-out check runs the base model: a bank whose base cannot be loaded says so in one line, before
+    any signature is computed, and how to skip the check."""
+    bank = make_bank(tmp_path / "bank", n=2)  # base 'tiny-base': not a model anyone can load
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 6))
+    out = tmp_path / "out"
+    code, err = run_cli(["generate", "--bank", str(bank), "--data", str(data), "--out", str(out)], capsys, monkeypatch)
+    _assert_clean_failure(code, err, r"cannot load base model 'tiny-base'.*\(the held-out check \(--check 16\) runs the "
+                          r"base model; --check 0 skips it\)", out)
+    assert not (bank / ".loramix").exists()  # no signature was computed
+
+
 def test_other_files_and_paths(tmp_path, capsys, monkeypatch):
     bank = make_bank(tmp_path / "bank", n=2)
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 6))
@@ -154,8 +173,10 @@ def test_existing_output_is_refused_then_only_loramix_files_replaced(tmp_path, c
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "adapter_config.json").write_text("old")
-    args = ["generate", "--bank", str(bank), "--data", str(data), "--out", str(out), "--max-samples", "4"]
+    args = ["generate", "--bank", str(bank), "--data", str(data), "--out", str(out), "--max-samples", "4", "--check", "0"]
     code, err = run_cli(args, capsys, monkeypatch)
+    assert code == 1 and "already exists (use --force to replace it)" in err
+    code, err = run_cli(args[:-2], capsys, monkeypatch)  # refused before the base model is loaded for the check
     assert code == 1 and "already exists (use --force to replace it)" in err
     assert (out / "adapter_config.json").read_text() == "old"
     code, err = run_cli(args + ["--force"], capsys, monkeypatch)

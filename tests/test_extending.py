@@ -128,7 +128,7 @@ def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_pat
     for operator in ("toy-nearest", "toy-trained"):
         out = tmp_path / operator
         result = generate(bank_dir, data, out, signature="toy-lengths", distance="toy-mean", operator=operator,
-                          compose="toy-stack", max_samples=8)
+                          compose="toy-stack", max_samples=8, check=0)
         report = read_report(out)
         assert (report.signature.method, report.distance, report.operator, report.compose) == (
             "toy-lengths", "toy-mean", operator, "toy-stack")
@@ -150,7 +150,7 @@ def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_pat
             got = weights[f"{key}.lora_B.weight"].double() @ weights[f"{key}.lora_A.weight"].double()
             assert torch.allclose(got, dense_update(bank, result.coefficients, module), atol=1e-6)
     generate(bank_dir, data, tmp_path / "again", signature="toy-lengths", distance="toy-mean", operator="toy-trained",
-             compose="toy-stack", max_samples=8)
+             compose="toy-stack", max_samples=8, check=0)
     assert trained.fits == 1  # the trained operator is cached with the bank index, found through its registry
 
 
@@ -190,7 +190,7 @@ def test_invalid_choices_are_refused_before_any_signature(overrides, tmp_path, m
     bank = make_bank(tmp_path / "bank", n=3)
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 6))
     with pytest.raises(LoramixError):
-        generate(bank, data, tmp_path / "out", **overrides)
+        generate(bank, data, tmp_path / "out", check=0, **overrides)
     assert not (tmp_path / "out").exists()
 
 
@@ -202,13 +202,13 @@ def test_bank_level_refusals_come_before_any_signature(tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 6))
     two = make_bank(tmp_path / "two", n=2)
     with pytest.raises(LoramixError, match="at least 3"):
-        generate(two, data, tmp_path / "o1", operator="neural")
+        generate(two, data, tmp_path / "o1", operator="neural", check=0)
     mixed = make_bank(tmp_path / "mixed", n=3, mixed=True)
     with pytest.raises(LoramixError, match="equal ranks and scales"):
-        generate(mixed, data, tmp_path / "o2", compose="paper")
+        generate(mixed, data, tmp_path / "o2", compose="paper", check=0)
     nameless = make_bank(tmp_path / "nameless", n=3, base=None)
     with pytest.raises(LoramixError, match="needs the base model"):
-        generate(nameless, data, tmp_path / "o3", signature="hidden", distance="w2")
+        generate(nameless, data, tmp_path / "o3", signature="hidden", distance="w2", check=0)
 
 
 def test_cli_options_are_generated_from_the_config(tmp_path):
@@ -228,7 +228,7 @@ def test_cli_options_are_generated_from_the_config(tmp_path):
     bank = make_bank(tmp_path / "bank", n=3)
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 6))
     r = runner.invoke(app, ["generate", "--bank", str(bank), "--data", str(data), "--out", str(tmp_path / "out"),
-                            "--temperature", "2.5", "--top-k", "2", "--rank", "3", "--max-samples", "4", "--seed", "7"])
+                            "--temperature", "2.5", "--top-k", "2", "--rank", "3", "--max-samples", "4", "--seed", "7", "--check", "0"])
     assert r.exit_code == 0, r.output
     report = read_report(tmp_path / "out")
     assert (report.temperature, report.top_k, report.rank, report.seed, report.signature.max_samples) == (2.5, 2, 3, 7, 4)

@@ -45,7 +45,7 @@ def user_data(tmp_path):
 
 def test_generate_full_rank_matches_coefficients_in_peft(tmp_path, tiny_base, mixed_bank, user_data):
     out = tmp_path / "out"
-    result = generate(mixed_bank, user_data, out, rank="full")
+    result = generate(mixed_bank, user_data, out, rank="full", check=0)
     report = read_report(out)
     assert set(report.coefficients) == {f"task_{t}" for t in list(TOPICS)[:8]}
     assert sum(report.coefficients.values()) == pytest.approx(1.0)
@@ -68,7 +68,7 @@ def test_generate_truncated_in_peft_and_forward(tmp_path, tiny_base, mixed_bank,
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    generate(mixed_bank, user_data, out, rank=4, top_k=3)
+    generate(mixed_bank, user_data, out, rank=4, top_k=3, check=0)
     report = read_report(out)
     assert sum(1 for c in report.coefficients.values() if c > 0) == 3
     assert 0 < report.energy.min <= report.energy.mean <= 1
@@ -89,7 +89,7 @@ def test_generate_truncated_in_peft_and_forward(tmp_path, tiny_base, mixed_bank,
 def test_generate_paper_mode_and_unigram(tmp_path, tiny_base, user_data):
     bank_dir = make_bank(tmp_path / "bank", base=str(tiny_base))
     out = tmp_path / "out"
-    generate(bank_dir, user_data, out, signature="unigram", distance="kl", operator="attentional", compose="paper")
+    generate(bank_dir, user_data, out, signature="unigram", distance="kl", operator="attentional", compose="paper", check=0)
     report = read_report(out)
     assert report.signature.method == "unigram" and report.signature.model == str(tiny_base)
     got = peft_deltas(tiny_base, out)
@@ -104,18 +104,18 @@ def test_generate_paper_mode_and_unigram(tmp_path, tiny_base, user_data):
 @pytest.mark.parametrize("signature,distance", [("embed", "sliced"), ("embed", "mmd-rbf"), ("embed", "gaussian-w2"), ("hidden", "w2")])
 def test_generate_other_signatures_and_distances(tmp_path, tiny_base, user_data, signature, distance):
     bank_dir = make_bank(tmp_path / "bank", base=str(tiny_base))
-    generate(bank_dir, user_data, tmp_path / "out", signature=signature, distance=distance, max_samples=16)
+    generate(bank_dir, user_data, tmp_path / "out", signature=signature, distance=distance, max_samples=16, check=0)
     report = read_report(tmp_path / "out")
     assert report.distance == distance and sum(report.coefficients.values()) == pytest.approx(1.0)
 
 
 def test_generate_neural_operator_is_fitted_and_cached(tmp_path, user_data):
     bank_dir = make_bank(tmp_path / "bank")
-    generate(bank_dir, user_data, tmp_path / "o1", operator="neural", max_samples=16)
+    generate(bank_dir, user_data, tmp_path / "o1", operator="neural", max_samples=16, check=0)
     cached = list((bank_dir / ".loramix" / "operators").glob("neural.*.safetensors"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
-    generate(bank_dir, user_data, tmp_path / "o2", operator="neural", max_samples=16)
+    generate(bank_dir, user_data, tmp_path / "o2", operator="neural", max_samples=16, check=0)
     assert cached[0].stat().st_mtime_ns == mtime
     assert read_report(tmp_path / "o1").coefficients == read_report(tmp_path / "o2").coefficients
 
@@ -123,14 +123,14 @@ def test_generate_neural_operator_is_fitted_and_cached(tmp_path, user_data):
 def test_generate_does_not_load_base_for_embed(tmp_path, user_data):
     """The bank names a base model that does not exist: embed + compose must never try to load it."""
     bank_dir = make_bank(tmp_path / "bank", base="/nonexistent/7b-model")
-    generate(bank_dir, user_data, tmp_path / "out", max_samples=16)
+    generate(bank_dir, user_data, tmp_path / "out", max_samples=16, check=0)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
 def test_generate_is_deterministic(tmp_path, bank, user_data):
-    generate(bank, user_data, tmp_path / "a", max_samples=16, distance="sliced")
-    generate(bank, user_data, tmp_path / "b", max_samples=16, distance="sliced")
+    generate(bank, user_data, tmp_path / "a", max_samples=16, distance="sliced", check=0)
+    generate(bank, user_data, tmp_path / "b", max_samples=16, distance="sliced", check=0)
     for f in ("adapter_model.safetensors", "adapter_config.json", "loramix.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
@@ -140,11 +140,11 @@ def test_generate_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(LoramixError, match="already exists"):
-        generate(bank, user_data, out)
-    generate(bank, user_data, out, force=True, max_samples=16)
+        generate(bank, user_data, out, check=0)
+    generate(bank, user_data, out, force=True, max_samples=16, check=0)
     assert (out / "loramix.json").is_file()
     with pytest.raises(LoramixError, match="distance 'kl' compares tokens"):
-        generate(bank, user_data, tmp_path / "bad", distance="kl")
+        generate(bank, user_data, tmp_path / "bad", distance="kl", check=0)
     assert not (tmp_path / "bad").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -152,7 +152,7 @@ def test_generate_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path
 def test_generate_excludes_entries_without_data(tmp_path, user_data, caplog):
     bank_dir = make_bank(tmp_path / "bank", n=4)
     (bank_dir / "task_animals" / "train.jsonl").unlink()
-    generate(bank_dir, user_data, tmp_path / "out", max_samples=16)
+    generate(bank_dir, user_data, tmp_path / "out", max_samples=16, check=0)
     report = read_report(tmp_path / "out")
     assert "task_animals" not in report.coefficients and report.excluded == ["task_animals"]
     assert any("task_animals" in r.message and "no train.jsonl" in r.message for r in caplog.records)
@@ -167,7 +167,7 @@ def test_generate_unknown_names_are_one_line_errors(tmp_path, bank, user_data):
         ({"rank": "half"}, "rank must be"),
     ]:
         with pytest.raises(LoramixError, match=pattern) as info:
-            generate(bank, user_data, tmp_path / "out", **kwargs)
+            generate(bank, user_data, tmp_path / "out", check=0, **kwargs)
         assert "\n" not in str(info.value)
 
 

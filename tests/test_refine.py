@@ -69,12 +69,44 @@ def test_per_layer_hooks_equal_the_per_layer_composition(tmp_path, tiny_base):
 def test_per_layer_refinement_is_written_and_recorded(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", n=4, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
-    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", refine_per_layer=True)
+    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", refine_per_layer=True, check=0)
     r = read_report(tmp_path / "out").refine
     assert r.layers is not None and set(r.layers) == {"0", "1"} and r.loss <= r.initial_loss
     assert all(len(v) <= 3 for v in r.layers.values())
-    with pytest.raises(Exception, match="per-layer"):
-        generate(bank, data, tmp_path / "out2", refine=4, check=4, refine_per_layer=True)
+
+
+def test_check_scales_every_layer_of_a_per_layer_composition(tmp_path, tiny_base):
+    """check(layers=...) scores 'x<s>' with s times the per-layer weights (the hooks' [layers, k] weights), and the
+    layers it returns for a scaled winner are those weights; generate writes them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramix.calibrate import check
+    from loramix.refine import answer_scores_fn
+
+    bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
+    names = [e.name for e in bank.entries]
+    layers = {0: dict(zip(names, [0.5, -0.3, 0.9])), 1: dict(zip(names, [0.0, 1.2, -0.4]))}
+    mean = {n: (layers[0][n] + layers[1][n]) / 2 for n in names}
+    data = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 8)))
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_base).eval(), AutoTokenizer.from_pretrained(tiny_base)
+    res = check(bank, mean, data, examples=4, scales=(2.0,), layers=layers, model=model, tokenizer=tok)
+    hooked = MixedLoRA(model, bank, bank.entries)
+    hooked.weights = 2 * torch.tensor([[layers[i][n] for n in names] for i in (0, 1)], dtype=torch.float32)
+    want = answer_scores_fn(model, tok, data.subsample(4, 0).samples)()
+    hooked.remove()
+    assert res.scores["x2"].loss == pytest.approx(want.loss, rel=1e-5)
+    flat = check(bank, mean, data, examples=4, scales=(2.0,), model=model, tokenizer=tok)
+    assert flat.scores["x2"].loss != pytest.approx(want.loss, rel=1e-5)  # the mean weights are another composition
+    if res.chosen == "x2":
+        assert res.layers == {i: {n: 2 * w for n, w in row.items()} for i, row in layers.items()}
+    else:
+        assert res.layers is None
+
+    out = tmp_path / "out"
+    generate(bank.path, write_jsonl(tmp_path / "u.jsonl", topic_records("fruits", 20)), out, refine=4, check=4,
+             top_k=3, max_samples=8, rank="full", refine_per_layer=True)
+    report = read_report(out)
+    assert report.check is not None and report.refine.layers is not None
 
 
 @pytest.mark.parametrize("method", ["gradient", "nevergrad"])
@@ -98,7 +130,7 @@ def test_refine_budget_stops_early(tmp_path, tiny_base):
 def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", n=5, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
-    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full")
+    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", check=0)
     report = read_report(tmp_path / "out")
     r = report.refine
     assert r.examples == 4 and r.method == "gradient" and r.loss <= r.initial_loss

@@ -40,7 +40,7 @@ def test_killed_generate_keeps_previous_output_and_next_run_is_correct(tmp_path,
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
     old = write_jsonl(tmp_path / "old.jsonl", topic_records("tools", 12))
     out = tmp_path / "out"
-    args = ["generate", "--bank", str(bank), "--out", str(out), "--max-samples", "8", "--force"]
+    args = ["generate", "--bank", str(bank), "--out", str(out), "--max-samples", "8", "--force", "--check", "0"]
     assert subprocess.run(CLI + args + ["--data", str(old)], capture_output=True).returncode == 0
     previous = files(out)
     proc = start(args + ["--data", str(data)])
@@ -50,7 +50,7 @@ def test_killed_generate_keeps_previous_output_and_next_run_is_correct(tmp_path,
     for p in (bank / ".loramix").rglob("*.npy"):  # every cached array that is visible is complete
         assert not p.name.startswith(".")
     reference = tmp_path / "reference"
-    assert subprocess.run(CLI + ["generate", "--bank", str(bank), "--out", str(reference), "--max-samples", "8",
+    assert subprocess.run(CLI + ["generate", "--bank", str(bank), "--out", str(reference), "--max-samples", "8", "--check", "0",
                                  "--data", str(data)], capture_output=True).returncode == 0
     assert subprocess.run(CLI + args + ["--data", str(data)], capture_output=True).returncode == 0
     assert files(out)["adapter_model.safetensors"] == files(reference)["adapter_model.safetensors"]
@@ -86,7 +86,7 @@ def test_two_generates_on_one_output(tmp_path):
     bank = make_bank(tmp_path / "bank", n=4)
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 8))
     out = tmp_path / "out"
-    args = ["generate", "--bank", str(bank), "--data", str(data), "--out", str(out), "--max-samples", "8"]
+    args = ["generate", "--bank", str(bank), "--data", str(data), "--out", str(out), "--max-samples", "8", "--check", "0"]
     subprocess.run(CLI + ["bank", "index", str(bank), "--max-samples", "8"], capture_output=True)
     procs = [start(args) for _ in range(2)]
     results = [(p.wait(), p.stderr.read().decode()) for p in procs]

@@ -60,7 +60,7 @@ def test_generate_writes_the_same_bytes_at_any_thread_count(tmp_path):
     outs = []
     for n in (1, 3):
         bank = make_bank(tmp_path / f"bank{n}", n=6)  # each its own index: signatures computed at n threads
-        at_threads(n, lambda: generate(bank, data, tmp_path / f"out{n}", max_samples=16))
+        at_threads(n, lambda: generate(bank, data, tmp_path / f"out{n}", max_samples=16, check=0))
         outs.append(tmp_path / f"out{n}")
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes()

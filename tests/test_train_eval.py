@@ -119,8 +119,6 @@ def test_shared_prefix_generation_equals_one_by_one(tiny_base):
 
 
 def test_merged_adapter_equals_peft_and_restores_the_base(tmp_path, tiny_base):
-    from peft import PeftModel
-
     from loramix.evaluate import load_for_eval, merged_adapter
 
     data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 16))

@@ -203,13 +203,15 @@ def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = C
 @dataclass
 class CheckResult:
     """The held-out check: each candidate's teacher-forced scores (refine.AnswerScores) on `examples` held-out samples,
-    the label `chosen` by `criterion`, and its coefficients."""
+    the label `chosen` by `criterion`, its coefficients and, when a per-layer composition was scaled, its per-layer
+    weights (layer -> entry -> weight)."""
 
     examples: int
     criterion: str
     scores: dict[str, AnswerScores]
     chosen: str
     coefficients: dict[str, float]
+    layers: dict[int, dict[str, float]] | None = None
 
     @property
     def beats_base(self) -> bool:
@@ -218,10 +220,12 @@ class CheckResult:
 
 def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
           scales: Sequence[float] = CHECK_SCALES, singles: int = 0, criterion: str = "loss", seed: int = 0,
-          model: Any = None, tokenizer: Any = None) -> CheckResult:
+          layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None) -> CheckResult:
     """Score every `check_candidates` composition of `coefficients` (the base model included) on `examples` samples of
     `dataset` (seeded) by teacher-forced answer scores; keep the best by `criterion` (CRITERIA; ties go to the
-    earlier candidate: the base, then smaller scales)."""
+    earlier candidate: the base, then smaller scales). With `layers` (a per-layer composition, `coefficients` being
+    its mean over layers), the scaled candidates scale every layer's weights; the base and single entries are as
+    without."""
     if criterion not in CRITERIA:
         raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
     model, tokenizer = _load_base(bank, model, tokenizer)
@@ -229,14 +233,28 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
     names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
     samples = dataset.subsample(examples, seed).samples
     mixed = MixedLoRA(model, bank, [bank.entry(n) for n in names], method)
+    per_layer = None
+    if layers is not None:
+        per_layer = torch.tensor([[layers.get(layer, {}).get(n, 0.0) for n in names] for layer in mixed.layers],
+                                 dtype=torch.float32)  # [layers, k]
+    scaled = {f"x{s:g}": s for s in scales if s != 0}
+
+    def weights(label: str) -> torch.Tensor:
+        if per_layer is not None and label in scaled:
+            return scaled[label] * per_layer
+        return torch.tensor([candidates[label][n] for n in names], dtype=torch.float32)
+
     scores = {}
     try:
         fn = answer_scores_fn(model, tokenizer, samples)
-        for label, c in candidates.items():
-            mixed.weights = torch.tensor([c[n] for n in names], dtype=torch.float32)
+        for label in candidates:
+            mixed.weights = weights(label)
             scores[label] = fn()
     finally:
         mixed.remove()
     rank = CRITERIA[criterion]
     chosen = min(scores, key=lambda label: rank(scores[label]))
-    return CheckResult(len(samples), criterion, scores, chosen, candidates[chosen])
+    chosen_layers = None
+    if per_layer is not None and chosen in scaled:
+        chosen_layers = {layer: {n: scaled[chosen] * w for n, w in row.items()} for layer, row in layers.items()}
+    return CheckResult(len(samples), criterion, scores, chosen, candidates[chosen], chosen_layers)

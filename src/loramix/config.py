@@ -43,7 +43,7 @@ class GenerateConfig:
     """Every choice `generate` makes (see each field's help). Validated on creation; `dataclasses.replace`
     re-validates."""
 
-    signature: str = option("embed", f"Dataset signature: {_names(SIGNATURES)}.")
+    signature: str = option("embed-io", f"Dataset signature: {_names(SIGNATURES)}.")
     distance: str = option("gaussian-w2", f"Distance between signatures: {_distance_help()}.")
     operator: str = option("normalized", f"Meta-operator: {_names(OPERATORS)}.")
     compose: str = option("exact", f"Composition: {_names(COMPOSERS)} (exact: the sum of updates; paper: A and B "
@@ -59,11 +59,12 @@ class GenerateConfig:
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
                                "on 12 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
-    check: int = option(0, "Hold out this many examples of DATA and keep, of the base model, the composed update at "
+    check: int = option(16, "Hold out this many examples of DATA and keep, of the base model, the composed update at "
                         "scales 0.5 to 2 and the top entries alone (--check-singles), the one the held-out examples "
-                        "prefer (--check-criterion; loads the base).", method=False)
-    check_singles: int = option(0, "With --check: also try each of the top this-many entries alone.", method=False)
-    check_criterion: str = option("loss", "With --check: rank candidates by 'loss' (answer loss) or 'accuracy' "
+                        "prefer (--check-criterion). Loads the base model and runs forward passes only; 0: no check "
+                        "(the composition as the operator gives it, without loading the base).", method=False)
+    check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)
+    check_criterion: str = option("accuracy", "With --check: rank candidates by 'loss' (answer loss) or 'accuracy' "
                                   "(teacher-forced token accuracy, then loss).", method=False)
     refine: int = option(0, "Refine the top entries' weights on this many examples of DATA (loads the base).",
                          method=False)
@@ -102,8 +103,6 @@ class GenerateConfig:
         SEARCHES.get(self.refine_method)
         if self.refine and not composer.refinable:
             raise LoramixError(f"composition '{self.compose}' cannot be refined (--refine)")
-        if self.refine_per_layer and self.check:
-            raise LoramixError("--check does not yet score per-layer weights: use --refine-per-layer without --check")
         if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget >= 0):
             raise LoramixError(f"--budget must be a non-negative number of seconds, got {self.refine_budget}")
 

@@ -43,6 +43,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def refuse_target(out: str | Path, *, force: bool = False) -> None:
+    """Refuse an output folder that atomic_dir would refuse: one that exists (unless `force`), or is not a folder. Call
+    it before long work, so the user learns at once."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise LoramixError(f"{out}: already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise LoramixError(f"{out}: exists and is not a folder")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `out`; on success rename it to `out`, on failure delete it.
@@ -51,10 +61,7 @@ def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     files the new folder writes are replaced: anything else in `out` is carried over (hard-linked) unchanged.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise LoramixError(f"{out}: already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise LoramixError(f"{out}: exists and is not a folder")
+    refuse_target(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

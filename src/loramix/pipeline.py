@@ -18,7 +18,7 @@ from .config import GenerateConfig
 from .data import Dataset, read_dataset
 from .distances import distance_row
 from .errors import LoramixError
-from .files import atomic_dir
+from .files import atomic_dir, refuse_target
 from .index import BankIndex
 from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
@@ -60,6 +60,21 @@ def _check_bank(bank: Bank, config: GenerateConfig, spec: SignatureSpec) -> None
     COMPOSERS.get(config.compose)().check(bank.entries)
 
 
+def _base_for(bank: Bank, config: GenerateConfig) -> tuple[Any, Any]:
+    """The base model and tokenizer when `config` runs them (--refine, --check), loaded before any other work so a base
+    that cannot be loaded is reported at once; else (None, None)."""
+    if not (config.refine or config.check):
+        return None, None
+    from .models import load_model, load_tokenizer
+
+    try:
+        return load_model(bank.base_model), load_tokenizer(bank.base_model)
+    except LoramixError as e:
+        why = "--refine runs the base model" if config.refine else (
+            f"the held-out check (--check {config.check}) runs the base model; --check 0 skips it")
+        raise LoramixError(f"{e} ({why})") from None
+
+
 def generate(
     bank: str | Path | Bank,
     data: str | Path | Dataset,
@@ -74,12 +89,14 @@ def generate(
     loramix.json). Settings come from `config`, with keyword overrides (e.g. `top_k=8`). `allow_pickle`: see Bank.
     Every choice is checked against the bank before any signature is computed."""
     config = _configure(config, overrides)
+    refuse_target(out, force=force)
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     usable = bank.usable
     index = BankIndex(bank)
     spec = index.resolve(config.signature_spec())
     _check_bank(bank, config, spec)
+    model, tokenizer = _base_for(bank, config)
 
     calibration = cached_calibration(bank, config) if config.calibration else None
     if calibration is not None:  # the bank's calibrated parameters replace the options they cover
@@ -97,20 +114,22 @@ def generate(
 
         rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or 8, method=config.refine_method,
                             budget=config.refine_budget, per_layer=config.refine_per_layer, seed=config.seed)
-        refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose)
+        refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose, model=model, tokenizer=tokenizer)
     weights = refined.coefficients if refined else coefficients
     if config.check:
         used = set(refine_samples.samples) if refine_samples else set()
         held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
         if not held.samples:
-            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}")
+            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}: give "
+                               "more examples than --refine uses, or pass --check 0")
         checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1,
-                        singles=config.check_singles, criterion=config.check_criterion)
+                        singles=config.check_singles, criterion=config.check_criterion,
+                        layers=refined.layers if refined else None, model=model, tokenizer=tokenizer)
         weights = checked.coefficients
+    layers = checked.layers if checked else refined.layers if refined else None
 
     with atomic_dir(out, force=force) as tmp:
         base_kept = checked is not None and not checked.beats_base  # an adapter whose update is zero
-        layers = refined.layers if refined else None
         p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
                  allow_zero=base_kept, layers=layers)
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]

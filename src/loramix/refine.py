@@ -18,6 +18,7 @@ import torch
 from .adapter import layer_of
 from .bank import Bank, BankEntry
 from .compose import COMPOSERS
+from .compose.methods import LoraFactors
 from .data import Dataset
 from .errors import LoramixError
 from .progress import track
@@ -79,11 +80,12 @@ class MixedLoRA:
         self.layers = bank_layers(bank)
         self._hooks = []
         for name in sorted(bank.shapes):
-            parts = [(i, e.adapter.modules[name], e.adapter.factors(name)) for i, e in enumerate(entries) if name in e.adapter.modules]
+            parts = [(i, e.adapter.modules[name], LoraFactors.read(e, name)) for i, e in enumerate(entries)
+                     if name in e.adapter.modules]
             if not parts:
                 continue
-            a = torch.cat([ab[0].float() for _, _, ab in parts])  # [R, in]
-            b = torch.cat([m.scale * ab[1].float() for _, m, ab in parts], dim=1)  # [out, R]
+            a = torch.cat([f.a.float() for _, _, f in parts])  # [R, in]
+            b = torch.cat([m.scale * f.b.float() for _, m, f in parts], dim=1)  # [out, R]
             owner = torch.cat([torch.full((m.rank,), i) for i, m, _ in parts])  # entry of each rank-1 piece
             module = model.get_submodule(name)
             group = self.layers.index(layer_of(name))
