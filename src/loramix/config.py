@@ -43,7 +43,7 @@ class GenerateConfig:
     """Every choice `generate` makes (see each field's help). Validated on creation; `dataclasses.replace`
     re-validates."""
 
-    signature: str = option("embed-io", f"Dataset signature: {_names(SIGNATURES)}.")
+    signature: str = option(SignatureSpec.method, f"Dataset signature: {_names(SIGNATURES)}.")
     distance: str = option("gaussian-w2", f"Distance between signatures: {_distance_help()}.")
     operator: str = option("normalized", f"Meta-operator: {_names(OPERATORS)}.")
     compose: str = option("exact", f"Composition: {_names(COMPOSERS)} (exact: the sum of updates; paper: A and B "
@@ -52,7 +52,7 @@ class GenerateConfig:
     top_k: int | None = option(None, "Keep only the k largest coefficients.")
     temperature: float = option(1.0, "Softmin temperature (larger: flatter weights).")
     seed: int = option(0, "Seed for subsampling, sliced projections and MMD draws.")
-    max_samples: int | None = option(128, "At most this many samples per dataset for signatures.")
+    max_samples: int | None = option(SignatureSpec.max_samples, "At most this many samples per dataset for signatures.")
     model: str | None = option(None, "Embedding model (embed) or base model (unigram, hidden) override.")
     scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
     calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "

@@ -24,10 +24,11 @@ _SIGNATURE_VERSION = 3
 
 @dataclass(frozen=True)
 class SignatureSpec:
-    """What signature to compute: `method` (unigram, embed, hidden); `model` (sentence-transformers model for
-    embed, base model for unigram / hidden); at most `max_samples` samples per dataset, drawn with `seed`."""
+    """What signature to compute: `method` (a SIGNATURES name; the default is `generate`'s); `model`
+    (sentence-transformers model for embed / embed-io, base model for unigram / hidden); at most `max_samples`
+    samples per dataset, drawn with `seed`."""
 
-    method: str = "embed"
+    method: str = "embed-io"
     model: str | None = None
     max_samples: int | None = 128
     seed: int = 0
