@@ -130,12 +130,15 @@ def test_refine_budget_stops_early(tmp_path, tiny_base):
 def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", n=5, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
-    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", check=0)
+    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", check=0,
+             refine_per_layer=False)
     report = read_report(tmp_path / "out")
     r = report.refine
-    assert r.examples == 4 and r.method == "gradient" and r.loss <= r.initial_loss
+    assert r.examples == 4 and r.method == "gradient" and r.loss <= r.initial_loss and r.layers is None
     assert sum(1 for v in r.meta_coefficients.values() if v > 0) == 3
     assert report.coefficients != r.meta_coefficients
+    generate(bank, data, tmp_path / "layers", refine=4, top_k=3, max_samples=8, rank="full", check=0)
+    assert read_report(tmp_path / "layers").refine.layers is not None  # per layer by default (README, Quality)
 
 
 @pytest.mark.parametrize("n", [1, 6])

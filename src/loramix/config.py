@@ -71,8 +71,8 @@ class GenerateConfig:
     refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
                                 "backpropagation).", method=False)
     refine_budget: float | None = option(None, "Seconds the refinement may take.", flag="--budget", method=False)
-    refine_per_layer: bool = option(False, "With --refine: one weight per entry and layer (the layers composed apart).",
-                                    method=False)
+    refine_per_layer: bool = option(True, "With --refine: one weight per entry and layer (the layers composed apart); "
+                                    "--no-refine-per-layer: one weight per entry.", method=False)
 
     def __post_init__(self) -> None:
         kind = SIGNATURES.get(self.signature).kind
