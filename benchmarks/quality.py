@@ -91,7 +91,7 @@ def loramix_setting(sig: str, distance: str, operator: str, top_k: int | None = 
 
 
 def composition_setting() -> Setting:
-    """The meta-operator part of `loramix generate`'s default (`--check 0`): the default before issue 14."""
+    """The meta-operator part of `loramix generate`'s default, unchecked (`--check 0`)."""
     d = GenerateConfig()
     return loramix_setting(d.signature, d.distance, d.operator, d.top_k, d.temperature)
 
@@ -115,10 +115,6 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
     default adapter."""
     plain, io = (loramix_setting(sig, comp.distance, comp.operator, comp.top_k, comp.temperature) for sig in ("embed", "embed-io"))
     plain, io = replace(plain, group="lever"), replace(io, group="lever")
-    icl_default = dict(signature=default.signature, distance=default.distance, operator=default.operator,
-                       compose=default.compose, top_k=default.top_k, temperature=default.temperature,
-                       checked=default.checked, check_singles=default.check_singles,
-                       check_criterion=default.check_criterion)
     tail = default.name.split("/", 1)[1]
     return [
         replace(plain, name=f"{plain.name}-calibrated", calibrated=True),
@@ -129,8 +125,7 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
         io,
         Setting("icl/base-5shot", "icl", shots=5),
         Setting("icl/base-16shot", "icl", shots=16),
-        Setting(f"icl/{tail}-5shot", "icl", **icl_default, shots=5),
-        Setting(f"icl/{tail}-16shot", "icl", **icl_default, shots=16),
+        *(replace(default, name=f"icl/{tail}-{k}shot", group="icl", shots=k) for k in (5, 16)),
     ]
 
 
@@ -349,7 +344,6 @@ class Runner:
     def calibrated_matrix(self, s: Setting) -> np.ndarray:
         """Rows of the calibrated setting: task t's temperature, top-k and scale chosen on the bank's calibration
         without t's fold (entry j in fold j % 5), so no task's own loss picks its parameters."""
-
         from loramix.calibrate import calibrate
 
         self._load()
@@ -413,7 +407,6 @@ class Runner:
     def train_equal(self, task: str, s: Setting, budget: float) -> tuple[dict, dict]:
         """The equal-compute baseline: BANK_TRAINING's LoRA trained from scratch on `s.examples` training examples
         (the refinement's) for `budget` seconds, then evaluated like every setting."""
-
         from loramix.train import train
         from loramix.train_config import BANK_TRAINING
 
@@ -523,7 +516,8 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         "the top K entries alone, the candidate their criterion (answer loss; -acc: teacher-forced token accuracy) "
         "prefers on 16 of the task's training examples; their CPU s include that check's forward passes (one check "
         f"of every candidate, the top {CHECK_SINGLES} entries alone included, shared by the checked settings). The "
-        "default is checked; its composition unchecked (`--check 0`) is the default before issue 14. In-context "
+        "default is checked; its composition is also shown unchecked (`--check 0`), and so is the default before issue "
+        "14 (the `embed` signature, no check). In-context "
         "settings put 5 or 16 training examples in the prompt.",
         "",
     ]

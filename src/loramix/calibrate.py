@@ -185,6 +185,11 @@ def cached_calibration(bank: Bank, config: GenerateConfig) -> Calibration | None
     return _read(index.dir / "calibration" / f"{_key(index, config, grid())}.json")
 
 
+def scale_label(s: float) -> str:
+    """The check's label of the composition scaled by s: 'x<s>'."""
+    return f"x{s:g}"
+
+
 def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = CHECK_SCALES,
                      singles: int = 0) -> dict[str, dict[str, float]]:
     """The compositions `check` compares, label -> coefficients (every name of `coefficients`), in order of preference
@@ -193,7 +198,7 @@ def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = C
     zero = dict.fromkeys(coefficients, 0.0)
     out = {"base": zero}
     for s in sorted(x for x in scales if x != 0):
-        out[f"x{s:g}"] = {n: s * c for n, c in coefficients.items()}
+        out[scale_label(s)] = {n: s * c for n, c in coefficients.items()}
     for name in sorted(coefficients, key=lambda n: -coefficients[n])[:singles]:
         if coefficients[name] > 0:
             out[f"entry:{name}"] = {**zero, name: 1.0}
@@ -237,7 +242,7 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
     if layers is not None:
         per_layer = torch.tensor([[layers.get(layer, {}).get(n, 0.0) for n in names] for layer in mixed.layers],
                                  dtype=torch.float32)  # [layers, k]
-    scaled = {f"x{s:g}": s for s in scales if s != 0}
+    scaled = {scale_label(s): s for s in scales if s != 0}
 
     def weights(label: str) -> torch.Tensor:
         if per_layer is not None and label in scaled:
