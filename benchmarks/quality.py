@@ -59,6 +59,7 @@ class Setting:
     calibrated: bool = False  # temperature, top-k and scale from the bank's calibration (cross-fitted: 5 folds)
     checked: bool = False  # the scale (0: the base) of lowest answer loss on 16 of the task's training examples
     check_singles: int = 0  # checked: the top entries alone among the candidates
+    check_tops: int = 0  # checked: the composition kept to its top 2..N entries among the candidates
     check_criterion: str = "loss"  # checked: how candidates are ranked (loramix.refine.CRITERIA)
     examples: int = 5  # refine group: labelled training examples the search (or the equal-compute LoRA) sees
     per_layer: bool = False  # refine group: one weight per layer and entry
@@ -96,32 +97,40 @@ def composition_setting() -> Setting:
     return loramix_setting(d.signature, d.distance, d.operator, d.top_k, d.temperature)
 
 
-def checked(s: Setting, singles: int, criterion: str, group: str = "lever") -> Setting:
-    """`s` with the held-out check (`--check 16 --check-singles <singles> --check-criterion <criterion>`)."""
-    name = s.name + "-checked" + (f"-singles{singles}" if singles else "") + ("-acc" if criterion == "accuracy" else "")
-    return replace(s, name=name, group=group, checked=True, check_singles=singles, check_criterion=criterion)
+CRITERION_SUFFIX = {"loss": "", "accuracy": "-acc", "exact": "-exact"}
+
+
+def checked(s: Setting, singles: int, criterion: str, group: str = "lever", tops: int = 0) -> Setting:
+    """`s` with the held-out check (`--check 16 --check-singles <singles> --check-tops <tops> --check-criterion
+    <criterion>`)."""
+    name = (s.name + "-checked" + (f"-singles{singles}" if singles else "") + (f"-tops{tops}" if tops else "")
+            + CRITERION_SUFFIX[criterion])
+    return replace(s, name=name, group=group, checked=True, check_singles=singles, check_tops=tops,
+                   check_criterion=criterion)
 
 
 def default_setting() -> Setting:
     """The setting `loramix generate` uses by default."""
     d = GenerateConfig()
     comp = composition_setting()
-    return checked(comp, d.check_singles, d.check_criterion, "loramix") if d.check else comp
+    return checked(comp, d.check_singles, d.check_criterion, "loramix", d.check_tops) if d.check else comp
 
 
 def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
-    """The levers beyond the meta-operator (issue 14) on the default's composition `comp` with the `embed` and the
-    `embed-io` signature (calibration, the held-out check), and in-context learning with the base and with the
-    default adapter."""
+    """The levers beyond the meta-operator (issue 14) on the default's composition `comp` (`embed-io`): the held-out
+    check's candidates (scales only, the top entries alone, the top-k restrictions) and criteria, the same checks
+    with the `embed` signature (loss and accuracy), the bank calibration (unchecked and with the default's check), and in-context
+    learning with the base and with the default adapter."""
     plain, io = (loramix_setting(sig, comp.distance, comp.operator, comp.top_k, comp.temperature) for sig in ("embed", "embed-io"))
     plain, io = replace(plain, group="lever"), replace(io, group="lever")
     tail = default.name.split("/", 1)[1]
+    pools = ((0, 0), (4, 0), (4, CHECK_TOPS), (CHECK_SINGLES, 0), (CHECK_SINGLES, CHECK_TOPS))  # (singles, tops)
     return [
-        replace(plain, name=f"{plain.name}-calibrated", calibrated=True),
-        replace(checked(plain, 0, "loss"), name=f"{plain.name}-calibrated-checked", calibrated=True),
-        *(checked(s, 0, crit) for s in (plain, io) for crit in ("loss", "accuracy")),
+        replace(io, name=f"{io.name}-calibrated", calibrated=True),
+        replace(default, name=default.name.replace("-checked", "-calibrated-checked"), group="lever", calibrated=True),
+        *(checked(io, k, crit, tops=t) for k, t in pools for crit in CRITERION_SUFFIX),
+        *(checked(plain, k, crit) for k in (0, 4, CHECK_SINGLES) for crit in ("loss", "accuracy")),
         plain,
-        *(checked(s, k, crit) for s in (plain, io) for k in (4, CHECK_SINGLES) for crit in ("loss", "accuracy")),
         io,
         Setting("icl/base-5shot", "icl", shots=5),
         Setting("icl/base-16shot", "icl", shots=16),
@@ -147,6 +156,7 @@ def refine_settings(default: Setting) -> list[Setting]:
 
 EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
 CHECK_SINGLES = 8  # the most entries alone any checked setting tries
+CHECK_TOPS = 3  # the most top-k restrictions any checked setting tries
 PREVIOUS_DEFAULT = "loramix/embed-gaussian-w2-normalized"  # generate's default before issue 14 (no check)
 
 
@@ -316,30 +326,33 @@ class Runner:
         return folder / f"{key}.json"
 
     def check(self, task: str, s: Setting, c: np.ndarray) -> tuple[np.ndarray, dict]:
-        """`generate --check 16 --check-singles K --check-criterion X`: of the base, c at scales 0.5 to 2 and the top K
-        entries alone, the candidate X prefers on 16 training examples. The checked settings share one check of every
-        candidate (CHECK_SINGLES entries alone), kept on disk; each then chooses among its own candidates."""
+        """`generate --check 16 --check-singles K --check-tops N --check-criterion X`: of the base, c at scales 0.5 to
+        2, c kept to its top 2..N entries and the top K entries alone, the candidate X prefers on 16 training examples.
+        The checked settings share one check of every candidate (CHECK_SINGLES entries alone, CHECK_TOPS), kept on
+        disk; each then chooses among its own candidates and is charged its share of the check's CPU time (one
+        forward pass per candidate)."""
         from loramix.calibrate import check, check_candidates
         from loramix.refine import CRITERIA, AnswerScores
 
         coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
-        memo = self.memo(task, c, Setting("check", "lever", compose=s.compose)).with_suffix(".check.json")
+        memo = self.memo(task, c, Setting("check", "lever", compose=s.compose)).with_suffix(f".check-tops{CHECK_TOPS}.json")
         if memo.is_file():
             record = json.loads(memo.read_text())
         else:
             self._load()
             cpu = time.process_time()
             train = read_dataset(self.suite / task / "train.jsonl")
-            res = check(self.bank, coefficients, train, examples=16, seed=1, singles=CHECK_SINGLES,
+            res = check(self.bank, coefficients, train, examples=16, seed=1, singles=CHECK_SINGLES, tops=CHECK_TOPS,
                         model=self.model, tokenizer=self.tokenizer)
             record = {"cpu_seconds": time.process_time() - cpu, "scores": {k: [v.loss, v.accuracy, v.exact] for k, v in res.scores.items()}}
             atomic_write_bytes(memo, json.dumps(record).encode())
         scores = {k: AnswerScores(*v) for k, v in record["scores"].items()}
-        pool = list(check_candidates(coefficients, singles=s.check_singles))
+        pool = check_candidates(coefficients, singles=s.check_singles, tops=s.check_tops)
         chosen = min(pool, key=lambda k: CRITERIA[s.check_criterion](scores[k]))
-        weights = check_candidates(coefficients, singles=s.check_singles)[chosen]
+        weights = pool[chosen]
         out = np.array([weights.get(n, 0.0) for n in self.names])
-        return out, {"cpu_seconds": record["cpu_seconds"], "chosen": chosen, "scores": record["scores"]}
+        share = len(pool) / len(scores)
+        return out, {"cpu_seconds": record["cpu_seconds"] * share, "chosen": chosen, "scores": record["scores"]}
 
     def calibrated_matrix(self, s: Setting) -> np.ndarray:
         """Rows of the calibrated setting: task t's temperature, top-k and scale chosen on the bank's calibration
@@ -512,10 +525,12 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         "in seconds; the signatures (computed once per bank and cached, see speed.md for their cost), the bank "
         "calibration (given below) and generation are not included. Calibrated settings are cross-fitted: task t's "
         "temperature, top-k and scale are chosen on the bank's calibration without t's fold (5 folds). Checked "
-        "settings (`generate --check 16`) keep, of the base model, the composition at scales 0.5 to 2 and (singlesK) "
-        "the top K entries alone, the candidate their criterion (answer loss; -acc: teacher-forced token accuracy) "
-        "prefers on 16 of the task's training examples; their CPU s include that check's forward passes (one check "
-        f"of every candidate, the top {CHECK_SINGLES} entries alone included, shared by the checked settings). The "
+        "settings (`generate --check 16`) keep, of the base model, the composition at scales 0.5 to 2, (topsN) the "
+        "composition kept to its top 2..N entries and (singlesK) the top K entries alone, the candidate their "
+        "criterion (answer loss; -acc: teacher-forced token accuracy; -exact: answers teacher-forced exactly, then "
+        "accuracy) prefers on 16 of the task's training examples; their CPU s include their share of the check's "
+        f"forward passes (one check of every candidate, the top {CHECK_SINGLES} entries alone and tops{CHECK_TOPS} "
+        "included, shared by the checked settings, each charged for the candidates it compares). The "
         "default is checked; its composition is also shown unchecked (`--check 0`), and so is the default before issue "
         "14 (the `embed` signature, no check). In-context "
         "settings put 5 or 16 training examples in the prompt.",

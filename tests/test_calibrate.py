@@ -110,6 +110,29 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
     assert base_wins.chosen == "base" and not base_wins.beats_base and set(base_wins.coefficients.values()) == {0.0}
 
 
+def test_check_candidates_keep_the_top_entries_at_the_compositions_total_weight():
+    from loramix.calibrate import check_candidates
+
+    coefs = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05, "e": 0.0}
+    cands = check_candidates(coefs, scales=(1.0,), singles=1, tops=4)
+    # top4 would keep every non-zero entry, i.e. be x1 again: not repeated
+    assert list(cands) == ["base", "x1", "top2", "top3", "entry:a"]
+    assert cands["top2"] == pytest.approx({"a": 0.625, "b": 0.375, "c": 0.0, "d": 0.0, "e": 0.0})
+    assert cands["top3"] == pytest.approx({"a": 0.5 / 0.95, "b": 0.3 / 0.95, "c": 0.15 / 0.95, "d": 0.0, "e": 0.0})
+    assert all(sum(cands[f"top{k}"].values()) == pytest.approx(1.0) for k in (2, 3))
+
+
+def test_exact_criterion_ranks_whole_answers_then_accuracy_then_loss():
+    from loramix.refine import CRITERIA, AnswerScores
+
+    scores = {"base": AnswerScores(1.0, 0.9, 0.25), "x1": AnswerScores(2.0, 0.5, 0.5), "x2": AnswerScores(0.5, 0.6, 0.5)}
+    assert min(scores, key=lambda k: CRITERIA["exact"](scores[k])) == "x2"
+    assert min(scores, key=lambda k: CRITERIA["accuracy"](scores[k])) == "base"
+    assert min(scores, key=lambda k: CRITERIA["loss"](scores[k])) == "x2"
+    with pytest.raises(LoramixError, match="check-tops"):
+        GenerateConfig(check_tops=-1)
+
+
 def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_it(tiny_bank, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12))
     generate(tiny_bank, data, tmp_path / "checked", max_samples=8, check=4, check_singles=1, check_criterion="loss")

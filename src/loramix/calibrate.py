@@ -191,17 +191,23 @@ def scale_label(s: float) -> str:
 
 
 def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = CHECK_SCALES,
-                     singles: int = 0) -> dict[str, dict[str, float]]:
+                     singles: int = 0, tops: int = 0) -> dict[str, dict[str, float]]:
     """The compositions `check` compares, label -> coefficients (every name of `coefficients`), in order of preference
-    on ties: 'base' (all 0), 'x<s>' the composition scaled by s for each non-zero scale (ascending), and
+    on ties: 'base' (all 0), 'x<s>' the composition scaled by s for each non-zero scale (ascending), 'top<k>' for
+    k = 2..`tops` the composition restricted to its k largest coefficients and rescaled to its total weight, and
     'entry:<name>' each of the `singles` largest coefficients' entries alone at weight 1."""
     zero = dict.fromkeys(coefficients, 0.0)
     out = {"base": zero}
     for s in sorted(x for x in scales if x != 0):
         out[scale_label(s)] = {n: s * c for n, c in coefficients.items()}
-    for name in sorted(coefficients, key=lambda n: -coefficients[n])[:singles]:
-        if coefficients[name] > 0:
-            out[f"entry:{name}"] = {**zero, name: 1.0}
+    ranked = [n for n in sorted(coefficients, key=lambda n: -coefficients[n]) if coefficients[n] > 0]
+    total = sum(coefficients[n] for n in ranked)
+    for k in range(2, tops + 1):
+        if len(ranked) > k:
+            kept = sum(coefficients[n] for n in ranked[:k])
+            out[f"top{k}"] = {**zero, **{n: coefficients[n] * total / kept for n in ranked[:k]}}
+    for name in ranked[:singles]:
+        out[f"entry:{name}"] = {**zero, name: 1.0}
     return out
 
 
@@ -224,17 +230,16 @@ class CheckResult:
 
 
 def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
-          scales: Sequence[float] = CHECK_SCALES, singles: int = 0, criterion: str = "loss", seed: int = 0,
+          scales: Sequence[float] = CHECK_SCALES, singles: int = 0, tops: int = 0, criterion: str = "loss", seed: int = 0,
           layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None) -> CheckResult:
     """Score every `check_candidates` composition of `coefficients` (the base model included) on `examples` samples of
     `dataset` (seeded) by teacher-forced answer scores; keep the best by `criterion` (CRITERIA; ties go to the
     earlier candidate: the base, then smaller scales). With `layers` (a per-layer composition, `coefficients` being
-    its mean over layers), the scaled candidates scale every layer's weights; the base and single entries are as
-    without."""
+    its mean over layers), the scaled candidates scale every layer's weights; the others are as without."""
     if criterion not in CRITERIA:
         raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
     model, tokenizer = _load_base(bank, model, tokenizer)
-    candidates = check_candidates(coefficients, scales, singles)
+    candidates = check_candidates(coefficients, scales, singles, tops)
     names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
     samples = dataset.subsample(examples, seed).samples
     mixed = MixedLoRA(model, bank, [bank.entry(n) for n in names], method)

@@ -57,15 +57,18 @@ class GenerateConfig:
     scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
     calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
-                               "on 12 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
+                               "on the 53 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
     check: int = option(16, "Hold out this many examples of DATA and keep, of the base model, the composed update at "
                         "scales 0.5 to 2 and the top entries alone (--check-singles), the one the held-out examples "
                         "prefer (--check-criterion). Loads the base model and runs forward passes only; 0: no check "
                         "(the composition as the operator gives it, without loading the base).", method=False)
     check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)
-    check_criterion: str = option("accuracy", "With --check: rank candidates by 'loss' (answer loss) or 'accuracy' "
-                                  "(teacher-forced token accuracy, then loss).", method=False)
+    check_tops: int = option(0, "With --check: also try the composition kept to its top 2, ..., this-many entries "
+                             "(rescaled to its total weight).", method=False)
+    check_criterion: str = option("accuracy", "With --check: rank candidates by 'loss' (answer loss), 'accuracy' "
+                                  "(teacher-forced token accuracy, then loss) or 'exact' (examples whose whole answer "
+                                  "is the most likely continuation, then accuracy, then loss).", method=False)
     refine: int = option(0, "Refine the top entries' weights on this many examples of DATA (loads the base).",
                          method=False)
     refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
@@ -94,6 +97,7 @@ class GenerateConfig:
         if not (isinstance(self.check, int) and self.check >= 0):
             raise LoramixError(f"--check takes a number of examples, got {self.check}")
         _at_least("check-singles", self.check_singles, 0)
+        _at_least("check-tops", self.check_tops, 0)
         if self.check_criterion not in CRITERIA:
             raise LoramixError(f"--check-criterion must be one of {', '.join(CRITERIA)}, got {self.check_criterion!r}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:

@@ -123,7 +123,7 @@ def generate(
             raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}: give "
                                "more examples than --refine uses, or pass --check 0")
         checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1,
-                        singles=config.check_singles, criterion=config.check_criterion,
+                        singles=config.check_singles, tops=config.check_tops, criterion=config.check_criterion,
                         layers=refined.layers if refined else None, model=model, tokenizer=tokenizer)
         weights = checked.coefficients
     layers = checked.layers if checked else refined.layers if refined else None

@@ -156,6 +156,7 @@ class AnswerScores:
 CRITERIA = {
     "loss": lambda s: s.loss,
     "accuracy": lambda s: (-s.accuracy, s.loss),
+    "exact": lambda s: (-s.exact, -s.accuracy, s.loss),
 }
 
 
