@@ -120,6 +120,8 @@ def test_check_candidates_keep_the_top_entries_at_the_compositions_total_weight(
     assert cands["top2"] == pytest.approx({"a": 0.625, "b": 0.375, "c": 0.0, "d": 0.0, "e": 0.0})
     assert cands["top3"] == pytest.approx({"a": 0.5 / 0.95, "b": 0.3 / 0.95, "c": 0.15 / 0.95, "d": 0.0, "e": 0.0})
     assert all(sum(cands[f"top{k}"].values()) == pytest.approx(1.0) for k in (2, 3))
+    # a huge --check-tops is bounded by the entries there are, not looped over
+    assert list(check_candidates(coefs, scales=(1.0,), tops=10**12)) == ["base", "x1", "top2", "top3"]
 
 
 def test_exact_criterion_ranks_whole_answers_then_accuracy_then_loss():
@@ -141,6 +143,7 @@ def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_i
     assert chk.examples == 4 and chk.criterion == "loss" and len(chk.candidates) == 6
     assert list(chk.candidates)[:5] == ["base", "x0.5", "x1", "x1.5", "x2"] and list(chk.candidates)[5].startswith("entry:")
     assert chk.chosen == min(chk.candidates, key=lambda k: chk.candidates[k]["loss"])
+    assert all(set(v) == {"loss", "accuracy", "exact"} and 0 <= v["exact"] <= 1 for v in chk.candidates.values())
     assert report.scale == pytest.approx(sum(report.coefficients.values()))
     import loramix.pipeline
     from loramix.calibrate import CheckResult

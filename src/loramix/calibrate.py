@@ -202,10 +202,9 @@ def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = C
         out[scale_label(s)] = {n: s * c for n, c in coefficients.items()}
     ranked = [n for n in sorted(coefficients, key=lambda n: -coefficients[n]) if coefficients[n] > 0]
     total = sum(coefficients[n] for n in ranked)
-    for k in range(2, tops + 1):
-        if len(ranked) > k:
-            kept = sum(coefficients[n] for n in ranked[:k])
-            out[f"top{k}"] = {**zero, **{n: coefficients[n] * total / kept for n in ranked[:k]}}
+    for k in range(2, min(tops, len(ranked) - 1) + 1):  # keeping every non-zero entry would repeat 'x1'
+        kept = sum(coefficients[n] for n in ranked[:k])
+        out[f"top{k}"] = {**zero, **{n: coefficients[n] * total / kept for n in ranked[:k]}}
     for name in ranked[:singles]:
         out[f"entry:{name}"] = {**zero, name: 1.0}
     return out

@@ -60,7 +60,7 @@ class GenerateConfig:
                                "on the 53 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
     check: int = option(16, "Hold out this many examples of DATA and keep, of the base model, the composed update at "
-                        "scales 0.5 to 2 and the top entries alone (--check-singles), the one the held-out examples "
+                        "scales 0.5 to 2, its top entries (--check-tops) and the top entries alone (--check-singles), the one the held-out examples "
                         "prefer (--check-criterion). Loads the base model and runs forward passes only; 0: no check "
                         "(the composition as the operator gives it, without loading the base).", method=False)
     check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)

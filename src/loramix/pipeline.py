@@ -147,7 +147,8 @@ def generate(
         if checked:
             report.scale = float(sum(weights.values()))
             report.check = CheckInfo(checked.examples, checked.criterion,
-                                     {k: {"loss": round(v.loss, 5), "accuracy": round(v.accuracy, 5)} for k, v in checked.scores.items()},
+                                     {k: {"loss": round(v.loss, 5), "accuracy": round(v.accuracy, 5), "exact": round(v.exact, 5)}
+                                      for k, v in checked.scores.items()},
                                      checked.chosen, checked.beats_base)
         report.write(tmp)
     return GenerateResult(Path(out), weights, report.distances, report)

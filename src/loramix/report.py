@@ -66,9 +66,10 @@ class CalibrationInfo:
 @dataclass
 class CheckInfo:
     """The held-out check (`--check`): on `examples` held-out samples of the data, each candidate's scores (labels as
-    calibrate.check_candidates: 'base', 'x<scale>', 'entry:<name>'), the `criterion` that ranked them, the label
-    `chosen`, and whether it is a composition rather than the base model. Scores: {'loss': answer loss in nats per
-    token, 'accuracy': teacher-forced token accuracy}."""
+    calibrate.check_candidates: 'base', 'x<scale>', 'top<k>', 'entry:<name>'), the `criterion` that ranked them, the
+    label `chosen`, and whether it is a composition rather than the base model. Scores: {'loss': answer loss in nats
+    per token, 'accuracy': teacher-forced token accuracy, 'exact': fraction of examples answered exactly under teacher
+    forcing}."""
 
     examples: int
     criterion: str
