@@ -219,22 +219,32 @@ def get_distance(name: str, kind: str | None = None) -> Distance:
     return dist
 
 
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread: its kernels' sums depend on the thread count (OpenBLAS picks them
+    by it), so distances computed otherwise would change from machine to machine."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def distance_row(name: str, query: np.ndarray, refs: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
     """d(query, refs[j]) for every j: float64 [len(refs)]."""
     fn = DISTANCES.get(name).fn
-    return np.array([fn(query, r, seed) for r in track(refs, f"distances ({name})", total=len(refs))])
+    with _one_blas_thread():
+        return np.array([fn(query, r, seed) for r in track(refs, f"distances ({name})", total=len(refs))])
 
 
 def distance_matrix(name: str, sigs: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
     """D[i, j] = d(sigs[i], sigs[j]), float64 [n, n]; for symmetric distances only i < j is computed."""
     dist = DISTANCES.get(name)
-    if dist.matrix is not None and (fast := dist.matrix(sigs, seed)) is not None:
-        return fast
-    n = len(sigs)
-    pairs = [(i, j) for i in range(n) for j in range(n) if i != j and (i < j or not dist.symmetric)]
-    out = np.zeros((n, n))
-    for i, j in track(pairs, f"distance matrix ({name})", total=len(pairs)):
-        out[i, j] = dist.fn(sigs[i], sigs[j], seed)
-        if dist.symmetric:
-            out[j, i] = out[i, j]
-    return out
+    with _one_blas_thread():
+        if dist.matrix is not None and (fast := dist.matrix(sigs, seed)) is not None:
+            return fast
+        n = len(sigs)
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j and (i < j or not dist.symmetric)]
+        out = np.zeros((n, n))
+        for i, j in track(pairs, f"distance matrix ({name})", total=len(pairs)):
+            out[i, j] = dist.fn(sigs[i], sigs[j], seed)
+            if dist.symmetric:
+                out[j, i] = out[i, j]
+        return out
