@@ -139,10 +139,12 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
 
 
 def refine_settings(default: Setting) -> list[Setting]:
-    """LoraHub's recipe and loramix's refinement of the default setting on 5 labelled examples, refinement on 16
-    (`generate --refine 16`), and the equal-compute baseline: a LoRA trained from scratch on the same 16 examples
-    for as long as that refinement took on the task."""
+    """LoraHub's recipe and loramix's refinement of the default setting on 5 labelled examples, refinement on 16 (one
+    weight per entry, per layer), `generate --refine 16 --budget 36` (per layer, then the default check on examples
+    the refinement did not see), and the equal-compute baseline: a LoRA trained from scratch on the same 16 examples
+    for as long as that last setting took on the task."""
     tail = default.name.split("/", 1)[1]
+    d = GenerateConfig()
     base = dict(signature=default.signature, distance=default.distance, operator=default.operator, compose="exact",
                 top_k=default.top_k, temperature=default.temperature, warm_start=default.name)
     return [
@@ -150,11 +152,17 @@ def refine_settings(default: Setting) -> list[Setting]:
         Setting(f"refine/{tail}-refine5", "refine", **base),
         Setting(f"refine/{tail}-refine16", "refine", **base, examples=16, budget=60.0),
         Setting(f"refine/{tail}-refine16-layers", "refine", **base, examples=16, per_layer=True, budget=60.0),
-        Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=f"refine/{tail}-refine16"),
+        Setting(GENERATE_REFINE.format(tail=tail), "refine", **base, examples=16, per_layer=True, budget=REFINE_BUDGET,
+                checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
+        Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
     ]
 
 
 EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
+# `generate --refine 16 --budget 36`: per-layer refinement for at most 36 s, then the default check (about 22 CPU-s
+# on one thread), under 60 CPU-s in all
+REFINE_BUDGET = 36.0
+GENERATE_REFINE = "refine/{tail}-refine16-layers-budget36-checked"
 CHECK_SINGLES = 8  # the most entries alone any checked setting tries
 CHECK_TOPS = 3  # the most top-k restrictions any checked setting tries
 PREVIOUS_DEFAULT = "loramix/embed-gaussian-w2-normalized"  # generate's default before issue 14 (no check)
@@ -289,9 +297,14 @@ class Runner:
                     lorahub = results.get("refine/lorahub") or self.cached("refine/lorahub", task)
                     budget = lorahub["search"]["cpu_seconds"] if lorahub and s.examples == 5 and s.warm_start != "lorahub" else s.budget
                     c, search = self.search(task, s, c, budget)
-                if s.checked:
-                    c, search = self.check(task, s, c)
                 layers = {int(k): v for k, v in search["layers"].items()} if search and "layers" in search else None
+                if s.checked:  # after a refinement, as generate: its per-layer weights, examples it did not see
+                    refined = search
+                    c, search = self.check(task, s, c, layers, s.examples if refined else 0)
+                    layers = {int(k): v for k, v in search["layers"].items()} if "layers" in search else None
+                    if refined:
+                        search = {**search, "cpu_seconds": refined["cpu_seconds"] + search["cpu_seconds"],
+                                  "refine": {k: v for k, v in refined.items() if k != "layers"}}
                 memo = self.memo(task, c, s, layers)
                 if not c.any():  # the check kept the base model
                     result = self.evaluate(task, None, s.shots)
@@ -325,25 +338,28 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{key}.json"
 
-    def check(self, task: str, s: Setting, c: np.ndarray) -> tuple[np.ndarray, dict]:
+    def check(self, task: str, s: Setting, c: np.ndarray, layers: dict | None = None, refined: int = 0) -> tuple[np.ndarray, dict]:
         """`generate --check 16 --check-singles K --check-tops N --check-criterion X`: of the base, c at scales 0.5 to
         2, c kept to its top 2..N entries and the top K entries alone, the candidate X prefers on 16 training examples.
         The checked settings share one check of every candidate (CHECK_SINGLES entries alone, CHECK_TOPS), kept on
         disk; each then chooses among its own candidates and is charged its share of the check's CPU time (one
-        forward pass per candidate)."""
-        from loramix.calibrate import check, check_candidates
+        forward pass per candidate). After a refinement on `refined` examples (seed 0), as `generate --refine`: the
+        refined `layers` are scaled, and the check's examples are drawn from the others."""
+        from loramix.calibrate import CHECK_SCALES, check, check_candidates, scale_label
         from loramix.refine import CRITERIA, AnswerScores
 
         coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
-        memo = self.memo(task, c, Setting("check", "lever", compose=s.compose)).with_suffix(f".check-tops{CHECK_TOPS}.json")
+        memo = self.memo(task, c, Setting("check", "lever", compose=s.compose), layers).with_suffix(f".check-tops{CHECK_TOPS}.json")
         if memo.is_file():
             record = json.loads(memo.read_text())
         else:
             self._load()
             cpu = time.process_time()
             train = read_dataset(self.suite / task / "train.jsonl")
-            res = check(self.bank, coefficients, train, examples=16, seed=1, singles=CHECK_SINGLES, tops=CHECK_TOPS,
-                        model=self.model, tokenizer=self.tokenizer)
+            used = set(train.subsample(refined, 0).samples) if refined else set()
+            held = type(train)([x for x in train.samples if x not in used], train.source)
+            res = check(self.bank, coefficients, held, examples=16, seed=1, singles=CHECK_SINGLES, tops=CHECK_TOPS,
+                        layers=layers, model=self.model, tokenizer=self.tokenizer)
             record = {"cpu_seconds": time.process_time() - cpu, "scores": {k: [v.loss, v.accuracy, v.exact] for k, v in res.scores.items()}}
             atomic_write_bytes(memo, json.dumps(record).encode())
         scores = {k: AnswerScores(*v) for k, v in record["scores"].items()}
@@ -352,7 +368,11 @@ class Runner:
         weights = pool[chosen]
         out = np.array([weights.get(n, 0.0) for n in self.names])
         share = len(pool) / len(scores)
-        return out, {"cpu_seconds": record["cpu_seconds"] * share, "chosen": chosen, "scores": record["scores"]}
+        record = {"cpu_seconds": record["cpu_seconds"] * share, "chosen": chosen, "scores": record["scores"]}
+        scaled = {scale_label(x): x for x in CHECK_SCALES if x}
+        if layers and chosen in scaled:
+            record["layers"] = {str(k): {n: scaled[chosen] * w for n, w in v.items()} for k, v in layers.items()}
+        return out, record
 
     def calibrated_matrix(self, s: Setting) -> np.ndarray:
         """Rows of the calibrated setting: task t's temperature, top-k and scale chosen on the bank's calibration

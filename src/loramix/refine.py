@@ -29,7 +29,7 @@ from .registry import Registry
 class RefineConfig:
     """`examples` labelled samples; the `top_k` largest coefficients searched (the rest stay 0); `method`
     'gradient' (Adam at `lr`) or 'nevergrad' (NGOpt); at most `steps` loss evaluations / steps and `budget`
-    seconds; `l1` * sum |w| added to the loss; weights kept in [`lower`, `upper`]; `per_layer`: one weight per entry
+    seconds (no step starts that would end past it, by the mean step time so far; the first always runs); `l1` * sum |w| added to the loss; weights kept in [`lower`, `upper`]; `per_layer`: one weight per entry
     and layer instead of per entry."""
 
     examples: int = 5
@@ -185,13 +185,16 @@ def _rows(w: Any) -> int:
 
 
 @SEARCHES.register("gradient")
-def _gradient(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, deadline: float) -> tuple[np.ndarray, list[float]]:
+def _gradient(mixed: MixedLoRA, objective, w0: np.ndarray, cfg: RefineConfig, deadline: float) -> tuple[np.ndarray, float, list[float]]:
+    """Adam on the weights; returns the best weights seen (the start included: history[0]) and their objective."""
     w = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([w], lr=cfg.lr)
     best, best_w, history = float("inf"), w0.copy(), []
-    for _ in track(range(cfg.steps), "refining (gradient)", total=cfg.steps):
-        mixed.weights = w
-        total = loss_fn() + cfg.l1 * w.abs().sum() / _rows(w)
+    began = time.perf_counter()
+    for step in track(range(cfg.steps), "refining (gradient)", total=cfg.steps):
+        if step and time.perf_counter() + (time.perf_counter() - began) / step > deadline:
+            break  # the next step would end past the budget
+        total = objective(w)
         history.append(total.item())
         if history[-1] < best:
             best, best_w = history[-1], w.detach().numpy().copy()
@@ -200,29 +203,32 @@ def _gradient(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, dead
         opt.step()
         with torch.no_grad():
             w.clamp_(cfg.lower, cfg.upper)
-        if time.perf_counter() > deadline:
-            break
-    return best_w, history
+    return best_w, best, history
 
 
 @SEARCHES.register("nevergrad")
-def _nevergrad(mixed: MixedLoRA, loss_fn, w0: np.ndarray, cfg: RefineConfig, deadline: float) -> tuple[np.ndarray, list[float]]:
+def _nevergrad(mixed: MixedLoRA, objective, w0: np.ndarray, cfg: RefineConfig, deadline: float) -> tuple[np.ndarray, float, list[float]]:
+    """NGOpt, its first candidate the start (history[0]); returns its recommendation and that point's objective."""
     import nevergrad as ng
 
-    param = ng.p.Array(init=np.clip(w0, cfg.lower, cfg.upper)).set_bounds(cfg.lower, cfg.upper)
+    start = np.clip(w0, cfg.lower, cfg.upper)
+    param = ng.p.Array(init=start).set_bounds(cfg.lower, cfg.upper)
     param.random_state = np.random.RandomState(cfg.seed)
     opt = ng.optimizers.NGOpt(parametrization=param, budget=cfg.steps)
+    opt.suggest(start)
     history = []
-    for _ in track(range(cfg.steps), "refining (nevergrad)", total=cfg.steps):
+    began = time.perf_counter()
+    for step in track(range(cfg.steps), "refining (nevergrad)", total=cfg.steps):
+        if step and time.perf_counter() + (time.perf_counter() - began) / step > deadline:
+            break  # the next evaluation would end past the budget
         cand = opt.ask()
-        mixed.weights = torch.tensor(cand.value, dtype=torch.float32)
         with torch.no_grad():
-            value = float(loss_fn()) + cfg.l1 * float(np.abs(cand.value).sum()) / _rows(cand.value)
+            value = float(objective(torch.tensor(cand.value, dtype=torch.float32)))
         opt.tell(cand, value)
         history.append(value)
-        if time.perf_counter() > deadline:
-            break
-    return np.asarray(opt.provide_recommendation().value), history
+    w = np.asarray(opt.provide_recommendation().value)
+    with torch.no_grad():
+        return w, float(objective(torch.tensor(w, dtype=torch.float32))), history
 
 
 def search_weights(
@@ -231,7 +237,9 @@ def search_weights(
 ) -> tuple[np.ndarray, float, float, list[float]]:
     """Search weights for `entries` (starting at w0 [k]) minimising loss + l1 |w| (per layer, as the mean over layers,
     with `cfg.per_layer`: then w0 is repeated for every layer and the weights returned are [layers, k]). Returns
-    (weights, initial loss, final loss, history); the base model's own weights never change."""
+    (weights, the start's objective (history[0]), the returned weights' objective, history); the best point of a
+    gradient search is one it has evaluated, so no extra forward pass is spent. The base model's own weights never
+    change."""
     for p in model.parameters():
         p.requires_grad_(False)
     deadline = time.perf_counter() + (cfg.budget if cfg.budget is not None else float("inf"))
@@ -239,18 +247,21 @@ def search_weights(
     if cfg.per_layer:
         w0 = np.tile(w0, (len(mixed.layers), 1))
     loss_fn = answer_loss_fn(model, tokenizer, samples)
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        mixed.weights = w
+        return loss_fn() + cfg.l1 * w.abs().sum() / _rows(w)
+
     torch.manual_seed(cfg.seed)
     try:
-        with torch.no_grad():
-            mixed.weights = torch.tensor(w0, dtype=torch.float32)
-            initial = float(loss_fn()) + cfg.l1 * float(np.abs(w0).sum()) / _rows(w0)
-        w, history = SEARCHES.get(cfg.method)(mixed, loss_fn, w0, cfg, deadline)
-        with torch.no_grad():
-            mixed.weights = torch.tensor(w, dtype=torch.float32)
-            final = float(loss_fn()) + cfg.l1 * float(np.abs(w).sum()) / _rows(w)
+        if cfg.steps < 1:
+            with torch.no_grad():
+                initial = float(objective(torch.tensor(w0, dtype=torch.float32)))
+            return w0, initial, initial, []
+        w, final, history = SEARCHES.get(cfg.method)(mixed, objective, w0, cfg, deadline)
     finally:
         mixed.remove()
-    return w, initial, final, history
+    return w, history[0], final, history
 
 
 def refine(
