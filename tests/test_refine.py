@@ -127,6 +127,58 @@ def test_refine_budget_stops_early(tmp_path, tiny_base):
     assert r.steps == 1
 
 
+def test_a_gradient_search_spends_one_forward_pass_a_step_and_returns_the_best_point_seen(tmp_path, tiny_base):
+    """No forward pass beyond the steps (the start's loss is the first step's, the result is a point already
+    evaluated), and the loss reported for the returned weights is theirs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramix.refine import answer_loss_fn, search_weights
+
+    bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
+    samples = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 10))).samples[:4]
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_base).eval(), AutoTokenizer.from_pretrained(tiny_base)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        answer_loss_fn(model, tok, samples)()
+    per_loss, calls[:] = len(calls), []  # model calls of one loss (the shared prefix runs apart)
+    cfg = RefineConfig(steps=5, lr=0.2, l1=0.0)
+    w0 = np.full(3, 1 / 3)
+    w, initial, final, history = search_weights(model, tok, bank, bank.entries, w0, samples, cfg)
+    hook.remove()
+    assert len(history) == 5 and len(calls) == 5 * per_loss
+    assert initial == history[0] and final == min(history) <= initial
+    mixed = MixedLoRA(model, bank, bank.entries)
+    mixed.weights = torch.tensor(w, dtype=torch.float32)
+    with torch.no_grad():
+        assert float(answer_loss_fn(model, tok, samples)()) == pytest.approx(final, rel=1e-5)
+    mixed.remove()
+
+
+def test_refine_budget_starts_no_step_that_would_end_past_it(tmp_path, tiny_base, monkeypatch):
+    """With steps of a (simulated) second each, a 3.5 s budget runs 3 steps: a fourth would end at 4 s."""
+    import loramix.refine as refine_module
+
+    clock = [0.0]
+    monkeypatch.setattr(refine_module.time, "perf_counter", lambda: clock[0])
+    bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
+    data = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 10)))
+    loss = refine_module.answer_loss_fn
+
+    def slow(*args, **kwargs):
+        fn = loss(*args, **kwargs)
+
+        def tick():
+            clock[0] += 1.0
+            return fn()
+
+        return tick
+
+    monkeypatch.setattr(refine_module, "answer_loss_fn", slow)
+    r = refine(bank, {e.name: 1 / 3 for e in bank.entries}, data, RefineConfig(steps=50, budget=3.5))
+    assert r.steps == 3
+
+
 def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", n=5, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
@@ -185,3 +237,51 @@ def test_answer_scores_count_a_reproduced_answer_as_exact(tiny_base):
         eot_is_next = int(model(input_ids=ids).logits[0, -1].argmax()) == end_of_turn_id(tok)
     got = answer_scores_fn(model, tok, [Sample("Name an animal.", (answer,))])()
     assert got.accuracy >= 3 / 4 and got.exact == float(eot_is_next)
+
+
+def test_generate_finetune_trains_the_composed_adapter(tmp_path, tiny_base):
+    """--finetune: the adapter written is the composition trained on examples the check did not see, in the
+    composition's dtype, recorded in loramix.json; it loads in PEFT and differs from the composition alone."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    bank = make_bank(tmp_path / "bank", n=4, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
+    generate(bank, data, tmp_path / "plain", check=4, max_samples=8)
+    generate(bank, data, tmp_path / "tuned", check=4, finetune=6, refine_budget=None, max_samples=8)
+    report = read_report(tmp_path / "tuned")
+    ft = report.finetune
+    assert ft.examples == 6 and ft.steps == 150 and ft.loss < ft.first_loss
+    assert ft.from_composition == report.check.beats_base
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    tuned = load_file(tmp_path / "tuned" / "adapter_model.safetensors")
+    assert {t.dtype for t in tuned.values()} == {t.dtype for t in plain.values()}
+    if ft.from_composition:
+        assert plain.keys() == tuned.keys() and any(not torch.equal(plain[k], tuned[k]) for k in plain)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "tuned")
+    assert read_report(tmp_path / "plain").finetune is None
+
+
+def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
+    """A zero update gets no gradient, so the base model's adapter is replaced by a freshly trained LoRA."""
+    from loramix import GenerateConfig
+    from loramix.pipeline import finetune
+
+    bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
+    comp = compose(bank, {e.name: 1 / 3 for e in bank.entries})
+    from loramix import save_adapter
+
+    save_adapter(tmp_path / "ad", comp.config, comp.factors)
+    data = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 8)))
+    info = finetune(tmp_path / "ad", bank, data, GenerateConfig(refine_budget=None), from_composition=False)
+    assert not info.from_composition and info.steps == 150 and info.examples == 8
+
+
+@pytest.mark.parametrize("kw,message", [({"finetune": -1}, "--finetune takes"), ({"finetune": 4, "refine_budget": 0.0}, "positive --budget")])
+def test_finetune_options_are_validated(kw, message):
+    from loramix import GenerateConfig
+    from loramix.errors import LoramixError
+
+    with pytest.raises(LoramixError, match=message):
+        GenerateConfig(**kw)

@@ -1,6 +1,7 @@
 """The trainer, the evaluation harness and bank building, on the tiny model."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,6 +49,32 @@ def test_train_writes_a_peft_adapter(tmp_path, tiny_base):
     # same seed, same adapter bytes
     train(data, tmp_path / "ad2", TINY, base=str(tiny_base))
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == (tmp_path / "ad2" / "adapter_model.safetensors").read_bytes()
+
+
+def test_bf16_autocast_only_where_it_is_native(tmp_path, tiny_base):
+    """bf16 is used where the device computes it natively (oneDNN's test on a CPU) and training.json says which."""
+    from loramix.train import bf16_native
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert bf16_native(torch.device("cpu")) == native
+    data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 8))
+    record = train(data, tmp_path / "ad", replace(TINY, steps=1, bf16=True), base=str(tiny_base))
+    assert record["autocast"] == ("bfloat16" if native else None)
+    assert record["config"]["bf16"] is True  # the setting, as bank build compares it
+
+
+def test_train_starts_from_an_init_adapter(tmp_path, tiny_base):
+    """`init`: training starts from that adapter's factors (with lr 0 they come back unchanged, under its rank)."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 8))
+    train(data, tmp_path / "first", TINY, base=str(tiny_base))
+    record = train(data, tmp_path / "again", replace(TINY, steps=2, lr=0.0, rank=2), base=str(tiny_base), init=tmp_path / "first")
+    assert record["init"] == str(tmp_path / "first")
+    before = load_file(tmp_path / "first" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["r"] == TINY.rank
 
 
 def test_scorer():

@@ -73,7 +73,11 @@ class GenerateConfig:
                          method=False)
     refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
                                 "backpropagation).", method=False)
-    refine_budget: float | None = option(None, "Seconds the refinement may take.", flag="--budget", method=False)
+    finetune: int = option(0, "Train the composed adapter itself on this many examples of DATA: its LoRA factors, "
+                           "from the composition (from scratch when the check kept the base), with `loramix train`'s "
+                           "optimizer, after the check and on examples it did not see (loads the base).", method=False)
+    refine_budget: float | None = option(None, "Seconds the refinement (--refine; --finetune, each) may take (no step "
+                                         "starts that would end past them).", flag="--budget", method=False)
     refine_per_layer: bool = option(True, "With --refine: one weight per entry and layer (the layers composed apart); "
                                     "--no-refine-per-layer: one weight per entry.", method=False)
 
@@ -109,6 +113,10 @@ class GenerateConfig:
             raise LoramixError(f"composition '{self.compose}' cannot be refined (--refine)")
         if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget >= 0):
             raise LoramixError(f"--budget must be a non-negative number of seconds, got {self.refine_budget}")
+        if not (isinstance(self.finetune, int) and not isinstance(self.finetune, bool) and self.finetune >= 0):
+            raise LoramixError(f"--finetune takes a number of examples, got {self.finetune}")
+        if self.finetune and self.refine_budget == 0:
+            raise LoramixError("--finetune needs a positive --budget (or none: the bank's 150 training steps)")
 
     def signature_spec(self) -> SignatureSpec:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)

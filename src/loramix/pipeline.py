@@ -23,7 +23,7 @@ from .index import BankIndex
 from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
 from .calibrate import cached_calibration, check
-from .report import CalibrationInfo, CheckInfo, DataInfo, EnergyInfo, RefineInfo, Report
+from .report import CalibrationInfo, CheckInfo, DataInfo, EnergyInfo, FinetuneInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
 
@@ -109,6 +109,7 @@ def generate(
     coefficients = {e.name: config.scale * float(x) for e, x in zip(usable, c)}
     refined = checked = None
     refine_samples = dataset.subsample(config.refine, config.seed) if config.refine else None
+    tune_samples = dataset.subsample(config.finetune, config.seed) if config.finetune else None
     if config.refine:
         from .refine import RefineConfig, refine
 
@@ -117,11 +118,11 @@ def generate(
         refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose, model=model, tokenizer=tokenizer)
     weights = refined.coefficients if refined else coefficients
     if config.check:
-        used = set(refine_samples.samples) if refine_samples else set()
+        used = {s for part in (refine_samples, tune_samples) if part for s in part.samples}
         held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
         if not held.samples:
-            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}: give "
-                               "more examples than --refine uses, or pass --check 0")
+            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine} / "
+                               f"--finetune {config.finetune}: give more examples than they use, or pass --check 0")
         checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1,
                         singles=config.check_singles, tops=config.check_tops, criterion=config.check_criterion,
                         layers=refined.layers if refined else None, model=model, tokenizer=tokenizer)
@@ -134,6 +135,8 @@ def generate(
                  allow_zero=base_kept, layers=layers)
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, bank, dataset, composition, weights, d)
+        if tune_samples is not None:
+            report.finetune = finetune(tmp, bank, tune_samples, config, from_composition=not base_kept)
         if calibration is not None:
             best = calibration.best
             report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale,
@@ -152,6 +155,31 @@ def generate(
                                      checked.chosen, checked.beats_base)
         report.write(tmp)
     return GenerateResult(Path(out), weights, report.distances, report)
+
+
+def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig, *, from_composition: bool) -> FinetuneInfo:
+    """Train the adapter in `folder` on `samples` (BANK_TRAINING's optimizer within `config.refine_budget` seconds,
+    seeded) and put the trained PEFT files in its place: from its factors, or from a fresh LoRA when it is the base
+    model's zero update (whose factors get no gradient). Saved in the dtype the composition was written in."""
+    import os
+    import tempfile
+
+    from safetensors import safe_open
+
+    from .adapter import CONFIG_FILE, WEIGHTS_FILE
+    from .train import train
+    from .train_config import BANK_TRAINING
+
+    with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
+        dtype = str(f.get_slice(next(iter(f.keys()))).get_dtype())
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    cfg = replace(BANK_TRAINING, budget=config.refine_budget, seed=config.seed, save_dtype=names.get(dtype, "float32"))
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(Path(tmp) / "tuned" / name, folder / name)
+    return FinetuneInfo(len(samples), config.refine_budget, from_composition, len(record["loss"]), record["seconds"],
+                        record["loss"][0], record["loss"][-1])
 
 
 def _report(

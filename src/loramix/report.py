@@ -34,6 +34,21 @@ class EnergyInfo:
 
 
 @dataclass
+class FinetuneInfo:
+    """The fine-tune of the composed adapter (`--finetune`): examples, budget, whether it started from the composition
+    (False: from scratch, the check having kept the base), optimizer steps, seconds, and the training loss (answer
+    cross-entropy, nats per token) of its first and last step."""
+
+    examples: int
+    budget_seconds: float | None
+    from_composition: bool
+    steps: int
+    seconds: float
+    first_loss: float
+    loss: float
+
+
+@dataclass
 class RefineInfo:
     """The refinement run (`--refine`): its settings, the meta-operator's coefficients it started from, the loss
     (answer-token cross-entropy + l1, nats) before and after, the loss of every step, and with `--refine-per-layer`
@@ -104,12 +119,13 @@ class Report:
     calibration: CalibrationInfo | None = None
     refine: RefineInfo | None = None
     check: CheckInfo | None = None
+    finetune: FinetuneInfo | None = None
     leave_one_out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As written to loramix.json: optional parts left out when absent."""
         d = asdict(self)
-        for key in ("calibration", "refine", "check", "leave_one_out"):
+        for key in ("calibration", "refine", "check", "finetune", "leave_one_out"):
             if d[key] is None:
                 del d[key]
         return d
@@ -119,7 +135,7 @@ class Report:
 
 
 _NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "calibration": CalibrationInfo,
-           "refine": RefineInfo, "check": CheckInfo}
+           "refine": RefineInfo, "check": CheckInfo, "finetune": FinetuneInfo}
 
 
 def read_report(adapter_dir: str | Path) -> Report:

@@ -30,11 +30,14 @@ def train(
     config: TrainConfig | None = None,
     *,
     base: str | None = None,
+    init: str | Path | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA on `data` (its `output` is the target) and write a PEFT adapter folder to `out`,
-    with `training.json` (settings, loss per step, seconds). Returns that record."""
-    from peft import LoraConfig, get_peft_model
+    with `training.json` (settings, loss per step, seconds). Returns that record. `init`: a PEFT adapter folder of
+    the same base (e.g. a composed one) whose factors training starts from; its rank, alpha and modules replace
+    `config`'s."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     config = config or TrainConfig()
     if config.budget is not None and not (math.isfinite(config.budget) and config.budget > 0):
@@ -50,7 +53,7 @@ def train(
         target_modules=list(config.target_modules), task_type="CAUSAL_LM",
     )
     with quiet_loading():
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora) if init is None else PeftModel.from_pretrained(model, str(init), is_trainable=True)
     model.peft_config["default"].base_model_name_or_path = DEFAULT_BASE if base in (None, "default") else base
     encoded = encode(tokenizer, dataset, config.max_length)
     pad = pad_id(tokenizer)
@@ -101,6 +104,7 @@ def train(
         "config": config.as_record(),
         "base_model": model.peft_config["default"].base_model_name_or_path,
         "data": {"path": dataset.source, "samples": len(dataset), "fingerprint": dataset.fingerprint()},
+        "init": str(init) if init is not None else None,
         "device": device.type,
         "autocast": "bfloat16" if bf16 else None,
         "seconds": round(seconds, 2),
