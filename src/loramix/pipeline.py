@@ -171,9 +171,9 @@ def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig,
     from .train_config import BANK_TRAINING
 
     with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
-        dtype = str(f.get_slice(next(iter(f.keys()))).get_dtype())
-    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    cfg = replace(BANK_TRAINING, budget=config.refine_budget, seed=config.seed, save_dtype=names.get(dtype, "float32"))
+        dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    cfg = replace(BANK_TRAINING, budget=config.refine_budget, seed=config.seed,
+                  save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None)
         for name in (WEIGHTS_FILE, CONFIG_FILE):

@@ -29,8 +29,9 @@ from .registry import Registry
 class RefineConfig:
     """`examples` labelled samples; the `top_k` largest coefficients searched (the rest stay 0); `method`
     'gradient' (Adam at `lr`) or 'nevergrad' (NGOpt); at most `steps` loss evaluations / steps and `budget`
-    seconds (no step starts that would end past it, by the mean step time so far; the first always runs); `l1` * sum |w| added to the loss; weights kept in [`lower`, `upper`]; `per_layer`: one weight per entry
-    and layer instead of per entry."""
+    seconds (no step starts that would end past it, by the mean step time so far; the first always runs); `l1` *
+    sum |w| added to the loss; weights kept in [`lower`, `upper`]; `per_layer`: one weight per entry and layer
+    instead of per entry."""
 
     examples: int = 5
     top_k: int = 8
