@@ -298,7 +298,7 @@ class Runner:
                     result["compose_seconds"], result["search"] = 0.0, search
                     results[s.name] = result
                     continue
-                if s.finetune:  # checked first (on examples training will not see), as generate --refine-method lora
+                if s.finetune:  # checked first (on examples training will not see), as generate --finetune
                     checked = self.check(task, s, c, refined=s.examples)[1] if s.checked else None
                     if checked:
                         c = checked.pop("coefficients")
@@ -359,7 +359,7 @@ class Runner:
         disk; each then chooses among its own candidates and is charged its share of the check's CPU time (one
         forward pass per candidate). After a refinement on `refined` examples (seed 0), as `generate --refine`: the
         refined `layers` are scaled, and the check's examples are drawn from the others."""
-        from loramix.calibrate import CHECK_SCALES, check, check_candidates, scale_label
+        from loramix.calibrate import check, check_candidates, scaled_layers
         from loramix.refine import CRITERIA, AnswerScores
 
         coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
@@ -384,9 +384,8 @@ class Runner:
         out = np.array([weights.get(n, 0.0) for n in self.names])
         share = len(pool) / len(scores)
         record = {"cpu_seconds": record["cpu_seconds"] * share, "chosen": chosen, "scores": record["scores"], "coefficients": out}
-        scaled = {scale_label(x): x for x in CHECK_SCALES if x}
-        if layers and chosen in scaled:
-            record["layers"] = {str(k): {n: scaled[chosen] * w for n, w in v.items()} for k, v in layers.items()}
+        if (kept := scaled_layers(chosen, layers)) is not None:
+            record["layers"] = {str(k): v for k, v in kept.items()}
         return out, record
 
     def calibrated_matrix(self, s: Setting) -> np.ndarray:
@@ -709,7 +708,8 @@ def main() -> None:
         unique.setdefault(s.name, s)
     all_settings = list(unique.values())
     if args.only:
-        all_settings = [s for s in all_settings if s.name in args.only or s.name in ("base", "trained")]
+        # the references and the default always run: the report's gap and intervals are measured against them
+        all_settings = [s for s in all_settings if s.name in args.only or s.name in ("base", "trained", args.default_setting)]
     runner.tasks = runner.tasks[: args.tasks][args.spread // 2 :: args.spread]
     runner.grid_tasks = runner.tasks[args.every // 2 :: args.every]  # the middle task of every K
     runner.headline = {s.name for s in all_settings if s.group != "loramix" or s.name in (args.default_setting, comp.name)}

@@ -210,6 +210,16 @@ def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = C
     return out
 
 
+def scaled_layers(label: str, layers: dict[int, dict[str, float]] | None,
+                  scales: Sequence[float] = CHECK_SCALES) -> dict[int, dict[str, float]] | None:
+    """The per-layer weights (layer -> entry -> weight) of check candidate `label` for a per-layer composition
+    `layers`: every layer scaled for a scaled candidate ('x<s>'); None for the others or without `layers`."""
+    scaled = {scale_label(s): s for s in scales if s != 0}
+    if layers is None or label not in scaled:
+        return None
+    return {layer: {n: scaled[label] * w for n, w in row.items()} for layer, row in layers.items()}
+
+
 @dataclass
 class CheckResult:
     """The held-out check: each candidate's teacher-forced scores (refine.AnswerScores) on `examples` held-out samples,
@@ -263,7 +273,4 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
         mixed.remove()
     rank = CRITERIA[criterion]
     chosen = min(scores, key=lambda label: rank(scores[label]))
-    chosen_layers = None
-    if per_layer is not None and chosen in scaled:
-        chosen_layers = {layer: {n: scaled[chosen] * w for n, w in row.items()} for layer, row in layers.items()}
-    return CheckResult(len(samples), criterion, scores, chosen, candidates[chosen], chosen_layers)
+    return CheckResult(len(samples), criterion, scores, chosen, candidates[chosen], scaled_layers(chosen, layers, scales))

@@ -185,6 +185,13 @@ def _rows(w: Any) -> int:
     return w.shape[0] if len(w.shape) == 2 else 1
 
 
+def _overruns(step: int, began: float, deadline: float) -> bool:
+    """Whether step number `step` (from 0), begun now, would end past `deadline` at the mean time of the steps since
+    `began` (perf_counter seconds); the first step always runs."""
+    now = time.perf_counter()
+    return step > 0 and now + (now - began) / step > deadline
+
+
 @SEARCHES.register("gradient")
 def _gradient(mixed: MixedLoRA, objective, w0: np.ndarray, cfg: RefineConfig, deadline: float) -> tuple[np.ndarray, float, list[float]]:
     """Adam on the weights; returns the best weights seen (the start included: history[0]) and their objective."""
@@ -193,8 +200,8 @@ def _gradient(mixed: MixedLoRA, objective, w0: np.ndarray, cfg: RefineConfig, de
     best, best_w, history = float("inf"), w0.copy(), []
     began = time.perf_counter()
     for step in track(range(cfg.steps), "refining (gradient)", total=cfg.steps):
-        if step and time.perf_counter() + (time.perf_counter() - began) / step > deadline:
-            break  # the next step would end past the budget
+        if _overruns(step, began, deadline):
+            break
         total = objective(w)
         history.append(total.item())
         if history[-1] < best:
@@ -220,8 +227,8 @@ def _nevergrad(mixed: MixedLoRA, objective, w0: np.ndarray, cfg: RefineConfig, d
     history = []
     began = time.perf_counter()
     for step in track(range(cfg.steps), "refining (nevergrad)", total=cfg.steps):
-        if step and time.perf_counter() + (time.perf_counter() - began) / step > deadline:
-            break  # the next evaluation would end past the budget
+        if _overruns(step, began, deadline):
+            break
         cand = opt.ask()
         with torch.no_grad():
             value = float(objective(torch.tensor(cand.value, dtype=torch.float32)))
