@@ -65,6 +65,8 @@ class Setting:
     per_layer: bool = False  # refine group: one weight per layer and entry
     budget: float | None = None  # refine group: seconds the search may take (None: LoraHub's time on 5 examples)
     finetune: bool = False  # refine group: the warm start's composed adapter trained (LoRA factors), not its weights searched
+    lr: float | None = None  # finetune: the learning rate (None: the bank's training settings')
+    warmup: int | None = None  # finetune: the warmup steps (None: the bank's training settings')
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -142,8 +144,9 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
 def refine_settings(default: Setting) -> list[Setting]:
     """LoraHub's recipe and loramix's refinement of the default setting on 5 labelled examples, refinement on 16 (one
     weight per entry, per layer), `generate --refine 16 --budget 36` (per layer, then the default check on examples
-    the refinement did not see), and the equal-compute baseline: a LoRA trained from scratch on the same 16 examples
-    for as long as that last setting took on the task."""
+    the refinement did not see), the composition's own LoRA factors trained on 16 examples (the bank's training
+    settings; -warmup2, -lr: their warmup and learning rate changed), and the equal-compute baseline: a LoRA trained
+    from scratch on the same 16 examples for as long as finetune16-budget48 took on the task."""
     tail = default.name.split("/", 1)[1]
     d = GenerateConfig()
     base = dict(signature=default.signature, distance=default.distance, operator=default.operator, compose="exact",
@@ -155,11 +158,15 @@ def refine_settings(default: Setting) -> list[Setting]:
         Setting(f"refine/{tail}-refine16-layers", "refine", **base, examples=16, per_layer=True, budget=60.0),
         Setting(GENERATE_REFINE.format(tail=tail), "refine", **base, examples=16, per_layer=True, budget=REFINE_BUDGET,
                 checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
-        Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
         Setting(f"refine/{tail}-finetune16", "refine", **base, examples=16, budget=55.0, finetune=True),
         Setting(f"refine/{tail}-finetune16-budget48", "refine", **base, examples=16, budget=48.0, finetune=True),
+        Setting(f"refine/{tail}-finetune16-budget48-warmup2", "refine", **base, examples=16, budget=48.0, finetune=True,
+                warmup=2),
+        Setting(f"refine/{tail}-finetune16-budget48-warmup2-lr4e-3", "refine", **base, examples=16, budget=48.0,
+                finetune=True, warmup=2, lr=4e-3),
         Setting(f"refine/{tail}-checked-finetune16", "refine", **base, examples=16, budget=55.0, finetune=True,
                 checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
+        Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=f"refine/{tail}-finetune16-budget48"),
     ]
 
 
@@ -483,8 +490,9 @@ class Runner:
                 comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
                 save_adapter(Path(tmp) / "composed", comp.config, comp.factors)
                 init = Path(tmp) / "composed"
-            record = train(data, Path(tmp) / "lora", replace(BANK_TRAINING, budget=budget), base=self.bank.base_model,
-                           init=init)
+            tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup)) if v is not None}
+            record = train(data, Path(tmp) / "lora", replace(BANK_TRAINING, budget=budget, **tuned),
+                           base=self.bank.base_model, init=init)
             seconds = time.process_time() - cpu + spent
             result = self.evaluate(task, Path(tmp) / "lora")
         result["coefficients"] = [round(float(x), 6) for x in c]
@@ -615,9 +623,10 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
                   "per layer) for at most 60 s; -budget36-checked is `generate --refine 16 --budget 36`: that search for at "
                   "most 36 s, then the default check on 16 examples it did not see. finetune16 trains the composition's LoRA "
                   "factors (the bank's training settings, from the composition) for 55 s (`generate --check 0 --finetune 16 "
-                  "--budget 55`; -budget48: 48 s, so that with the base model's load it fits 60 s); checked-finetune16 checks first and trains for 55 s less the check's time (`generate "
+                  "--budget 55`; -budget48: 48 s, so that with the base model's load it fits 60 s; -warmup2: 2 warmup steps instead "
+                  "of 10; -lr4e-3: learning rate 4e-3 instead of 2e-3); checked-finetune16 checks first and trains for 55 s less the check's time (`generate "
                   "--finetune 16`, its budget so). The LoRA trained from scratch (the bank's training settings) trains for as "
-                  "long as -budget36-checked took on the same task. Search CPU s: the search or training and any check, one "
+                  "long as finetune16-budget48 took on the same task. Search CPU s: the search or training and any check, one "
                   "thread.", "",
                   "| setting | ROUGE-L | exact match | gap closed | vs default [95% CI] | search CPU s / task |",
                   "| --- | ---: | ---: | ---: | --- | ---: |"]

@@ -13,7 +13,7 @@ from loramix.build import build_bank
 from loramix.cli import app
 from loramix.evaluate import Scorer, evaluate, normalize
 from loramix.models import load_tokenizer
-from loramix.prompts import answer_batch, encode
+from loramix.prompts import SharedBatch, answer_batch, encode
 from loramix.train import TrainConfig, train
 
 TINY = TrainConfig(steps=6, batch_size=4, lr=1e-2, rank=4, alpha=8, bf16=False)
@@ -31,6 +31,30 @@ def test_encode_and_batch_put_answers_last(tiny_base):
     for row, (seq, k) in enumerate(enc):
         assert x[row, -len(seq):].tolist() == seq and mask[row].sum() == len(seq)
         assert targets[row, -k:].tolist() == seq[-k:] and (targets[row, :-k] == -100).all()
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(tiny_base):
+    """Training's batch runs the shared prompt prefix once: its loss and its LoRA gradients equal those of running
+    every row whole."""
+    from peft import LoraConfig, get_peft_model
+
+    from loramix.models import load_model
+
+    tok = load_tokenizer(str(tiny_base))
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(str(tiny_base)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    enc = encode(tok, read_dataset(write_jsonl(tiny_base.parent / "p.jsonl", topic_records("fruits", 5))), 64)
+    ids, mask, targets = answer_batch(enc, pad=tok.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -targets.shape[1] - 1 : -1]
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    lora = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(plain, lora)
+    batch = SharedBatch.of(enc, tok.pad_token_id)
+    assert batch.prefix.shape[1] > 0 and batch.rest.shape[1] < ids.shape[1]
+    shared = batch.loss(model)
+    assert float(shared) == pytest.approx(float(plain), rel=1e-5)
+    for g, w in zip(torch.autograd.grad(shared, lora), want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_train_writes_a_peft_adapter(tmp_path, tiny_base):

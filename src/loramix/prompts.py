@@ -1,10 +1,12 @@
 """Prompts and answer batches for a causal LM: the base's chat template, the padding and end-of-turn tokens,
-left-padded batches whose answers end every row, and a shared prompt prefix run once for a whole batch.
+left-padded batches whose answers end every row, and a shared prompt prefix run once for a whole batch (SharedBatch:
+the answer logits and loss that training, refinement and the check use).
 
 Token ids are Python ints; batches are int64 tensors [B, L] (L the padded width), masks 1 on real tokens."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,3 +98,40 @@ def prefix_cache(model: Any, prefix: torch.Tensor, rows: int) -> dict[str, Any]:
     key = "cache" if "cache" in run else "past_key_values"  # transformers >= 5.20 renamed it
     run[key].batch_repeat_interleave(rows)
     return {key: run[key]}
+
+
+@dataclass(frozen=True)
+class SharedBatch:
+    """Labelled sequences laid out to run their shared prompt prefix once: `prefix` ids [1, p], every row's other
+    tokens `rest` [B, L - p] with their `positions` [B, L - p], the attention `mask` [B, L] over prefix and rest,
+    and the answer `targets` [B, K] (`answer_batch`'s). p stops before each answer's preceding token, whose logits
+    predict the answer."""
+
+    prefix: torch.Tensor
+    rest: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def of(cls, items: list[Encoded], pad: int) -> SharedBatch:
+        p = min(common_prefix([seq for seq, _ in items]), *(len(seq) - n - 1 for seq, n in items))
+        ids, mask, targets = answer_batch(items, pad, p)
+        positions = (p + mask[:, p:].cumsum(1) - 1).clamp(min=0)
+        return cls(ids[:1, :p], ids[:, p:].contiguous(), positions, mask, targets)
+
+    def to(self, device: Any) -> SharedBatch:
+        return SharedBatch(*(t.to(device) for t in (self.prefix, self.rest, self.positions, self.mask, self.targets)))
+
+    def logits(self, model: Any) -> torch.Tensor:
+        """The answer positions' logits [B, K, vocab] (differentiable): the prefix once, its key/value cache serving
+        every row; the same logits as running each row whole, for a fraction of the tokens."""
+        k = self.targets.shape[1]
+        extra = prefix_cache(model, self.prefix, self.rest.shape[0])
+        return model(input_ids=self.rest, attention_mask=self.mask, position_ids=self.positions, logits_to_keep=k + 1,
+                     **extra).logits[:, :-1]
+
+    def loss(self, model: Any) -> torch.Tensor:
+        """The mean answer-token cross-entropy (nats per token, a differentiable scalar)."""
+        out = self.logits(model)
+        return torch.nn.functional.cross_entropy(out.float().reshape(-1, out.shape[-1]), self.targets.reshape(-1))

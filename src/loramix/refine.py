@@ -105,40 +105,19 @@ class MixedLoRA:
             h.remove()
 
 
-def _answer_logits_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
-    """(a function of no arguments returning the answer positions' logits [B, K, vocab], the targets [B, K]: answer
-    token ids, -100 before each row's answer).
+def _shared_batch(tokenizer: Any, samples: Sequence, max_length: int = 256):
+    """The samples encoded as one SharedBatch (their shared prompt prefix, the system turn and task definition, runs
+    once per forward pass)."""
+    from .prompts import SharedBatch, encode, pad_id
 
-    The samples' shared prompt prefix (system turn, task definition) runs once per call and its key/value cache
-    serves every sample, laid out as [prefix][padding][own tokens] with explicit positions: the same logits as
-    running each sample whole, for a fraction of the tokens."""
-    from .prompts import answer_batch, common_prefix, encode, pad_id, prefix_cache
-
-    encoded = encode(tokenizer, samples, max_length)
-    # the shared prefix stops before each answer's preceding token: that token's logits predict the answer
-    p = min(common_prefix([seq for seq, _ in encoded]), *(len(seq) - n - 1 for seq, n in encoded))
-    ids, mask, targets = answer_batch(encoded, pad_id(tokenizer), p)
-    rest = ids[:, p:].contiguous()  # the prefix runs from its cache
-    positions = (p + mask[:, p:].cumsum(1) - 1).clamp(min=0)
-    k = targets.shape[1]
-
-    def logits() -> torch.Tensor:
-        extra = prefix_cache(model, ids[:1, :p], len(encoded))
-        return model(input_ids=rest, attention_mask=mask, position_ids=positions, logits_to_keep=k + 1, **extra).logits[:, :-1]
-
-    return logits, targets
+    return SharedBatch.of(encode(tokenizer, samples, max_length), pad_id(tokenizer))
 
 
 def answer_loss_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
     """A function of no arguments returning the mean answer-token cross-entropy (nats per token, a differentiable
     scalar tensor) of `model` on `samples`."""
-    logits, targets = _answer_logits_fn(model, tokenizer, samples, max_length)
-
-    def loss() -> torch.Tensor:
-        out = logits()
-        return torch.nn.functional.cross_entropy(out.float().reshape(-1, out.shape[-1]), targets.reshape(-1))
-
-    return loss
+    batch = _shared_batch(tokenizer, samples, max_length)
+    return lambda: batch.loss(model)
 
 
 @dataclass(frozen=True)
@@ -163,12 +142,13 @@ CRITERIA = {
 
 def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
     """A function of no arguments returning the AnswerScores of `model` on `samples` (one forward pass, no grad)."""
-    logits, targets = _answer_logits_fn(model, tokenizer, samples, max_length)
+    batch = _shared_batch(tokenizer, samples, max_length)
+    targets = batch.targets
     real = targets != -100
 
     def scores() -> AnswerScores:
         with torch.no_grad():
-            out = logits().float()
+            out = batch.logits(model).float()
             loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
             hit = (out.argmax(-1) == targets) | ~real
         accuracy = float(hit[real].float().mean()) if real.any() else 0.0

@@ -18,7 +18,7 @@ from .errors import LoramixError
 from .files import atomic_dir
 from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading
 from .progress import track
-from .prompts import answer_batch, encode, pad_id
+from .prompts import SharedBatch, encode, pad_id
 from .train_config import TrainConfig
 
 TRAINING_FILE = "training.json"
@@ -85,12 +85,9 @@ def train(
         if len(order) < config.batch_size:  # epochs of shuffled samples, without replacement within one
             order += rng.sample(range(len(encoded)), len(encoded))
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        ids, mask, targets = (t.to(device) for t in answer_batch([encoded[i] for i in picked], pad))
-        k = targets.shape[1]
+        batch = SharedBatch.of([encoded[i] for i in picked], pad).to(device)  # the shared prompt prefix runs once
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            # logits for the last k + 1 positions only: position t predicts token t + 1
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=k + 1).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss = batch.loss(model)  # in float32 (cross-entropy runs in float32 under autocast)
         loss.backward()
         opt.step()
         sched.step()
