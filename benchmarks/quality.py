@@ -36,6 +36,7 @@ from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import generate_answers, load_for_eval, merged_adapter, score  # noqa: E402
 from loramix.meta import loo_coefficients  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
+from loramix.train_config import REFINE_TRAINING  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
@@ -67,6 +68,7 @@ class Setting:
     finetune: bool = False  # refine group: the warm start's composed adapter trained (LoRA factors), not its weights searched
     lr: float | None = None  # finetune: the learning rate (None: the bank's training settings')
     warmup: int | None = None  # finetune: the warmup steps (None: the bank's training settings')
+    steps: int | None = None  # finetune: the optimizer steps (None: the bank's training settings')
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -156,7 +158,7 @@ def refine_settings(default: Setting) -> list[Setting]:
         Setting(f"refine/{tail}-refine5", "refine", **base),
         Setting(f"refine/{tail}-refine16", "refine", **base, examples=16, budget=60.0),
         Setting(f"refine/{tail}-refine16-layers", "refine", **base, examples=16, per_layer=True, budget=60.0),
-        Setting(GENERATE_REFINE.format(tail=tail), "refine", **base, examples=16, per_layer=True, budget=REFINE_BUDGET,
+        Setting(f"refine/{tail}-refine16-layers-budget{REFINE_BUDGET:g}-checked", "refine", **base, examples=16, per_layer=True, budget=REFINE_BUDGET,
                 checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
         Setting(f"refine/{tail}-finetune16", "refine", **base, examples=16, budget=55.0, finetune=True),
         Setting(f"refine/{tail}-finetune16-budget48", "refine", **base, examples=16, budget=48.0, finetune=True),
@@ -166,7 +168,9 @@ def refine_settings(default: Setting) -> list[Setting]:
                 finetune=True, warmup=2, lr=4e-3),
         Setting(f"refine/{tail}-checked-finetune16", "refine", **base, examples=16, budget=55.0, finetune=True,
                 checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
-        Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=f"refine/{tail}-finetune16-budget48"),
+        *(Setting(f"refine/{tail}-finetune16-steps{n}-warmup2" + (f"-lr{lr:g}" if lr != BANK_LR else ""), "refine", **base,
+                  examples=16, finetune=True, lr=lr, warmup=2, steps=n) for n, lr in FINETUNE_GRID),
+        Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
     ]
 
 
@@ -174,7 +178,12 @@ EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
 # `generate --refine 16 --budget 36`: per-layer refinement for at most 36 s, then the default check (about 22 CPU-s
 # on one thread), under 60 CPU-s in all
 REFINE_BUDGET = 36.0
-GENERATE_REFINE = "refine/{tail}-refine16-layers-budget36-checked"
+# `generate --refine 16`: the composition's LoRA factors trained on 16 examples (train_config.REFINE_TRAINING), one
+# of the grid of steps and learning rates (warmup 2) it was chosen from
+BANK_LR = 2e-3
+FINETUNE_GRID = ((10, BANK_LR), (16, BANK_LR), (24, BANK_LR), (10, 4e-3))
+GENERATE_REFINE = "refine/{tail}-finetune16-steps%d-warmup%d" % (REFINE_TRAINING.steps, REFINE_TRAINING.warmup) + (
+    "-lr%g" % REFINE_TRAINING.lr if REFINE_TRAINING.lr != BANK_LR else "")
 CHECK_SINGLES = 8  # the most entries alone any checked setting tries
 CHECK_TOPS = 3  # the most top-k restrictions any checked setting tries
 PREVIOUS_DEFAULT = "loramix/embed-gaussian-w2-normalized"  # generate's default before issue 14 (no check)
@@ -459,15 +468,17 @@ class Runner:
         return out, record
 
     def train_equal(self, task: str, s: Setting, budget: float) -> tuple[dict, dict]:
-        """The equal-compute baseline: BANK_TRAINING's LoRA trained from scratch on `s.examples` training examples
-        (the refinement's) for `budget` seconds, then evaluated like every setting."""
+        """The equal-compute baseline: a LoRA trained from scratch on `s.examples` training examples (the refinement's)
+        with `generate --refine`'s recipe (REFINE_TRAINING, up to the bank's 150 steps) for `budget` seconds, then
+        evaluated like every setting."""
         from loramix.train import train
         from loramix.train_config import BANK_TRAINING
 
         data = read_dataset(self.suite / task / "train.jsonl").subsample(s.examples, 0)
         cpu = time.process_time()
         with tempfile.TemporaryDirectory() as tmp:
-            record = train(data, Path(tmp) / "lora", replace(BANK_TRAINING, budget=budget), base=self.bank.base_model)
+            cfg = replace(REFINE_TRAINING, steps=BANK_TRAINING.steps, budget=budget)
+            record = train(data, Path(tmp) / "lora", cfg, base=self.bank.base_model)
             seconds = time.process_time() - cpu
             result = self.evaluate(task, Path(tmp) / "lora")
         return result, {"cpu_seconds": seconds, "budget": budget, "steps": len(record["loss"]), "loss": record["loss"][-1]}
@@ -482,7 +493,7 @@ class Runner:
 
         data = read_dataset(self.suite / task / "train.jsonl").subsample(s.examples, 0)
         spent = checked["cpu_seconds"] if checked else 0.0
-        budget = max(1.0, s.budget - spent)
+        budget = None if s.budget is None else max(1.0, s.budget - spent)
         cpu = time.process_time()
         with tempfile.TemporaryDirectory() as tmp:
             init = None
@@ -490,7 +501,7 @@ class Runner:
                 comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
                 save_adapter(Path(tmp) / "composed", comp.config, comp.factors)
                 init = Path(tmp) / "composed"
-            tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup)) if v is not None}
+            tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup), ("steps", s.steps)) if v is not None}
             record = train(data, Path(tmp) / "lora", replace(BANK_TRAINING, budget=budget, **tuned),
                            base=self.bank.base_model, init=init)
             seconds = time.process_time() - cpu + spent

@@ -156,8 +156,9 @@ def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_pat
 
 def test_refining_a_method_that_cannot_be_mixed_is_refused(registries, tmp_path):
     register_toys()
-    with pytest.raises(LoramixError, match="cannot be refined"):
-        GenerateConfig(compose="toy-frozen", refine=4)
+    with pytest.raises(LoramixError, match="cannot be refined by a weight search"):
+        GenerateConfig(compose="toy-frozen", refine=4, refine_method="gradient")
+    assert GenerateConfig(compose="toy-frozen", refine=4).refine_method == "finetune"  # trains the composed adapter
 
 
 INVALID = {

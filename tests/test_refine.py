@@ -69,7 +69,8 @@ def test_per_layer_hooks_equal_the_per_layer_composition(tmp_path, tiny_base):
 def test_per_layer_refinement_is_written_and_recorded(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", n=4, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
-    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", refine_per_layer=True, check=0)
+    generate(bank, data, tmp_path / "out", refine=4, refine_method="gradient", top_k=3, max_samples=8, rank="full",
+             refine_per_layer=True, check=0)
     r = read_report(tmp_path / "out").refine
     assert r.layers is not None and set(r.layers) == {"0", "1"} and r.loss <= r.initial_loss
     assert all(len(v) <= 3 for v in r.layers.values())
@@ -104,7 +105,7 @@ def test_check_scales_every_layer_of_a_per_layer_composition(tmp_path, tiny_base
 
     out = tmp_path / "out"
     generate(bank.path, write_jsonl(tmp_path / "u.jsonl", topic_records("fruits", 20)), out, refine=4, check=4,
-             top_k=3, max_samples=8, rank="full", refine_per_layer=True)
+             refine_method="gradient", top_k=3, max_samples=8, rank="full", refine_per_layer=True)
     report = read_report(out)
     assert report.check is not None and report.refine.layers is not None
 
@@ -182,14 +183,15 @@ def test_refine_budget_starts_no_step_that_would_end_past_it(tmp_path, tiny_base
 def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", n=5, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
-    generate(bank, data, tmp_path / "out", refine=4, top_k=3, max_samples=8, rank="full", check=0,
-             refine_per_layer=False)
+    generate(bank, data, tmp_path / "out", refine=4, refine_method="gradient", top_k=3, max_samples=8, rank="full",
+             check=0, refine_per_layer=False)
     report = read_report(tmp_path / "out")
     r = report.refine
     assert r.examples == 4 and r.method == "gradient" and r.loss <= r.initial_loss and r.layers is None
     assert sum(1 for v in r.meta_coefficients.values() if v > 0) == 3
     assert report.coefficients != r.meta_coefficients
-    generate(bank, data, tmp_path / "layers", refine=4, top_k=3, max_samples=8, rank="full", check=0)
+    generate(bank, data, tmp_path / "layers", refine=4, refine_method="gradient", top_k=3, max_samples=8, rank="full",
+             check=0)
     assert read_report(tmp_path / "layers").refine.layers is not None  # per layer by default (README, Quality)
 
 
@@ -239,28 +241,35 @@ def test_answer_scores_count_a_reproduced_answer_as_exact(tiny_base):
     assert got.accuracy >= 3 / 4 and got.exact == float(eot_is_next)
 
 
-def test_generate_finetune_trains_the_composed_adapter(tmp_path, tiny_base):
-    """--finetune: the adapter written is the composition trained on examples the check did not see, in the
-    composition's dtype, recorded in loramix.json; it loads in PEFT and differs from the composition alone."""
+def test_generate_refine_finetunes_the_composed_adapter(tmp_path, tiny_base):
+    """--refine N (its default method, finetune): the adapter written is the composition trained on N examples, in
+    the composition's dtype, for --refine-steps steps, recorded in loramix.json; no check by default; it loads in
+    PEFT and differs from the composition alone. With an explicit check, training uses examples the check did not."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from loramix.train_config import REFINE_TRAINING
+
     bank = make_bank(tmp_path / "bank", n=4, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 20))
-    generate(bank, data, tmp_path / "plain", check=4, max_samples=8)
-    generate(bank, data, tmp_path / "tuned", check=4, finetune=6, refine_budget=None, max_samples=8)
+    generate(bank, data, tmp_path / "plain", check=0, max_samples=8)
+    generate(bank, data, tmp_path / "tuned", refine=6, max_samples=8)
     report = read_report(tmp_path / "tuned")
     ft = report.finetune
-    assert ft.examples == 6 and ft.steps == 150 and ft.loss < ft.first_loss
-    assert ft.from_composition == report.check.beats_base
+    assert report.check is None and report.refine is None
+    assert ft.examples == 6 and ft.steps == REFINE_TRAINING.steps and ft.from_composition and ft.loss < ft.first_loss
     plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     tuned = load_file(tmp_path / "tuned" / "adapter_model.safetensors")
     assert {t.dtype for t in tuned.values()} == {t.dtype for t in plain.values()}
-    if ft.from_composition:
-        assert plain.keys() == tuned.keys() and any(not torch.equal(plain[k], tuned[k]) for k in plain)
+    assert plain.keys() == tuned.keys() and any(not torch.equal(plain[k], tuned[k]) for k in plain)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "tuned")
     assert read_report(tmp_path / "plain").finetune is None
+
+    generate(bank, data, tmp_path / "checked", refine=6, refine_steps=3, check=4, max_samples=8)
+    report = read_report(tmp_path / "checked")
+    assert report.check.examples == 4 and report.finetune.steps == 3
+    assert report.finetune.from_composition == report.check.beats_base
 
 
 def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
@@ -274,14 +283,27 @@ def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
 
     save_adapter(tmp_path / "ad", comp.config, comp.factors)
     data = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 8)))
-    info = finetune(tmp_path / "ad", bank, data, GenerateConfig(refine_budget=None), from_composition=False)
-    assert not info.from_composition and info.steps == 150 and info.examples == 8
+    info = finetune(tmp_path / "ad", bank, data, GenerateConfig(refine=8, refine_steps=5), from_composition=False)
+    assert not info.from_composition and info.steps == 5 and info.examples == 8
 
 
-@pytest.mark.parametrize("kw,message", [({"finetune": -1}, "--finetune takes"), ({"finetune": 4, "refine_budget": 0.0}, "positive --budget")])
-def test_finetune_options_are_validated(kw, message):
+@pytest.mark.parametrize("kw,message", [
+    ({"refine": -1}, "refine must be at least 0"),
+    ({"refine": 4, "refine_budget": 0.0}, "positive number of seconds"),
+    ({"refine": 4, "refine_steps": 0}, "refine-steps must be at least 1"),
+    ({"refine": 4, "refine_method": "nope"}, "unknown refine method 'nope'; choose from finetune, gradient"),
+])
+def test_refine_options_are_validated(kw, message):
     from loramix import GenerateConfig
     from loramix.errors import LoramixError
 
     with pytest.raises(LoramixError, match=message):
         GenerateConfig(**kw)
+
+
+def test_check_defaults_to_none_with_refine():
+    """--check's default holds out 16 examples, none with --refine; an explicit --check is kept either way."""
+    from loramix import GenerateConfig
+
+    assert GenerateConfig().check_examples == 16 and GenerateConfig(refine=16).check_examples == 0
+    assert GenerateConfig(refine=16, check=8).check_examples == 8 and GenerateConfig(check=0).check_examples == 0

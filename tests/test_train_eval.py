@@ -52,7 +52,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(tiny_base):
     batch = SharedBatch.of(enc, tok.pad_token_id)
     assert batch.prefix.shape[1] > 0 and batch.rest.shape[1] < ids.shape[1]
     shared = batch.loss(model)
-    assert float(shared) == pytest.approx(float(plain), rel=1e-5)
+    assert shared.item() == pytest.approx(plain.item(), rel=1e-5)
     for g, w in zip(torch.autograd.grad(shared, lora), want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 

@@ -133,10 +133,10 @@ def generate(
                   f"{chk.chosen} (by {chk.criterion})")
         if not chk.beats_base:
             then = ("the adapter written has a zero update (the base model)" if report.finetune is None else
-                    "--finetune trained a fresh LoRA instead")
+                    "--refine trained a fresh LoRA instead")
             err.print(f"[yellow]warning:[/yellow] no composition beat the base model on the held-out examples: {then}")
     if (ft := report.finetune) is not None:
-        start = "the composition" if ft.from_composition else "scratch (the check kept the base)"
+        start = "the composition" if ft.from_composition else "a fresh LoRA (the check kept the base)"
         out.print(f"fine-tuned from {start} on {ft.examples} examples ({ft.steps} steps, {ft.seconds:.1f} s): "
                   f"training loss {ft.first_loss:.4f} -> {ft.loss:.4f}")
     out.print(f"wrote [bold]{result.out}[/bold]: rank {report.rank or 'as bank'}{kept}")

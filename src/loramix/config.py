@@ -14,8 +14,11 @@ from .errors import LoramixError
 from .operators import OPERATORS
 from .refine import CRITERIA, SEARCHES
 from .signatures import SIGNATURES, SignatureSpec
+from .train_config import REFINE_TRAINING
 
 DTYPE_NAMES = tuple(DTYPES)  # the output dtypes generate writes
+CHECK_EXAMPLES = 16  # --check's default without --refine
+FINETUNE = "finetune"  # the refine method that trains the composed adapter (the others search weights: refine.SEARCHES)
 
 
 def _names(registry) -> str:
@@ -59,25 +62,30 @@ class GenerateConfig:
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
                                "on the 53 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
-    check: int = option(16, "Hold out this many examples of DATA and keep, of the base model, the composed update at "
-                        "scales 0.5 to 2, its top entries (--check-tops) and the top entries alone (--check-singles), the one the held-out examples "
-                        "prefer (--check-criterion). Loads the base model and runs forward passes only; 0: no check "
-                        "(the composition as the operator gives it, without loading the base).", method=False)
+    check: int | None = option(None, "Hold out this many examples of DATA and keep, of the base model, the composed update "
+                               "at scales 0.5 to 2, its top entries (--check-tops) and the top entries alone "
+                               "(--check-singles), the one the held-out examples prefer (--check-criterion). Loads the "
+                               "base model and runs forward passes only; 0: no check (the composition as the operator "
+                               f"gives it, without loading the base). Default: {CHECK_EXAMPLES}, or 0 with --refine "
+                               "(refinement trains on the examples a check would hold out; at equal time the check lost: "
+                               "README, Quality).", method=False)
     check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)
     check_tops: int = option(0, "With --check: also try the composition kept to its top 2, ..., this-many entries "
                              "(rescaled to its total weight).", method=False)
     check_criterion: str = option("accuracy", "With --check: rank candidates by 'loss' (answer loss), 'accuracy' "
                                   "(teacher-forced token accuracy, then loss) or 'exact' (examples whose whole answer "
                                   "is the most likely continuation, then accuracy, then loss).", method=False)
-    refine: int = option(0, "Refine the top entries' weights on this many examples of DATA (loads the base).",
-                         method=False)
-    refine_method: str = option("gradient", f"Refinement search: {_names(SEARCHES)} (gradient: the k weights by "
-                                "backpropagation).", method=False)
-    finetune: int = option(0, "Train the composed adapter itself on this many examples of DATA: its LoRA factors, "
-                           "from the composition (from scratch when the check kept the base), with `loramix train`'s "
-                           "optimizer, after the check and on examples it did not see (loads the base).", method=False)
-    refine_budget: float | None = option(None, "Seconds the refinement (--refine; --finetune, each) may take (no step "
-                                         "starts that would end past them).", flag="--budget", method=False)
+    refine: int = option(0, "Refine the adapter on this many examples of DATA, as --refine-method says (loads the base "
+                         "model).", method=False)
+    refine_method: str = option(FINETUNE, f"How --refine uses its examples: {FINETUNE} (train the composed adapter's own "
+                                "LoRA factors, from the composition, with `loramix train`'s optimizer; from scratch when a "
+                                f"check kept the base), or a search of the top entries' weights: {_names(SEARCHES)} "
+                                "(gradient: by backpropagation).", method=False)
+    refine_steps: int | None = option(None, f"Optimizer steps (--refine-method {FINETUNE}: batches of 8) or loss "
+                                      f"evaluations (weight searches) of --refine. Default: {FINETUNE} "
+                                      f"{REFINE_TRAINING.steps}, the searches 40.", method=False)
+    refine_budget: float | None = option(None, "Seconds --refine may take at most (no step starts that would end past "
+                                         "them); default: no limit but --refine-steps.", flag="--budget", method=False)
     refine_per_layer: bool = option(True, "With --refine: one weight per entry and layer (the layers composed apart); "
                                     "--no-refine-per-layer: one weight per entry.", method=False)
 
@@ -98,25 +106,28 @@ class GenerateConfig:
         _at_least("max-samples", self.max_samples, 1)
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
             raise LoramixError(f"scale must be positive and finite, got {self.scale}")
-        if not (isinstance(self.check, int) and self.check >= 0):
-            raise LoramixError(f"--check takes a number of examples, got {self.check}")
+        _at_least("check", self.check, 0)
         _at_least("check-singles", self.check_singles, 0)
         _at_least("check-tops", self.check_tops, 0)
         if self.check_criterion not in CRITERIA:
             raise LoramixError(f"--check-criterion must be one of {', '.join(CRITERIA)}, got {self.check_criterion!r}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise LoramixError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        if not (isinstance(self.refine, int) and self.refine >= 0):
-            raise LoramixError(f"--refine takes a number of examples, got {self.refine}")
-        SEARCHES.get(self.refine_method)
-        if self.refine and not composer.refinable:
-            raise LoramixError(f"composition '{self.compose}' cannot be refined (--refine)")
-        if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget >= 0):
-            raise LoramixError(f"--budget must be a non-negative number of seconds, got {self.refine_budget}")
-        if not (isinstance(self.finetune, int) and not isinstance(self.finetune, bool) and self.finetune >= 0):
-            raise LoramixError(f"--finetune takes a number of examples, got {self.finetune}")
-        if self.finetune and self.refine_budget == 0:
-            raise LoramixError("--finetune needs a positive --budget (or none: the bank's 150 training steps)")
+        _at_least("refine", self.refine, 0)
+        if self.refine_method != FINETUNE:
+            if self.refine_method not in SEARCHES.names():
+                raise LoramixError(f"unknown refine method {self.refine_method!r}; choose from {FINETUNE}, {_names(SEARCHES)}")
+            if self.refine and not composer.refinable:
+                raise LoramixError(f"composition '{self.compose}' cannot be refined by a weight search (--refine-method "
+                                   f"{self.refine_method}); --refine-method {FINETUNE} can")
+        _at_least("refine-steps", self.refine_steps, 1)
+        if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget > 0):
+            raise LoramixError(f"--budget must be a positive number of seconds, got {self.refine_budget}")
+
+    @property
+    def check_examples(self) -> int:
+        """The examples the held-out check uses: --check, else its default (0 with --refine)."""
+        return self.check if self.check is not None else 0 if self.refine else CHECK_EXAMPLES
 
     def signature_spec(self) -> SignatureSpec:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)

@@ -14,7 +14,7 @@ import numpy as np
 from .adapter import DTYPES
 from .bank import Bank
 from .compose import COMPOSERS, Composition, plan, write_compositions
-from .config import GenerateConfig
+from .config import FINETUNE, GenerateConfig
 from .data import Dataset, read_dataset
 from .distances import distance_row
 from .errors import LoramixError
@@ -63,7 +63,7 @@ def _check_bank(bank: Bank, config: GenerateConfig, spec: SignatureSpec) -> None
 def _base_for(bank: Bank, config: GenerateConfig) -> tuple[Any, Any]:
     """The base model and tokenizer when `config` runs them (--refine, --check), loaded before any other work so a base
     that cannot be loaded is reported at once; else (None, None)."""
-    if not (config.refine or config.check):
+    if not (config.refine or config.check_examples):
         return None, None
     from .models import load_model, load_tokenizer
 
@@ -71,7 +71,7 @@ def _base_for(bank: Bank, config: GenerateConfig) -> tuple[Any, Any]:
         return load_model(bank.base_model), load_tokenizer(bank.base_model)
     except LoramixError as e:
         why = "--refine runs the base model" if config.refine else (
-            f"the held-out check (--check {config.check}) runs the base model; --check 0 skips it")
+            f"the held-out check (--check {config.check_examples}) runs the base model; --check 0 skips it")
         raise LoramixError(f"{e} ({why})") from None
 
 
@@ -109,21 +109,22 @@ def generate(
     coefficients = {e.name: config.scale * float(x) for e, x in zip(usable, c)}
     refined = checked = None
     refine_samples = dataset.subsample(config.refine, config.seed) if config.refine else None
-    tune_samples = dataset.subsample(config.finetune, config.seed) if config.finetune else None
-    if config.refine:
+    tuning = bool(config.refine) and config.refine_method == FINETUNE  # else a weight search, before the check
+    if config.refine and not tuning:
         from .refine import RefineConfig, refine
 
         rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or 8, method=config.refine_method,
-                            budget=config.refine_budget, per_layer=config.refine_per_layer, seed=config.seed)
+                            steps=config.refine_steps or RefineConfig.steps, budget=config.refine_budget,
+                            per_layer=config.refine_per_layer, seed=config.seed)
         refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose, model=model, tokenizer=tokenizer)
     weights = refined.coefficients if refined else coefficients
-    if config.check:
-        used = {s for part in (refine_samples, tune_samples) if part for s in part.samples}
+    if config.check_examples:
+        used = set(refine_samples.samples) if refine_samples else set()
         held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
         if not held.samples:
-            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine} / "
-                               f"--finetune {config.finetune}: give more examples than they use, or pass --check 0")
-        checked = check(bank, weights, held, examples=config.check, method=config.compose, seed=config.seed + 1,
+            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}: give "
+                               "more examples than it uses, or pass --check 0")
+        checked = check(bank, weights, held, examples=config.check_examples, method=config.compose, seed=config.seed + 1,
                         singles=config.check_singles, tops=config.check_tops, criterion=config.check_criterion,
                         layers=refined.layers if refined else None, model=model, tokenizer=tokenizer)
         weights = checked.coefficients
@@ -135,8 +136,9 @@ def generate(
                  allow_zero=base_kept, layers=layers)
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, bank, dataset, composition, weights, d)
-        if tune_samples is not None:
-            report.finetune = finetune(tmp, bank, tune_samples, config, from_composition=not base_kept)
+        if tuning:
+            report.finetune = finetune(tmp, bank, refine_samples, config, from_composition=not base_kept, model=model,
+                                       tokenizer=tokenizer)
         if calibration is not None:
             best = calibration.best
             report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale,
@@ -157,10 +159,12 @@ def generate(
     return GenerateResult(Path(out), weights, report.distances, report)
 
 
-def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig, *, from_composition: bool) -> FinetuneInfo:
-    """Train the adapter in `folder` on `samples` (BANK_TRAINING's optimizer within `config.refine_budget` seconds,
-    seeded) and put the trained PEFT files in its place: from its factors, or from a fresh LoRA when it is the base
-    model's zero update (whose factors get no gradient). Saved in the dtype the composition was written in."""
+def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig, *, from_composition: bool,
+             model: Any = None, tokenizer: Any = None) -> FinetuneInfo:
+    """Train the adapter in `folder` on `samples` (REFINE_TRAINING, its steps and budget as `config` says, seeded) and
+    put the trained PEFT files in its place: from its factors, or from a fresh LoRA when it is the base model's zero
+    update (whose factors get no gradient). Saved in the dtype the composition was written in. `model`, `tokenizer`:
+    the base, already loaded (the model gains the LoRA layers)."""
     import os
     import tempfile
 
@@ -168,14 +172,15 @@ def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig,
 
     from .adapter import CONFIG_FILE, WEIGHTS_FILE
     from .train import train
-    from .train_config import BANK_TRAINING
+    from .train_config import REFINE_TRAINING
 
     with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
         dtype = f.get_tensor(next(iter(f.keys()))).dtype
-    cfg = replace(BANK_TRAINING, budget=config.refine_budget, seed=config.seed,
-                  save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
+    cfg = replace(REFINE_TRAINING, steps=config.refine_steps or REFINE_TRAINING.steps, budget=config.refine_budget,
+                  seed=config.seed, save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None)
+        record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None,
+                       model=model, tokenizer=tokenizer)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(Path(tmp) / "tuned" / name, folder / name)
     return FinetuneInfo(len(samples), config.refine_budget, from_composition, len(record["loss"]), record["seconds"],

@@ -35,7 +35,7 @@ class EnergyInfo:
 
 @dataclass
 class FinetuneInfo:
-    """The fine-tune of the composed adapter (`--finetune`): examples, budget, whether it started from the composition
+    """The fine-tune of the composed adapter (`--refine N`, --refine-method finetune): examples, budget, whether it started from the composition
     (False: from scratch, the check having kept the base), optimizer steps, seconds, and the training loss (answer
     cross-entropy, nats per token) of its first and last step."""
 
@@ -50,7 +50,7 @@ class FinetuneInfo:
 
 @dataclass
 class RefineInfo:
-    """The refinement run (`--refine`): its settings, the meta-operator's coefficients it started from, the loss
+    """A weight search (`--refine N --refine-method gradient|nevergrad`): its settings, the meta-operator's coefficients it started from, the loss
     (answer-token cross-entropy + l1, nats) before and after, the loss of every step, and with `--refine-per-layer`
     each layer's weights (layer index -> entry -> weight; the report's coefficients are their means)."""
 

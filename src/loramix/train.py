@@ -31,12 +31,14 @@ def train(
     *,
     base: str | None = None,
     init: str | Path | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA on `data` (its `output` is the target) and write a PEFT adapter folder to `out`,
     with `training.json` (settings, loss per step, seconds). Returns that record. `init`: a PEFT adapter folder of
     the same base (e.g. a composed one) whose factors training starts from; its rank, alpha and modules replace
-    `config`'s."""
+    `config`'s. `model`, `tokenizer`: `base` already loaded (the model gains the LoRA layers and is trained in place)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     config = config or TrainConfig()
@@ -46,8 +48,8 @@ def train(
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(base)
-    model = load_model(base).to(device)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
+    model = (model if model is not None else load_model(base)).to(device)
     lora = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=list(config.target_modules), task_type="CAUSAL_LM",
