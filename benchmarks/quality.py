@@ -118,7 +118,7 @@ def default_setting() -> Setting:
     """The setting `loramix generate` uses by default."""
     d = GenerateConfig()
     comp = composition_setting()
-    return checked(comp, d.check_singles, d.check_criterion, "loramix", d.check_tops) if d.check else comp
+    return checked(comp, d.check_singles, d.check_criterion, "loramix", d.check_tops) if d.check_examples else comp
 
 
 def lever_settings(comp: Setting, default: Setting) -> list[Setting]:

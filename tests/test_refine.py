@@ -307,3 +307,18 @@ def test_check_defaults_to_none_with_refine():
 
     assert GenerateConfig().check_examples == 16 and GenerateConfig(refine=16).check_examples == 0
     assert GenerateConfig(refine=16, check=8).check_examples == 8 and GenerateConfig(check=0).check_examples == 0
+
+
+def test_cli_generate_refine_says_what_it_trained(tmp_path, tiny_base):
+    """`loramix generate --refine N` prints the fine-tune (examples, steps, loss) and runs no check by default."""
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+
+    bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 12))
+    res = CliRunner().invoke(app, ["generate", "-b", str(bank), "-d", str(data), "-o", str(tmp_path / "out"),
+                                   "--refine", "6", "--refine-steps", "2", "--max-samples", "8"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "fine-tuned from the composition on 6 examples (2 steps" in text and "checked on" not in text

@@ -50,4 +50,4 @@ BANK_TRAINING = bank_config()
 
 # `generate --refine N`'s fine-tune of the composed adapter (--refine-method finetune): the bank's recipe for fewer
 # steps, with a warmup to match; chosen on the leave-one-out benchmark (README, Quality).
-REFINE_TRAINING = replace(BANK_TRAINING, steps=16, warmup=2)
+REFINE_TRAINING = replace(BANK_TRAINING, steps=10, warmup=2)
