@@ -144,11 +144,12 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
 
 
 def refine_settings(default: Setting) -> list[Setting]:
-    """LoraHub's recipe and loramix's refinement of the default setting on 5 labelled examples, refinement on 16 (one
-    weight per entry, per layer), `generate --refine 16 --budget 36` (per layer, then the default check on examples
-    the refinement did not see), the composition's own LoRA factors trained on 16 examples (the bank's training
-    settings; -warmup2, -lr: their warmup and learning rate changed), and the equal-compute baseline: a LoRA trained
-    from scratch on the same 16 examples for as long as finetune16-budget48 took on the task."""
+    """LoraHub's recipe and loramix's refinement of the default setting on 5 labelled examples; weight searches on 16
+    (one weight per entry, per layer; `generate --refine 16 --refine-method gradient --budget 36 --check 16`: per
+    layer, then the default check on examples the refinement did not see); the composition's own LoRA factors trained
+    on 16 examples (a grid of steps and learning rates with 2 warmup steps, `generate --refine 16` among them, and the
+    bank's recipe under time budgets); and the equal-compute baseline: a LoRA trained from scratch on the same 16
+    examples for as long as `generate --refine 16` took on the task."""
     tail = default.name.split("/", 1)[1]
     d = GenerateConfig()
     base = dict(signature=default.signature, distance=default.distance, operator=default.operator, compose="exact",
@@ -175,8 +176,8 @@ def refine_settings(default: Setting) -> list[Setting]:
 
 
 EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
-# `generate --refine 16 --budget 36`: per-layer refinement for at most 36 s, then the default check (about 22 CPU-s
-# on one thread), under 60 CPU-s in all
+# `generate --refine 16 --refine-method gradient --budget 36 --check 16`: per-layer refinement for at most 36 s, then
+# the default check (about 22 CPU-s on one thread), under 60 CPU-s in all
 REFINE_BUDGET = 36.0
 # `generate --refine 16`: the composition's LoRA factors trained on 16 examples (train_config.REFINE_TRAINING), one
 # of the grid of steps and learning rates (warmup 2) it was chosen from
@@ -314,7 +315,7 @@ class Runner:
                     result["compose_seconds"], result["search"] = 0.0, search
                     results[s.name] = result
                     continue
-                if s.finetune:  # checked first (on examples training will not see), as generate --finetune
+                if s.finetune:  # checked first (on examples training will not see), as generate --refine 16 --check 16
                     checked = self.check(task, s, c, refined=s.examples)[1] if s.checked else None
                     if checked:
                         c = checked.pop("coefficients")
@@ -631,13 +632,15 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         base, trained = mean("base", "rougeL", names), mean("trained", "rougeL", names)
         lines += ["", f"## Refinement on labelled training examples (evaluation on the test split), {len(names)} tasks", "",
                   "LoraHub and refine5 see 5 examples, the others 16. refine16 searches the top 8 entries' weights (-layers: "
-                  "per layer) for at most 60 s; -budget36-checked is `generate --refine 16 --budget 36`: that search for at "
+                  "per layer) for at most 60 s (`generate --refine-method gradient`); -budget36-checked: that search for at "
                   "most 36 s, then the default check on 16 examples it did not see. finetune16 trains the composition's LoRA "
-                  "factors (the bank's training settings, from the composition) for 55 s (`generate --check 0 --finetune 16 "
-                  "--budget 55`; -budget48: 48 s, so that with the base model's load it fits 60 s; -warmup2: 2 warmup steps instead "
-                  "of 10; -lr4e-3: learning rate 4e-3 instead of 2e-3); checked-finetune16 checks first and trains for 55 s less the check's time (`generate "
-                  "--finetune 16`, its budget so). The LoRA trained from scratch (the bank's training settings) trains for as "
-                  "long as finetune16-budget48 took on the same task. Search CPU s: the search or training and any check, one "
+                  "factors (AdamW, batches of 8, from the composition) on the 16 examples: -stepsN-warmup2 for N steps "
+                  "with 2 warmup steps (-lr0.004: learning rate 4e-3 instead of 2e-3); -steps10-warmup2 is `generate "
+                  "--refine 16`. The budget settings train with the bank's recipe (10 warmup steps) for 55 s (-budget48: "
+                  "48 s; -warmup2: 2 warmup steps; -lr4e-3: learning rate 4e-3); checked-finetune16 checks first and "
+                  "trains for 55 s less the check's time. The LoRA trained from scratch (the same recipe as `generate "
+                  "--refine 16`, up to 150 steps) trains for as long as `generate --refine 16` took on the same task. "
+                  "Search CPU s: the composition, the base model's load and the search or training and any check, one "
                   "thread.", "",
                   "| setting | ROUGE-L | exact match | gap closed | vs default [95% CI] | search CPU s / task |",
                   "| --- | ---: | ---: | ---: | --- | ---: |"]
