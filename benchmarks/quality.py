@@ -159,7 +159,8 @@ def refine_settings(default: Setting) -> list[Setting]:
         Setting(f"refine/{tail}-refine5", "refine", **base),
         Setting(f"refine/{tail}-refine16", "refine", **base, examples=16, budget=60.0),
         Setting(f"refine/{tail}-refine16-layers", "refine", **base, examples=16, per_layer=True, budget=60.0),
-        Setting(f"refine/{tail}-refine16-layers-budget{REFINE_BUDGET:g}-checked", "refine", **base, examples=16, per_layer=True, budget=REFINE_BUDGET,
+        Setting(f"refine/{tail}-refine16-layers-budget{REFINE_BUDGET:g}-checked", "refine", **base, examples=16,
+                per_layer=True, budget=REFINE_BUDGET,
                 checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
         Setting(f"refine/{tail}-finetune16", "refine", **base, examples=16, budget=55.0, finetune=True),
         Setting(f"refine/{tail}-finetune16-budget48", "refine", **base, examples=16, budget=48.0, finetune=True),
@@ -632,8 +633,8 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         base, trained = mean("base", "rougeL", names), mean("trained", "rougeL", names)
         lines += ["", f"## Refinement on labelled training examples (evaluation on the test split), {len(names)} tasks", "",
                   "LoraHub and refine5 see 5 examples, the others 16. refine16 searches the top 8 entries' weights (-layers: "
-                  "per layer) for at most 60 s (`generate --refine-method gradient`); -budget36-checked: that search for at "
-                  "most 36 s, then the default check on 16 examples it did not see. finetune16 trains the composition's LoRA "
+                  "per layer) for at most 60 s (`generate --refine-method gradient`); -budget36-checked: that "
+                  "search for at most 36 s, then the default check on 16 examples it did not see. finetune16 trains the composition's LoRA "
                   "factors (AdamW, batches of 8, from the composition) on the 16 examples: -stepsN-warmup2 for N steps "
                   "with 2 warmup steps (-lr0.004: learning rate 4e-3 instead of 2e-3); -steps10-warmup2 is `generate "
                   "--refine 16`. The budget settings train with the bank's recipe (10 warmup steps) for 55 s (-budget48: "

@@ -33,7 +33,7 @@ def test_encode_and_batch_put_answers_last(tiny_base):
         assert targets[row, -k:].tolist() == seq[-k:] and (targets[row, :-k] == -100).all()
 
 
-def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(tiny_base):
+def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(tmp_path, tiny_base):
     """Training's batch runs the shared prompt prefix once: its loss and its LoRA gradients equal those of running
     every row whole."""
     from peft import LoraConfig, get_peft_model
@@ -42,18 +42,19 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(tiny_base):
 
     tok = load_tokenizer(str(tiny_base))
     torch.manual_seed(0)
-    model = get_peft_model(load_model(str(tiny_base)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    enc = encode(tok, read_dataset(write_jsonl(tiny_base.parent / "p.jsonl", topic_records("fruits", 5))), 64)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(load_model(str(tiny_base)), lora)
+    enc = encode(tok, read_dataset(write_jsonl(tmp_path / "p.jsonl", topic_records("fruits", 5))), 64)
     ids, mask, targets = answer_batch(enc, pad=tok.pad_token_id)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, -targets.shape[1] - 1 : -1]
     plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    lora = [p for p in model.parameters() if p.requires_grad]
-    want = torch.autograd.grad(plain, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(plain, params)
     batch = SharedBatch.of(enc, tok.pad_token_id)
     assert batch.prefix.shape[1] > 0 and batch.rest.shape[1] < ids.shape[1]
     shared = batch.loss(model)
     assert shared.item() == pytest.approx(plain.item(), rel=1e-5)
-    for g, w in zip(torch.autograd.grad(shared, lora), want):
+    for g, w in zip(torch.autograd.grad(shared, params), want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 

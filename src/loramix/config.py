@@ -86,8 +86,9 @@ class GenerateConfig:
                                       f"{REFINE_TRAINING.steps}, the searches 40.", method=False)
     refine_budget: float | None = option(None, "Seconds --refine may take at most (no step starts that would end past "
                                          "them); default: no limit but --refine-steps.", flag="--budget", method=False)
-    refine_per_layer: bool = option(True, "With --refine: one weight per entry and layer (the layers composed apart); "
-                                    "--no-refine-per-layer: one weight per entry.", method=False)
+    refine_per_layer: bool = option(True, "With a weight search (--refine-method gradient, nevergrad): one weight per "
+                                    "entry and layer (the layers composed apart); --no-refine-per-layer: one weight "
+                                    "per entry.", method=False)
 
     def __post_init__(self) -> None:
         kind = SIGNATURES.get(self.signature).kind

@@ -115,6 +115,7 @@ class SharedBatch:
 
     @classmethod
     def of(cls, items: list[Encoded], pad: int) -> SharedBatch:
+        """The batch of `encode`d items, padded with `pad`."""
         p = min(common_prefix([seq for seq, _ in items]), *(len(seq) - n - 1 for seq, n in items))
         ids, mask, targets = answer_batch(items, pad, p)
         positions = (p + mask[:, p:].cumsum(1) - 1).clamp(min=0)

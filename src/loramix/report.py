@@ -35,9 +35,9 @@ class EnergyInfo:
 
 @dataclass
 class FinetuneInfo:
-    """The fine-tune of the composed adapter (`--refine N`, --refine-method finetune): examples, budget, whether it started from the composition
-    (False: from scratch, the check having kept the base), optimizer steps, seconds, and the training loss (answer
-    cross-entropy, nats per token) of its first and last step."""
+    """The fine-tune of the composed adapter (`--refine N`, --refine-method finetune): examples, budget, whether it
+    started from the composition (False: from scratch, a check having kept the base), optimizer steps, seconds, and
+    the training loss (answer cross-entropy, nats per token) of its first and last step."""
 
     examples: int
     budget_seconds: float | None
@@ -50,9 +50,10 @@ class FinetuneInfo:
 
 @dataclass
 class RefineInfo:
-    """A weight search (`--refine N --refine-method gradient|nevergrad`): its settings, the meta-operator's coefficients it started from, the loss
-    (answer-token cross-entropy + l1, nats) before and after, the loss of every step, and with `--refine-per-layer`
-    each layer's weights (layer index -> entry -> weight; the report's coefficients are their means)."""
+    """A weight search (`--refine N --refine-method gradient|nevergrad`): its settings, the meta-operator's
+    coefficients it started from, the loss (answer-token cross-entropy + l1, nats) before and after, the loss of every
+    step, and with `--refine-per-layer` each layer's weights (layer index -> entry -> weight; the report's
+    coefficients are their means)."""
 
     examples: int
     method: str
