@@ -69,6 +69,7 @@ class Setting:
     lr: float | None = None  # finetune: the learning rate (None: the bank's training settings')
     warmup: int | None = None  # finetune: the warmup steps (None: the bank's training settings')
     steps: int | None = None  # finetune: the optimizer steps (None: the bank's training settings')
+    batch_size: int | None = None  # finetune: samples per step (None: the bank's training settings')
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -172,6 +173,8 @@ def refine_settings(default: Setting) -> list[Setting]:
                 checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
         *(Setting(f"refine/{tail}-finetune16-steps{n}-warmup2" + (f"-lr{lr:g}" if lr != BANK_LR else ""), "refine", **base,
                   examples=16, finetune=True, lr=lr, warmup=2, steps=n) for n, lr in FINETUNE_GRID),
+        *(Setting(f"refine/{tail}-finetune16-steps{n}-warmup2-batch4", "refine", **base, examples=16, finetune=True,
+                  warmup=2, steps=n, batch_size=4) for n in (10, 20)),
         Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
     ]
 
@@ -503,7 +506,8 @@ class Runner:
                 comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
                 save_adapter(Path(tmp) / "composed", comp.config, comp.factors)
                 init = Path(tmp) / "composed"
-            tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup), ("steps", s.steps)) if v is not None}
+            tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup), ("steps", s.steps), ("batch_size", s.batch_size))
+                     if v is not None}
             record = train(data, Path(tmp) / "lora", replace(BANK_TRAINING, budget=budget, **tuned),
                            base=self.bank.base_model, init=init)
             seconds = time.process_time() - cpu + spent
