@@ -35,6 +35,7 @@ from loramix.files import atomic_write_bytes  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import generate_answers, load_for_eval, merged_adapter, score  # noqa: E402
 from loramix.meta import loo_coefficients  # noqa: E402
+from loramix.operators import OPERATORS  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
 from loramix.train_config import REFINE_TRAINING  # noqa: E402
 
@@ -62,6 +63,9 @@ class Setting:
     check_singles: int = 0  # checked: the top entries alone among the candidates
     check_tops: int = 0  # checked: the composition kept to its top 2..N entries among the candidates
     check_criterion: str = "loss"  # checked: how candidates are ranked (loramix.refine.CRITERIA)
+    check_examples: int = 16  # checked: the training examples the check scores candidates on
+    keep_exact: float | None = None  # finetune: checked on its own training examples first; the candidate kept untrained
+    # when it reproduces at least this fraction of them exactly (teacher-forced), else the composition trained
     examples: int = 5  # refine group: labelled training examples the search (or the equal-compute LoRA) sees
     per_layer: bool = False  # refine group: one weight per layer and entry
     budget: float | None = None  # refine group: seconds the search may take (None: LoraHub's time on 5 examples)
@@ -106,13 +110,13 @@ def composition_setting() -> Setting:
 CRITERION_SUFFIX = {"loss": "", "accuracy": "-acc", "exact": "-exact"}
 
 
-def checked(s: Setting, singles: int, criterion: str, group: str = "lever", tops: int = 0) -> Setting:
-    """`s` with the held-out check (`--check 16 --check-singles <singles> --check-tops <tops> --check-criterion
+def checked(s: Setting, singles: int, criterion: str, group: str = "lever", tops: int = 0, examples: int = 16) -> Setting:
+    """`s` with the held-out check (`--check <examples> --check-singles <singles> --check-tops <tops> --check-criterion
     <criterion>`)."""
-    name = (s.name + "-checked" + (f"-singles{singles}" if singles else "") + (f"-tops{tops}" if tops else "")
-            + CRITERION_SUFFIX[criterion])
+    name = (s.name + "-checked" + (f"{examples}" if examples != 16 else "") + (f"-singles{singles}" if singles else "")
+            + (f"-tops{tops}" if tops else "") + CRITERION_SUFFIX[criterion])
     return replace(s, name=name, group=group, checked=True, check_singles=singles, check_tops=tops,
-                   check_criterion=criterion)
+                   check_criterion=criterion, check_examples=examples)
 
 
 def default_setting() -> Setting:
@@ -129,15 +133,19 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
     learning with the base and with the default adapter."""
     plain, io = (loramix_setting(sig, comp.distance, comp.operator, comp.top_k, comp.temperature) for sig in ("embed", "embed-io"))
     plain, io = replace(plain, group="lever"), replace(io, group="lever")
+    answer = replace(io, name=io.name.replace(f"-{comp.operator}", "-neural-answer"), operator="neural-answer")
     tail = default.name.split("/", 1)[1]
     pools = ((0, 0), (4, 0), (4, CHECK_TOPS), (CHECK_SINGLES, 0), (CHECK_SINGLES, CHECK_TOPS))  # (singles, tops)
     return [
         replace(io, name=f"{io.name}-calibrated", calibrated=True),
         replace(default, name=default.name.replace("-checked", "-calibrated-checked"), group="lever", calibrated=True),
         *(checked(io, k, crit, tops=t) for k, t in pools for crit in CRITERION_SUFFIX),
+        *(checked(io, 4, crit, examples=32) for crit in ("accuracy", "exact")),
         *(checked(plain, k, crit) for k in (0, 4, CHECK_SINGLES) for crit in ("loss", "accuracy")),
         plain,
         io,
+        answer,
+        checked(answer, default.check_singles, default.check_criterion, tops=default.check_tops),
         Setting("icl/base-5shot", "icl", shots=5),
         Setting("icl/base-16shot", "icl", shots=16),
         *(replace(default, name=f"icl/{tail}-{k}shot", group="icl", shots=k) for k in (5, 16)),
@@ -175,6 +183,9 @@ def refine_settings(default: Setting) -> list[Setting]:
                   examples=16, finetune=True, lr=lr, warmup=2, steps=n) for n, lr in FINETUNE_GRID),
         *(Setting(f"refine/{tail}-finetune16-steps{n}-warmup2-batch4", "refine", **base, examples=16, finetune=True,
                   warmup=2, steps=n, batch_size=4) for n in (10, 20)),
+        *(Setting(f"refine/{tail}-keep-exact{k:g}-finetune16-steps{REFINE_TRAINING.steps}-warmup2", "refine", **base,
+                  examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, keep_exact=k,
+                  check_singles=d.check_singles, check_criterion=d.check_criterion) for k in KEEP_EXACT),
         Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
     ]
 
@@ -189,6 +200,7 @@ BANK_LR = 2e-3
 FINETUNE_GRID = ((10, BANK_LR), (16, BANK_LR), (24, BANK_LR), (10, 4e-3))
 GENERATE_REFINE = "refine/{tail}-finetune16-steps%d-warmup%d" % (REFINE_TRAINING.steps, REFINE_TRAINING.warmup) + (
     "-lr%g" % REFINE_TRAINING.lr if REFINE_TRAINING.lr != BANK_LR else "")
+KEEP_EXACT = (0.0, 0.75, 1.0)  # keep-exact settings' thresholds (0: the checked candidate, never trained)
 CHECK_SINGLES = 8  # the most entries alone any checked setting tries
 CHECK_TOPS = 3  # the most top-k restrictions any checked setting tries
 PREVIOUS_DEFAULT = "loramix/embed-gaussian-w2-normalized"  # generate's default before issue 14 (no check)
@@ -227,9 +239,21 @@ class Runner:
         t_sig = time.perf_counter() - start
         self.index.distance_matrix(spec, s.distance, 0)
         t_dist = time.perf_counter() - start - t_sig
+        trainable = OPERATORS.get(s.operator).trainable
+        memo = self.bank_root / "coefficients" / f"{s.signature}.{s.distance}.{s.operator}.{s.compose}.{s.top_k}.{s.temperature:g}.npy"
+        if trainable and memo.is_file():  # a trained operator's cross-fit is kept (minutes for neural-answer)
+            self.timings[s.name] = json.loads(memo.with_suffix(".json").read_text())
+            return np.load(memo)
+        cpu = time.process_time()
         c = loo_coefficients(self.index, config)
-        t_op = time.perf_counter() - start - t_sig - t_dist
+        t_op = time.process_time() - cpu
+        if trainable:  # cross-fitted 5 times; a bank fits it once for every generate
+            t_op /= 5
         self.timings[s.name] = {"signatures": t_sig, "distances": t_dist, "operator": t_op}
+        if trainable:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(memo.with_suffix(".json"), json.dumps(self.timings[s.name]).encode())
+            np.save(memo, c)
         return c
 
     # -- evaluation -------------------------------------------------------------------------------------
@@ -319,6 +343,27 @@ class Runner:
                     result["compose_seconds"], result["search"] = 0.0, search
                     results[s.name] = result
                     continue
+                if s.keep_exact is not None:  # checked on the training examples: kept if already exact, else trained
+                    checked = self.check(task, s, c, refined=s.examples, on_refined=True)[1]
+                    exact = checked["scores"][checked["chosen"]][2]
+                    if exact >= s.keep_exact:
+                        kept = checked.pop("coefficients")
+                        result, compose_s = self.evaluate_composition(task, kept, s)
+                        search = {"cpu_seconds": checked["cpu_seconds"] + compose_s, "kept": True, "check": checked}
+                        result["coefficients"] = [round(float(x), 6) for x in kept]
+                    else:  # trained as generate --refine 16 (deterministic: its record is reused when there is one)
+                        checked.pop("coefficients")
+                        name = GENERATE_REFINE.format(tail=s.warm_start.split("/", 1)[1])
+                        ref = results.get(name) or self.cached(name, task)
+                        if ref is None:
+                            result, search = self.finetune(task, s, c)
+                        else:
+                            result, search = {k: v for k, v in ref.items() if k != "search"}, dict(ref["search"])
+                        search = {**search, "cpu_seconds": search["cpu_seconds"] + checked["cpu_seconds"], "kept": False,
+                                  "check": checked}
+                    result["compose_seconds"], result["search"] = 0.0, search
+                    results[s.name] = result
+                    continue
                 if s.finetune:  # checked first (on examples training will not see), as generate --refine 16 --check 16
                     checked = self.check(task, s, c, refined=s.examples)[1] if s.checked else None
                     if checked:
@@ -340,20 +385,7 @@ class Runner:
                     if refined:
                         search = {**search, "cpu_seconds": refined["cpu_seconds"] + search["cpu_seconds"],
                                   "refine": {k: v for k, v in refined.items() if k != "layers"}}
-                memo = self.memo(task, c, s, layers)
-                if not c.any():  # the check kept the base model
-                    result = self.evaluate(task, None, s.shots)
-                elif memo.is_file():  # another setting chose the same composition on this task
-                    result = json.loads(memo.read_text())
-                else:
-                    start = time.perf_counter()  # the search or check is counted by its own record
-                    comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose,
-                                   layers=layers)
-                    compose_s = time.perf_counter() - start
-                    with tempfile.TemporaryDirectory() as tmp:
-                        save_adapter(tmp, comp.config, comp.factors)
-                        result = self.evaluate(task, Path(tmp), s.shots)
-                    atomic_write_bytes(memo, json.dumps(result).encode())
+                result, compose_s = self.evaluate_composition(task, c, s, layers)
                 result["top"] = [[self.names[j], round(float(c[j]), 4)] for j in np.argsort(-c)[:3]]
                 result["coefficients"] = [round(float(x), 6) for x in c]
             result["compose_seconds"] = compose_s
@@ -361,6 +393,23 @@ class Runner:
                 result["search"] = search
             results[s.name] = result
         return results
+
+    def evaluate_composition(self, task: str, c: np.ndarray, s: Setting, layers: dict | None = None) -> tuple[dict, float]:
+        """The composition c (with s's method and prompt; the base model when c is zero) evaluated on `task`, kept on
+        disk per composition, and the seconds composing it took (0 when kept)."""
+        if not c.any():
+            return self.evaluate(task, None, s.shots), 0.0
+        memo = self.memo(task, c, s, layers)
+        if memo.is_file():  # another setting chose the same composition on this task
+            return json.loads(memo.read_text()), 0.0
+        start = time.perf_counter()  # the search or check is counted by its own record
+        comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose, layers=layers)
+        seconds = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(tmp, comp.config, comp.factors)
+            result = self.evaluate(task, Path(tmp), s.shots)
+        atomic_write_bytes(memo, json.dumps(result).encode())
+        return result, seconds
 
     def memo(self, task: str, c: np.ndarray, s: Setting, layers: dict | None = None) -> Path:
         """Where the evaluation of the composition c (with s's method and prompt) on `task` is kept, so settings that
@@ -373,19 +422,22 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{key}.json"
 
-    def check(self, task: str, s: Setting, c: np.ndarray, layers: dict | None = None, refined: int = 0) -> tuple[np.ndarray, dict]:
-        """`generate --check 16 --check-singles K --check-tops N --check-criterion X`: of the base, c at scales 0.5 to
-        2, c kept to its top 2..N entries and the top K entries alone, the candidate X prefers on 16 training examples.
+    def check(self, task: str, s: Setting, c: np.ndarray, layers: dict | None = None, refined: int = 0,
+              on_refined: bool = False) -> tuple[np.ndarray, dict]:
+        """`generate --check E --check-singles K --check-tops N --check-criterion X`: of the base, c at scales 0.5 to
+        2, c kept to its top 2..N entries and the top K entries alone, the candidate X prefers on E training examples.
         The checked settings share one check of every candidate (CHECK_SINGLES entries alone, CHECK_TOPS), kept on
         disk; each then chooses among its own candidates and is charged its share of the check's CPU time (one
         forward pass per candidate). After a refinement on `refined` examples (seed 0), as `generate --refine`: the
-        refined `layers` are scaled, and the check's examples are drawn from the others."""
+        refined `layers` are scaled, and the check's examples are drawn from the others; `on_refined`: the check runs
+        on the refinement's own examples instead (choosing where training starts)."""
         from loramix.calibrate import check, check_candidates, scaled_layers
         from loramix.refine import CRITERIA, AnswerScores
 
         coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
         memo = self.memo(task, c, Setting("check", "lever", compose=s.compose), layers).with_suffix(
-            f".check-tops{CHECK_TOPS}{f'-without{refined}' if refined else ''}.json")  # held out from the rest
+            f".check-tops{CHECK_TOPS}{f'-on{refined}' if on_refined else f'-without{refined}' if refined else ''}"
+            f"{f'-n{s.check_examples}' if s.check_examples != 16 else ''}.json")
         if memo.is_file():
             record = json.loads(memo.read_text())
         else:
@@ -393,8 +445,9 @@ class Runner:
             cpu = time.process_time()
             train = read_dataset(self.suite / task / "train.jsonl")
             used = set(train.subsample(refined, 0).samples) if refined else set()
-            held = type(train)([x for x in train.samples if x not in used], train.source)
-            res = check(self.bank, coefficients, held, examples=16, seed=1, singles=CHECK_SINGLES, tops=CHECK_TOPS,
+            held = (train.subsample(refined, 0) if on_refined
+                    else type(train)([x for x in train.samples if x not in used], train.source))
+            res = check(self.bank, coefficients, held, examples=s.check_examples, seed=1, singles=CHECK_SINGLES, tops=CHECK_TOPS,
                         layers=layers, model=self.model, tokenizer=self.tokenizer)
             record = {"cpu_seconds": time.process_time() - cpu, "scores": {k: [v.loss, v.accuracy, v.exact] for k, v in res.scores.items()}}
             atomic_write_bytes(memo, json.dumps(record).encode())
@@ -606,14 +659,15 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L over the same tasks. vs default = the mean "
         "per-task ROUGE-L difference to the default, with its 95% paired bootstrap interval (tasks resampled, 10,000 "
         "draws); tasks < base = tasks where the setting scores below the base model. CPU s / task = the bank's "
-        "distance matrix, the operator (incl. neural fitting), and per task the composition and any search or check, "
+        "distance matrix, the operator (a trained one: one of its 5 cross-fitted fits, done once per bank), and per task the composition and any search or check, "
         "in seconds; the signatures (computed once per bank and cached, see speed.md for their cost), the bank "
         "calibration (given below) and generation are not included. Calibrated settings are cross-fitted: task t's "
-        "temperature, top-k and scale are chosen on the bank's calibration without t's fold (5 folds). Checked "
+        "temperature, top-k and scale are chosen on the bank's calibration without t's fold (5 folds); so is the "
+        "`neural-answer` operator (fitted without t's fold), whose fitting is in its CPU s. Checked "
         "settings (`generate --check 16`) keep, of the base model, the composition at scales 0.5 to 2, (topsN) the "
         "composition kept to its top 2..N entries and (singlesK) the top K entries alone, the candidate their "
         "criterion (answer loss; -acc: teacher-forced token accuracy; -exact: answers teacher-forced exactly, then "
-        "accuracy) prefers on 16 of the task's training examples; their CPU s include their share of the check's "
+        "accuracy) prefers on 16 of the task's training examples (checked32: 32, `--check 32`); their CPU s include their share of the check's "
         f"forward passes (one check of every candidate, the top {CHECK_SINGLES} entries alone and tops{CHECK_TOPS} "
         "included, shared by the checked settings, each charged for the candidates it compares). The "
         "default is checked; its composition is also shown unchecked (`--check 0`), and so is the default before issue "
@@ -644,7 +698,7 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
                   "of 8); -steps10-warmup2 is `generate "
                   "--refine 16`. The budget settings train with the bank's recipe (10 warmup steps) for 55 s (-budget48: "
                   "48 s; -warmup2: 2 warmup steps; -lr4e-3: learning rate 4e-3); checked-finetune16 checks first and "
-                  "trains for 55 s less the check's time. The LoRA trained from scratch (the same recipe as `generate "
+                  "trains for 55 s less the check's time; keep-exactX first runs the default check on the 16 training examples themselves and keeps its candidate, untrained, when it reproduces at least the fraction X of them exactly (teacher-forced), else trains the composition as `generate --refine 16` (keep-exact0: the candidate, never trained). The LoRA trained from scratch (the same recipe as `generate "
                   "--refine 16`, up to 150 steps) trains for as long as `generate --refine 16` took on the same task. "
                   "Search CPU s: the composition, the base model's load and the search or training and any check, one "
                   "thread.", "",

@@ -16,6 +16,7 @@ from loramix.errors import LoramixError
 from loramix.index import BankIndex
 from loramix.meta import loo_coefficients
 from loramix.models import load_model, load_tokenizer
+from loramix.operators import AnswerTrained, BankFit, coefficients
 from loramix.refine import MixedLoRA, answer_loss_fn
 
 GRID = [Candidate(t, k, s) for t in (0.5, 1.0) for k in (None, 2) for s in (1.0, 2.0)]
@@ -163,3 +164,41 @@ def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_i
 
     assert all(float(t.abs().max()) == 0.0 for t in load_file(tmp_path / "base" / "adapter_model.safetensors").values())
     assert json.loads((tmp_path / "base" / "adapter_config.json").read_text())["r"] >= 1
+
+
+def _mean_ratio(bank, coefs, examples=8):
+    """The bank's leave-one-out objective by hand: mean over entries of answer loss under coefs[t] / under the base."""
+    model, tok = load_model(bank.base_model), load_tokenizer(bank.base_model)
+    mixed = MixedLoRA(model, bank, bank.usable)
+    ratios = []
+    with torch.no_grad():
+        for t, e in enumerate(bank.usable):
+            fn = answer_loss_fn(model, tok, e.dataset().subsample(examples, 0).samples)
+            mixed.weights = torch.zeros(len(bank.usable))
+            base = float(fn())
+            mixed.weights = torch.as_tensor(coefs[t], dtype=torch.float32)
+            ratios.append(float(fn()) / base)
+    mixed.remove()
+    return float(np.mean(ratios))
+
+
+def test_answer_trained_operator_starts_at_normalized_and_lowers_the_banks_answer_loss(tiny_bank, tmp_path):
+    index = BankIndex(tiny_bank)
+    cfg = GenerateConfig(max_samples=8)
+    d = index.distance_matrix(index.resolve(cfg.signature_spec()), cfg.distance).copy()
+    np.fill_diagonal(d, np.inf)
+    data = BankFit(tiny_bank, tiny_bank.usable, d)
+    start = AnswerTrained()
+    start.epochs = 0
+    start.fit_bank(data)
+    normalized = np.stack([coefficients(row, "normalized") for row in d])
+    assert np.allclose(np.stack([start.coefficients(row) for row in d]), normalized)
+    op = AnswerTrained()
+    op.epochs = 8
+    op.fit_bank(data)
+    assert len(op.history) == 8 and all(np.isfinite(op.history))
+    trained = np.stack([op.coefficients(row) for row in d])
+    assert np.allclose(trained.sum(1), 1) and np.all(np.diag(trained) == 0)
+    assert _mean_ratio(tiny_bank, trained) < _mean_ratio(tiny_bank, normalized)
+    op.save(tmp_path / "op.safetensors")
+    assert np.allclose(np.stack([AnswerTrained.load(tmp_path / "op.safetensors").coefficients(r) for r in d]), trained)

@@ -53,9 +53,9 @@ def test_bank_index_and_list(tmp_path, bank):
     r = runner.invoke(app, ["bank", "list", str(bank)])
     assert r.exit_code == 0, r.output
     assert "task_animals" in r.output and "missing" in r.output and "no data" in r.output and "q_proj" in r.output
-    r = runner.invoke(app, ["bank", "index", str(bank), "--max-samples", "8", "--distance", "w2", "--neural"])
+    r = runner.invoke(app, ["bank", "index", str(bank), "--max-samples", "8", "--distance", "w2", "--fit", "neural"])
     assert r.exit_code == 0, r.output
-    assert "7 signatures (embed-io)" in r.output and "7 computed" in r.output and "neural operator fitted" in r.output
+    assert "7 signatures (embed-io)" in r.output and "7 computed" in r.output and "operator neural fitted" in r.output
     r = runner.invoke(app, ["bank", "index", str(bank), "--max-samples", "8"])
     assert "0 computed, 7 cached" in r.output
     r = runner.invoke(app, ["bank", "list", str(bank), "--max-samples", "8"])
@@ -65,3 +65,11 @@ def test_bank_index_and_list(tmp_path, bank):
 def test_version():
     r = runner.invoke(app, ["version"])
     assert r.exit_code == 0 and r.output.strip()
+
+
+def test_bank_index_fit_refuses_what_it_cannot_fit(bank):
+    r = runner.invoke(app, ["bank", "index", str(bank), "--fit", "neural"])
+    assert r.exit_code != 0 and "--fit needs --distance" in str(r.exception)
+    r = runner.invoke(app, ["bank", "index", str(bank), "--distance", "w2", "--fit", "normalized"])
+    assert r.exit_code != 0 and "operator 'normalized' is not trained" in str(r.exception)
+    assert "(trainable: neural, neural-answer)" in str(r.exception)

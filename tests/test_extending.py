@@ -64,9 +64,9 @@ def register_toys():
         def scores(self, d):
             return np.asarray(d, dtype=np.float64) / self.scale
 
-        def fit(self, distances, gram, *, seed=0):
+        def fit_bank(self, data, *, seed=0):
             type(self).fits += 1
-            off = distances[~np.eye(len(distances), dtype=bool)]
+            off = data.distances[~np.eye(len(data.distances), dtype=bool)]
             self.scale = float(off.mean()) or 1.0
             self.history = [self.scale]
             return self

@@ -232,8 +232,10 @@ def bank_build(
 def bank_index(
     bank: Path = typer.Argument(..., help="Bank folder."),
     distance: Optional[str] = typer.Option(None, help="Also compute the bank's distance matrix for this distance."),
-    neural: bool = typer.Option(False, "--neural", help="Also fit the neural operator (needs --distance)."),
-    compose: str = typer.Option(D.compose, help="Composition the neural operator is fitted for (exact or paper)."),
+    fit: Optional[str] = typer.Option(None, "--fit", help="Also fit this trainable operator (neural: the paper's, on "
+                                      "the adapters; neural-answer: on the bank's own answer loss, loads the base "
+                                      "model, minutes); needs --distance."),
+    compose: str = typer.Option(D.compose, help="Composition the operator is fitted for (exact or paper)."),
     engine: EngineOpt = "local",
     allow_pickle: PickleOpt = False,
     config: GenerateConfig = D,
@@ -242,11 +244,15 @@ def bank_index(
     from .bank import Bank
     from .index import BankIndex
     from .meta import operator_for
+    from .operators import OPERATORS
 
-    if neural and distance is None:
-        raise LoramixError("--neural needs --distance")
+    if fit and distance is None:
+        raise LoramixError("--fit needs --distance")
+    if fit and not OPERATORS.get(fit).trainable:
+        raise LoramixError(f"operator '{fit}' is not trained: use it as it is (trainable: "
+                           f"{', '.join(n for n in OPERATORS.names() if OPERATORS.get(n).trainable)})")
     if distance:  # checked before any work
-        config = dataclasses.replace(config, distance=distance, compose=compose, operator="neural" if neural else config.operator)
+        config = dataclasses.replace(config, distance=distance, compose=compose, operator=fit or config.operator)
     index = BankIndex(Bank(bank, allow_pickle=allow_pickle))
     spec = config.signature_spec()
     before = sum(index.status(spec).values())
@@ -255,9 +261,9 @@ def bank_index(
     if distance:
         matrix = index.distance_matrix(spec, distance, config.seed)
         out.print(f"distance matrix ({distance}): {matrix.shape[0]} x {matrix.shape[1]}")
-    if neural:
+    if fit:
         op = operator_for(index, config)
-        out.print(f"neural operator fitted: reconstruction loss {op.history[0]:.6g} -> {op.history[-1]:.6g}")
+        out.print(f"operator {fit} fitted: loss {op.history[0]:.6g} -> {op.history[-1]:.6g} over {len(op.history)} epochs")
 
 
 @bank_app.command("calibrate")

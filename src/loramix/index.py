@@ -21,7 +21,7 @@ from .bank import Bank, BankEntry
 from .distances import distance_matrix, get_distance
 from .errors import LoramixError
 from .files import atomic_write_bytes, sha256_file
-from .operators import OPERATORS, Operator, gram_matrix
+from .operators import OPERATORS, BankFit, Operator
 from .engine import get_engine
 from .signatures import SignatureSpec, make_signer
 
@@ -109,20 +109,20 @@ class BankIndex:
         _store(stem, matrix)
         return matrix
 
-    def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, space: str, seed: int = 0) -> Operator:
-        """The trainable operator `name` fitted on this bank (every usable entry) for Gram `space`, cached."""
+    def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, compose: str, seed: int = 0) -> Operator:
+        """The trainable operator `name` fitted on this bank (every usable entry) for composition `compose`, cached."""
         cls = OPERATORS.get(name)
         if not cls.trainable:
             raise LoramixError(f"operator '{name}' is not trained: use it as it is")
         spec = self.resolve(spec)
         entries = self.bank.usable
         key = _digest([f"{e.name}:{e.data_hash}:{sha256_file(e.adapter.path / WEIGHTS_FILE)}" for e in entries])
-        path = self.dir / "operators" / f"{name}.{spec.key()}.{distance}.{space}.{seed}.{key}.safetensors"
+        path = self.dir / "operators" / f"{name}.{spec.key()}.{distance}.{compose}.{seed}.{key}.safetensors"
         if path.is_file():
             try:
                 return cls.load(path)
             except Exception:  # a damaged cache file is refitted
                 pass
-        op = cls().fit(self.distance_matrix(spec, distance, seed), gram_matrix(self.bank, entries, space), seed=seed)
+        op = cls().fit_bank(BankFit(self.bank, entries, self.distance_matrix(spec, distance, seed), compose), seed=seed)
         op.save(path)
         return op

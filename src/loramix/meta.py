@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compose import COMPOSERS
 from .config import GenerateConfig
 from .index import BankIndex
-from .operators import OPERATORS, Operator, gram_matrix
+from .operators import OPERATORS, BankFit, Operator
 
 
 def operator_for(index: BankIndex, config: GenerateConfig) -> Operator:
-    """`config`'s operator: fitted on the bank (cached in its index) when it is trainable, in the Gram space that the
-    composition method declares."""
+    """`config`'s operator: fitted on the bank (cached in its index) for `config`'s composition when it is trainable."""
     cls = OPERATORS.get(config.operator)
     if not cls.trainable:
         return cls()
-    space = COMPOSERS.get(config.compose).operator_space
-    return index.fitted_operator(config.operator, config.signature_spec(), config.distance, space, config.seed)
+    return index.fitted_operator(config.operator, config.signature_spec(), config.distance, config.compose, config.seed)
 
 
 def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -> np.ndarray:
@@ -36,11 +33,11 @@ def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -
         for t in range(n):
             c[t] = op.coefficients(d[t], config.temperature, config.top_k)
         return c
-    gram = gram_matrix(index.bank, index.bank.usable, COMPOSERS.get(config.compose).operator_space)
+    data = BankFit(index.bank, index.bank.usable, d, config.compose)
     fold = np.arange(n) % folds
     for f in range(folds):
         train = np.flatnonzero(fold != f)
-        op = cls().fit(d[np.ix_(train, train)], gram[np.ix_(train, train)], seed=config.seed)
+        op = cls().fit_bank(data.subset(train), seed=config.seed)
         for t in np.flatnonzero(fold == f):
             c[t] = op.coefficients(d[t], config.temperature, config.top_k)
     return c

@@ -2,14 +2,18 @@
 non-negative, summing to 1. An entry at +inf is excluded (weight 0), as the paper's leave-one-out does.
 
 `attentional`: softmin(d / T). `normalized`: softmin(z / T), z the row's z-score. `neural`: softmin(f(z) / T),
-f a scalar MLP fitted on the bank to reconstruct each adapter from the others (the paper's).
+f a scalar MLP fitted on the bank to reconstruct each adapter from the others (the paper's). `neural-answer`:
+softmin((z + g(z)) / T), g a scalar MLP trained on the bank's leave-one-out to lower each held-out entry's answer
+loss under the composition of the others (beyond the paper).
 
-A trained operator's target is the bank's Gram matrix (`gram_matrix`) in the space its composition method
-declares (Composer.operator_space)."""
+A trainable operator is fitted on a `BankFit`: the bank's distance matrix, and the adapters and data behind it (the
+`neural` operator's target is their Gram matrix, `gram_matrix`, in the space the composition method declares:
+Composer.operator_space)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -56,12 +60,38 @@ def zscore(d: np.ndarray) -> np.ndarray:
     return z
 
 
+@dataclass
+class BankFit:
+    """What a trainable operator is fitted on: `distances` [n, n] between `entries` (of `bank`; diagonal ignored),
+    composed by the method `compose`. `gram` [n, n] (float64) is computed from the adapters when first asked for,
+    unless given."""
+
+    bank: Bank | None
+    entries: Sequence[BankEntry]
+    distances: np.ndarray
+    compose: str = "exact"
+    _gram: np.ndarray | None = field(default=None, repr=False)
+
+    def gram(self) -> np.ndarray:
+        if self._gram is None:
+            from .compose import COMPOSERS
+
+            self._gram = gram_matrix(self.bank, self.entries, COMPOSERS.get(self.compose).operator_space)
+        return self._gram
+
+    def subset(self, rows: Sequence[int]) -> "BankFit":
+        """The fit restricted to the entries at `rows` (a Gram matrix already computed is sliced, not recomputed)."""
+        ix = np.ix_(rows, rows)
+        return BankFit(self.bank, [self.entries[i] for i in rows], self.distances[ix], self.compose,
+                       None if self._gram is None else self._gram[ix])
+
+
 class Operator:
     """Maps a distance row [n] (+inf = excluded) to scores; `coefficients` applies softmin and top-k.
 
-    A trainable operator (`trainable = True`) also implements `fit(distances [n, n], gram [n, n], *, seed) -> self`
-    on a bank of at least `min_entries` entries, `save(path)` and the classmethod `load(path)`; the bank index
-    fits and caches it (BankIndex.fitted_operator)."""
+    A trainable operator (`trainable = True`) also implements `fit_bank(BankFit, *, seed) -> self` on at least
+    `min_entries` entries, `save(path)` and the classmethod `load(path)`; the bank index fits and caches it
+    (BankIndex.fitted_operator)."""
 
     trainable = False
     min_entries = 1
@@ -92,13 +122,16 @@ class Normalized(Operator):
         return zscore(d)
 
 
-@OPERATORS.register("neural")
-class Neural(Operator):
-    """softmin(f(zscore(d)) / T), f: R -> R an MLP (1 -> 32 -> 32 -> 1, ReLU) applied elementwise.
+def _offdiagonal_z(distances: np.ndarray) -> np.ndarray:
+    """Each row's z-scores with its own (diagonal) entry excluded (+inf), [n, n]."""
+    d = np.array(distances, dtype=np.float64)
+    np.fill_diagonal(d, np.inf)
+    return np.stack([zscore(row) for row in d])
 
-    Fitted as the paper's: each entry t is reconstructed from the others, C_t = softmin(f(z_t)), with loss
-    mean_t |sum_j C_tj W_j - W_t|^2 over flattened adapters W; written with the Gram matrix G = W W^T as
-    mean_t (C_t - e_t) G (C_t - e_t)^T, so the adapters are never held in memory together."""
+
+class ScalarMLP(Operator):
+    """softmin(f(zscore(d)) / T) for a trainable f: R -> R applied elementwise, built on an MLP (1 -> 32 -> 32 -> 1,
+    ReLU, float64) that is saved and loaded as safetensors (its training history in the metadata)."""
 
     trainable = True
     min_entries = 3
@@ -121,6 +154,18 @@ class Neural(Operator):
     def _f(self, z):
         return self.mlp(z.unsqueeze(-1)).squeeze(-1)
 
+    def _reset(self, n: int, seed: int) -> None:
+        import torch
+
+        if n < self.min_entries:
+            name = next(k for k in OPERATORS.names() if OPERATORS.get(k) is type(self))
+            raise LoramixError(f"operator '{name}' needs at least {self.min_entries} bank entries with data to fit")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in self.mlp:
+                if hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
+
     def scores(self, d: np.ndarray) -> np.ndarray:
         import torch
 
@@ -131,38 +176,12 @@ class Neural(Operator):
             out[finite] = self._f(torch.as_tensor(z[finite])).numpy()
         return out
 
-    def fit(self, distances: np.ndarray, gram: np.ndarray, *, epochs: int = 40, lr: float = 1e-3, seed: int = 0) -> "Neural":
-        """Fit f on a bank: `distances` [n, n] (diagonal ignored), `gram` [n, n] of the flattened adapters.
-        Full-batch Adam (the paper: lr 1e-3, 40 epochs). Returns self; `history` holds the loss per epoch."""
+    def _weights(self, z):
+        """softmin(f(z)) of a z-score row (torch, +inf excluded), differentiable in f."""
         import torch
 
-        n = len(distances)
-        if n < self.min_entries:
-            raise LoramixError(f"the neural operator needs at least {self.min_entries} bank entries with data to fit")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for layer in self.mlp:
-                if hasattr(layer, "reset_parameters"):
-                    layer.reset_parameters()
-        d = np.array(distances, dtype=np.float64)
-        np.fill_diagonal(d, np.inf)
-        z = torch.as_tensor(np.stack([zscore(row) for row in d]))
         off = torch.isfinite(z)
-        g = torch.as_tensor(np.asarray(gram, dtype=np.float64))
-        g = g / g.diagonal().mean()
-        eye = torch.eye(n, dtype=torch.float64)
-        opt = torch.optim.Adam(self.mlp.parameters(), lr=lr)
-        self.history = []
-        for _ in range(epochs):
-            scores = torch.where(off, self._f(torch.where(off, z, 0.0)), torch.inf)
-            c = torch.softmax(-scores, dim=1)
-            e = c - eye
-            loss = torch.einsum("ti,ij,tj->", e, g, e) / n
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            self.history.append(loss.item())
-        return self
+        return torch.softmax(-torch.where(off, self._f(torch.where(off, z, 0.0)), torch.inf), dim=-1)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
@@ -173,13 +192,102 @@ class Neural(Operator):
         atomic_write_bytes(path, save(state, metadata={"history": json.dumps(self.history)}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Neural":
+    def load(cls, path: str | Path) -> "ScalarMLP":
         from safetensors import safe_open
 
         with safe_open(path, framework="np") as f:
             op = cls({k: f.get_tensor(k) for k in f.keys()})
             op.history = json.loads((f.metadata() or {}).get("history", "[]"))
         return op
+
+
+@OPERATORS.register("neural")
+class Neural(ScalarMLP):
+    """softmin(f(zscore(d)) / T), f the MLP. Fitted as the paper's: each entry t is reconstructed from the others,
+    C_t = softmin(f(z_t)), with loss mean_t |sum_j C_tj W_j - W_t|^2 over flattened adapters W; written with the
+    Gram matrix G = W W^T as mean_t (C_t - e_t) G (C_t - e_t)^T, so the adapters are never held in memory together."""
+
+    def fit_bank(self, data: BankFit, *, seed: int = 0) -> "Neural":
+        return self.fit(data.distances, data.gram(), seed=seed)
+
+    def fit(self, distances: np.ndarray, gram: np.ndarray, *, epochs: int = 40, lr: float = 1e-3, seed: int = 0) -> "Neural":
+        """Fit f on a bank: `distances` [n, n] (diagonal ignored), `gram` [n, n] of the flattened adapters.
+        Full-batch Adam (the paper: lr 1e-3, 40 epochs). Returns self; `history` holds the loss per epoch."""
+        import torch
+
+        n = len(distances)
+        self._reset(n, seed)
+        z = torch.as_tensor(_offdiagonal_z(distances))
+        g = torch.as_tensor(np.asarray(gram, dtype=np.float64))
+        g = g / g.diagonal().mean()
+        eye = torch.eye(n, dtype=torch.float64)
+        opt = torch.optim.Adam(self.mlp.parameters(), lr=lr)
+        self.history = []
+        for _ in range(epochs):
+            e = self._weights(z) - eye
+            loss = torch.einsum("ti,ij,tj->", e, g, e) / n
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.history.append(loss.item())
+        return self
+
+
+@OPERATORS.register("neural-answer")
+class AnswerTrained(ScalarMLP):
+    """softmin((z + g(z)) / T), g the MLP with its last layer zeroed at the start, so training starts from
+    `normalized`. Trained on the bank's own leave-one-out: each entry t in turn (shuffled, one Adam step each, for
+    `epochs` passes) gets the composition of the others at weights softmin(z_t + g(z_t)), and g follows the gradient
+    of t's answer loss ratio to the base model (answer-token cross-entropy of `examples` of t's training samples; the
+    update applied exactly by forward hooks, refine.MixedLoRA). Loads the bank's base model; minutes on a CPU."""
+
+    examples = 8
+    epochs = 3
+    lr = 1e-2
+
+    def _f(self, z):
+        return z + self.mlp(z.unsqueeze(-1)).squeeze(-1)
+
+    def fit_bank(self, data: BankFit, *, seed: int = 0) -> "AnswerTrained":
+        import torch
+
+        from .models import load_model, load_tokenizer
+        from .progress import bar
+        from .refine import MixedLoRA, answer_loss_fn
+
+        n = len(data.entries)
+        self._reset(n, seed)
+        last = self.mlp[-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+        z = torch.as_tensor(_offdiagonal_z(data.distances))
+        model, tokenizer = load_model(data.bank.base_model), load_tokenizer(data.bank.base_model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        losses = [answer_loss_fn(model, tokenizer, e.dataset().subsample(self.examples, seed).samples) for e in data.entries]
+        mixed = MixedLoRA(model, data.bank, data.entries, data.compose)
+        opt = torch.optim.Adam(self.mlp.parameters(), lr=self.lr)
+        order = np.random.default_rng(seed)
+        self.history = []
+        try:
+            with torch.no_grad():
+                mixed.weights = torch.zeros(n)
+                base = [float(fn()) for fn in losses]
+            with bar("training the operator (answer loss)", self.epochs * n) as advance:
+                for _ in range(self.epochs):
+                    total = 0.0
+                    for t in order.permutation(n):
+                        mixed.weights = self._weights(z[t]).float()
+                        ratio = losses[t]() / base[t]
+                        opt.zero_grad()
+                        ratio.backward()
+                        opt.step()
+                        total += ratio.item()
+                        advance()
+                    self.history.append(total / n)
+        finally:
+            mixed.remove()
+        return self
 
 
 def coefficients(

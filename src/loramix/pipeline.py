@@ -145,7 +145,7 @@ def generate(
                                                  round(calibration.mean_ratio(best), 4), len(calibration.entries))
         if refined:
             report.refine = RefineInfo(
-                config.refine, config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
+                len(refine_samples), config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
                 refined.loss, refined.steps, round(refined.seconds, 2), refined.history,
                 {str(k): {n: w for n, w in v.items() if w != 0} for k, v in refined.layers.items()} if refined.layers else None,
             )
