@@ -251,7 +251,7 @@ class AnswerTrained(ScalarMLP):
     def fit_bank(self, data: BankFit, *, seed: int = 0) -> "AnswerTrained":
         import torch
 
-        from .models import load_model, load_tokenizer
+        from .calibrate import _load_base
         from .progress import bar
         from .refine import MixedLoRA, answer_loss_fn
 
@@ -261,9 +261,7 @@ class AnswerTrained(ScalarMLP):
         torch.nn.init.zeros_(last.weight)
         torch.nn.init.zeros_(last.bias)
         z = torch.as_tensor(_offdiagonal_z(data.distances))
-        model, tokenizer = load_model(data.bank.base_model), load_tokenizer(data.bank.base_model)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model, tokenizer = _load_base(data.bank, None, None)  # frozen
         losses = [answer_loss_fn(model, tokenizer, e.dataset().subsample(self.examples, seed).samples) for e in data.entries]
         mixed = MixedLoRA(model, data.bank, data.entries, data.compose)
         opt = torch.optim.Adam(self.mlp.parameters(), lr=self.lr)
