@@ -66,6 +66,7 @@ class Setting:
     check_examples: int = 16  # checked: the training examples the check scores candidates on
     keep_exact: float | None = None  # finetune: checked on its own training examples first; the candidate kept untrained
     # when it reproduces at least this fraction of them exactly (teacher-forced), else the composition trained
+    check_after: bool = False  # finetune: the trained adapter joins the check's candidates, on examples it did not see
     examples: int = 5  # refine group: labelled training examples the search (or the equal-compute LoRA) sees
     per_layer: bool = False  # refine group: one weight per layer and entry
     budget: float | None = None  # refine group: seconds the search may take (None: LoraHub's time on 5 examples)
@@ -186,6 +187,9 @@ def refine_settings(default: Setting) -> list[Setting]:
         *(Setting(f"refine/{tail}-keep-exact{k:g}-finetune16-steps{REFINE_TRAINING.steps}-warmup2", "refine", **base,
                   examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, keep_exact=k,
                   check_singles=d.check_singles, check_criterion=d.check_criterion) for k in KEEP_EXACT),
+        *(Setting(GENERATE_REFINE.format(tail=tail) + f"-then-checked-singles{d.check_singles}{CRITERION_SUFFIX[crit]}",
+                  "refine", **base, examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, checked=True,
+                  check_after=True, check_singles=d.check_singles, check_criterion=crit) for crit in ("accuracy", "exact")),
         Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
     ]
 
@@ -364,6 +368,11 @@ class Runner:
                     result["compose_seconds"], result["search"] = 0.0, search
                     results[s.name] = result
                     continue
+                if s.check_after:  # trained as generate --refine 16, then checked against the untrained candidates
+                    result, search = self.trained_or_checked(task, s, c)
+                    result["compose_seconds"], result["search"] = 0.0, search
+                    results[s.name] = result
+                    continue
                 if s.finetune:  # checked first (on examples training will not see), as generate --refine 16 --check 16
                     checked = self.check(task, s, c, refined=s.examples)[1] if s.checked else None
                     if checked:
@@ -457,7 +466,8 @@ class Runner:
         weights = pool[chosen]
         out = np.array([weights.get(n, 0.0) for n in self.names])
         share = len(pool) / len(scores)
-        record = {"cpu_seconds": record["cpu_seconds"] * share, "chosen": chosen, "scores": record["scores"], "coefficients": out}
+        record = {"cpu_seconds": record["cpu_seconds"] * share, "chosen": chosen, "scores": record["scores"], "coefficients": out,
+                  "pool": list(pool)}
         if (kept := scaled_layers(chosen, layers)) is not None:
             record["layers"] = {str(k): v for k, v in kept.items()}
         return out, record
@@ -568,6 +578,68 @@ class Runner:
         result["coefficients"] = [round(float(x), 6) for x in c]
         return result, {"cpu_seconds": seconds, "budget": budget, "steps": len(record["loss"]), "loss": record["loss"][-1],
                         "initial_loss": record["loss"][0], **({"check": checked} if checked else {})}
+
+    def trained_or_checked(self, task: str, s: Setting, c: np.ndarray) -> tuple[dict, dict]:
+        """`generate --refine 16 --check 16`: the composition c trained as `generate --refine 16` on 16 training
+        examples, then scored with the check's untrained candidates on 16 examples training did not see; the
+        candidate s's criterion prefers is evaluated. The trained adapter's scores are kept on disk per task; its
+        evaluation is the `generate --refine 16` record's when there is one (the same seeded training)."""
+        from loramix.models import load_model
+        from loramix.refine import CRITERIA, AnswerScores, answer_scores_fn
+        from loramix.train import train
+
+        name = GENERATE_REFINE.format(tail=s.warm_start.split("/", 1)[1])
+        ref = self.cached(name, task)
+        memo = self.memo(task, c, Setting("trained", "lever", compose=s.compose)).with_suffix(
+            f".trained{s.examples}-scores-n{s.check_examples}.json")
+        tuned = replace(s, name=name, check_after=False, checked=False)
+        if memo.is_file() and ref is not None:
+            trained = json.loads(memo.read_text())
+        else:
+            self._load()
+            data = read_dataset(self.suite / task / "train.jsonl")
+            used = set(data.subsample(s.examples, 0).samples)
+            held = type(data)([x for x in data.samples if x not in used], data.source).subsample(s.check_examples, 1)
+            cpu = time.process_time()
+            with tempfile.TemporaryDirectory() as tmp:
+                model = load_model(self.bank.base_model)
+                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
+                save_adapter(Path(tmp) / "composed", comp.config, comp.factors)
+                record = train(data.subsample(s.examples, 0), Path(tmp) / "lora",
+                               replace(REFINE_TRAINING, seed=0), base=self.bank.base_model, init=Path(tmp) / "composed",
+                               model=model, tokenizer=self.tokenizer)
+                model.eval()
+                scoring = time.process_time()
+                scores = answer_scores_fn(model, self.tokenizer, held.samples)()
+                now = time.process_time()
+                seconds, scoring = now - cpu, now - scoring
+                if ref is None:
+                    ref = {**self.evaluate(task, Path(tmp) / "lora"), "search": {"cpu_seconds": seconds,
+                                                                                  "steps": len(record["loss"])}}
+                    atomic_write_bytes(self.folder(tuned) / f"{task}.json", json.dumps(ref).encode())
+            trained = {"cpu_seconds": scoring, "scores": [scores.loss, scores.accuracy, scores.exact]}
+            atomic_write_bytes(memo, json.dumps(trained).encode())
+        _, checked = self.check(task, s, c, refined=s.examples)
+        rank = CRITERIA[s.check_criterion]
+        pool = {"trained": AnswerScores(*trained["scores"]),
+                **{k: AnswerScores(*checked["scores"][k]) for k in checked["pool"]}}
+        chosen = min(pool, key=lambda k: rank(pool[k]))
+        cpu = ref["search"]["cpu_seconds"] + checked["cpu_seconds"] + trained["cpu_seconds"]
+        if chosen == "trained":
+            result = {k: v for k, v in ref.items() if k != "search"}
+        else:
+            result, _ = self.evaluate_composition(task, checked["coefficients"] if checked["chosen"] == chosen
+                                                  else self.candidate(c, s, chosen), s)
+        return result, {"cpu_seconds": cpu, "chosen": chosen, "trained": trained["scores"],
+                        "check": {k: v for k, v in checked.items() if k != "coefficients"}}
+
+    def candidate(self, c: np.ndarray, s: Setting, label: str) -> np.ndarray:
+        """The coefficients of check candidate `label` of composition c, over the bank's names."""
+        from loramix.calibrate import check_candidates
+
+        pool = check_candidates({n: float(x) for n, x in zip(self.names, c) if x != 0}, singles=s.check_singles,
+                                tops=s.check_tops)
+        return np.array([pool[label].get(n, 0.0) for n in self.names])
 
     def collect(self, s: Setting) -> dict[str, dict]:
         out = {t: json.loads((self.folder(s) / f"{t}.json").read_text()) for t in self.tasks_of(s)}
