@@ -556,28 +556,35 @@ class Runner:
         scratch when c is the base model) on `s.examples` training examples, then evaluated. Training may take
         `s.budget` seconds less the `checked` record's; the CPU seconds are the check's, the composition's and the
         training's."""
-        from loramix.train import train
-        from loramix.train_config import BANK_TRAINING
-
         data = read_dataset(self.suite / task / "train.jsonl").subsample(s.examples, 0)
         spent = checked["cpu_seconds"] if checked else 0.0
         budget = None if s.budget is None else max(1.0, s.budget - spent)
         cpu = time.process_time()
         with tempfile.TemporaryDirectory() as tmp:
-            init = None
-            if c.any():
-                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
-                save_adapter(Path(tmp) / "composed", comp.config, comp.factors)
-                init = Path(tmp) / "composed"
-            tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup), ("steps", s.steps), ("batch_size", s.batch_size))
-                     if v is not None}
-            record = train(data, Path(tmp) / "lora", replace(BANK_TRAINING, budget=budget, **tuned),
-                           base=self.bank.base_model, init=init)
+            record = self.train_composition(Path(tmp), data, s, c, budget)
             seconds = time.process_time() - cpu + spent
             result = self.evaluate(task, Path(tmp) / "lora")
         result["coefficients"] = [round(float(x), 6) for x in c]
         return result, {"cpu_seconds": seconds, "budget": budget, "steps": len(record["loss"]), "loss": record["loss"][-1],
                         "initial_loss": record["loss"][0], **({"check": checked} if checked else {})}
+
+    def train_composition(self, tmp: Path, data, s: Setting, c: np.ndarray, budget: float | None = None,
+                          model=None) -> dict:
+        """The composition c written under `tmp`, then trained on `data` (BANK_TRAINING with s's learning rate,
+        warmup, steps and batch size where given, for at most `budget` seconds; from scratch when c is the base model)
+        into tmp/lora; the training record. `model`: the base, loaded, which gains the trained LoRA layers."""
+        from loramix.train import train
+        from loramix.train_config import BANK_TRAINING
+
+        init = None
+        if c.any():
+            comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
+            save_adapter(tmp / "composed", comp.config, comp.factors)
+            init = tmp / "composed"
+        tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup), ("steps", s.steps), ("batch_size", s.batch_size))
+                 if v is not None}
+        return train(data, tmp / "lora", replace(BANK_TRAINING, budget=budget, **tuned), base=self.bank.base_model,
+                     init=init, model=model, tokenizer=self.tokenizer if model is not None else None)
 
     def trained_or_checked(self, task: str, s: Setting, c: np.ndarray) -> tuple[dict, dict]:
         """`generate --refine 16 --check 16`: the composition c trained as `generate --refine 16` on 16 training
@@ -586,7 +593,6 @@ class Runner:
         evaluation is the `generate --refine 16` record's when there is one (the same seeded training)."""
         from loramix.models import load_model
         from loramix.refine import CRITERIA, AnswerScores, answer_scores_fn
-        from loramix.train import train
 
         name = GENERATE_REFINE.format(tail=s.warm_start.split("/", 1)[1])
         ref = self.cached(name, task)
@@ -603,11 +609,7 @@ class Runner:
             cpu = time.process_time()
             with tempfile.TemporaryDirectory() as tmp:
                 model = load_model(self.bank.base_model)
-                comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
-                save_adapter(Path(tmp) / "composed", comp.config, comp.factors)
-                record = train(data.subsample(s.examples, 0), Path(tmp) / "lora",
-                               replace(REFINE_TRAINING, seed=0), base=self.bank.base_model, init=Path(tmp) / "composed",
-                               model=model, tokenizer=self.tokenizer)
+                record = self.train_composition(Path(tmp), data.subsample(s.examples, 0), s, c, model=model)
                 model.eval()
                 scoring = time.process_time()
                 scores = answer_scores_fn(model, self.tokenizer, held.samples)()

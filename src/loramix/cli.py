@@ -244,13 +244,12 @@ def bank_index(
     from .bank import Bank
     from .index import BankIndex
     from .meta import operator_for
-    from .operators import OPERATORS
+    from .operators import trainable_operator
 
     if fit and distance is None:
         raise LoramixError("--fit needs --distance")
-    if fit and not OPERATORS.get(fit).trainable:
-        raise LoramixError(f"operator '{fit}' is not trained: use it as it is (trainable: "
-                           f"{', '.join(n for n in OPERATORS.names() if OPERATORS.get(n).trainable)})")
+    if fit:
+        trainable_operator(fit)
     if distance:  # checked before any work
         config = dataclasses.replace(config, distance=distance, compose=compose, operator=fit or config.operator)
     index = BankIndex(Bank(bank, allow_pickle=allow_pickle))

@@ -19,9 +19,8 @@ import numpy as np
 from .adapter import WEIGHTS_FILE
 from .bank import Bank, BankEntry
 from .distances import distance_matrix, get_distance
-from .errors import LoramixError
 from .files import atomic_write_bytes, sha256_file
-from .operators import OPERATORS, BankFit, Operator
+from .operators import BankFit, Operator, trainable_operator
 from .engine import get_engine
 from .signatures import SignatureSpec, make_signer
 
@@ -111,9 +110,7 @@ class BankIndex:
 
     def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, compose: str, seed: int = 0) -> Operator:
         """The trainable operator `name` fitted on this bank (every usable entry) for composition `compose`, cached."""
-        cls = OPERATORS.get(name)
-        if not cls.trainable:
-            raise LoramixError(f"operator '{name}' is not trained: use it as it is")
+        cls = trainable_operator(name)
         spec = self.resolve(spec)
         entries = self.bank.usable
         key = _digest([f"{e.name}:{e.data_hash}:{sha256_file(e.adapter.path / WEIGHTS_FILE)}" for e in entries])

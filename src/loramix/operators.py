@@ -106,6 +106,15 @@ class Operator:
 OPERATORS: Registry[type[Operator]] = Registry("operator")
 
 
+def trainable_operator(name: str) -> type[Operator]:
+    """The registered operator `name`, refused in one line unless it is trainable (fitted on a bank)."""
+    cls = OPERATORS.get(name)
+    if not cls.trainable:
+        names = ", ".join(n for n in OPERATORS.names() if OPERATORS.get(n).trainable)
+        raise LoramixError(f"operator '{name}' is not trained: use it as it is (trainable: {names})")
+    return cls
+
+
 @OPERATORS.register("attentional")
 class Attentional(Operator):
     """softmin(d / T): the paper's attentional operator (which has T = 1)."""
