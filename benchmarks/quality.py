@@ -35,6 +35,7 @@ from loramix.files import atomic_write_bytes  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import generate_answers, load_for_eval, merged_adapter, score  # noqa: E402
 from loramix.meta import loo_coefficients  # noqa: E402
+from loramix.refine import GENERATING  # noqa: E402
 from loramix.operators import OPERATORS  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
 from loramix.train_config import REFINE_TRAINING  # noqa: E402
@@ -108,7 +109,7 @@ def composition_setting() -> Setting:
     return loramix_setting(d.signature, d.distance, d.operator, d.top_k, d.temperature)
 
 
-CRITERION_SUFFIX = {"loss": "", "accuracy": "-acc", "exact": "-exact"}
+CRITERION_SUFFIX = {"loss": "", "accuracy": "-acc", "exact": "-exact", "rouge": "-rouge"}
 
 
 def checked(s: Setting, singles: int, criterion: str, group: str = "lever", tops: int = 0, examples: int = 16) -> Setting:
@@ -140,7 +141,7 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
     return [
         replace(io, name=f"{io.name}-calibrated", calibrated=True),
         replace(default, name=default.name.replace("-checked", "-calibrated-checked"), group="lever", calibrated=True),
-        *(checked(io, k, crit, tops=t) for k, t in pools for crit in CRITERION_SUFFIX),
+        *(checked(io, k, crit, tops=t) for k, t in pools for crit in CRITERION_SUFFIX if crit not in GENERATING or k <= 4),
         *(checked(io, 4, crit, examples=32) for crit in ("accuracy", "exact")),
         *(checked(plain, k, crit) for k in (0, 4, CHECK_SINGLES) for crit in ("loss", "accuracy")),
         plain,
@@ -156,12 +157,11 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
 def refine_settings(default: Setting) -> list[Setting]:
     """LoraHub's recipe and loramix's refinement of the default setting on 5 labelled examples; weight searches on 16
     (one weight per entry, per layer; `generate --refine 16 --refine-method gradient --budget 36 --check 16`: per
-    layer, then the default check on examples the refinement did not see); the composition's own LoRA factors trained
+    layer, then the check by token accuracy on examples the refinement did not see); the composition's own LoRA factors trained
     on 16 examples (a grid of steps and learning rates with 2 warmup steps, `generate --refine 16` among them, and the
     bank's recipe under time budgets); and the equal-compute baseline: a LoRA trained from scratch on the same 16
     examples for as long as `generate --refine 16` took on the task."""
     tail = default.name.split("/", 1)[1]
-    d = GenerateConfig()
     base = dict(signature=default.signature, distance=default.distance, operator=default.operator, compose="exact",
                 top_k=default.top_k, temperature=default.temperature, warm_start=default.name)
     return [
@@ -171,7 +171,7 @@ def refine_settings(default: Setting) -> list[Setting]:
         Setting(f"refine/{tail}-refine16-layers", "refine", **base, examples=16, per_layer=True, budget=60.0),
         Setting(f"refine/{tail}-refine16-layers-budget{REFINE_BUDGET:g}-checked", "refine", **base, examples=16,
                 per_layer=True, budget=REFINE_BUDGET,
-                checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
+                checked=True, **REFINE_CHECK),
         Setting(f"refine/{tail}-finetune16", "refine", **base, examples=16, budget=55.0, finetune=True),
         Setting(f"refine/{tail}-finetune16-budget48", "refine", **base, examples=16, budget=48.0, finetune=True),
         Setting(f"refine/{tail}-finetune16-budget48-warmup2", "refine", **base, examples=16, budget=48.0, finetune=True,
@@ -179,24 +179,24 @@ def refine_settings(default: Setting) -> list[Setting]:
         Setting(f"refine/{tail}-finetune16-budget48-warmup2-lr4e-3", "refine", **base, examples=16, budget=48.0,
                 finetune=True, warmup=2, lr=4e-3),
         Setting(f"refine/{tail}-checked-finetune16", "refine", **base, examples=16, budget=55.0, finetune=True,
-                checked=True, check_singles=d.check_singles, check_criterion=d.check_criterion),
+                checked=True, **REFINE_CHECK),
         *(Setting(f"refine/{tail}-finetune16-steps{n}-warmup2" + (f"-lr{lr:g}" if lr != BANK_LR else ""), "refine", **base,
                   examples=16, finetune=True, lr=lr, warmup=2, steps=n) for n, lr in FINETUNE_GRID),
         *(Setting(f"refine/{tail}-finetune16-steps{n}-warmup2-batch4", "refine", **base, examples=16, finetune=True,
                   warmup=2, steps=n, batch_size=4) for n in (10, 20)),
         *(Setting(f"refine/{tail}-keep-exact{k:g}-finetune16-steps{REFINE_TRAINING.steps}-warmup2", "refine", **base,
                   examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, keep_exact=k,
-                  check_singles=d.check_singles, check_criterion=d.check_criterion) for k in KEEP_EXACT),
-        *(Setting(GENERATE_REFINE.format(tail=tail) + f"-then-checked-singles{d.check_singles}{CRITERION_SUFFIX[crit]}",
+                  **REFINE_CHECK) for k in KEEP_EXACT),
+        *(Setting(GENERATE_REFINE.format(tail=tail) + f"-then-checked-singles4{CRITERION_SUFFIX[crit]}",
                   "refine", **base, examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, checked=True,
-                  check_after=True, check_singles=d.check_singles, check_criterion=crit) for crit in ("accuracy", "exact")),
+                  check_after=True, check_singles=4, check_criterion=crit) for crit in ("accuracy", "exact")),
         Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
     ]
 
 
 EQUAL_COMPUTE = "refine/lora-from-scratch-equal-time"
 # `generate --refine 16 --refine-method gradient --budget 36 --check 16`: per-layer refinement for at most 36 s, then
-# the default check (about 22 CPU-s on one thread), under 60 CPU-s in all
+# the check by token accuracy (about 22 CPU-s on one thread), under 60 CPU-s in all
 REFINE_BUDGET = 36.0
 # `generate --refine 16`: the composition's LoRA factors trained on 16 examples (train_config.REFINE_TRAINING), one
 # of the grid of steps and learning rates (warmup 2) it was chosen from
@@ -204,6 +204,8 @@ BANK_LR = 2e-3
 FINETUNE_GRID = ((10, BANK_LR), (16, BANK_LR), (24, BANK_LR), (10, 4e-3))
 GENERATE_REFINE = "refine/{tail}-finetune16-steps%d-warmup%d" % (REFINE_TRAINING.steps, REFINE_TRAINING.warmup) + (
     "-lr%g" % REFINE_TRAINING.lr if REFINE_TRAINING.lr != BANK_LR else "")
+# the check of the refine rows whose names do not say it (generate's default when they were measured)
+REFINE_CHECK = dict(check_singles=4, check_criterion="accuracy")
 KEEP_EXACT = (0.0, 0.75, 1.0)  # keep-exact settings' thresholds (0: the checked candidate, never trained)
 CHECK_SINGLES = 8  # the most entries alone any checked setting tries
 CHECK_TOPS = 3  # the most top-k restrictions any checked setting tries
@@ -444,8 +446,12 @@ class Runner:
         from loramix.refine import CRITERIA, AnswerScores
 
         coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
+        # a generating criterion decodes every candidate's answers: only s's own candidates are checked
+        generates = s.check_criterion in GENERATING
+        singles, tops = (s.check_singles, s.check_tops) if generates else (CHECK_SINGLES, CHECK_TOPS)
         memo = self.memo(task, c, Setting("check", "lever", compose=s.compose), layers).with_suffix(
-            f".check-tops{CHECK_TOPS}{f'-on{refined}' if on_refined else f'-without{refined}' if refined else ''}"
+            (f".check-generated-singles{singles}-tops{tops}" if generates else f".check-tops{CHECK_TOPS}")
+            + f"{f'-on{refined}' if on_refined else f'-without{refined}' if refined else ''}"
             f"{f'-n{s.check_examples}' if s.check_examples != 16 else ''}.json")
         if memo.is_file():
             record = json.loads(memo.read_text())
@@ -456,9 +462,11 @@ class Runner:
             used = set(train.subsample(refined, 0).samples) if refined else set()
             held = (train.subsample(refined, 0) if on_refined
                     else type(train)([x for x in train.samples if x not in used], train.source))
-            res = check(self.bank, coefficients, held, examples=s.check_examples, seed=1, singles=CHECK_SINGLES, tops=CHECK_TOPS,
-                        layers=layers, model=self.model, tokenizer=self.tokenizer)
-            record = {"cpu_seconds": time.process_time() - cpu, "scores": {k: [v.loss, v.accuracy, v.exact] for k, v in res.scores.items()}}
+            res = check(self.bank, coefficients, held, examples=s.check_examples, seed=1, singles=singles, tops=tops,
+                        criterion=s.check_criterion if generates else "loss", layers=layers, model=self.model,
+                        tokenizer=self.tokenizer)
+            record = {"cpu_seconds": time.process_time() - cpu, "scores": {
+                k: [v.loss, v.accuracy, v.exact] + ([v.rouge] if generates else []) for k, v in res.scores.items()}}
             atomic_write_bytes(memo, json.dumps(record).encode())
         scores = {k: AnswerScores(*v) for k, v in record["scores"].items()}
         pool = check_candidates(coefficients, singles=s.check_singles, tops=s.check_tops)
@@ -741,9 +749,11 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         "settings (`generate --check 16`) keep, of the base model, the composition at scales 0.5 to 2, (topsN) the "
         "composition kept to its top 2..N entries and (singlesK) the top K entries alone, the candidate their "
         "criterion (answer loss; -acc: teacher-forced token accuracy; -exact: answers teacher-forced exactly, then "
-        "accuracy) prefers on 16 of the task's training examples (checked32: 32, `--check 32`); their CPU s include their share of the check's "
+        "accuracy; -rouge: ROUGE-L of each candidate's greedy answers, then accuracy) prefers on 16 of the task's "
+        "training examples (checked32: 32, `--check 32`); their CPU s include their share of the check's "
         f"forward passes (one check of every candidate, the top {CHECK_SINGLES} entries alone and tops{CHECK_TOPS} "
-        "included, shared by the checked settings, each charged for the candidates it compares). The "
+        "included, shared by the checked settings, each charged for the candidates it compares; a -rouge check "
+        "generates for its own candidates only and is charged in full). The "
         "default is checked; its composition is also shown unchecked (`--check 0`), and so is the default before issue "
         "14 (the `embed` signature, no check). In-context "
         "settings put 5 or 16 training examples in the prompt.",
@@ -766,13 +776,14 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         lines += ["", f"## Refinement on labelled training examples (evaluation on the test split), {len(names)} tasks", "",
                   "LoraHub and refine5 see 5 examples, the others 16. refine16 searches the top 8 entries' weights (-layers: "
                   "per layer) for at most 60 s (`generate --refine-method gradient`); -budget36-checked: that "
-                  "search for at most 36 s, then the default check on 16 examples it did not see. finetune16 trains the composition's LoRA "
+                  "search for at most 36 s, then the check by token accuracy on 16 examples it did not see. finetune16 trains the composition's LoRA "
                   "factors (AdamW, batches of 8, from the composition) on the 16 examples: -stepsN-warmup2 for N steps "
                   "with 2 warmup steps (-lr0.004: learning rate 4e-3 instead of 2e-3; -batch4: 4 examples a step instead "
-                  "of 8); -steps10-warmup2 is `generate "
+                  "of 8); "
+                  f"{GENERATE_REFINE.format(tail='').split('-', 1)[1]} is `generate "
                   "--refine 16`. The budget settings train with the bank's recipe (10 warmup steps) for 55 s (-budget48: "
                   "48 s; -warmup2: 2 warmup steps; -lr4e-3: learning rate 4e-3); checked-finetune16 checks first and "
-                  "trains for 55 s less the check's time; keep-exactX first runs the default check on the 16 training examples themselves and keeps its candidate, untrained, when it reproduces at least the fraction X of them exactly (teacher-forced), else trains the composition as `generate --refine 16` (keep-exact0: the candidate, never trained). The LoRA trained from scratch (the same recipe as `generate "
+                  "trains for 55 s less the check's time; keep-exactX first runs the check by token accuracy on the 16 training examples themselves and keeps its candidate, untrained, when it reproduces at least the fraction X of them exactly (teacher-forced), else trains the composition as `generate --refine 16` (keep-exact0: the candidate, never trained). The LoRA trained from scratch (the same recipe as `generate "
                   "--refine 16`, up to 150 steps) trains for as long as `generate --refine 16` took on the same task. "
                   "Search CPU s: the composition, the base model's load and the search or training and any check, one "
                   "thread.", "",

@@ -1,4 +1,5 @@
-"""Calibration on the bank's own leave-one-out, and the held-out check on the user's labels (forward passes only)."""
+"""Calibration on the bank's own leave-one-out, and the held-out check on the user's labels (forward passes, and
+greedy answers for the generating criterion)."""
 
 import json
 
@@ -17,7 +18,7 @@ from loramix.index import BankIndex
 from loramix.meta import loo_coefficients
 from loramix.models import load_model, load_tokenizer
 from loramix.operators import AnswerTrained, BankFit, coefficients
-from loramix.refine import MixedLoRA, answer_loss_fn
+from loramix.refine import AnswerScores, MixedLoRA, answer_loss_fn
 
 GRID = [Candidate(t, k, s) for t in (0.5, 1.0) for k in (None, 2) for s in (1.0, 2.0)]
 
@@ -103,7 +104,6 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
         check(tiny_bank, coefs, ds, examples=4, criterion="vibes", model=model, tokenizer=tok)
 
     import loramix.calibrate
-    from loramix.refine import AnswerScores
 
     scores = iter([AnswerScores(1.0, 0, 0), AnswerScores(1.5, 0, 0), AnswerScores(2.0, 0, 0)])
     monkeypatch.setattr(loramix.calibrate, "answer_scores_fn", lambda *a: (lambda: next(scores)))
@@ -126,7 +126,7 @@ def test_check_candidates_keep_the_top_entries_at_the_compositions_total_weight(
 
 
 def test_exact_criterion_ranks_whole_answers_then_accuracy_then_loss():
-    from loramix.refine import CRITERIA, AnswerScores
+    from loramix.refine import CRITERIA
 
     scores = {"base": AnswerScores(1.0, 0.9, 0.25), "x1": AnswerScores(2.0, 0.5, 0.5), "x2": AnswerScores(0.5, 0.6, 0.5)}
     assert min(scores, key=lambda k: CRITERIA["exact"](scores[k])) == "x2"
@@ -134,6 +134,39 @@ def test_exact_criterion_ranks_whole_answers_then_accuracy_then_loss():
     assert min(scores, key=lambda k: CRITERIA["loss"](scores[k])) == "x2"
     with pytest.raises(LoramixError, match="check-tops"):
         GenerateConfig(check_tops=-1)
+
+
+def test_rouge_criterion_scores_each_candidates_greedy_answers(tiny_bank, tiny_base, tmp_path, monkeypatch):
+    from loramix import read_dataset
+    from loramix.evaluate import generate_answers, score
+    from loramix.refine import CRITERIA
+
+    model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
+    ds = read_dataset(write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12)))
+    coefs = {e.name: 0.2 for e in tiny_bank.usable}
+    res = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 30.0), singles=1, criterion="rouge", model=model, tokenizer=tok)
+    assert all(0 <= v.rouge <= 1 for v in res.scores.values())
+    assert res.chosen == min(res.scores, key=lambda k: CRITERIA["rouge"](res.scores[k]))
+    # the base's score is `loramix evaluate`'s ROUGE-L of its greedy answers, cut at twice the longest reference
+    # (end-of-turn included) and 4 tokens more
+    held = ds.subsample(4, 0).samples
+    cap = 2 * max(len(tok(s.output, add_special_tokens=False)["input_ids"]) + 1 for s in held) + 4
+    answers = generate_answers(model, tok, [s.input for s in held], max_new_tokens=min(48, cap))
+    assert res.scores["base"].rouge == pytest.approx(score(answers, type(ds)(held, ds.source))["rougeL"])
+    # the teacher-forced criteria do not generate
+    assert all(v.rouge is None for v in check(tiny_bank, coefs, ds, examples=4, scales=(1.0,), model=model,
+                                             tokenizer=tok).scores.values())
+    ranked = {"base": AnswerScores(1.0, 0.9, 0.5, 0.2), "x1": AnswerScores(2.0, 0.5, 0.0, 0.6),
+              "x2": AnswerScores(0.5, 0.6, 0.0, 0.6)}
+    assert min(ranked, key=lambda k: CRITERIA["rouge"](ranked[k])) == "x2"  # ties on ROUGE-L go to accuracy
+    monkeypatch.setenv("LORAMIX_PROGRESS", "1")  # the check's bar, with no generation bar inside it
+    generate(tiny_bank, ds, tmp_path / "rouge", max_samples=8, check=4, check_singles=1, check_criterion="rouge")
+    chk = read_report(tmp_path / "rouge").check
+    assert chk.criterion == "rouge" and all(set(v) == {"loss", "accuracy", "exact", "rouge"} for v in chk.candidates.values())
+    out = CliRunner().invoke(app, ["generate", "--bank", str(tiny_bank.path), "--data", str(ds.source), "--out",
+                                   str(tmp_path / "cli"), "--max-samples", "8", "--check", "4", "--check-criterion", "rouge"])
+    assert out.exit_code == 0, out.output
+    assert "(answer loss / token accuracy / ROUGE-L: base " in out.output and "(by rouge)" in out.output
 
 
 def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_it(tiny_bank, tmp_path, monkeypatch):
@@ -148,7 +181,6 @@ def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_i
     assert report.scale == pytest.approx(sum(report.coefficients.values()))
     import loramix.pipeline
     from loramix.calibrate import CheckResult
-    from loramix.refine import AnswerScores
 
     zero = {e.name: 0.0 for e in tiny_bank.usable}
     monkeypatch.setattr(loramix.pipeline, "check", lambda *a, **k: CheckResult(

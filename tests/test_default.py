@@ -69,8 +69,8 @@ def test_generate_from_default_bank_for_a_demo_task(tmp_path, task, check):
     assert min(result.distances, key=result.distances.get).startswith(family)
     chk = result.report.check
     if check:
-        assert chk.examples == 16 and chk.criterion == "accuracy" and len(chk.candidates) == 1 + 4 + 4
-        assert chk.candidates[chk.chosen]["accuracy"] == max(v["accuracy"] for v in chk.candidates.values())
+        assert chk.examples == 16 and chk.criterion == "rouge" and len(chk.candidates) == 1 + 4 + 4
+        assert chk.candidates[chk.chosen]["rouge"] == max(v["rouge"] for v in chk.candidates.values())
         if chk.chosen.startswith("entry:"):
             assert result.coefficients[chk.chosen.split(":", 1)[1]] == 1.0 and sum(result.coefficients.values()) == 1.0
     else:

@@ -10,8 +10,8 @@ forward hooks (refine.MixedLoRA): nothing is composed or written.
   no other entry was trained on). The candidate with the lowest mean loss ratio to the base model wins. Cached
   with the bank index; `generate --calibration` uses a calibrated bank's parameters.
 - `check(...)`: the user's own labels. A held-out slice of the dataset scores the base model, the composed update at
-  a few scales and the top entries alone (teacher-forced loss and token accuracy); the one a criterion prefers is
-  kept, and the report says when none beat the base."""
+  a few scales and the top entries alone (teacher-forced loss and token accuracy, and for the default criterion the
+  ROUGE-L of greedy answers); the one a criterion prefers is kept, and the report says when none beat the base."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .files import atomic_write_bytes
 from .index import BankIndex
 from .meta import loo_coefficients
 from .progress import track
-from .refine import CRITERIA, AnswerScores, MixedLoRA, answer_loss_fn, answer_scores_fn
+from .refine import CRITERIA, GENERATING, AnswerScores, MixedLoRA, answer_loss_fn, answer_scores_fn
 
 # The default grid: 12 candidates, 13 forward passes per bank entry (about 3 minutes for the 47-entry default bank on
 # 2 cores with 8 examples each; 40 candidates with top-k 5 and 16 examples took over half an hour).
@@ -265,8 +265,8 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
 
     scores = {}
     try:
-        fn = answer_scores_fn(model, tokenizer, samples)
-        for label in candidates:
+        fn = answer_scores_fn(model, tokenizer, samples, generate=criterion in GENERATING)
+        for label in track(candidates, f"checking ({len(samples)} held-out examples)", total=len(candidates)):
             mixed.weights = weights(label)
             scores[label] = fn()
     finally:

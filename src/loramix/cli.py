@@ -128,8 +128,10 @@ def generate(
         out.print(f"refined on {r.examples} examples ({r.method}, {r.steps} steps, {r.seconds:.1f} s): "
                   f"loss {r.initial_loss:.4f} -> {r.loss:.4f}")
     if (chk := report.check) is not None:
-        scores = ", ".join(f"{k} {v['loss']:.3f}/{v['accuracy']:.3f}" for k, v in chk.candidates.items())
-        out.print(f"checked on {chk.examples} held-out examples (answer loss / token accuracy: {scores}): kept "
+        shown = {"loss": "answer loss", "accuracy": "token accuracy", "rouge": "ROUGE-L"}
+        shown = {m: label for m, label in shown.items() if all(m in v for v in chk.candidates.values())}
+        scores = ", ".join(f"{k} " + "/".join(f"{v[m]:.3f}" for m in shown) for k, v in chk.candidates.items())
+        out.print(f"checked on {chk.examples} held-out examples ({' / '.join(shown.values())}: {scores}): kept "
                   f"{chk.chosen} (by {chk.criterion})")
         if not chk.beats_base:
             then = ("the adapter written has a zero update (the base model)" if report.finetune is None else

@@ -65,16 +65,18 @@ class GenerateConfig:
     check: int | None = option(None, "Hold out this many examples of DATA and keep, of the base model, the composed update "
                                "at scales 0.5 to 2, its top entries (--check-tops) and the top entries alone "
                                "(--check-singles), the one the held-out examples prefer (--check-criterion). Loads the "
-                               "base model and runs forward passes only; 0: no check (the composition as the operator "
+                               "base model and runs forward passes (and greedy answers, --check-criterion rouge); 0: no check (the composition as the operator "
                                f"gives it, without loading the base). Default: {CHECK_EXAMPLES}, or 0 with --refine "
                                "(refinement trains on the examples a check would hold out; at equal time the check lost: "
                                "README, Quality).", method=False)
     check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)
     check_tops: int = option(0, "With --check: also try the composition kept to its top 2, ..., this-many entries "
                              "(rescaled to its total weight).", method=False)
-    check_criterion: str = option("accuracy", "With --check: rank candidates by 'loss' (answer loss), 'accuracy' "
-                                  "(teacher-forced token accuracy, then loss) or 'exact' (examples whose whole answer "
-                                  "is the most likely continuation, then accuracy, then loss).", method=False)
+    check_criterion: str = option("rouge", "With --check: rank candidates by 'loss' (answer loss), 'accuracy' "
+                                  "(teacher-forced token accuracy, then loss), 'exact' (examples whose whole answer "
+                                  "is the most likely continuation, then accuracy, then loss) or 'rouge' (ROUGE-L of "
+                                  "each candidate's greedy answers, then accuracy, then loss; about twice the CPU).",
+                                  method=False)
     refine: int = option(0, "Refine the adapter on this many examples of DATA, as --refine-method says (loads the base "
                          "model).", method=False)
     refine_method: str = option(FINETUNE, f"How --refine uses its examples: {FINETUNE} (train the composed adapter's own "

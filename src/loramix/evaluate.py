@@ -23,6 +23,9 @@ from .progress import track
 from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids
 
 
+MAX_NEW_TOKENS = 48  # the longest answer evaluation generates (tokens)
+
+
 def normalize(text: str) -> str:
     """SQuAD-style answer normalisation: lowercase, no punctuation, no articles (a, an, the), single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
@@ -63,9 +66,10 @@ class Scorer:
         return rouge, exact, contains
 
 
-def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_size: int = 32, max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers to `inputs` (each a user turn in the chat template), batched, longest prompts first.
-    Returns the decoded answers in input order.
+def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
+                     progress: bool = True) -> list[str]:
+    """Greedy answers to `inputs` (each a user turn in the chat template), batched, longest prompts first, with a
+    progress bar unless `progress` is False (a caller's own bar). Returns the decoded answers in input order.
 
     The prompts of a batch share a prefix (system turn, task definition): it is run once and its key/value
     cache reused by every row, laid out as [prefix][padding][own tokens] with the padding masked out, so
@@ -77,7 +81,7 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     answers: list[str] = [""] * len(inputs)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.inference_mode():
-        for batch in track(batches, "generating", total=len(batches)):
+        for batch in track(batches, "generating", total=len(batches)) if progress else batches:
             seqs = [encoded[i] for i in batch]
             p = common_prefix(seqs)
             ids, mask = left_padded(seqs, pad, p)
@@ -168,7 +172,7 @@ def evaluate(
     adapter: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 32,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     model: Any = None,
     tokenizer: Any = None,
 ) -> dict[str, Any]:

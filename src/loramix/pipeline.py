@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -152,7 +152,7 @@ def generate(
         if checked:
             report.scale = float(sum(weights.values()))
             report.check = CheckInfo(checked.examples, checked.criterion,
-                                     {k: {"loss": round(v.loss, 5), "accuracy": round(v.accuracy, 5), "exact": round(v.exact, 5)}
+                                     {k: {m: round(x, 5) for m, x in asdict(v).items() if x is not None}
                                       for k, v in checked.scores.items()},
                                      checked.chosen, checked.beats_base)
         report.write(tmp)

@@ -21,6 +21,7 @@ from .compose import COMPOSERS
 from .compose.methods import LoraFactors
 from .data import Dataset
 from .errors import LoramixError
+from .evaluate import MAX_NEW_TOKENS, Scorer, generate_answers
 from .progress import track
 from .registry import Registry
 
@@ -122,14 +123,16 @@ def answer_loss_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: in
 
 @dataclass(frozen=True)
 class AnswerScores:
-    """Teacher-forced scores of a model on labelled samples: `loss`, the mean answer-token cross-entropy (nats per
+    """Scores of a model on labelled samples. Teacher-forced: `loss`, the mean answer-token cross-entropy (nats per
     token); `accuracy`, the fraction of answer tokens (end-of-turn included) that are the model's most likely next
     token given the reference before them; `exact`, the fraction of samples whose every answer token is, i.e. that
-    greedy decoding reproduces exactly (up to ties)."""
+    greedy decoding reproduces exactly (up to ties). Generated (only when asked for: it decodes every sample):
+    `rouge`, the mean ROUGE-L F1 of the greedy answers against the references, as `loramix evaluate` scores them."""
 
     loss: float
     accuracy: float
     exact: float
+    rouge: float | None = None
 
 
 # How a choice among candidates ranks their AnswerScores (the smallest key wins).
@@ -137,14 +140,21 @@ CRITERIA = {
     "loss": lambda s: s.loss,
     "accuracy": lambda s: (-s.accuracy, s.loss),
     "exact": lambda s: (-s.exact, -s.accuracy, s.loss),
+    "rouge": lambda s: (-s.rouge, -s.accuracy, s.loss),
 }
+GENERATING = frozenset({"rouge"})  # the criteria that need greedy answers (AnswerScores.rouge)
 
 
-def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
-    """A function of no arguments returning the AnswerScores of `model` on `samples` (one forward pass, no grad)."""
+def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256, generate: bool = False):
+    """A function of no arguments returning the AnswerScores of `model` on `samples`: one forward pass (no grad) and,
+    with `generate`, greedy answers to every sample scored by ROUGE-L."""
     batch = _shared_batch(tokenizer, samples, max_length)
     targets = batch.targets
     real = targets != -100
+    # answers may run to twice the longest reference (its end-of-turn included) and 4 tokens more, at most as long as
+    # `loramix evaluate` lets them: an answer that long has lost most of its ROUGE-L already
+    longest = min(MAX_NEW_TOKENS, 2 * int(real.sum(1).max()) + 4)
+    scorer = Scorer() if generate else None
 
     def scores() -> AnswerScores:
         with torch.no_grad():
@@ -152,7 +162,11 @@ def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: 
             loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
             hit = (out.argmax(-1) == targets) | ~real
         accuracy = float(hit[real].float().mean()) if real.any() else 0.0
-        return AnswerScores(float(loss), accuracy, float(hit.all(1).float().mean()))
+        rouge = None
+        if generate:
+            answers = generate_answers(model, tokenizer, [s.input for s in samples], max_new_tokens=longest, progress=False)
+            rouge = float(np.mean([scorer(a, s.outputs)[0] for a, s in zip(answers, samples)]))
+        return AnswerScores(float(loss), accuracy, float(hit.all(1).float().mean()), rouge)
 
     return scores
 

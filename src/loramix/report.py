@@ -85,7 +85,7 @@ class CheckInfo:
     calibrate.check_candidates: 'base', 'x<scale>', 'top<k>', 'entry:<name>'), the `criterion` that ranked them, the
     label `chosen`, and whether it is a composition rather than the base model. Scores: {'loss': answer loss in nats
     per token, 'accuracy': teacher-forced token accuracy, 'exact': fraction of examples answered exactly under teacher
-    forcing}."""
+    forcing, and with a generating criterion 'rouge': mean ROUGE-L F1 of the greedy answers}."""
 
     examples: int
     criterion: str
