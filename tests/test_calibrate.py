@@ -106,7 +106,7 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
     import loramix.calibrate
 
     scores = iter([AnswerScores(1.0, 0, 0), AnswerScores(1.5, 0, 0), AnswerScores(2.0, 0, 0)])
-    monkeypatch.setattr(loramix.calibrate, "answer_scores_fn", lambda *a: (lambda: next(scores)))
+    monkeypatch.setattr(loramix.calibrate, "answer_scores_fn", lambda *a, **k: (lambda: next(scores)))
     base_wins = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 2.0), model=model, tokenizer=tok)
     assert base_wins.chosen == "base" and not base_wins.beats_base and set(base_wins.coefficients.values()) == {0.0}
 
