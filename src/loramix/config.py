@@ -65,8 +65,9 @@ class GenerateConfig:
     check: int | None = option(None, "Hold out this many examples of DATA and keep, of the base model, the composed update "
                                "at scales 0.5 to 2, its top entries (--check-tops) and the top entries alone "
                                "(--check-singles), the one the held-out examples prefer (--check-criterion). Loads the "
-                               "base model and runs forward passes (and greedy answers, --check-criterion rouge); 0: no check (the composition as the operator "
-                               f"gives it, without loading the base). Default: {CHECK_EXAMPLES}, or 0 with --refine "
+                               "base model and runs forward passes (and greedy answers, --check-criterion rouge); 0: no "
+                               "check (the composition as the operator gives it, without loading the base). "
+                               f"Default: {CHECK_EXAMPLES}, or 0 with --refine "
                                "(refinement trains on the examples a check would hold out; at equal time the check lost: "
                                "README, Quality).", method=False)
     check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)

@@ -12,12 +12,12 @@ import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .adapter import LoraAdapter, base_model_of
-from .data import Dataset, read_dataset
+from .data import Dataset, Sample, read_dataset
 from .models import load_model, load_tokenizer, quiet_loading
 from .progress import track
 from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids
@@ -103,8 +103,8 @@ def stream_answer(model: Any, tokenizer: Any, text: str, *, streamer: Any, adapt
         model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, eos_token_id=end_of_turn_id(tokenizer))
 
 
-def score(predictions: list[str], dataset: Dataset) -> dict[str, float]:
-    """Mean rougeL, exact_match and contains over the records, and n."""
+def score(predictions: list[str], dataset: Dataset | Sequence[Sample]) -> dict[str, float]:
+    """Mean rougeL, exact_match and contains over the records (a Dataset or its samples), and n."""
     scorer = Scorer()
     rows = [scorer(p, s.outputs) for p, s in zip(predictions, dataset)]
     n = len(rows)

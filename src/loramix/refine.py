@@ -21,7 +21,7 @@ from .compose import COMPOSERS
 from .compose.methods import LoraFactors
 from .data import Dataset
 from .errors import LoramixError
-from .evaluate import MAX_NEW_TOKENS, Scorer, generate_answers
+from .evaluate import MAX_NEW_TOKENS, generate_answers, score
 from .progress import track
 from .registry import Registry
 
@@ -154,7 +154,6 @@ def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: 
     # answers may run to twice the longest reference (its end-of-turn included) and 4 tokens more, at most as long as
     # `loramix evaluate` lets them: an answer that long has lost most of its ROUGE-L already
     longest = min(MAX_NEW_TOKENS, 2 * int(real.sum(1).max()) + 4)
-    scorer = Scorer() if generate else None
 
     def scores() -> AnswerScores:
         with torch.no_grad():
@@ -165,7 +164,7 @@ def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: 
         rouge = None
         if generate:
             answers = generate_answers(model, tokenizer, [s.input for s in samples], max_new_tokens=longest, progress=False)
-            rouge = float(np.mean([scorer(a, s.outputs)[0] for a, s in zip(answers, samples)]))
+            rouge = score(answers, samples)["rougeL"]
         return AnswerScores(float(loss), accuracy, float(hit.all(1).float().mean()), rouge)
 
     return scores
