@@ -76,6 +76,7 @@ class Setting:
     warmup: int | None = None  # finetune: the warmup steps (None: the bank's training settings')
     steps: int | None = None  # finetune: the optimizer steps (None: the bank's training settings')
     batch_size: int | None = None  # finetune: samples per step (None: the bank's training settings')
+    max_tokens: int | None = None  # finetune: token positions training may run at most (None: no limit)
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -187,7 +188,10 @@ def refine_settings(default: Setting) -> list[Setting]:
         *(Setting(f"refine/{tail}-keep-exact{k:g}-finetune16-steps{REFINE_TRAINING.steps}-warmup2", "refine", **base,
                   examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, keep_exact=k,
                   **REFINE_CHECK) for k in KEEP_EXACT),
-        *(Setting(GENERATE_REFINE.format(tail=tail) + f"-then-checked-singles4{CRITERION_SUFFIX[crit]}",
+        *([Setting(GENERATE_REFINE.format(tail=tail), "refine", **base, examples=16, finetune=True,
+                   warmup=REFINE_TRAINING.warmup, steps=REFINE_TRAINING.steps, max_tokens=REFINE_TRAINING.max_tokens)]
+          if REFINE_TRAINING.max_tokens else []),
+        *(Setting(FINETUNE16.format(tail=tail) + f"-then-checked-singles4{CRITERION_SUFFIX[crit]}",
                   "refine", **base, examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, checked=True,
                   check_after=True, check_singles=4, check_criterion=crit) for crit in ("accuracy", "exact")),
         Setting(EQUAL_COMPUTE, "refine", examples=16, warm_start=GENERATE_REFINE.format(tail=tail)),
@@ -202,8 +206,9 @@ REFINE_BUDGET = 36.0
 # of the grid of steps and learning rates (warmup 2) it was chosen from
 BANK_LR = 2e-3
 FINETUNE_GRID = ((10, BANK_LR), (16, BANK_LR), (24, BANK_LR), (10, 4e-3))
-GENERATE_REFINE = "refine/{tail}-finetune16-steps%d-warmup%d" % (REFINE_TRAINING.steps, REFINE_TRAINING.warmup) + (
-    "-lr%g" % REFINE_TRAINING.lr if REFINE_TRAINING.lr != BANK_LR else "")
+FINETUNE16 = "refine/{tail}-finetune16-steps%d-warmup%d" % (REFINE_TRAINING.steps, REFINE_TRAINING.warmup) + (
+    "-lr%g" % REFINE_TRAINING.lr if REFINE_TRAINING.lr != BANK_LR else "")  # the grid point, no token limit
+GENERATE_REFINE = FINETUNE16 + ("-tokens%d" % REFINE_TRAINING.max_tokens if REFINE_TRAINING.max_tokens else "")
 # the check of the refine rows whose names do not say it (generate's default when they were measured)
 REFINE_CHECK = dict(check_singles=4, check_criterion="accuracy")
 KEEP_EXACT = (0.0, 0.75, 1.0)  # keep-exact settings' thresholds (0: the checked candidate, never trained)
@@ -310,7 +315,20 @@ class Runner:
         return self.tasks if s.name in self.headline else self.grid_tasks
 
     def pending(self, s: Setting) -> list[str]:
-        return [t for t in self.tasks_of(s) if not (self.folder(s) / f"{t}.json").is_file()]
+        return [t for t in self.tasks_of(s) if not self.done(s, t)]
+
+    def done(self, s: Setting, task: str, results: dict[str, dict] | None = None) -> bool:
+        """Whether s has a result for the task; the equal-compute LoRA's only when trained for the time its reference
+        (`results` of this run, else the cache) took, so that it follows a change of `generate --refine`."""
+        cached = self.cached(s.name, task)
+        if cached is None or s.name != EQUAL_COMPUTE:
+            return cached is not None
+        return cached["search"]["budget"] == self.equal_budget(s, task, results or {})
+
+    def equal_budget(self, s: Setting, task: str, results: dict[str, dict]) -> float:
+        """The equal-compute LoRA's seconds: its reference's CPU seconds on the task (60 before it has any)."""
+        ref = results.get(s.warm_start) or self.cached(s.warm_start, task)
+        return ref["search"]["cpu_seconds"] if ref else 60.0
 
     def prepare(self, all_settings: list[Setting]) -> dict[str, np.ndarray]:
         """Coefficient matrices of the settings that still have tasks to evaluate (their timings saved)."""
@@ -331,8 +349,7 @@ class Runner:
         i = self.names.index(task)
         results: dict[str, dict] = {}
         for s in all_settings:
-            file = self.folder(s) / f"{task}.json"
-            if file.is_file():
+            if self.done(s, task, results):
                 continue
             compose_s = 0.0
             search = None
@@ -343,9 +360,7 @@ class Runner:
             else:
                 c = coefs[s.name][i] if s.name in coefs else np.zeros(len(self.names))
                 if s.name == EQUAL_COMPUTE:
-                    ref = results.get(s.warm_start) or self.cached(s.warm_start, task)
-                    budget = ref["search"]["cpu_seconds"] if ref else 60.0
-                    result, search = self.train_equal(task, s, budget)
+                    result, search = self.train_equal(task, s, self.equal_budget(s, task, results))
                     result["compose_seconds"], result["search"] = 0.0, search
                     results[s.name] = result
                     continue
@@ -359,7 +374,7 @@ class Runner:
                         result["coefficients"] = [round(float(x), 6) for x in kept]
                     else:  # trained as generate --refine 16 (deterministic: its record is reused when there is one)
                         checked.pop("coefficients")
-                        name = GENERATE_REFINE.format(tail=s.warm_start.split("/", 1)[1])
+                        name = FINETUNE16.format(tail=s.warm_start.split("/", 1)[1])
                         ref = results.get(name) or self.cached(name, task)
                         if ref is None:
                             result, search = self.finetune(task, s, c)
@@ -553,7 +568,7 @@ class Runner:
         data = read_dataset(self.suite / task / "train.jsonl").subsample(s.examples, 0)
         cpu = time.process_time()
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = replace(REFINE_TRAINING, steps=BANK_TRAINING.steps, budget=budget)
+            cfg = replace(REFINE_TRAINING, steps=BANK_TRAINING.steps, budget=budget, max_tokens=None)
             record = train(data, Path(tmp) / "lora", cfg, base=self.bank.base_model)
             seconds = time.process_time() - cpu
             result = self.evaluate(task, Path(tmp) / "lora")
@@ -589,8 +604,8 @@ class Runner:
             comp = compose(self.bank, {n: float(x) for n, x in zip(self.names, c) if x != 0}, method=s.compose)
             save_adapter(tmp / "composed", comp.config, comp.factors)
             init = tmp / "composed"
-        tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup), ("steps", s.steps), ("batch_size", s.batch_size))
-                 if v is not None}
+        tuned = {k: v for k, v in (("lr", s.lr), ("warmup", s.warmup), ("steps", s.steps), ("batch_size", s.batch_size),
+                                   ("max_tokens", s.max_tokens)) if v is not None}
         return train(data, tmp / "lora", replace(BANK_TRAINING, budget=budget, **tuned), base=self.bank.base_model,
                      init=init, model=model, tokenizer=self.tokenizer if model is not None else None)
 
@@ -602,7 +617,7 @@ class Runner:
         from loramix.models import load_model
         from loramix.refine import CRITERIA, AnswerScores, answer_scores_fn
 
-        name = GENERATE_REFINE.format(tail=s.warm_start.split("/", 1)[1])
+        name = FINETUNE16.format(tail=s.warm_start.split("/", 1)[1])
         ref = self.cached(name, task)
         memo = self.memo(task, c, Setting("trained", "lever", compose=s.compose)).with_suffix(
             f".trained{s.examples}-scores-n{s.check_examples}.json")
@@ -779,7 +794,8 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
                   "search for at most 36 s, then the check by token accuracy on 16 examples it did not see. finetune16 trains the composition's LoRA "
                   "factors (AdamW, batches of 8, from the composition) on the 16 examples: -stepsN-warmup2 for N steps "
                   "with 2 warmup steps (-lr0.004: learning rate 4e-3 instead of 2e-3; -batch4: 4 examples a step instead "
-                  "of 8); "
+                  "of 8; -tokensT: only the first steps whose token positions, the shared prompt prefix counted once, "
+                  "fit T); "
                   f"{GENERATE_REFINE.format(tail='').split('-', 1)[1]} is `generate "
                   "--refine 16`. The budget settings train with the bank's recipe (10 warmup steps) for 55 s (-budget48: "
                   "48 s; -warmup2: 2 warmup steps; -lr4e-3: learning rate 4e-3); checked-finetune16 checks first and "

@@ -232,5 +232,4 @@ def test_answer_trained_operator_starts_at_normalized_and_lowers_the_banks_answe
     trained = np.stack([op.coefficients(row) for row in d])
     assert np.allclose(trained.sum(1), 1) and np.all(np.diag(trained) == 0)
     assert _mean_ratio(tiny_bank, trained) < _mean_ratio(tiny_bank, normalized)
-    op.save(tmp_path / "op.safetensors")
-    assert np.allclose(np.stack([AnswerTrained.load(tmp_path / "op.safetensors").coefficients(r) for r in d]), trained)
+    assert np.allclose(np.stack([AnswerTrained.from_bytes(op.to_bytes()).coefficients(r) for r in d]), trained)

@@ -75,8 +75,9 @@ def test_pull_writes_a_bank_with_pinned_revisions_and_resumes(tmp_path, hub_cach
     rows = [json.loads(x) for x in (tmp_path / "bank" / "task081_id_question" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and isinstance(rows[0]["output"], list)
     assert not (tmp_path / "bank" / "task081_id_question" / "README.md").exists()
-    again = pull_lots_of_loras(tmp_path / "bank", tasks=["081", "task1400"])
+    again = pull_lots_of_loras(tmp_path / "bank", tasks=["81", "task1400"])  # 81, 081 and task81 name task081
     assert again == {"task081_id_question": "kept", "task1400_obqa_answer": "pulled"}
+    assert pull_lots_of_loras(tmp_path / "bank", tasks=["task81", "081"]) == {"task081_id_question": "kept"}
     with pytest.raises(LoramixError, match="no Lots-of-LoRAs dataset for task5"):
         pull_lots_of_loras(tmp_path / "bank", tasks=["5"])
 
@@ -117,3 +118,22 @@ def test_cli_pull_and_add(tmp_path, hub_cache):
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("music", 5))
     r = runner.invoke(app, ["bank", "add", str(tmp_path / "bank"), str(write_adapter(tmp_path / "x", base=MISTRAL)), "--data", str(data)])
     assert r.exit_code == 0 and len(Bank(tmp_path / "bank").usable) == 2, r.output
+
+
+def test_pull_refuses_a_task_whose_data_generate_would_refuse(tmp_path, hub_cache):
+    """Integer outputs in one task's parquet: that task is refused, with the reason; the others are pulled."""
+    ad = write_adapter(tmp_path / "src" / "task5", base=MISTRAL, seed=5)
+    cache_repo(hub_cache, "model", "Lots-of-LoRAs/Mistral-7B-Instruct-v0.2-4b-r16-task5",
+               {n: (ad / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}, f"{9:040x}")
+    bad = [{"input": f"q{i}", "output": i} for i in range(4)]
+    cache_repo(hub_cache, "dataset", "Lots-of-LoRAs/task5_numbers",
+               {"data/train-00000-of-00001.parquet": parquet_bytes(bad, tmp_path)}, f"{99:040x}")
+    status = pull_lots_of_loras(tmp_path / "bank", tasks=["5", "927"])
+    assert status["task927_yelp_sentiment"] == "pulled"
+    assert status["task5_numbers"].startswith("refused: Lots-of-LoRAs/task5_numbers: train-00000-of-00001.parquet[0]: "
+                                              "field 'output' must be a string")
+    assert not (tmp_path / "bank" / "task5_numbers").exists() and [e.name for e in Bank(tmp_path / "bank").entries] == [
+        "task927_yelp_sentiment"]
+    with pytest.raises(LoramixError, match="every task was refused"):
+        pull_lots_of_loras(tmp_path / "bank2", tasks=["5"])
+    assert not (tmp_path / "bank2").exists()

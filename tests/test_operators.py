@@ -85,6 +85,5 @@ def test_neural_fit_lowers_reconstruction_loss_and_roundtrips(tmp_path):
     c = op.coefficients(row)
     assert c[0] == 0 and c.sum() == pytest.approx(1) and np.all(c >= 0)
     assert c[1:4].sum() > 0.5  # the adapter's own cluster dominates
-    op.save(tmp_path / "op.safetensors")
-    again = Neural.load(tmp_path / "op.safetensors")
+    again = Neural.from_bytes(op.to_bytes())
     assert np.allclose(again.coefficients(row), c) and again.history == op.history

@@ -270,6 +270,7 @@ def test_generate_refine_finetunes_the_composed_adapter(tmp_path, tiny_base):
     report = read_report(tmp_path / "checked")
     assert report.check.examples == 4 and report.finetune.steps == 3
     assert report.finetune.from_composition == report.check.beats_base
+    assert report.finetune.max_tokens == REFINE_TRAINING.max_tokens  # the default limit, recorded
 
 
 def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
@@ -285,12 +286,16 @@ def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
     data = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 8)))
     info = finetune(tmp_path / "ad", bank, data, GenerateConfig(refine=8, refine_steps=5), from_composition=False)
     assert not info.from_composition and info.steps == 5 and info.examples == 8
+    cut = finetune(tmp_path / "ad", bank, data, GenerateConfig(refine=8, refine_steps=5, refine_max_tokens=1),
+                   from_composition=False)
+    assert cut.steps == 1 and cut.max_tokens == 1  # a limit below one batch's tokens: one step
 
 
 @pytest.mark.parametrize("kw,message", [
     ({"refine": -1}, "refine must be at least 0"),
     ({"refine": 4, "refine_budget": 0.0}, "positive number of seconds"),
     ({"refine": 4, "refine_steps": 0}, "refine-steps must be at least 1"),
+    ({"refine": 4, "refine_max_tokens": -1}, "refine-max-tokens must be at least 0"),
     ({"refine": 4, "refine_method": "nope"}, "unknown refine method 'nope'; choose from finetune, gradient"),
 ])
 def test_refine_options_are_validated(kw, message):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from loramix import Bank, read_dataset
 from loramix.build import build_bank
 from loramix.cli import app
+from loramix.errors import LoramixError
 from loramix.evaluate import Scorer, evaluate, normalize
 from loramix.models import load_tokenizer
 from loramix.prompts import SharedBatch, answer_batch, encode
@@ -197,6 +198,28 @@ def test_train_budget_shortens_the_schedule_to_fit(tmp_path, tiny_base):
     assert 2 < len(record["loss"]) < 100_000 and record["seconds"] < 3.0
     assert record["config"]["budget"] == 1.0
     assert "budget" not in json.loads(json.dumps(TINY.as_record()))  # unset: older training.json still match
+
+
+def test_train_max_tokens_keeps_the_first_steps_that_fit(tmp_path, tiny_base):
+    """The steps run are the planned batches whose token positions (shared prefix once) fit max_tokens: the same
+    number and the same losses on every run, whatever the clock; at least one step however small the limit."""
+    from loramix.prompts import pad_id
+    from loramix.train import plan_batches
+
+    data = read_dataset(write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 16)))
+    tok = load_tokenizer(str(tiny_base))
+    encoded = encode(tok, data, TINY.max_length)
+    sizes = [SharedBatch.of([encoded[i] for i in b], pad_id(tok)).tokens for b in list(plan_batches(len(encoded), TINY))]
+    assert len(sizes) == TINY.steps and all(t > 0 for t in sizes)
+    limit = sum(sizes[:3]) + sizes[3] - 1
+    config = replace(TINY, max_tokens=limit)
+    first = train(data, tmp_path / "a", config, base=str(tiny_base))
+    again = train(data, tmp_path / "b", config, base=str(tiny_base))
+    assert len(first["loss"]) == 3 and first["loss"] == again["loss"]
+    assert first["config"]["max_tokens"] == limit and "max_tokens" not in TINY.as_record()
+    assert len(train(data, tmp_path / "c", replace(TINY, max_tokens=1), base=str(tiny_base))["loss"]) == 1
+    with pytest.raises(LoramixError, match="--max-tokens must be a positive whole number"):
+        train(data, tmp_path / "d", replace(TINY, max_tokens=0), base=str(tiny_base))
 
 
 @pytest.mark.parametrize("budget", [0.0, -5.0, float("nan")])

@@ -6,6 +6,20 @@
 """
 
 import importlib
+import os
+import signal
+import sys
+
+
+def _interrupted_at_start(*_) -> None:
+    sys.stderr.write("interrupted\n")
+    os._exit(130)
+
+
+# The `loramix` command: Ctrl-C while it imports (seconds: torch, transformers) is one word, not a traceback; nothing
+# is written before the command runs, and cli.main puts Python's own handler back first.
+if os.path.basename(sys.argv[0] if sys.argv else "") == "loramix" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
 
 from .adapter import LoraAdapter, save_adapter
 from .bank import Bank, BankEntry

@@ -3,22 +3,30 @@ write one (`adapter_config.json` + `adapter_model.safetensors`).
 
 PEFT's update for a module is delta_W = scale * B @ A with A: [r, in], B: [out, r] and
 scale = alpha / r, or alpha / sqrt(r) with `use_rslora`; r and alpha may be overridden per module by
-`rank_pattern` / `alpha_pattern` (regex keys matched against the module name, first match wins)."""
+`rank_pattern` / `alpha_pattern` (regex keys matched against the module name, first match wins). The tensors
+composed are those PEFT applies: of the modules that `target_modules`, `exclude_modules` and
+`layers_to_transform` select."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
+import regex
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import LoramixError
+from .files import read_json
+
+log = logging.getLogger("loramix")
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -65,6 +73,90 @@ _UNKNOWN_FIELD = "loramix does not know this field, so it cannot tell that the u
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _mapping(value_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, dict) and all(value_ok(x) for x in v.values())
+
+
+def _whole(v: Any) -> bool:
+    return _number(v) and v > 0 and v == int(v)
+
+
+# What each understood field must hold when it is set (null means PEFT's default): (check, description).
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (_whole, "a positive whole number"),
+    "lora_alpha": (lambda v: _number(v) and v > 0, "a positive finite number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (_mapping(_whole), "an object of positive whole numbers"),
+    "alpha_pattern": (_mapping(lambda v: _number(v) and v > 0), "an object of positive finite numbers"),
+    "target_modules": (_names, "a string or a list of strings"),
+    "exclude_modules": (_names, "a string or a list of strings"),
+    "bias": (lambda v: isinstance(v, str), "a string"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "layers_to_transform": (lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
+        isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)), "a layer index or a list of them"),
+    "layers_pattern": (_names, "a string or a list of strings"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
+    "revision": (lambda v: isinstance(v, str), "a string"),
+    "task_type": (lambda v: isinstance(v, str), "a string"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "peft_version": (lambda v: isinstance(v, str), "a string"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+}
+# User regular expressions (rank_pattern keys, target_modules and the like) are matched with this bound per match:
+# a pattern that backtracks catastrophically is refused instead of hanging.
+PATTERN_SECONDS = 0.5
+
+
+def pattern(expr: str, what: str) -> regex.Pattern:
+    """`expr` compiled (the `regex` package, compatible with `re`), or a LoramixError naming `what`."""
+    try:
+        return regex.compile(expr)
+    except (regex.error, TypeError, ValueError, RecursionError, MemoryError) as e:
+        raise LoramixError(f"{what}: {expr!r} is not a valid regular expression ({str(e).splitlines()[0][:200]})") from None
+
+
+def match(expr: str, text: str, what: str, *, full: bool = True) -> "regex.Match | None":
+    """`expr` matched against `text` (whole, or from its start when not `full`), the match bounded by
+    PATTERN_SECONDS: a pattern that takes longer is refused (LoramixError naming `what`)."""
+    compiled = pattern(expr, what)
+    try:
+        return (compiled.fullmatch if full else compiled.match)(text, timeout=PATTERN_SECONDS)
+    except TimeoutError:
+        raise LoramixError(f"{what}: the regular expression {expr!r} takes more than {PATTERN_SECONDS} s to match "
+                           f"'{text}' (catastrophic backtracking); simplify it") from None
+
+
+def check_config(config: Any, name: str) -> dict[str, Any]:
+    """`config` (an adapter_config.json as parsed) if it is an object whose understood fields have the types PEFT
+    gives them and whose regular expressions compile; else a LoramixError naming `name` and the field."""
+    if not isinstance(config, dict):
+        raise LoramixError(f"{name}: {CONFIG_FILE}: expected a JSON object")
+    for field_name, (ok, want) in _FIELD_TYPES.items():
+        value = config.get(field_name)
+        if value is not None and not ok(value):
+            raise LoramixError(f"{name}: {CONFIG_FILE}: field '{field_name}' must be {want}, got {repr(value)[:100]}")
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in config.get(field_name) or {}:
+            pattern(rf"(.*\.)?({key})$", f"{name}: {CONFIG_FILE}: field '{field_name}'")
+    for field_name in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(field_name), str):
+            pattern(config[field_name], f"{name}: {CONFIG_FILE}: field '{field_name}'")
+    layer_names = config.get("layers_pattern") or []
+    for key in [layer_names] if isinstance(layer_names, str) else layer_names:
+        pattern(rf".*\.{key}\.(\d+)\.", f"{name}: {CONFIG_FILE}: field 'layers_pattern'")
+    return config
+
+
 # The dtypes loramix writes adapters in, by the names options and configs use.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The dtypes it reads (also float64), by their safetensors codes: F32, F16, BF16, F64.
@@ -72,17 +164,22 @@ _TORCH_DTYPES = {name.upper().replace("FLOAT", "F"): dtype for name, dtype in {*
 _SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
-def _tensor_spans(file: Path) -> dict[str, tuple[int, int, str, list[int]]]:
-    """Tensor name -> (first byte, end byte, dtype name, shape) of its data in a safetensors file (whose header
+def _tensor_spans(f: BinaryIO) -> dict[str, tuple[int, int, str, list[int]]]:
+    """Tensor name -> (first byte, end byte, dtype name, shape) of its data in an open safetensors file (whose header
     safetensors has validated): an 8-byte little-endian header length, the JSON header, then the data its offsets
     point into.
     Data is then read with plain file reads, not safetensors' memory map: mapped pages count in the reading
     process's resident memory, so a bank composed through open maps would grow it by the bank's size."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    f.seek(0)
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
     return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1], v["dtype"], v["shape"])
             for k, v in header.items() if k != "__metadata__"}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: device, inode, size, modification time (ns)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def layer_of(module: str) -> int:
@@ -92,20 +189,14 @@ def layer_of(module: str) -> int:
 
 
 def read_config(folder: str | Path, name: str | None = None) -> dict[str, Any]:
-    """The adapter_config.json of an adapter folder, as read (a JSON object; nothing else checked). Errors name
-    `name` (default: the folder's name)."""
+    """The adapter_config.json of an adapter folder: a JSON object whose understood fields are type-checked
+    (`check_config`); whether loramix can compose it is not. Errors name `name` (default: the folder's name)."""
     folder = Path(folder)
     name = name or folder.name
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise LoramixError(f"{name}: no {CONFIG_FILE} in {folder}")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoramixError(f"{name}: {CONFIG_FILE}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise LoramixError(f"{name}: {CONFIG_FILE}: expected a JSON object")
-    return config
+    return check_config(read_json(file, f"{name}: {CONFIG_FILE}"), name)
 
 
 def base_model_of(folder: str | Path) -> str | None:
@@ -114,12 +205,47 @@ def base_model_of(folder: str | Path) -> str | None:
     return read_config(folder).get("base_model_name_or_path")
 
 
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, what: str = "rank_pattern") -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key `k` with re.match(rf"(.*\\.)?({k})$", module)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if match(rf"(.*\.)?({key})$", module, what, full=False):
             return value
     return default
+
+
+def applied_by_peft(config: dict[str, Any], module: str, name: str) -> bool:
+    """Whether PEFT puts a LoRA layer on `module` (a name like model.layers.3.self_attn.q_proj) for this config:
+    not excluded by `exclude_modules`, selected by `target_modules` (a string: a regex matched against the whole
+    name; a list: names equal to it or ending in '.' + an item), and in `layers_to_transform` when that is set
+    (the layer index read after `layers_pattern`, or after the name's first indexed part). `target_modules` unset
+    or 'all-linear' selects every module (which ones are linear, the tensors say)."""
+    what = f"{name}: {CONFIG_FILE}"
+
+    def named(spec: Any, field_name: str) -> bool:
+        if isinstance(spec, str):
+            return match(spec, module, f"{what}: field '{field_name}'") is not None
+        return module in spec or any(module.endswith(f".{key}") for key in spec)
+
+    if config.get("exclude_modules") and named(config["exclude_modules"], "exclude_modules"):
+        return False
+    targets = config.get("target_modules")
+    if targets is not None and targets != "all-linear" and not named(targets, "target_modules"):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    found = None
+    layer_names = config.get("layers_pattern") or []
+    for key in [layer_names] if isinstance(layer_names, str) else layer_names:
+        found = match(rf".*\.{key}\.(\d+)\.", module, f"{what}: field 'layers_pattern'", full=False) if key else None
+        if found:
+            break
+    if not layer_names:
+        found = re.match(r".*\.[^.]*\.(\d+)\.", module)
+    if found is None:
+        return False
+    index = int(found.group(1))
+    return index == layers if isinstance(layers, int) else index in layers
 
 
 @dataclass(frozen=True)
@@ -144,6 +270,7 @@ class LoraAdapter:
         self.config = self._read_config()
         self.base_model: str | None = self.config.get("base_model_name_or_path")
         self._spans: dict[str, tuple[int, int, str, list[int]]] = {}  # safetensors key -> `_tensor_spans` record
+        self._identity: tuple[int, int, int, int] | None = None  # of the weights file whose header was read
         self._pickled: dict[str, torch.Tensor] | None = None
         self._tensor_keys: dict[str, tuple[str, str]] = {}
         self.modules, self.dtype = self._read_header()
@@ -165,12 +292,8 @@ class LoraAdapter:
             raise self._fail(f"{CONFIG_FILE}: field 'init_lora_weights' is {config['init_lora_weights']!r}: only adapters "
                              f"over unchanged base weights are composed ({', '.join(map(str, _PLAIN_INITS))}); convert it to a plain LoRA first")
         for field_name in ("r", "lora_alpha"):
-            value = config.get(field_name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' must be a positive number, got {value!r}")
-        for field_name in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(config.get(field_name) or {}, dict):
-                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' must be an object")
+            if config.get(field_name) is None:
+                raise self._fail(f"{CONFIG_FILE}: field '{field_name}' is missing")
         return config
 
     def _tensor_index(self) -> tuple[str, list[tuple[str, list[int], str]]]:
@@ -178,12 +301,15 @@ class LoraAdapter:
         (safetensors); a pickle only with allow_pickle, loaded with torch.load(weights_only=True)."""
         file = self.path / WEIGHTS_FILE
         if file.is_file():
-            try:
-                with safe_open(file, framework="pt"):  # validates the header against the file's size
-                    pass
-            except SafetensorError as e:
-                raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
-            self._spans = _tensor_spans(file)
+            with open(file, "rb") as f:
+                self._identity = _identity(os.fstat(f.fileno()))
+                try:
+                    with safe_open(file, framework="pt"):  # validates the header against the file's size
+                        pass
+                except SafetensorError as e:
+                    raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+                self._spans = _tensor_spans(f)
+            self._check_unchanged(os.stat(file))  # what safe_open validated is what was read
             return WEIGHTS_FILE, [(k, shape, dtype) for k, (_, _, dtype, shape) in sorted(self._spans.items())]
         pickled = self.path / PICKLE_FILE
         if not pickled.is_file():
@@ -204,15 +330,29 @@ class LoraAdapter:
         keys: dict[str, dict[str, str]] = {}
         dtypes = set()
         source, index = self._tensor_index()
+        skipped, selected = set(), {}
         for key, shape, dtype_name in index:
             m = _KEY.match(key)
             if not m:
                 raise self._fail(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear module")
-            shapes.setdefault(m["module"], {})[m["which"]] = shape
-            keys.setdefault(m["module"], {})[m["which"]] = key
+            module, which = m["module"], m["which"]
+            if which in keys.get(module, {}):  # e.g. both 'base_model.model.<module>...' and '<module>...'
+                raise self._fail(f"{source}: module '{module}' has two lora_{which} tensors, '{keys[module][which]}' "
+                                 f"and '{key}': which one applies is ambiguous")
+            if module not in selected:
+                selected[module] = applied_by_peft(self.config, module, self.name)
+            if not selected[module]:
+                skipped.add(module)
+                continue
+            shapes.setdefault(module, {})[which] = shape
+            keys.setdefault(module, {})[which] = key
             dtypes.add(dtype_name)
+        if skipped:
+            log.warning("%s: %d module(s) have tensors but are not selected by %s's target_modules / exclude_modules / "
+                        "layers_to_transform, so PEFT does not apply them and neither does loramix (e.g. %s)",
+                        self.name, len(skipped), CONFIG_FILE, sorted(skipped)[0])
         if not shapes:
-            raise self._fail(f"{source}: no LoRA tensors")
+            raise self._fail(f"{source}: no LoRA tensors" + (f" of the modules {CONFIG_FILE} selects" if skipped else ""))
         if not dtypes <= _TORCH_DTYPES.keys():
             raise self._fail(f"{source}: unsupported tensor dtype(s) {sorted(dtypes - _TORCH_DTYPES.keys())}")
         cfg = self.config
@@ -227,10 +367,10 @@ class LoraAdapter:
             rank = a[0]
             if rank == 0:
                 raise self._fail(f"{source}: module '{name}' has rank 0")
-            cfg_rank = pattern_value(cfg.get("rank_pattern"), name, cfg["r"])
+            cfg_rank = pattern_value(cfg.get("rank_pattern"), name, cfg["r"], f"{self.name}: {CONFIG_FILE}: field 'rank_pattern'")
             if cfg_rank != rank:
                 raise self._fail(f"{CONFIG_FILE}: rank {cfg_rank} for module '{name}' disagrees with its tensors (rank {rank})")
-            alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"])
+            alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"], f"{self.name}: {CONFIG_FILE}: field 'alpha_pattern'")
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             modules[name] = LoraModule(name, rank, float(scale), a[1], b[0])
             self._tensor_keys[name] = (keys[name]["A"], keys[name]["B"])
@@ -246,6 +386,7 @@ class LoraAdapter:
             return self._pickled[key_a], self._pickled[key_b]
         out = []
         with open(self.path / WEIGHTS_FILE, "rb") as f:
+            self._check_unchanged(os.fstat(f.fileno()))
             for key in (key_a, key_b):
                 start, end, dtype_name, shape = self._spans[key]
                 raw = torch.empty(end - start, dtype=torch.uint8)
@@ -254,6 +395,12 @@ class LoraAdapter:
                     raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable (the file is shorter than its header says)")
                 out.append(raw.view(_TORCH_DTYPES[dtype_name]).reshape(shape))
         return out[0], out[1]
+
+    def _check_unchanged(self, st: os.stat_result) -> None:
+        """Refuse a weights file that is no longer the one whose header was read (replaced or rewritten since, e.g.
+        by `bank add --force`): its tensors would mix two adapters."""
+        if _identity(st) != self._identity:
+            raise self._fail(f"{WEIGHTS_FILE} changed while loramix was reading it (replaced by another run?): run again")
 
     def delta(self, module: str) -> torch.Tensor:
         """The dense update scale * B @ A of one module, float64 [out, in] (for tests and small models)."""

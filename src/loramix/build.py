@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import zlib
 from dataclasses import replace
@@ -13,7 +12,7 @@ from typing import Sequence
 from .data import read_dataset
 from .errors import LoramixError
 from .engine import get_engine
-from .files import atomic_dir, atomic_write_bytes
+from .files import atomic_dir, atomic_write_bytes, read_json
 from .paths import resolve_suite
 from .train import TRAINING_FILE, train
 from .train_config import BANK_TRAINING, TrainConfig
@@ -29,10 +28,11 @@ def suite_tasks(suite: str | Path) -> list[str]:
 
 def _is_built(dest: Path, config: TrainConfig, fingerprint: str) -> bool:
     try:
-        record = json.loads((dest / TRAINING_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        record = read_json(dest / TRAINING_FILE)
+    except (OSError, LoramixError):
         return False
     return (
+        isinstance(record, dict) and isinstance(record.get("data"), dict) and
         (dest / "adapter_model.safetensors").is_file()
         and record.get("config") == config.as_record()
         and record.get("data", {}).get("fingerprint") == fingerprint

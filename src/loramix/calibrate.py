@@ -19,6 +19,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,8 +30,7 @@ from .bank import Bank
 from .config import GenerateConfig
 from .data import Dataset
 from .errors import LoramixError
-from .files import atomic_write_bytes
-from .index import BankIndex
+from .index import BankIndex, fetch, store
 from .meta import loo_coefficients
 from .progress import track
 from .refine import CRITERIA, GENERATING, AnswerScores, MixedLoRA, answer_loss_fn, answer_scores_fn
@@ -142,8 +142,8 @@ def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int
     entries = bank.usable
     if len(entries) < 3:
         raise LoramixError(f"{bank.path}: calibration needs at least 3 bank entries with data, found {len(entries)}")
-    path = index.dir / "calibration" / f"{_key(index, config, candidates)}.json"
-    cached = _read(path)
+    stem = index.dir / "calibration" / _key(index, config, candidates)
+    cached = _read(stem)
     if cached is not None and cached.examples == examples and not force:
         return cached
     start = time.process_time()
@@ -167,22 +167,20 @@ def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int
         mixed.remove()
     cal = Calibration(_setting(config), examples, [e.name for e in entries], candidates, base_loss, loss,
                       round(time.process_time() - start, 2))
-    atomic_write_bytes(path, cal.to_json().encode())
+    store(index.dir, stem, cal.to_json().encode(), "json")
     return cal
 
 
-def _read(path) -> Calibration | None:
-    """The calibration stored at `path`; None when there is none or it is damaged (then it is recomputed)."""
-    try:
-        return Calibration.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+def _read(stem: Path) -> Calibration | None:
+    """The calibration stored for `stem` in the bank index; None when there is none or it fails its check."""
+    data = fetch(stem, "json")
+    return None if data is None else Calibration.from_json(data.decode())
 
 
 def cached_calibration(bank: Bank, config: GenerateConfig) -> Calibration | None:
     """The bank's calibration for `config`'s setting (default grid) if `loramix bank calibrate` computed it."""
     index = BankIndex(bank)
-    return _read(index.dir / "calibration" / f"{_key(index, config, grid())}.json")
+    return _read(index.dir / "calibration" / _key(index, config, grid()))
 
 
 def scale_label(s: float) -> str:

@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -37,6 +38,7 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help=GenerateConfig.
 MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", help=GenerateConfig.__dataclass_fields__["max_samples"].metadata["help"])]
 SeedOpt = Annotated[int, typer.Option("--seed", help=GenerateConfig.__dataclass_fields__["seed"].metadata["help"])]
 D = GenerateConfig()
+MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try generate: beyond the context of the bases loramix serves
 
 
 def _cli_type(f: dataclasses.Field) -> Any:
@@ -104,7 +106,7 @@ def generate(
     data: Path = typer.Option(..., "--data", "-d", help="Your task's data: .jsonl, .json, .csv/.tsv, NI task, or save_to_disk folder."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the new adapter to."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    show: int = typer.Option(5, "--show", help="How many top entries to print."),
+    show: int = typer.Option(5, "--show", min=0, max=10_000, help="How many top entries to print."),
     allow_pickle: PickleOpt = False,
     config: GenerateConfig = D,
 ) -> None:
@@ -158,6 +160,8 @@ def train(
     seed: int = typer.Option(TrainConfig.seed, help="Seed for initialisation and batch order."),
     save_dtype: str = typer.Option(TrainConfig.save_dtype, help="dtype of the saved weights: float32, float16, bfloat16."),
     budget: Optional[float] = typer.Option(None, help="Stop within this many seconds (the schedule shortened to fit)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Run at most this many token positions (the steps cut to the "
+                                             "first that fit, the shared prompt prefix counted once; deterministic)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Fine-tune a LoRA on DATA the ordinary way (gradients): the upper bound, and how banks are built."""
@@ -166,6 +170,7 @@ def train(
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, rank=rank, alpha=alpha, seed=seed, save_dtype=save_dtype,
         target_modules=[m.strip() for m in target_modules.split(",") if m.strip()], budget=budget,
+        max_tokens=max_tokens,
     )
     record = run(data, out_dir, config, base=base, force=force)
     losses = record["loss"]
@@ -181,9 +186,9 @@ def eval_(
     data: Path = typer.Option(..., "--data", "-d", help="Evaluation data (a test split; references in 'output')."),
     adapter: Optional[Path] = typer.Option(None, help="PEFT adapter folder; without it the base model is evaluated."),
     base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own, else SmolLM2-135M-Instruct)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N records."),
-    batch_size: int = typer.Option(32, help="Prompts generated together."),
-    max_new_tokens: int = typer.Option(48, help="Longest answer generated."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N records."),
+    batch_size: int = typer.Option(32, min=1, max=4096, help="Prompts generated together."),
+    max_new_tokens: int = typer.Option(48, min=1, max=MAX_ANSWER_TOKENS, help="Longest answer generated (tokens)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (rougeL, exact_match, contains, n, ...)."),
     predictions: Optional[Path] = typer.Option(None, help="Also write each input, prediction and references as JSONL here."),
 ) -> None:
@@ -311,13 +316,14 @@ def bank_loo(
 def bank_pull(
     collection: str = typer.Argument(..., help=f"The collection to pull: {', '.join(COLLECTIONS.names())}."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Bank folder to write (resumable)."),
-    limit: Optional[int] = typer.Option(None, help="At most this many tasks (in task-number order)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks (in task-number order)."),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="Only these tasks, e.g. task081 or 81 (repeatable)."),
 ) -> None:
     """Download a collection's adapters and the train split of each one's dataset into a bank."""
     status = COLLECTIONS.get(collection)(out_dir, limit=limit, tasks=tasks)
-    pulled = sum(1 for v in status.values() if v == "pulled")
-    out.print(f"bank [bold]{out_dir}[/bold]: {len(status)} entries, {pulled} pulled, {len(status) - pulled} kept")
+    counts = {kind: sum(1 for v in status.values() if v.split(":")[0] == kind) for kind in ("pulled", "kept", "refused")}
+    out.print(f"bank [bold]{out_dir}[/bold]: {counts['pulled'] + counts['kept']} entries, {counts['pulled']} pulled, "
+              f"{counts['kept']} kept, {counts['refused']} refused")
 
 
 @bank_app.command("add")
@@ -438,7 +444,7 @@ def try_(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="PEFT adapter folder."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompt (repeatable); none: read prompts interactively."),
     base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own)."),
-    max_new_tokens: int = typer.Option(64, help="Longest answer."),
+    max_new_tokens: int = typer.Option(64, min=1, max=MAX_ANSWER_TOKENS, help="Longest answer (tokens)."),
 ) -> None:
     """Answer prompts with the base model and with base + ADAPTER, one after the other, streaming the tokens."""
     from transformers import TextStreamer
@@ -480,6 +486,7 @@ def version() -> None:
 def main() -> None:
     """The `loramix` command: errors are one line on stderr and exit status 1 (a traceback only with --debug)."""
     _DEBUG[0] = bool(os.environ.get("LORAMIX_DEBUG"))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over (see loramix/__init__.py)
     try:
         app()
     except (LoramixError, OSError) as e:
@@ -491,3 +498,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: nothing half-written was kept")
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C in a command into exit status 130, silently
+            err.print("[red]interrupted[/red]: nothing half-written was kept")
+        raise

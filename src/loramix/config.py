@@ -89,11 +89,17 @@ class GenerateConfig:
                                       f"{REFINE_TRAINING.steps}, the searches 40.", method=False)
     refine_budget: float | None = option(None, "Seconds --refine may take at most (no step starts that would end past "
                                          "them); default: no limit but --refine-steps.", flag="--budget", method=False)
+    refine_max_tokens: int = option(REFINE_TRAINING.max_tokens, f"Token positions --refine-method {FINETUNE} may run at "
+                                    "most: its steps cut to the first whose tokens fit (the shared prompt prefix "
+                                    "counted once; deterministic, unlike --budget; a CPU thread runs about 210 a "
+                                    "second); 0: no limit.", method=False)
     refine_per_layer: bool = option(True, "With a weight search (--refine-method gradient, nevergrad): one weight per "
                                     "entry and layer (the layers composed apart); --no-refine-per-layer: one weight "
                                     "per entry.", method=False)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         kind = SIGNATURES.get(self.signature).kind
         get_distance(self.distance, kind)
         OPERATORS.get(self.operator)
@@ -125,6 +131,7 @@ class GenerateConfig:
                 raise LoramixError(f"composition '{self.compose}' cannot be refined by a weight search (--refine-method "
                                    f"{self.refine_method}); --refine-method {FINETUNE} can")
         _at_least("refine-steps", self.refine_steps, 1)
+        _at_least("refine-max-tokens", self.refine_max_tokens, 0)
         if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget > 0):
             raise LoramixError(f"--budget must be a positive number of seconds, got {self.refine_budget}")
 
@@ -135,6 +142,20 @@ class GenerateConfig:
 
     def signature_spec(self) -> SignatureSpec:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+
+
+def _check_type(name: str, value: object, annotation: str) -> None:
+    """Refuse a value of another type than the field's annotation (e.g. 'int | None') allows; a float must be finite."""
+    allowed = [_TYPES[t.strip()] for t in annotation.split("|")]
+    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        raise LoramixError(f"{name.replace('_', '-')} must be finite, got {value}")
+    if not ok:
+        raise LoramixError(f"{name.replace('_', '-')} must be {annotation.replace('|', 'or')}, got "
+                           f"{type(value).__name__} {value!r}")
 
 
 def _at_least(name: str, value: int | None, low: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .errors import LoramixError
+from .files import parse_json
 
 MAX_RECORD_CHARS = 1_000_000  # a longer input/output pair is a broken file, not a sample
 
@@ -23,6 +25,22 @@ class Sample:
 
     input: str
     outputs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        """Refuse what no file could hold or no tokenizer read: non-strings, no outputs, more than MAX_RECORD_CHARS
+        characters, lone surrogates (text that is not Unicode)."""
+        if not isinstance(self.input, str):
+            raise LoramixError(f"the input must be a string, got {type(self.input).__name__}")
+        if not isinstance(self.outputs, tuple) or not self.outputs or not all(isinstance(o, str) for o in self.outputs):
+            raise LoramixError("the output must be a string or a non-empty list of strings")
+        size = len(self.input) + sum(map(len, self.outputs))
+        if size > MAX_RECORD_CHARS:
+            raise LoramixError(f"the record is {size:,} characters long (at most {MAX_RECORD_CHARS:,})")
+        for text in (self.input, *self.outputs):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise LoramixError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}), which is not Unicode text") from None
 
     @property
     def output(self) -> str:
@@ -60,7 +78,9 @@ class Dataset:
         return Dataset([self.samples[i] for i in keep], self.source, self.definition, dict(self.metadata))
 
 
-def _to_sample(record: Any, where: str, input_field: str, output_field: str) -> Sample:
+def to_sample(record: Any, where: str, input_field: str = "input", output_field: str = "output") -> Sample:
+    """A Sample from one record (an object with `input_field`: str and `output_field`: str or list of str); errors
+    name `where` (file and line or index) and the field."""
     if not isinstance(record, dict):
         raise LoramixError(f"{where}: expected an object with '{input_field}' and '{output_field}', got {type(record).__name__}")
     for name in (input_field, output_field):
@@ -72,34 +92,36 @@ def _to_sample(record: Any, where: str, input_field: str, output_field: str) -> 
     outputs = [out] if isinstance(out, str) else out
     if not isinstance(outputs, (list, tuple)) or not outputs or not all(isinstance(o, str) for o in outputs):
         raise LoramixError(f"{where}: field '{output_field}' must be a string or a non-empty list of strings")
-    size = len(inp) + sum(map(len, outputs))
-    if size > MAX_RECORD_CHARS:
-        raise LoramixError(f"{where}: the record is {size:,} characters long (at most {MAX_RECORD_CHARS:,})")
-    return Sample(inp, tuple(outputs))
+    try:
+        return Sample(inp, tuple(outputs))
+    except LoramixError as e:
+        raise LoramixError(f"{where}: {e}") from None
 
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # as stored (a quoted CSV field keeps "\r\n"), less a BOM
     except UnicodeDecodeError as e:
         raise LoramixError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def _records_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LoramixError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    # JSON Lines ends records at "\n" only: U+2028 and other Unicode line breaks may stand unescaped in a string
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if line.strip():
+            yield f"{path}:{lineno}", parse_json(line, f"{path}:{lineno}")
 
 
 def _records_csv(path: Path) -> Iterable[tuple[str, Any]]:
+    """Rows of a CSV/TSV file with a header row, quoted fields may span lines (as csv.writer writes them)."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(_read_text(path).splitlines(), delimiter=delimiter)
-    for rowno, row in enumerate(reader, 2):
-        yield f"{path}:{rowno}", row
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_CHARS + 1))  # longer fields are refused as records
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    try:
+        for row in reader:
+            yield f"{path}:{reader.line_num}", row
+    except csv.Error as e:
+        raise LoramixError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
 
 
 def _records_hf(path: Path, split: str) -> Iterable[tuple[str, Any]]:
@@ -141,14 +163,13 @@ def read_dataset(
     elif suffix in (".csv", ".tsv"):
         records = _records_csv(path)
     elif suffix == ".json":
-        try:
-            doc = json.loads(_read_text(path))
-        except json.JSONDecodeError as e:
-            raise LoramixError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        doc = parse_json(_read_text(path), str(path))
         if isinstance(doc, dict) and "Instances" in doc:
             definition = doc.get("Definition")
-            if isinstance(definition, list):
+            if isinstance(definition, list) and all(isinstance(d, str) for d in definition):
                 definition = "\n".join(definition)
+            if definition is not None and not isinstance(definition, str):
+                raise LoramixError(f"{path}: 'Definition' must be a string or a list of strings")
             instances = doc["Instances"]
             if not isinstance(instances, list):
                 raise LoramixError(f"{path}: 'Instances' must be a list")
@@ -160,11 +181,14 @@ def read_dataset(
     else:
         raise LoramixError(f"{path}: unknown dataset format '{suffix}'; use .jsonl, .json, .csv, .tsv or a save_to_disk folder")
 
-    samples = [_to_sample(r, where, input_field, output_field) for where, r in records]
+    samples = [to_sample(r, where, input_field, output_field) for where, r in records]
     if not samples:
         raise LoramixError(f"{path}: the dataset has no samples")
     if definition and with_definition:
-        samples = [Sample(f"{definition}\n\n{s.input}", s.outputs) for s in samples]
+        try:
+            samples = [Sample(f"{definition}\n\n{s.input}", s.outputs) for s in samples]
+        except LoramixError as e:
+            raise LoramixError(f"{path}: 'Definition' and an input: {e}") from None
     return Dataset(samples, str(path), definition)
 
 

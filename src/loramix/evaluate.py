@@ -18,7 +18,7 @@ import torch
 
 from .adapter import LoraAdapter, base_model_of
 from .data import Dataset, Sample, read_dataset
-from .models import load_model, load_tokenizer, quiet_loading
+from .models import load_model, load_tokenizer, with_adapter
 from .progress import track
 from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids
 
@@ -132,10 +132,7 @@ def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[
     tokenizer.padding_side = "left"
     model = load_model(base)
     if adapter is not None:
-        from peft import PeftModel
-
-        with quiet_loading():
-            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+        model = with_adapter(model, adapter, base).eval()
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model, tokenizer

@@ -9,6 +9,7 @@ that one alpha cannot express are folded into lora_b."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from .adapter import DTYPES, LoraAdapter
 from .errors import LoramixError
-from .files import atomic_dir
+from .files import atomic_dir, publish
 
 # transformers architecture -> (gguf architecture, whether q/k rows are permuted to llama.cpp's rope layout)
 GGUF_ARCHS = {
@@ -27,17 +28,34 @@ GGUF_ARCHS = {
 GGUF_TYPES = {"f32": "float32", "f16": "float16"}  # GGUF tensor type -> dtype name (loramix.adapter.DTYPES)
 
 
-def _base_config(adapter: LoraAdapter, base: str | None) -> dict[str, Any]:
-    """config.json of the base model: `base`, else the adapter's base_model_name_or_path (weights not loaded)."""
-    from transformers import AutoConfig
+def _base_config(adapter: LoraAdapter, base: str | None) -> Any:
+    """The base model's config (`base`, else the adapter's base_model_name_or_path; weights not loaded), checked to
+    be an architecture GGUF export knows and to hold every adapted module with the adapter's [out, in] shape (on a
+    model built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import resolve_base
+    from .models import loading, quiet_loading, resolve_base
 
     name = base if base is not None else adapter.base_model
+    with loading(f"the config of base model {name!r} (pass --base)"):
+        config = AutoConfig.from_pretrained(resolve_base(name))
+    arch_name = (config.architectures or ["?"])[0]
+    if arch_name not in GGUF_ARCHS:
+        raise LoramixError(f"GGUF export supports {', '.join(GGUF_ARCHS)}; the base model is {arch_name}")
     try:
-        return AutoConfig.from_pretrained(resolve_base(name)).to_dict()
-    except OSError as e:
-        raise LoramixError(f"cannot read the config of base model {name!r}: {str(e).splitlines()[0]} (pass --base)") from None
+        with torch.device("meta"), quiet_loading():
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise LoramixError(f"cannot build base model {name!r} from its config: {str(e).splitlines()[0][:200]}") from None
+    for module, spec in sorted(adapter.modules.items()):
+        try:
+            shape = tuple(model.get_submodule(module).weight.shape)
+        except AttributeError:
+            raise LoramixError(f"{adapter.name}: module '{module}' is not in base model {name!r}") from None
+        if shape != (spec.out_features, spec.in_features):
+            raise LoramixError(f"{adapter.name}: module '{module}' is [{spec.out_features}, {spec.in_features}] ([out, in]) "
+                               f"but base model {name!r} has {list(shape)}")
+    return config
 
 
 def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -56,14 +74,11 @@ def export_gguf(
         raise LoramixError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
     adapter = LoraAdapter(adapter_dir, allow_pickle=allow_pickle)
     cfg = _base_config(adapter, base)
-    arch_name = (cfg.get("architectures") or ["?"])[0]
-    if arch_name not in GGUF_ARCHS:
-        raise LoramixError(f"GGUF export supports {', '.join(GGUF_ARCHS)}; the base model is {arch_name}")
-    arch, permute = GGUF_ARCHS[arch_name]
+    arch, permute = GGUF_ARCHS[cfg.architectures[0]]
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.get_tensor_name_map(model_arch, cfg["num_hidden_layers"])
-    heads = cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
+    names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     # one alpha for the file: the most common scale * rank; other modules' scales are folded into lora_b
     products = [m.scale * m.rank for m in adapter.modules.values()]
     alpha = max(set(products), key=products.count)
@@ -86,12 +101,15 @@ def export_gguf(
         writer.add_tensor(f"{target}.lora_b", b.to(tensor_dtype).numpy())
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    fd, name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".tmp")  # one per run
+    os.close(fd)
+    tmp = Path(name)
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        publish(tmp)
         os.replace(tmp, out_file)
     finally:
         tmp.unlink(missing_ok=True)
@@ -101,15 +119,12 @@ def export_gguf(
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None, force: bool = False) -> Path:
     """Merge the adapter into its base model's weights (PEFT merge_and_unload) and save a safetensors model folder
     (config, weights, tokenizer) that transformers loads without PEFT."""
-    from peft import PeftModel
-
-    from .models import load_model, load_tokenizer, quiet_loading
+    from .models import load_model, load_tokenizer, with_adapter
 
     adapter = LoraAdapter(adapter_dir)  # validated before a model is loaded
     name = base if base is not None else adapter.base_model
     model = load_model(name)
-    with quiet_loading():
-        merged = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
+    merged = with_adapter(model, adapter.path, name).merge_and_unload()
     with atomic_dir(out_dir, force=force) as tmp:
         merged.save_pretrained(tmp)
         load_tokenizer(name).save_pretrained(tmp)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import LoramixError
 
@@ -19,7 +20,7 @@ def _umask() -> int:
     return mask
 
 
-def _publish(path: Path) -> None:
+def publish(path: Path) -> None:
     """Give a file made by tempfile (mode 0600/0700) the ordinary permissions: 0666/0777 less the umask."""
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~_umask())
@@ -35,12 +36,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _publish(Path(tmp))
+        publish(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """`text` parsed as JSON, or one LoramixError naming `what` for anything that is not (bad syntax, bytes that
+    are not UTF-8, nesting deeper than Python's recursion limit, an integer too long to convert)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LoramixError(f"{what}: invalid JSON ({str(e).splitlines()[0][:200]})") from None
+
+
+def read_json(path: str | Path, what: str | None = None) -> Any:
+    """The JSON document in the file `path` (see parse_json); errors name `what` (default: the path)."""
+    return parse_json(Path(path).read_bytes(), what or str(path))
 
 
 def refuse_target(out: str | Path, *, force: bool = False) -> None:
@@ -60,29 +75,32 @@ def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     An existing `out` is refused unless `force`; then it is replaced once the new folder is complete, and only the
     files the new folder writes are replaced: anything else in `out` is carried over (hard-linked) unchanged.
     """
-    out = Path(out)
+    out = Path(out).absolute()  # '.' or 'x/..' name no folder of their own to write beside
     refuse_target(out, force=force)
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise LoramixError(f"{out}: is the current folder or holds it; write the output to another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    old = None
     try:
         yield tmp
-        _publish(tmp)
+        publish(tmp)
         if out.exists() and force:
             for item in out.iterdir():
                 if not (tmp / item.name).exists():
                     _link_copy(item, tmp / item.name)
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, out)
-            except OSError:
-                raise LoramixError(f"{out}: already exists (another run wrote it first)") from None
+            with contextlib.suppress(FileNotFoundError):  # another run replacing it moved it first
+                os.replace(out, old / out.name)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            raise LoramixError(f"{out}: another run wrote it at the same time (its output was kept)") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _link_copy(src: Path, dst: Path) -> None:

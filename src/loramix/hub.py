@@ -6,6 +6,7 @@ Every entry records what it was made from, with the pinned revisions, in `source
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
 from .bank import DATA_FILE, Bank, BankEntry, check_entries
-from .data import read_dataset, write_jsonl
+from .data import Sample, read_dataset, to_sample, write_jsonl
 from .errors import LoramixError
 from .files import atomic_dir
 from .progress import track
@@ -45,7 +46,7 @@ def _snapshot(repo_id: str, repo_type: str = "model", allow: Sequence[str] | Non
 
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=list(allow) if allow else None))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:  # ValueError: an invalid repo id
         raise LoramixError(f"{repo_id}: cannot download ({str(e).splitlines()[0]})") from None
 
 
@@ -53,11 +54,18 @@ def lots_of_loras_datasets() -> dict[str, str]:
     """Task id (e.g. 'task081') -> dataset repo id of the Lots-of-LoRAs collection: listed on the hub, or, with
     HF_HUB_OFFLINE=1, from the datasets of that collection in the local hub cache."""
     from huggingface_hub import HfApi, constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound, HfHubHTTPError
 
     if constants.HF_HUB_OFFLINE:
-        ids = [r.repo_id for r in scan_cache_dir().repos if r.repo_type == "dataset"]
+        try:
+            ids = [r.repo_id for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == "dataset"]
+        except CacheNotFound:  # no hub cache folder at all: nothing cached
+            ids = []
     else:
-        ids = [d.id for d in HfApi().list_datasets(author=LOTS_OF_LORAS)]
+        try:
+            ids = [d.id for d in HfApi().list_datasets(author=LOTS_OF_LORAS)]
+        except (HfHubHTTPError, OSError) as e:
+            raise LoramixError(f"cannot list the {LOTS_OF_LORAS} datasets on the hub ({str(e).splitlines()[0]})") from None
     out = {}
     for repo_id in ids:
         owner, _, name = repo_id.partition("/")
@@ -67,20 +75,35 @@ def lots_of_loras_datasets() -> dict[str, str]:
     return dict(sorted(out.items(), key=lambda kv: int(kv[0][4:])))
 
 
-def _train_records(snapshot: Path) -> list[dict[str, Any]]:
-    """The train split of a downloaded dataset repo (parquet, JSONL or JSON files named after the split)."""
+def _train_samples(snapshot: Path, what: str) -> list[Sample]:
+    """The train split of a downloaded dataset repo (parquet, JSONL or JSON files named after the split), each
+    record validated as `generate` reads it (`to_sample`)."""
     files = sorted(p for p in snapshot.rglob("*") if p.is_file() and "train" in p.name and p.suffix in (".parquet", ".jsonl", ".json"))
     if not files:
         raise LoramixError(f"{snapshot}: no train split (parquet, JSONL or JSON file named 'train')")
-    records: list[dict[str, Any]] = []
+    samples: list[Sample] = []
     for f in files:
         if f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            records += pq.read_table(f).to_pylist()
+            rows = pq.read_table(f).to_pylist()
+            samples += [to_sample(r, f"{what}: {f.name}[{i}]") for i, r in enumerate(rows)]
         else:
-            records += [{"input": s.input, "output": list(s.outputs)} for s in read_dataset(f)]
-    return records
+            samples += read_dataset(f).samples
+    return samples
+
+
+@contextlib.contextmanager
+def _no_empty_folder(folder: Path):
+    """Remove `folder` after a failure if the block created it and left it empty."""
+    existed = folder.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _write_entry(dest: Path, adapter_dir: Path, data_samples, source: dict[str, Any], *, force: bool) -> None:
@@ -97,12 +120,14 @@ def _write_entry(dest: Path, adapter_dir: Path, data_samples, source: dict[str, 
 def pull_lots_of_loras(out: str | Path, *, limit: int | None = None, tasks: Sequence[str] | None = None) -> dict[str, str]:
     """Download Lots-of-LoRAs adapters and their datasets' train splits into the bank OUT, one entry per task,
     named like the dataset (`task081_<slug>`). Resumable: entries already there are kept. Returns entry -> status."""
-    from .data import Sample
-
     available = lots_of_loras_datasets()
     if tasks:
-        wanted = [t if t.startswith("task") else f"task{t}" for t in tasks]
-        missing = [t for t in wanted if t not in available]
+        by_number = {int(t[4:]): t for t in available}  # 'task081', '81' and '081' name one task
+        wanted, missing = [], []
+        for t in tasks:
+            number = t[4:] if t.startswith("task") else t
+            found = by_number.get(int(number)) if number.isdigit() else None
+            (wanted if found else missing).append(found or (t if t.startswith("task") else f"task{t}"))
         if missing:
             raise LoramixError(f"no Lots-of-LoRAs dataset for {', '.join(missing)}")
     else:
@@ -112,22 +137,29 @@ def pull_lots_of_loras(out: str | Path, *, limit: int | None = None, tasks: Sequ
         raise LoramixError("no Lots-of-LoRAs dataset found (offline: none in the local hub cache)")
     out = Path(out)
     status = {}
-    for task in track(wanted, "pulling Lots-of-LoRAs", total=len(wanted)):
-        dataset_repo = available[task]
-        name = safe_entry_name(dataset_repo.split("/", 1)[1])
-        if (out / name / SOURCE_FILE).is_file():
-            status[name] = "kept"
-            continue
-        adapter_repo = ADAPTER_REPO.format(task=task)
-        adapter_dir = _snapshot(adapter_repo, allow=[CONFIG_FILE, WEIGHTS_FILE])
-        data_dir = _snapshot(dataset_repo, repo_type="dataset")
-        records = _train_records(data_dir)
-        samples = [Sample(r["input"], tuple(r["output"]) if isinstance(r["output"], list) else (r["output"],)) for r in records]
-        source = {"adapter": adapter_repo, "adapter_revision": adapter_dir.name,
-                  "dataset": dataset_repo, "dataset_revision": data_dir.name, "split": "train"}
-        _write_entry(out / name, adapter_dir, samples, source, force=False)
-        status[name] = "pulled"
-    Bank(out)  # the result must be a valid bank
+    with _no_empty_folder(out):
+        for task in track(wanted, "pulling Lots-of-LoRAs", total=len(wanted)):
+            dataset_repo = available[task]
+            name = safe_entry_name(dataset_repo.split("/", 1)[1])
+            if (out / name / SOURCE_FILE).is_file():
+                status[name] = "kept"
+                continue
+            adapter_repo = ADAPTER_REPO.format(task=task)
+            try:
+                adapter_dir = _snapshot(adapter_repo, allow=[CONFIG_FILE, WEIGHTS_FILE])
+                data_dir = _snapshot(dataset_repo, repo_type="dataset")
+                samples = _train_samples(data_dir, dataset_repo)
+                source = {"adapter": adapter_repo, "adapter_revision": adapter_dir.name,
+                          "dataset": dataset_repo, "dataset_revision": data_dir.name, "split": "train"}
+                _write_entry(out / name, adapter_dir, samples, source, force=False)
+            except LoramixError as e:  # one task's bad adapter or data leaves the others to pull
+                log.warning("refused %s: %s", name, e)
+                status[name] = f"refused: {e}"
+                continue
+            status[name] = "pulled"
+        if all(v.startswith("refused") for v in status.values()):
+            raise LoramixError(f"{out}: every task was refused ({'; '.join(status.values())})")
+        Bank(out)  # the result must be a valid bank
     return status
 
 
@@ -135,6 +167,11 @@ def add_adapter(bank: str | Path, source: str, data: str | Path, *, name: str | 
     """Add an adapter (a local folder or a hub model id) with its training data (any format loramix reads) to a
     bank, as BANK/<name>/. The bank must stay valid (same base model, compatible shapes), else nothing is kept."""
     bank = Path(bank)
+    with _no_empty_folder(bank):
+        return _add_adapter(bank, source, data, name=name, force=force)
+
+
+def _add_adapter(bank: Path, source: str, data: str | Path, *, name: str | None, force: bool) -> Path:
     local = Path(source)
     adapter_dir = local if local.is_dir() else _snapshot(source, allow=[CONFIG_FILE, WEIGHTS_FILE])
     entry = safe_entry_name(name or (local.name if local.is_dir() else source.rsplit("/", 1)[-1]))

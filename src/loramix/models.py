@@ -80,10 +80,8 @@ def resolve_base(base: str | None) -> str:
 def load_tokenizer(base: str | None) -> Any:
     from transformers import AutoTokenizer
 
-    try:
+    with loading(f"the tokenizer of base model {base!r}"):
         return AutoTokenizer.from_pretrained(resolve_base(base))
-    except OSError as e:
-        raise LoramixError(f"cannot load the tokenizer of base model {base!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -> Any:
@@ -92,9 +90,32 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModelForCausalLM if causal_lm else AutoModel
+    with loading(f"base model {base!r}"), quiet_loading():
+        model = cls.from_pretrained(resolve_base(base), dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def with_adapter(model: Any, adapter: str | Path, base: str | None, *, is_trainable: bool = False) -> Any:
+    """`model` (the base `base`) with the PEFT adapter folder `adapter` loaded on it (PeftModel.from_pretrained);
+    an adapter that does not fit the base (shapes, module names) or PEFT cannot read is one line."""
+    from peft import PeftModel
+
     try:
         with quiet_loading():
-            model = cls.from_pretrained(resolve_base(base), dtype=dtype or torch.float32)
-    except OSError as e:
-        raise LoramixError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
-    return model.eval()
+            return PeftModel.from_pretrained(model, str(adapter), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise LoramixError(f"{adapter}: PEFT cannot load this adapter on base model {base or DEFAULT_BASE!r}: {why[:300]}") from None
+
+
+@contextlib.contextmanager
+def loading(what: str) -> Iterator[None]:
+    """Turn what loading `what` through transformers / huggingface_hub raises for a bad id, folder or file (OSError,
+    the hub's HTTP errors, ValueError: an invalid repo id, an unknown model type, a malformed config) into one line."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        yield
+    except (OSError, ValueError, HfHubHTTPError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise LoramixError(f"cannot load {what}: {first}") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -90,8 +89,8 @@ class Operator:
     """Maps a distance row [n] (+inf = excluded) to scores; `coefficients` applies softmin and top-k.
 
     A trainable operator (`trainable = True`) also implements `fit_bank(BankFit, *, seed) -> self` on at least
-    `min_entries` entries, `save(path)` and the classmethod `load(path)`; the bank index fits and caches it
-    (BankIndex.fitted_operator)."""
+    `min_entries` entries, `to_bytes() -> bytes` and the classmethod `from_bytes(data)`; the bank index fits and
+    caches it (BankIndex.fitted_operator, the bytes under the index's HMAC)."""
 
     trainable = False
     min_entries = 1
@@ -192,21 +191,21 @@ class ScalarMLP(Operator):
         off = torch.isfinite(z)
         return torch.softmax(-torch.where(off, self._f(torch.where(off, z, 0.0)), torch.inf), dim=-1)
 
-    def save(self, path: str | Path) -> None:
+    def to_bytes(self) -> bytes:
+        """The fitted MLP as a safetensors file's bytes (its fitting history in the metadata)."""
         from safetensors.torch import save
 
-        from .files import atomic_write_bytes
-
         state = {k: v.contiguous() for k, v in self.mlp.state_dict().items()}
-        atomic_write_bytes(path, save(state, metadata={"history": json.dumps(self.history)}))
+        return save(state, metadata={"history": json.dumps(self.history)})
 
     @classmethod
-    def load(cls, path: str | Path) -> "ScalarMLP":
-        from safetensors import safe_open
+    def from_bytes(cls, data: bytes) -> "ScalarMLP":
+        """The operator `to_bytes` wrote."""
+        from safetensors.numpy import load
 
-        with safe_open(path, framework="np") as f:
-            op = cls({k: f.get_tensor(k) for k in f.keys()})
-            op.history = json.loads((f.metadata() or {}).get("history", "[]"))
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: length, JSON header
+        op = cls(load(data))
+        op.history = json.loads((header.get("__metadata__") or {}).get("history", "[]"))
         return op
 
 

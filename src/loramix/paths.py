@@ -40,7 +40,12 @@ def resolve_suite(suite: str | Path) -> Path:
 
 def index_dir(bank: Path) -> Path:
     """BANK/.loramix, or a folder in loramix's cache (one per resolved path) when the bank folder is read-only
-    (an installed package)."""
+    (an installed package). A BANK/.loramix that is a link, or not a folder, is refused: the index is written only
+    inside the bank."""
+    local = bank / INDEX_DIR
+    if local.is_symlink() or (local.exists() and not local.is_dir()):
+        raise LoramixError(f"{local}: is a link or not a folder; loramix writes a bank's index only inside the bank "
+                           "(remove it, and it is rebuilt)")
     if os.access(bank, os.W_OK):
-        return bank / INDEX_DIR
+        return local
     return loramix_home() / "index" / hashlib.sha256(str(bank.resolve()).encode()).hexdigest()[:16]

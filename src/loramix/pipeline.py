@@ -3,6 +3,7 @@ composition -> adapter folder (PEFT files + loramix.json, written atomically).""
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +28,7 @@ from .report import CalibrationInfo, CheckInfo, DataInfo, EnergyInfo, FinetuneIn
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
 
+log = logging.getLogger("loramix")
 
 
 @dataclass
@@ -109,6 +111,8 @@ def generate(
     coefficients = {e.name: config.scale * float(x) for e, x in zip(usable, c)}
     refined = checked = None
     refine_samples = dataset.subsample(config.refine, config.seed) if config.refine else None
+    if config.refine > len(dataset):
+        log.warning("--refine %d: %s has %d examples; all of them are used", config.refine, dataset.source, len(dataset))
     tuning = bool(config.refine) and config.refine_method == FINETUNE  # else a weight search, before the check
     if config.refine and not tuning:
         from .refine import RefineConfig, refine
@@ -161,10 +165,10 @@ def generate(
 
 def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig, *, from_composition: bool,
              model: Any = None, tokenizer: Any = None) -> FinetuneInfo:
-    """Train the adapter in `folder` on `samples` (REFINE_TRAINING, its steps and budget as `config` says, seeded) and
-    put the trained PEFT files in its place: from its factors, or from a fresh LoRA when it is the base model's zero
-    update (whose factors get no gradient). Saved in the dtype the composition was written in. `model`, `tokenizer`:
-    the base, already loaded (the model gains the LoRA layers)."""
+    """Train the adapter in `folder` on `samples` (REFINE_TRAINING, its steps, budget and token limit as `config` says,
+    seeded) and put the trained PEFT files in its place: from its factors, or from a fresh LoRA when it is the base
+    model's zero update (whose factors get no gradient). Saved in the dtype the composition was written in. `model`,
+    `tokenizer`: the base, already loaded (the model gains the LoRA layers)."""
     import os
     import tempfile
 
@@ -177,14 +181,15 @@ def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig,
     with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
         dtype = f.get_tensor(next(iter(f.keys()))).dtype
     cfg = replace(REFINE_TRAINING, steps=config.refine_steps or REFINE_TRAINING.steps, budget=config.refine_budget,
-                  seed=config.seed, save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
+                  max_tokens=config.refine_max_tokens or None, seed=config.seed,
+                  save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None,
                        model=model, tokenizer=tokenizer)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(Path(tmp) / "tuned" / name, folder / name)
     return FinetuneInfo(len(samples), config.refine_budget, from_composition, len(record["loss"]), record["seconds"],
-                        record["loss"][0], record["loss"][-1])
+                        record["loss"][0], record["loss"][-1], cfg.max_tokens)
 
 
 def _report(

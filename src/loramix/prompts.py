@@ -121,6 +121,11 @@ class SharedBatch:
         positions = (p + mask[:, p:].cumsum(1) - 1).clamp(min=0)
         return cls(ids[:1, :p], ids[:, p:].contiguous(), positions, mask, targets)
 
+    @property
+    def tokens(self) -> int:
+        """The token positions one forward pass runs: the prefix once and every row's rest, padding included."""
+        return self.prefix.shape[1] + self.rest.numel()
+
     def to(self, device: Any) -> SharedBatch:
         return SharedBatch(*(t.to(device) for t in (self.prefix, self.rest, self.positions, self.mask, self.targets)))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoramixError
+from .files import read_json
 from .signatures import SignatureSpec
 
 REPORT_FILE = "loramix.json"
@@ -36,8 +37,9 @@ class EnergyInfo:
 @dataclass
 class FinetuneInfo:
     """The fine-tune of the composed adapter (`--refine N`, --refine-method finetune): examples, budget, whether it
-    started from the composition (False: from scratch, a check having kept the base), optimizer steps, seconds, and
-    the training loss (answer cross-entropy, nats per token) of its first and last step."""
+    started from the composition (False: from scratch, a check having kept the base), optimizer steps, seconds, the
+    training loss (answer cross-entropy, nats per token) of its first and last step, and the token limit
+    (--refine-max-tokens; None: none, or a report older than it)."""
 
     examples: int
     budget_seconds: float | None
@@ -46,6 +48,7 @@ class FinetuneInfo:
     seconds: float
     first_loss: float
     loss: float
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -132,7 +135,7 @@ class Report:
         return d
 
     def write(self, folder: str | Path) -> None:
-        (Path(folder) / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (Path(folder) / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 _NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "calibration": CalibrationInfo,
@@ -144,11 +147,7 @@ def read_report(adapter_dir: str | Path) -> Report:
     path = Path(adapter_dir) / REPORT_FILE
     if not path.is_file():
         raise LoramixError(f"{adapter_dir}: no {REPORT_FILE} (not an adapter written by loramix)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise LoramixError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
-    return _build(Report, raw, path)
+    return _build(Report, read_json(path), path)
 
 
 def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:

@@ -8,7 +8,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -16,7 +16,7 @@ from .adapter import DTYPES
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import atomic_dir
-from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading
+from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
 from .progress import track
 from .prompts import SharedBatch, encode, pad_id
 from .train_config import TrainConfig
@@ -39,11 +39,9 @@ def train(
     with `training.json` (settings, loss per step, seconds). Returns that record. `init`: a PEFT adapter folder of
     the same base (e.g. a composed one) whose factors training starts from; its rank, alpha and modules replace
     `config`'s. `model`, `tokenizer`: `base` already loaded (the model gains the LoRA layers and is trained in place)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     config = config or TrainConfig()
-    if config.budget is not None and not (math.isfinite(config.budget) and config.budget > 0):
-        raise LoramixError(f"--budget must be a positive number of seconds, got {config.budget}")
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(config.seed)
@@ -54,8 +52,11 @@ def train(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=list(config.target_modules), task_type="CAUSAL_LM",
     )
-    with quiet_loading():
-        model = get_peft_model(model, lora) if init is None else PeftModel.from_pretrained(model, str(init), is_trainable=True)
+    if init is None:
+        with quiet_loading():
+            model = get_peft_model(model, lora)
+    else:
+        model = with_adapter(model, init, base, is_trainable=True)
     model.peft_config["default"].base_model_name_or_path = DEFAULT_BASE if base in (None, "default") else base
     encoded = encode(tokenizer, dataset, config.max_length)
     pad = pad_id(tokenizer)
@@ -63,7 +64,16 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
+    plan = plan_batches(len(encoded), config)  # lazily: steps may be many, with a budget
     total = config.steps  # shortened to what fits the budget once the warmup's step time is known
+    if config.max_tokens is not None:  # the first steps whose token positions sum to at most max_tokens, at least one
+        kept, used = [], 0
+        for picked in plan:
+            used += SharedBatch.of([encoded[i] for i in picked], pad).tokens
+            if used > config.max_tokens and kept:
+                break
+            kept.append(picked)
+        plan, total = iter(kept), len(kept)
 
     def lr_at(step: int) -> float:
         if step < config.warmup:
@@ -72,21 +82,16 @@ def train(
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    rng = random.Random(config.seed)
-    order: list[int] = []
     losses = []
     start = time.perf_counter()
     model.train()
-    for step in track(range(config.steps), "training LoRA", total=config.steps):
+    for step, picked in enumerate(track(plan, "training LoRA", total=total)):
         if config.budget is not None:
             elapsed = time.perf_counter() - start
             if step == max(config.warmup, 1):
-                total = min(config.steps, max(step + 1, int(config.budget / (elapsed / step))))
+                total = min(total, max(step + 1, int(config.budget / (elapsed / step))))
             if step >= total or elapsed > config.budget:
                 break
-        if len(order) < config.batch_size:  # epochs of shuffled samples, without replacement within one
-            order += rng.sample(range(len(encoded)), len(encoded))
-        picked, order = order[: config.batch_size], order[config.batch_size :]
         batch = SharedBatch.of([encoded[i] for i in picked], pad).to(device)  # the shared prompt prefix runs once
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = batch.loss(model)  # in float32 (cross-entropy runs in float32 under autocast)
@@ -115,6 +120,18 @@ def train(
         _cast_weights(tmp / "adapter_model.safetensors", config.save_dtype)
         (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return record
+
+
+def plan_batches(n: int, config: TrainConfig) -> Iterator[list[int]]:
+    """The sample indices (of `n`) of each of `config.steps` training steps, in order: epochs of seeded shuffles,
+    without replacement within one."""
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    for _ in range(config.steps):
+        if len(order) < config.batch_size:
+            order += rng.sample(range(n), n)
+        yield order[: config.batch_size]
+        order = order[config.batch_size :]
 
 
 def bf16_native(device: torch.device) -> bool:

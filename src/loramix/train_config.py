@@ -3,7 +3,11 @@ without importing the training stack."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
+
+from .adapter import DTYPES
+from .errors import LoramixError
 
 
 @dataclass
@@ -13,7 +17,9 @@ class TrainConfig:
     `target_modules`; sequences cut to `max_length` tokens; `bf16`: bf16 autocast where the device runs it natively
     (train.bf16_native; float32 elsewhere); saved as `save_dtype`. With `budget` (seconds), training
     stops by then: after the warmup the step time is measured and the cosine schedule shortened to the steps that
-    fit, so the learning rate still decays to 0."""
+    fit, so the learning rate still decays to 0. With `max_tokens`, the same deterministically: the seeded batches
+    are planned up front and training takes the first ones whose token positions (`SharedBatch.tokens`, the shared
+    prefix counted once) sum to at most `max_tokens` (at least one step), the schedule ending there."""
 
     steps: int = 200
     batch_size: int = 8
@@ -29,12 +35,44 @@ class TrainConfig:
     save_dtype: str = "float32"
     device: str | None = None  # None: cuda when available, else cpu
     budget: float | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse settings no run can use, naming `loramix train`'s option."""
+        def whole(x: object, low: int) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+        def positive(x: object, allow_zero: bool = False) -> bool:
+            return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    and (x > 0 or (allow_zero and x == 0)))
+
+        checks = [
+            ("--steps", self.steps, whole(self.steps, 1), "a whole number of at least 1"),
+            ("--batch-size", self.batch_size, whole(self.batch_size, 1), "a whole number of at least 1"),
+            ("--lr", self.lr, positive(self.lr, allow_zero=True), "a finite number of at least 0"),
+            ("warmup", self.warmup, whole(self.warmup, 0), "a whole number of at least 0"),
+            ("--rank", self.rank, whole(self.rank, 1), "a whole number of at least 1"),
+            ("--alpha", self.alpha, positive(self.alpha), "a positive finite number"),
+            ("dropout", self.dropout, isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "in [0, 1)"),
+            ("--target-modules", self.target_modules, bool(self.target_modules) and all(
+                isinstance(m, str) and m for m in self.target_modules), "one module name or more"),
+            ("max_length", self.max_length, whole(self.max_length, 2), "a whole number of at least 2"),
+            ("--save-dtype", self.save_dtype, self.save_dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            ("--budget", self.budget, self.budget is None or positive(self.budget), "a positive number of seconds"),
+            ("--max-tokens", self.max_tokens, self.max_tokens is None or whole(self.max_tokens, 1),
+             "a positive whole number of token positions"),
+        ]
+        for name, value, ok, want in checks:
+            if not ok:
+                raise LoramixError(f"{name} must be {want}, got {value!r}")
 
     def as_record(self) -> dict:
-        """The settings as training.json records them (`budget` only when set, so older records still match)."""
+        """The settings as training.json records them (`budget` and `max_tokens` only when set, so older records
+        still match)."""
         d = asdict(self)
-        if d["budget"] is None:
-            del d["budget"]
+        for key in ("budget", "max_tokens"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -50,5 +88,7 @@ BANK_TRAINING = bank_config()
 
 # `generate --refine N`'s fine-tune of the composed adapter (--refine-method finetune): the bank's recipe for fewer
 # steps, with a warmup to match; chosen on the leave-one-out benchmark (README, Quality: on all 53 tasks 16 steps
-# closed 75.4% of the gap, 10 steps 73.8%, 24 steps 73.1%).
-REFINE_TRAINING = replace(BANK_TRAINING, steps=16, warmup=2)
+# closed 75.4% of the gap, 10 steps 73.8%, 24 steps 73.1%). At most 8000 token positions: a CPU thread runs about
+# 210 a second, so that tasks with long examples (16 steps of news articles are 15,000 positions) stay within a
+# minute; most tasks' 16 steps are 2,000-5,400.
+REFINE_TRAINING = replace(BANK_TRAINING, steps=16, warmup=2, max_tokens=8000)

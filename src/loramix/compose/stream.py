@@ -47,7 +47,8 @@ class Composition:
 
 
 def _module(p: Plan, module: str, factors: "ModuleFactors") -> ModuleResult:
-    """One output module of plan `p`: composed, padded to the planned rank, cast to the output dtype, checked finite."""
+    """One output module of plan `p`: composed, padded to the planned rank, cast to the output dtype, its factors
+    checked finite and its update scale * B @ A checked within the dtype's range (what a merge in it would hold)."""
     r = p.composer.module(p.terms(module, factors), p.refs[module], p.target)
     pad = p.ranks[module] - r.a.shape[0]
     if pad:
@@ -56,7 +57,22 @@ def _module(p: Plan, module: str, factors: "ModuleFactors") -> ModuleResult:
     r.a, r.b = r.a.to(p.dtype), r.b.to(p.dtype)
     if not (_finite(r.a) and _finite(r.b)):
         raise LoramixError(f"module '{module}': the composed update overflows {p.dtype} (choose another --dtype)")
+    limit = torch.finfo(p.dtype).max
+    if (peak := update_peak(r.a, r.b, p.scales[module], limit)) > limit:
+        raise LoramixError(f"module '{module}': the composed update reaches {peak:.3g}, beyond {p.dtype}'s range "
+                           f"({limit:.5g}); choose another --dtype")
     return r
+
+
+def update_peak(a: torch.Tensor, b: torch.Tensor, scale: float, limit: float, rows: int = 1024) -> float:
+    """max |scale * B @ A| for A [r, in], B [out, r] (float64), or, when it is within `limit`, possibly a bound on it:
+    scale * (largest row norm of B) * (largest column norm of A) (Cauchy-Schwarz) is returned when it is within
+    `limit`; otherwise the dense product is computed, `rows` of B at a time."""
+    a, b = a.double(), b.double()
+    bound = abs(scale) * float(b.norm(dim=1).max()) * float(a.norm(dim=0).max()) if a.numel() and b.numel() else 0.0
+    if bound <= limit:
+        return bound
+    return max(abs(scale) * float((b[i : i + rows] @ a).abs().max()) for i in range(0, b.shape[0], rows))
 
 
 class ModuleFactors:

@@ -1,0 +1,67 @@
+"""Bad option values and model ids: one line (a LoramixError or a usage error), never a traceback or a partial output."""
+
+import pytest
+from helpers import topic_records, write_jsonl
+from typer.testing import CliRunner
+
+from loramix.cli import app
+from loramix.errors import LoramixError
+from loramix.models import load_model, load_tokenizer
+from loramix.train_config import TrainConfig
+
+
+@pytest.mark.parametrize("base", ["a/b/c", "bad id!!", "/no/such/folder"])
+@pytest.mark.parametrize("load", [load_model, load_tokenizer])
+def test_an_unloadable_base_is_one_line(base, load):
+    with pytest.raises(LoramixError, match=r"^cannot load .*base model") as e:
+        load(base)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw,option", [
+    ({"steps": 0}, "--steps"), ({"batch_size": -1}, "--batch-size"), ({"lr": float("nan")}, "--lr"),
+    ({"lr": -1e-3}, "--lr"), ({"rank": 0}, "--rank"), ({"alpha": float("inf")}, "--alpha"),
+    ({"save_dtype": "int8"}, "--save-dtype"), ({"target_modules": []}, "--target-modules"),
+    ({"budget": -1.0}, "--budget"), ({"max_tokens": 0}, "--max-tokens"), ({"warmup": -1}, "warmup"),
+])
+def test_train_config_refuses_what_no_run_can_use(kw, option):
+    with pytest.raises(LoramixError, match=f"^{option} must be"):
+        TrainConfig(**kw)
+
+
+def test_train_with_zero_steps_writes_nothing(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 4))
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "0"])
+    assert isinstance(r.exception, LoramixError) and "--steps must be" in str(r.exception)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["eval", "--batch-size", "0"], ["eval", "--max-new-tokens", "0"], ["eval", "--max-new-tokens", "10000000"],
+    ["eval", "--limit", "-3"],
+])
+def test_numeric_options_out_of_range_are_usage_errors(tmp_path, args):
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 4))
+    r = CliRunner().invoke(app, [args[0], "--data", str(data), *args[1:]])
+    assert r.exit_code == 2 and "Invalid value" in r.output
+
+
+@pytest.mark.parametrize("delay", [0.3, 8.0])
+def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path, delay):
+    """SIGINT while the command still imports torch and transformers (0.3 s), or while it trains (8 s):
+    'interrupted', exit status 130, no traceback, no output folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 8))
+    script = Path(sys.executable).with_name("loramix")
+    p = subprocess.Popen([str(script), "train", "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "100000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

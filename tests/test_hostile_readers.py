@@ -1,0 +1,242 @@
+"""Readers that would be silently wrong, hang or end in a traceback: adapter configs PEFT reads one way and loramix
+another, user regular expressions, JSON beyond the parser, CSV and JSONL records that do not round-trip."""
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+from helpers import make_bank, topic_records, write_adapter, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from test_generate import peft_deltas
+
+from loramix import Bank, LoraAdapter, read_dataset
+from loramix.data import Sample
+from loramix.data import write_jsonl as write_samples
+from loramix.errors import LoramixError
+from loramix.files import parse_json
+
+
+def _config(folder, **change):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(change)
+    path.write_text(json.dumps(config), encoding="utf-8")
+
+
+def test_two_tensors_for_one_module_are_refused(tmp_path):
+    folder = write_adapter(tmp_path / "ad")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key.removeprefix("base_model.model.")] = tensors[key] * 41
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(LoramixError, match=r"module 'model.layers.0.self_attn.q_proj' has two lora_A tensors"):
+        LoraAdapter(folder)
+
+
+@pytest.mark.parametrize("change", [
+    {"target_modules": ["q_proj"]},
+    {"target_modules": r"model\.layers\.1\.self_attn\.[qkv]_proj"},
+    {"exclude_modules": ["k_proj"]},
+    {"layers_to_transform": [1]},
+    {"layers_to_transform": 0, "layers_pattern": "layers"},
+])
+def test_only_the_modules_peft_applies_are_composed(tmp_path, tiny_base, change, caplog):
+    """The file holds q/k/v tensors of both layers; the config selects fewer: loramix reads what PEFT applies."""
+    folder = write_adapter(tmp_path / "ad")
+    _config(folder, **change)
+    adapter = LoraAdapter(folder)
+    applied = peft_deltas(tiny_base, folder)
+    assert sorted(adapter.modules) == sorted(applied) and 0 < len(applied) < 6
+    assert "not selected by" in caplog.text
+    for m, delta in applied.items():
+        torch.testing.assert_close(adapter.delta(m), delta)
+
+
+def test_a_bank_composes_only_the_selected_modules(tmp_path):
+    root = make_bank(tmp_path / "bank", n=2)
+    for entry in root.iterdir():
+        _config(entry, target_modules=["q_proj"])
+    assert {m.rsplit(".", 1)[-1] for m in Bank(root).shapes} == {"q_proj"}
+
+
+SLOW = "(.*){1,32000}[bc]"  # backtracks for minutes on a module name without b or c (even with `regex`)
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"rank_pattern": {SLOW: 4}}, r"field 'rank_pattern': the regular expression .* takes more than 0.5 s"),
+    ({"target_modules": SLOW}, r"field 'target_modules': the regular expression .* takes more than 0.5 s"),
+    ({"alpha_pattern": {"[": 4}}, r"field 'alpha_pattern': .* is not a valid regular expression"),
+    ({"layers_pattern": "(("}, r"field 'layers_pattern': .* is not a valid regular expression"),
+])
+def test_user_regular_expressions_are_bounded(tmp_path, change, pattern):
+    folder = write_adapter(tmp_path / "ad")
+    _config(folder, **change)
+    start = time.perf_counter()
+    with pytest.raises(LoramixError, match=pattern):
+        LoraAdapter(folder)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("field,value,want", [
+    ("r", "8", "a positive whole number"), ("r", 2.5, "a positive whole number"), ("lora_alpha", float("nan"), "finite"),
+    ("lora_alpha", float("inf"), "finite"), ("use_rslora", "yes", "true or false"),
+    ("base_model_name_or_path", True, "a string"), ("target_modules", 3, "a string or a list"),
+    ("rank_pattern", {"q_proj": "4"}, "positive whole numbers"), ("layers_to_transform", "0", "layer index"),
+    ("fan_in_fan_out", 1, "true or false"), ("lora_dropout", -1, "in \\[0, 1\\]"),
+])
+def test_config_fields_are_type_checked(tmp_path, field, value, want):
+    folder = write_adapter(tmp_path / "ad")
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**json.loads((folder / "adapter_config.json").read_text()), field: value}), encoding="utf-8")
+    with pytest.raises(LoramixError, match=f"ad: adapter_config.json: field '{field}' must be .*{want}"):
+        LoraAdapter(folder)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"r": ' + "9" * 5000 + "}", b"\xff\xfe{}"])
+def test_json_the_parser_cannot_take_is_one_line(tmp_path, text):
+    with pytest.raises(LoramixError, match="^x.json: invalid JSON") as e:
+        parse_json(text, "x.json")
+    assert "\n" not in str(e.value)
+    folder = write_adapter(tmp_path / "ad")
+    (folder / "adapter_config.json").write_bytes(text.encode() if isinstance(text, str) else text)
+    with pytest.raises(LoramixError, match="adapter_config.json: invalid JSON"):
+        LoraAdapter(folder)
+
+
+def test_csv_fields_keep_their_newlines_and_may_be_long(tmp_path):
+    path = tmp_path / "d.csv"
+    rows = [{"input": "Translate:\nfirst line\r\nsecond", "output": "a,b\n\"c\""}, {"input": "x" * 200_000, "output": "y"}]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["input", "output"])
+        w.writeheader()
+        w.writerows(rows)
+    assert [(s.input, s.output) for s in read_dataset(path)] == [(r["input"], r["output"]) for r in rows]
+
+
+def test_csv_errors_are_one_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('input,output\n"x' + "y" * 1_100_000 + '",z\n', encoding="utf-8")
+    with pytest.raises(LoramixError, match=r"d.csv:\d+: (not valid CSV|the record is)"):
+        read_dataset(path)
+
+
+def test_a_lone_surrogate_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"input": "a\ud800b", "output": "c"}])
+    with pytest.raises(LoramixError, match=r"d.jsonl:1: the text holds a lone surrogate \(U\+D800\)"):
+        read_dataset(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(samples=st.lists(st.builds(Sample, st.text(st.characters(blacklist_categories=["Cs"])),
+                                  st.lists(st.text(st.characters(blacklist_categories=["Cs"])), min_size=1, max_size=3).map(tuple)),
+                        min_size=1, max_size=5))
+def test_what_loramix_writes_as_jsonl_it_reads_back(tmp_path_factory, samples):
+    """U+2028, U+0085, \\r and the like are kept in strings: records end at \\n only."""
+    path = tmp_path_factory.mktemp("rt") / "train.jsonl"
+    write_samples(samples, path)
+    assert read_dataset(path).samples == samples
+
+
+def test_u2028_round_trips_through_bank_add(tmp_path):
+    from loramix.hub import add_adapter
+
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"input": "line\u2028break\u0085", "output": "x\u2029y"}] * 3, ensure_ascii=False), encoding="utf-8")
+    entry = add_adapter(tmp_path / "bank", str(write_adapter(tmp_path / "ad")), data)
+    assert read_dataset(entry / "train.jsonl").samples[0].input == "line\u2028break\u0085"
+
+
+def test_bank_add_leaves_no_empty_bank_folder(tmp_path):
+    from loramix.hub import add_adapter
+
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 3))
+    bad = write_adapter(tmp_path / "ad")
+    _config(bad, r="x")
+    with pytest.raises(LoramixError):
+        add_adapter(tmp_path / "bank", str(bad), data)
+    assert not (tmp_path / "bank").exists()
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_one_line(tmp_path, tiny_base):
+    from loramix.evaluate import load_for_eval
+    from loramix.export import export_merged
+
+    folder = write_adapter(tmp_path / "ad", shapes={"model.layers.0.self_attn.q_proj": (8, 8)})
+    with pytest.raises(LoramixError, match=r"ad: PEFT cannot load this adapter on base model .*size mismatch") as e:
+        load_for_eval(str(tiny_base), folder)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LoramixError, match="PEFT cannot load this adapter"):
+        export_merged(folder, tmp_path / "merged", base=str(tiny_base))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_index_made_with_another_key_is_not_believed(tmp_path, monkeypatch):
+    """A bank downloaded with its own .loramix/ (whose maker forged a signature, with checksums that agree): the
+    forged file fails this user's HMAC, is deleted and recomputed."""
+    import numpy as np
+
+    from loramix.index import BankIndex, _npy, store
+    from loramix.signatures import SignatureSpec
+
+    root = make_bank(tmp_path / "bank", n=3)
+    spec = SignatureSpec("embed", max_samples=4)
+    first = BankIndex(Bank(root)).signatures(spec)
+    index = BankIndex(Bank(root))
+    stem = index._signature_stem(index.resolve(spec), index.bank.usable[0])
+    monkeypatch.setenv("LORAMIX_HOME", str(tmp_path / "stranger"))  # another key
+    store(index.dir, stem, _npy(np.zeros_like(first[0])), "npy")
+    monkeypatch.undo()
+    assert len(list(stem.parent.glob(f"{stem.name}.*.npy"))) == 1  # the forged one replaced ours
+    again = BankIndex(Bank(root)).signatures(spec)
+    assert all((a == b).all() for a, b in zip(first, again))
+
+
+def test_the_index_is_never_written_through_a_link(tmp_path):
+    from loramix.index import BankIndex
+    from loramix.signatures import SignatureSpec
+
+    root = make_bank(tmp_path / "bank", n=2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / ".loramix").mkdir()
+    (root / ".loramix" / "signatures").symlink_to(outside)
+    with pytest.raises(LoramixError, match="leads outside the bank index"):
+        BankIndex(Bank(root)).signatures(SignatureSpec("embed", max_samples=4))
+    assert not any(outside.rglob("*"))
+    (root / ".loramix" / "signatures").unlink()
+    (root / ".loramix").rmdir()
+    (root / ".loramix").symlink_to(outside)
+    with pytest.raises(LoramixError, match="is a link or not a folder"):
+        BankIndex(Bank(root))
+
+
+def test_gguf_export_refuses_an_adapter_that_does_not_fit_the_base(tmp_path, tiny_base):
+    from loramix.export import export_gguf
+
+    folder = write_adapter(tmp_path / "ad", shapes={"model.layers.0.self_attn.q_proj": (8, 8)})
+    with pytest.raises(LoramixError, match=r"ad: module 'model.layers.0.self_attn.q_proj' is \[8, 8\] \(\[out, in\]\) but base"):
+        export_gguf(folder, tmp_path / "a.gguf", base=str(tiny_base))
+    folder = write_adapter(tmp_path / "ad2", shapes={"model.layers.9.self_attn.q_proj": (32, 32)})
+    with pytest.raises(LoramixError, match=r"module 'model.layers.9.self_attn.q_proj' is not in base model"):
+        export_gguf(folder, tmp_path / "a.gguf", base=str(tiny_base))
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_hub_ids_and_a_missing_cache_are_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from loramix.hub import add_adapter, pull_lots_of_loras
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "no-cache-here"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LoramixError, match="no Lots-of-LoRAs dataset found"):
+        pull_lots_of_loras(tmp_path / "bank")
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 3))
+    for bad in ("a/b/c", "bad id!!", "-x-"):
+        with pytest.raises(LoramixError, match="cannot download"):
+            add_adapter(tmp_path / "bank", bad, data, name="x")
+    assert not (tmp_path / "bank").exists()
