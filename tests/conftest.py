@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same cases on every run (make test must not depend on luck or on a .hypothesis/ folder
+# left by an earlier run); LORAMIX_FUZZ_RANDOM=1 draws new ones, to explore.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", database=None)
+settings.load_profile("explore" if os.environ.get("LORAMIX_FUZZ_RANDOM") else "repeatable")
 
 os.environ.setdefault("LORAMIX_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

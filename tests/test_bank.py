@@ -23,7 +23,7 @@ def _edit_config(folder, **fields):
         ({"modules_to_save": ["lm_head"]}, "field 'modules_to_save' is set"),
         ({"bias": "all"}, "field 'bias' is 'all'"),
         ({"peft_type": "IA3"}, "only LORA adapters"),
-        ({"r": 0}, "field 'r' must be a positive whole number"),
+        ({"r": 0}, "field 'r' must be a positive integer"),
         ({"r": 8}, "rank 8 for module"),
         ({"rank_pattern": ["x"]}, "field 'rank_pattern' must be an object"),
         ({"kasa_config": {"beta": 1e-4}}, "field 'kasa_config' is set: KaSA"),

@@ -62,7 +62,7 @@ BANK_CASES = {
     "lora_A without lora_B": (lambda b: _edit_tensors(b / E, lambda t: {k: v for k, v in t.items() if not k.endswith("layers.1.self_attn.v_proj.lora_B.weight")}), f"{E}: adapter_model.safetensors: module 'model.layers.1.self_attn.v_proj' has no lora_B"),
     "NaN weights": (lambda b: _edit_tensors(b / E, lambda t: _set_first(t, float("nan"))), f"{E}: module '.*' has NaN or Inf weights"),
     "Inf weights": (lambda b: _edit_tensors(b / E, lambda t: _set_first(t, float("inf"))), f"{E}: module '.*' has NaN or Inf weights"),
-    "rank 0": (lambda b: _rewrite(b / E, rank_pattern={"q_proj": 0}), f"{E}: .*'rank_pattern' must be an object of positive whole numbers"),
+    "rank 0": (lambda b: _rewrite(b / E, rank_pattern={"q_proj": 0}), f"{E}: .*'rank_pattern' must be an object of positive integers"),
     "rank disagrees with tensors": (lambda b: _edit_config(b / E, r=8), f"{E}: adapter_config.json: rank 8 for module"),
     "DoRA": (lambda b: _edit_config(b / E, use_dora=True), f"{E}: adapter_config.json: field 'use_dora' is set"),
     "LoRA bias": (lambda b: _edit_config(b / E, lora_bias=True), f"{E}: adapter_config.json: field 'lora_bias' is set"),

@@ -193,7 +193,7 @@ def cli_bank(tmp_path_factory):
     return bank, data
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(FUZZ, max_examples=25)
 @given(options=st.lists(st.tuples(st.sampled_from(OPTIONS), OPTION_VALUES), min_size=1, max_size=2))
 def test_any_generate_command_line_gives_a_result_or_one_line(cli_bank, tmp_path, options):
     """`loramix generate` with hostile option values: exit 0 and a readable adapter, or a one-line refusal (a usage

@@ -65,3 +65,35 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(tmp_path, delay):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path, tiny_base):
+    """Writing over (or inside) what the command reads would destroy or corrupt it, even with --force."""
+    from helpers import make_bank
+
+    from loramix import generate
+    from loramix.export import export_gguf, export_merged
+    from loramix.train import train
+
+    bank = make_bank(tmp_path / "bank", n=2, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 6))
+    for out in (bank / "task_animals", bank, tmp_path):
+        with pytest.raises(LoramixError, match=r"(is|holds|is inside) the bank .* which this command reads"):
+            generate(bank, data, out, force=True, check=0)
+    with pytest.raises(LoramixError, match=r"holds the data .* which this command reads"):
+        train(data, tmp_path, force=True, base=str(tiny_base))
+    adapter = bank / "task_animals"
+    with pytest.raises(LoramixError, match=r"is the base model"):
+        export_merged(adapter, tiny_base, base=str(tiny_base), force=True)
+    with pytest.raises(LoramixError, match=r"is inside the adapter"):
+        export_gguf(adapter, adapter / "adapter_model.safetensors", base=str(tiny_base), force=True)
+    with pytest.raises(LoramixError, match=r"already exists \(use --force"):
+        export_gguf(adapter, data, base=str(tiny_base))
+    with pytest.raises(LoramixError, match=r"exists and is a folder"):
+        export_gguf(adapter, tmp_path, base=str(tiny_base), force=True)
+    r = CliRunner().invoke(app, ["eval", "--data", str(data), "--adapter", str(adapter), "--base", str(tiny_base),
+                                 "--predictions", str(data)])
+    assert isinstance(r.exception, LoramixError) and "is the data" in str(r.exception)
+    assert len(data.read_text().splitlines()) == 6
+    out = export_gguf(adapter, adapter / "a.gguf", base=str(tiny_base))  # a new file beside the adapter is fine
+    assert out.is_file()

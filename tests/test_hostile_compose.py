@@ -109,3 +109,12 @@ def test_an_entry_replaced_while_composing_is_refused(tmp_path):
     with pytest.raises(LoramixError, match=r"task_animals: adapter_model.safetensors changed while loramix was reading it"):
         write_composition(tmp_path / "out", bank, {"task_animals": 0.5, "task_colors": 0.5})
     write_composition(tmp_path / "out", Bank(root), {"task_animals": 0.5, "task_colors": 0.5})  # reopened: the new entry
+
+
+@pytest.mark.parametrize("alpha,dtype", [(1e-16, torch.float16), (1e-12, torch.float16), (1e-90, torch.float32)])
+def test_factors_that_underflow_the_output_dtype_are_refused(tmp_path, alpha, dtype):
+    """The output's scale is 1 (lora_alpha = r), so a tiny entry scale lands in the factors, below the dtype's range."""
+    root = make_bank(tmp_path / "bank", n=2, alpha=alpha)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(LoramixError, match=r"composed factors lose .* of their size in torch.float(16|32)"):
+        write_composition(tmp_path / "out", Bank(root), {"task_animals": 1.0}, dtype=dtype)

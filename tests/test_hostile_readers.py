@@ -27,13 +27,19 @@ def _config(folder, **change):
     path.write_text(json.dumps(config), encoding="utf-8")
 
 
-def test_two_tensors_for_one_module_are_refused(tmp_path):
+@pytest.mark.parametrize("also", [True, False])
+def test_tensors_without_the_peft_prefix_are_refused(tmp_path, also):
+    """PEFT loads only 'base_model.model.<module>.lora_A.weight': an unprefixed key (alone, or beside the prefixed
+    one with other values) gives that module a zero update under PEFT, so composing it would be wrong."""
     folder = write_adapter(tmp_path / "ad")
     tensors = load_file(folder / "adapter_model.safetensors")
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     tensors[key.removeprefix("base_model.model.")] = tensors[key] * 41
+    if not also:
+        del tensors[key]
     save_file(tensors, folder / "adapter_model.safetensors")
-    with pytest.raises(LoramixError, match=r"module 'model.layers.0.self_attn.q_proj' has two lora_A tensors"):
+    with pytest.raises(LoramixError, match=r"tensor 'model.layers.0.self_attn.q_proj.lora_A.weight' lacks the "
+                                           r"'base_model.model.' prefix, so PEFT does not load it"):
         LoraAdapter(folder)
 
 
@@ -43,6 +49,7 @@ def test_two_tensors_for_one_module_are_refused(tmp_path):
     {"exclude_modules": ["k_proj"]},
     {"layers_to_transform": [1]},
     {"layers_to_transform": 0, "layers_pattern": "layers"},
+    {"target_modules": ["model.layers.1.self_attn.q_proj", "k_proj"], "layers_to_transform": [0]},  # a full name: any layer
 ])
 def test_only_the_modules_peft_applies_are_composed(tmp_path, tiny_base, change, caplog):
     """The file holds q/k/v tensors of both layers; the config selects fewer: loramix reads what PEFT applies."""
@@ -81,11 +88,30 @@ def test_user_regular_expressions_are_bounded(tmp_path, change, pattern):
     assert time.perf_counter() - start < 5
 
 
+def test_configs_peft_refuses_are_refused(tmp_path):
+    folder = write_adapter(tmp_path / "ad")
+    _config(folder, target_modules=r".*q_proj", layers_to_transform=[0])
+    with pytest.raises(LoramixError, match="'layers_to_transform' is set but 'target_modules' is a regular expression"):
+        LoraAdapter(folder)
+    _config(folder, target_modules=["q_proj"], layers_to_transform=None, layers_pattern="layers")
+    with pytest.raises(LoramixError, match="'layers_pattern' is set without 'layers_to_transform'"):
+        LoraAdapter(folder)
+
+
+def test_the_layer_index_is_the_first_number_as_in_peft():
+    from loramix.adapter import applied_by_peft
+
+    config = {"target_modules": ["w1"], "layers_to_transform": [1]}
+    assert applied_by_peft(config, "model.layers.1.experts.0.w1", "x")  # layer 1, expert 0
+    assert not applied_by_peft(config, "model.layers.0.experts.1.w1", "x")
+    assert applied_by_peft({**config, "layers_pattern": "layers"}, "layers.1.experts.0.w1", "x")  # at the start
+
+
 @pytest.mark.parametrize("field,value,want", [
-    ("r", "8", "a positive whole number"), ("r", 2.5, "a positive whole number"), ("lora_alpha", float("nan"), "finite"),
+    ("r", "8", "a positive integer"), ("r", 2.5, "a positive integer"), ("r", 8.0, "a positive integer"), ("lora_alpha", float("nan"), "finite"),
     ("lora_alpha", float("inf"), "finite"), ("use_rslora", "yes", "true or false"),
     ("base_model_name_or_path", True, "a string"), ("target_modules", 3, "a string or a list"),
-    ("rank_pattern", {"q_proj": "4"}, "positive whole numbers"), ("layers_to_transform", "0", "layer index"),
+    ("rank_pattern", {"q_proj": "4"}, "positive integers"), ("layers_to_transform", "0", "layer index"),
     ("fan_in_fan_out", 1, "true or false"), ("lora_dropout", -1, "in \\[0, 1\\]"),
 ])
 def test_config_fields_are_type_checked(tmp_path, field, value, want):
@@ -240,3 +266,58 @@ def test_hub_ids_and_a_missing_cache_are_one_line(tmp_path, monkeypatch):
         with pytest.raises(LoramixError, match="cannot download"):
             add_adapter(tmp_path / "bank", bad, data, name="x")
     assert not (tmp_path / "bank").exists()
+
+
+def test_a_fifo_as_data_is_refused_not_waited_on(tmp_path):
+    import os
+
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(LoramixError, match="d.jsonl: not a regular file or a folder"):
+        read_dataset(fifo)
+
+
+def test_the_composed_config_selects_every_composed_module(tmp_path, tiny_base):
+    """Entries with layers_to_transform [0], one naming a layer-1 module in full (PEFT applies it in any layer): the
+    output holds that module, and its config must make PEFT apply it too."""
+    from loramix.compose import write_composition
+
+    root = make_bank(tmp_path / "bank", n=2, base=str(tiny_base))
+    _config(root / "task_animals", layers_to_transform=[0])
+    _config(root / "task_colors", layers_to_transform=[0],
+            target_modules=["model.layers.1.self_attn.q_proj", "k_proj", "v_proj"])
+    bank = Bank(root)
+    (tmp_path / "out").mkdir()
+    write_composition(tmp_path / "out", bank, {"task_animals": 0.5, "task_colors": 0.5}, rank="full")
+    applied = peft_deltas(tiny_base, tmp_path / "out")
+    assert sorted(applied) == sorted(bank.shapes) and "model.layers.1.self_attn.q_proj" in applied
+    for m, delta in applied.items():
+        want = sum(0.5 * e.adapter.delta(m) for e in bank.entries if m in e.adapter.modules)
+        torch.testing.assert_close(delta, want)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("input,output\na,b,c\n", r"d.csv:2: the row has more fields than the header's 2 \(an unquoted delimiter"),
+    ("input,output,x\na,b\n", r"d.csv:2: the row has fewer fields than the header's 3"),
+    ("input,output,input\na,b,c\n", r"d.csv:1: the header names a column twice \(input\)"),
+])
+def test_csv_rows_that_do_not_fit_the_header_are_refused(tmp_path, text, want):
+    (tmp_path / "d.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(LoramixError, match=want):
+        read_dataset(tmp_path / "d.csv")
+
+
+def test_empty_texts_run_on_a_base_without_template_or_bos(tmp_path, tiny_base):
+    """The tiny base's tokenizer adds nothing to an empty text: the prompt is then its bos/eos token alone."""
+    from loramix.evaluate import evaluate
+    from loramix.models import load_tokenizer
+    from loramix.prompts import prompt_ids
+    from loramix.train import train
+    from loramix.train_config import TrainConfig
+
+    tok = load_tokenizer(str(tiny_base))
+    assert not getattr(tok, "chat_template", None) and tok("")["input_ids"] == []
+    assert len(prompt_ids(tok, "")) == 1
+    data = write_jsonl(tmp_path / "e.jsonl", [{"input": "", "output": ""}, {"input": "  ", "output": "\t"}])
+    train(data, tmp_path / "t", TrainConfig(steps=1, batch_size=2), base=str(tiny_base))
+    assert evaluate(read_dataset(data), base=str(tiny_base), adapter=tmp_path / "t", max_new_tokens=2)["n"] == 2

@@ -32,7 +32,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 TENSOR_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")  # what PEFT loads
 
 # The adapter_config.json fields loramix understands (PEFT 0.21's LoraConfig and PeftConfig, and older). Any other
 # field is refused when set (not null, false, 0 or empty): it may change the update beyond scale * B @ A.
@@ -86,16 +86,16 @@ def _mapping(value_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def _whole(v: Any) -> bool:
-    return _number(v) and v > 0 and v == int(v)
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0  # PEFT cannot build a layer of rank 8.0
 
 
 # What each understood field must hold when it is set (null means PEFT's default): (check, description).
 _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "peft_type": (lambda v: isinstance(v, str), "a string"),
-    "r": (_whole, "a positive whole number"),
+    "r": (_whole, "a positive integer"),
     "lora_alpha": (lambda v: _number(v) and v > 0, "a positive finite number"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
-    "rank_pattern": (_mapping(_whole), "an object of positive whole numbers"),
+    "rank_pattern": (_mapping(_whole), "an object of positive integers"),
     "alpha_pattern": (_mapping(lambda v: _number(v) and v > 0), "an object of positive finite numbers"),
     "target_modules": (_names, "a string or a list of strings"),
     "exclude_modules": (_names, "a string or a list of strings"),
@@ -153,7 +153,14 @@ def check_config(config: Any, name: str) -> dict[str, Any]:
             pattern(config[field_name], f"{name}: {CONFIG_FILE}: field '{field_name}'")
     layer_names = config.get("layers_pattern") or []
     for key in [layer_names] if isinstance(layer_names, str) else layer_names:
-        pattern(rf".*\.{key}\.(\d+)\.", f"{name}: {CONFIG_FILE}: field 'layers_pattern'")
+        pattern(rf"(?:^|.*?\.){key}\.(\d+)\.", f"{name}: {CONFIG_FILE}: field 'layers_pattern'")
+    for field_name in ("layers_to_transform", "layers_pattern"):  # PEFT's LoraConfig refuses these too
+        if isinstance(config.get("target_modules"), str) and config.get(field_name) is not None:
+            raise LoramixError(f"{name}: {CONFIG_FILE}: field '{field_name}' is set but 'target_modules' is a regular "
+                               "expression: PEFT refuses this config")
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        raise LoramixError(f"{name}: {CONFIG_FILE}: field 'layers_pattern' is set without 'layers_to_transform': "
+                           "PEFT refuses this config")
     return config
 
 
@@ -195,7 +202,8 @@ def read_config(folder: str | Path, name: str | None = None) -> dict[str, Any]:
     name = name or folder.name
     file = folder / CONFIG_FILE
     if not file.is_file():
-        raise LoramixError(f"{name}: no {CONFIG_FILE} in {folder}")
+        raise LoramixError(f"{name}: {CONFIG_FILE} is not a regular file" if os.path.lexists(file) else
+                           f"{name}: no {CONFIG_FILE} in {folder}")
     return check_config(read_json(file, f"{name}: {CONFIG_FILE}"), name)
 
 
@@ -214,34 +222,41 @@ def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, wh
 
 
 def applied_by_peft(config: dict[str, Any], module: str, name: str) -> bool:
-    """Whether PEFT puts a LoRA layer on `module` (a name like model.layers.3.self_attn.q_proj) for this config:
-    not excluded by `exclude_modules`, selected by `target_modules` (a string: a regex matched against the whole
-    name; a list: names equal to it or ending in '.' + an item), and in `layers_to_transform` when that is set
-    (the layer index read after `layers_pattern`, or after the name's first indexed part). `target_modules` unset
-    or 'all-linear' selects every module (which ones are linear, the tensors say)."""
+    """Whether PEFT (0.21's check_target_module_exists) puts a LoRA layer on `module` (e.g.
+    model.layers.3.self_attn.q_proj) under this config. Excluded by `exclude_modules` (a string: a regex matched
+    against the whole name; a list: equal names, or names ending in '.' + an item). Selected by `target_modules`:
+    a string is such a regex; a list selects equal names outright, and names ending in '.' + an item only in the
+    layers `layers_to_transform` lists (when set), the layer index being the first number after `layers_pattern`
+    (or after the first name part followed by a number). `target_modules` unset or 'all-linear' selects every
+    module (which ones are linear, the tensors say)."""
     what = f"{name}: {CONFIG_FILE}"
-
-    def named(spec: Any, field_name: str) -> bool:
-        if isinstance(spec, str):
-            return match(spec, module, f"{what}: field '{field_name}'") is not None
-        return module in spec or any(module.endswith(f".{key}") for key in spec)
-
-    if config.get("exclude_modules") and named(config["exclude_modules"], "exclude_modules"):
-        return False
+    excluded = config.get("exclude_modules")
+    if excluded:
+        if isinstance(excluded, str):
+            if match(excluded, module, f"{what}: field 'exclude_modules'"):
+                return False
+        elif module in excluded or any(module.endswith(f".{key}") for key in excluded):
+            return False
     targets = config.get("target_modules")
-    if targets is not None and targets != "all-linear" and not named(targets, "target_modules"):
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return True
+    if isinstance(targets, str):
+        return match(targets, module, f"{what}: field 'target_modules'") is not None
+    if module in targets:
+        return True
+    if not any(module.endswith(f".{key}") for key in targets):
         return False
     layers = config.get("layers_to_transform")
     if layers is None or layers == []:
         return True
-    found = None
     layer_names = config.get("layers_pattern") or []
+    found = None
+    if not layer_names:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", module)
     for key in [layer_names] if isinstance(layer_names, str) else layer_names:
-        found = match(rf".*\.{key}\.(\d+)\.", module, f"{what}: field 'layers_pattern'", full=False) if key else None
+        found = match(rf"(?:^|.*?\.){key}\.(\d+)\.", module, f"{what}: field 'layers_pattern'", full=False)
         if found:
             break
-    if not layer_names:
-        found = re.match(r".*\.[^.]*\.(\d+)\.", module)
     if found is None:
         return False
     index = int(found.group(1))
@@ -311,6 +326,8 @@ class LoraAdapter:
                 self._spans = _tensor_spans(f)
             self._check_unchanged(os.stat(file))  # what safe_open validated is what was read
             return WEIGHTS_FILE, [(k, shape, dtype) for k, (_, _, dtype, shape) in sorted(self._spans.items())]
+        if os.path.lexists(file):  # a folder, a FIFO, a device, a dangling link
+            raise self._fail(f"{WEIGHTS_FILE} is not a regular file")
         pickled = self.path / PICKLE_FILE
         if not pickled.is_file():
             raise self._fail(f"no {WEIGHTS_FILE} in {self.path}")
@@ -333,12 +350,12 @@ class LoraAdapter:
         skipped, selected = set(), {}
         for key, shape, dtype_name in index:
             m = _KEY.match(key)
+            if not m and _KEY.match(TENSOR_PREFIX + key):
+                raise self._fail(f"{source}: tensor '{key}' lacks the '{TENSOR_PREFIX}' prefix, so PEFT does not load it "
+                                 f"(the module keeps a zero update); add the prefix to every tensor name")
             if not m:
                 raise self._fail(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear module")
             module, which = m["module"], m["which"]
-            if which in keys.get(module, {}):  # e.g. both 'base_model.model.<module>...' and '<module>...'
-                raise self._fail(f"{source}: module '{module}' has two lora_{which} tensors, '{keys[module][which]}' "
-                                 f"and '{key}': which one applies is ambiguous")
             if module not in selected:
                 selected[module] = applied_by_peft(self.config, module, self.name)
             if not selected[module]:

@@ -4,6 +4,7 @@ data it was trained on (`train.jsonl`). Entries without data are listed but not 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -71,8 +72,14 @@ class Bank:
         if not self.path.is_dir():
             raise LoramixError(f"{self.path}: bank folder not found")
         self.entries: list[BankEntry] = []
-        for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for sub in sorted(p for p in self.path.iterdir() if not p.name.startswith(".")):
+            if not sub.is_dir():
+                if sub.is_symlink():  # dangling, or a loop
+                    log.warning("%s: a link that leads to no folder, skipped", sub.name)
+                continue
             data = sub / DATA_FILE
+            if os.path.lexists(data) and not data.is_file():
+                raise LoramixError(f"{sub.name}: {DATA_FILE} is not a regular file")
             self.entries.append(BankEntry(sub.name, LoraAdapter(sub, allow_pickle=allow_pickle), data if data.is_file() else None))
         if not self.entries:
             raise LoramixError(f"{self.path}: the bank holds no adapter folders")

@@ -35,7 +35,7 @@ EngineOpt = Annotated[str, typer.Option("--engine", help=f"Execution engine: {',
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only).")]
 SignatureOpt = Annotated[str, typer.Option("--signature", help=GenerateConfig.__dataclass_fields__["signature"].metadata["help"])]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help=GenerateConfig.__dataclass_fields__["model"].metadata["help"])]
-MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", help=GenerateConfig.__dataclass_fields__["max_samples"].metadata["help"])]
+MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", min=1, help=GenerateConfig.__dataclass_fields__["max_samples"].metadata["help"])]
 SeedOpt = Annotated[int, typer.Option("--seed", help=GenerateConfig.__dataclass_fields__["seed"].metadata["help"])]
 D = GenerateConfig()
 MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try generate: beyond the context of the bases loramix serves
@@ -198,6 +198,10 @@ def eval_(
     from .data import read_dataset
     from .evaluate import evaluate, write_predictions
 
+    from .files import refuse_target
+
+    if predictions is not None:  # replaced if it exists, unless it is what this command reads
+        refuse_target(predictions, force=True, folder=False, inputs={"the data": data, "the adapter": adapter})
     dataset = read_dataset(data)
     result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
     preds = result.pop("predictions")
@@ -417,12 +421,13 @@ def export_gguf_cmd(
     out_file: Path = typer.Option(..., "--out", "-o", help="GGUF file to write."),
     base: Optional[str] = typer.Option(None, help="Base model whose config.json to read (default: the adapter's own)."),
     dtype: str = typer.Option("f32", help="Tensor type: f32 or f16."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Write ADAPTER as a GGUF LoRA adapter for llama.cpp (llama-cli --lora FILE) and Ollama (ADAPTER FILE)."""
     from .export import export_gguf
 
-    path = export_gguf(adapter, out_file, base=base, dtype=dtype, allow_pickle=allow_pickle)
+    path = export_gguf(adapter, out_file, base=base, dtype=dtype, allow_pickle=allow_pickle, force=force)
     out.print(f"wrote [bold]{path}[/bold] ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -502,3 +507,10 @@ def main() -> None:
         if e.code == 130:  # typer turns Ctrl-C in a command into exit status 130, silently
             err.print("[red]interrupted[/red]: nothing half-written was kept")
         raise
+    except Exception as e:  # a case no check foresaw: still one line, and the way to the traceback
+        if _DEBUG[0]:
+            raise
+        message = " ".join(str(e).split())[:300]
+        err.print(f"[red]error:[/red] unexpected {type(e).__name__}: {escape(message)} (a loramix bug: rerun with --debug "
+                  "for the traceback, and report it)", highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -118,7 +118,14 @@ def _records_csv(path: Path) -> Iterable[tuple[str, Any]]:
     csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_CHARS + 1))  # longer fields are refused as records
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
     try:
+        header = reader.fieldnames or []
+        if len(set(header)) != len(header):
+            raise LoramixError(f"{path}:1: the header names a column twice ({', '.join(sorted({h for h in header if header.count(h) > 1}))})")
         for row in reader:
+            if None in row or None in row.values():  # csv's restkey / restval: more or fewer fields than the header
+                many = "more" if None in row else "fewer"
+                raise LoramixError(f"{path}:{reader.line_num}: the row has {many} fields than the header's {len(header)}"
+                                   + (" (an unquoted delimiter in a field?)" if many == "more" else ""))
             yield f"{path}:{reader.line_num}", row
     except csv.Error as e:
         raise LoramixError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
@@ -127,7 +134,10 @@ def _records_csv(path: Path) -> Iterable[tuple[str, Any]]:
 def _records_hf(path: Path, split: str) -> Iterable[tuple[str, Any]]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (ValueError, OSError, KeyError, TypeError) as e:  # a damaged dataset_dict.json / state.json / arrow file
+        raise LoramixError(f"{path}: not a readable save_to_disk folder ({str(e).splitlines()[0][:200]})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise LoramixError(f"{path}: no split '{split}' (splits: {', '.join(ds)})")
@@ -152,6 +162,8 @@ def read_dataset(
     path = Path(path)
     if not path.exists():
         raise LoramixError(f"{path}: dataset not found")
+    if not (path.is_file() or path.is_dir()):  # a FIFO, a device: reading it could block forever
+        raise LoramixError(f"{path}: not a regular file or a folder")
     definition = None
     suffix = path.suffix.lower()
     if path.is_dir():

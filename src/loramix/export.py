@@ -17,7 +17,7 @@ import torch
 
 from .adapter import DTYPES, LoraAdapter
 from .errors import LoramixError
-from .files import atomic_dir, publish
+from .files import atomic_dir, publish, refuse_target
 
 # transformers architecture -> (gguf architecture, whether q/k rows are permuted to llama.cpp's rope layout)
 GGUF_ARCHS = {
@@ -65,14 +65,17 @@ def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def export_gguf(
-    adapter_dir: str | Path, out_file: str | Path, *, base: str | None = None, dtype: str = "f32", allow_pickle: bool = False
+    adapter_dir: str | Path, out_file: str | Path, *, base: str | None = None, dtype: str = "f32",
+    allow_pickle: bool = False, force: bool = False,
 ) -> Path:
-    """Write a PEFT LoRA adapter as a GGUF LoRA adapter that llama.cpp loads with its base model's GGUF."""
+    """Write a PEFT LoRA adapter as a GGUF LoRA adapter that llama.cpp loads with its base model's GGUF (an existing
+    `out_file` only with `force`)."""
     import gguf
 
     if dtype not in GGUF_TYPES:
         raise LoramixError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
     adapter = LoraAdapter(adapter_dir, allow_pickle=allow_pickle)
+    refuse_target(out_file, force=force, folder=False, inputs={"the adapter": adapter.path, "the base model": base})
     cfg = _base_config(adapter, base)
     arch, permute = GGUF_ARCHS[cfg.architectures[0]]
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -123,6 +126,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
 
     adapter = LoraAdapter(adapter_dir)  # validated before a model is loaded
     name = base if base is not None else adapter.base_model
+    refuse_target(out_dir, force=force, inputs={"the adapter": adapter.path, "the base model": name})
     model = load_model(name)
     merged = with_adapter(model, adapter.path, name).merge_and_unload()
     with atomic_dir(out_dir, force=force) as tmp:

@@ -58,14 +58,26 @@ def read_json(path: str | Path, what: str | None = None) -> Any:
     return parse_json(Path(path).read_bytes(), what or str(path))
 
 
-def refuse_target(out: str | Path, *, force: bool = False) -> None:
-    """Refuse an output folder that atomic_dir would refuse: one that exists (unless `force`), or is not a folder. Call
-    it before long work, so the user learns at once."""
+def refuse_target(out: str | Path, *, force: bool = False, folder: bool = True,
+                  inputs: dict[str, str | Path | None] | None = None) -> None:
+    """Refuse an output that atomic_dir (or, not `folder`, a file write) would refuse: one that exists (unless
+    `force`), or is not a folder (a file); and one that is, holds or lies inside one of the command's `inputs` (what
+    -> path; paths that do not exist, e.g. hub ids, are skipped; a new file may go inside an input folder): replacing
+    it would destroy or corrupt what the command reads. Call it before long work, so the user learns at once."""
     out = Path(out)
     if out.exists() and not force:
         raise LoramixError(f"{out}: already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise LoramixError(f"{out}: exists and is not a folder")
+    if out.exists() and out.is_dir() != folder:
+        raise LoramixError(f"{out}: exists and is {'not ' if folder else ''}a folder")
+    where = out.resolve()
+    for what, path in (inputs or {}).items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        inside = source.is_dir() and where.is_relative_to(source) and (folder or out.exists())  # a new file beside is fine
+        if where == source or source.is_relative_to(where) or inside:
+            how = "is" if where == source else "holds" if source.is_relative_to(where) else "is inside"
+            raise LoramixError(f"{out}: {how} {what} {path}, which this command reads; write the output elsewhere")
 
 
 @contextlib.contextmanager

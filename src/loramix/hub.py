@@ -36,7 +36,7 @@ COLLECTIONS: Registry = Registry("collection")
 def safe_entry_name(name: str) -> str:
     """`name` if it is a plain folder name (letters, digits, '_', '.', '-'); never a path that leaves the bank."""
     if not _SAFE_NAME.match(name) or name in (".", "..") or ".." in name:
-        raise LoramixError(f"{name!r} is not a valid bank entry name (letters, digits, '_', '.', '-'; no path)")
+        raise LoramixError(f"{name!r} is not a valid bank entry name (ASCII letters, digits, '_', '.', '-', at most 128; no path)")
     return name
 
 

@@ -23,6 +23,7 @@ from .files import atomic_dir, refuse_target
 from .index import BankIndex
 from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
+from .paths import resolve_bank
 from .calibrate import cached_calibration, check
 from .report import CalibrationInfo, CheckInfo, DataInfo, EnergyInfo, FinetuneInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
@@ -91,7 +92,8 @@ def generate(
     loramix.json). Settings come from `config`, with keyword overrides (e.g. `top_k=8`). `allow_pickle`: see Bank.
     Every choice is checked against the bank before any signature is computed."""
     config = _configure(config, overrides)
-    refuse_target(out, force=force)
+    refuse_target(out, force=force, inputs={"the bank": bank.path if isinstance(bank, Bank) else resolve_bank(bank),
+                                            "the data": None if isinstance(data, Dataset) else data})
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     usable = bank.usable
@@ -237,6 +239,7 @@ def leave_one_out(
     outputs use it. Returns the coefficient matrix [n, n] (`meta.loo_coefficients`)."""
     config = _configure(config, overrides)
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
+    refuse_target(out, force=True, inputs={"the bank": bank.path})  # OUT may exist: it holds one folder per entry
     index = BankIndex(bank)
     spec = index.resolve(config.signature_spec())
     _check_bank(bank, config, spec)

@@ -19,13 +19,17 @@ Encoded = tuple[list[int], int]
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of `text` as a user turn in the base's chat template, ready for the answer to follow
-    (plain text ids when the tokenizer has no chat template)."""
+    (plain text ids when the tokenizer has no chat template). Never empty: an empty prompt of a tokenizer that adds
+    neither a template nor a bos token is its bos (else its eos) token alone, so the first answer token has a
+    position to be predicted from."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text)["input_ids"]
+        ids = list(ids)
+    else:
+        ids = list(tokenizer(text)["input_ids"])
+    return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else end_of_turn_id(tokenizer)]
 
 
 def end_of_turn_id(tokenizer: Any) -> int:

@@ -15,7 +15,7 @@ import torch
 from .adapter import DTYPES
 from .data import Dataset, read_dataset
 from .errors import LoramixError
-from .files import atomic_dir
+from .files import atomic_dir, refuse_target
 from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
 from .progress import track
 from .prompts import SharedBatch, encode, pad_id
@@ -42,6 +42,8 @@ def train(
     from peft import LoraConfig, get_peft_model
 
     config = config or TrainConfig()
+    refuse_target(out, force=force, inputs={"the data": None if isinstance(data, Dataset) else data, "--init": init,
+                                            "the base model": base})
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(config.seed)
@@ -53,11 +55,15 @@ def train(
         target_modules=list(config.target_modules), task_type="CAUSAL_LM",
     )
     if init is None:
-        with quiet_loading():
-            model = get_peft_model(model, lora)
+        try:
+            with quiet_loading():
+                model = get_peft_model(model, lora)
+        except ValueError as e:  # e.g. no module of the base matches --target-modules
+            raise LoramixError(f"--target-modules {','.join(config.target_modules)}: {str(e).splitlines()[0][:300]}") from None
     else:
         model = with_adapter(model, init, base, is_trainable=True)
-    model.peft_config["default"].base_model_name_or_path = DEFAULT_BASE if base in (None, "default") else base
+    model.peft_config["default"].base_model_name_or_path = (  # a local folder by its absolute path: found from anywhere
+        DEFAULT_BASE if base in (None, "default") else str(Path(base).resolve()) if Path(base).is_dir() else base)
     encoded = encode(tokenizer, dataset, config.max_length)
     pad = pad_id(tokenizer)
     bf16 = config.bf16 and bf16_native(device)

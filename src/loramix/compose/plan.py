@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from ..adapter import TENSOR_PREFIX, LoraModule, layer_of, lora_config
+from ..adapter import TENSOR_PREFIX, LoraModule, applied_by_peft, layer_of, lora_config
 from ..bank import Bank, BankEntry
 from ..errors import LoramixError
 from .methods import COMPOSERS, Composer, LoraFactors, Rank, Term
@@ -91,7 +91,7 @@ def _config_for(bank: Bank, ranks: dict[str, int], scales: dict[str, float]) -> 
             rank_pattern[key] = ranks[m]
             alpha_pattern[key] = _number(scales[m] * ranks[m])
     cfg = bank.config
-    return lora_config(
+    out = lora_config(
         base_model=bank.base_model,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in ranks}),
         r=r,
@@ -103,6 +103,9 @@ def _config_for(bank: Bank, ranks: dict[str, int], scales: dict[str, float]) -> 
         layers_to_transform=cfg.get("layers_to_transform"),
         layers_pattern=cfg.get("layers_pattern"),
     )
+    # a module the short names miss under layers_to_transform (an entry named it in full) is named in full too
+    out["target_modules"] += sorted(m for m in ranks if not applied_by_peft(out, m, "the composed adapter"))
+    return out
 
 
 def _number(x: float) -> float | int:

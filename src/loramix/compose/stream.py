@@ -48,20 +48,32 @@ class Composition:
 
 def _module(p: Plan, module: str, factors: "ModuleFactors") -> ModuleResult:
     """One output module of plan `p`: composed, padded to the planned rank, cast to the output dtype, its factors
-    checked finite and its update scale * B @ A checked within the dtype's range (what a merge in it would hold)."""
+    checked finite and not underflowing in it, and its update scale * B @ A checked within the dtype's range (what a
+    merge in it would hold)."""
     r = p.composer.module(p.terms(module, factors), p.refs[module], p.target)
     pad = p.ranks[module] - r.a.shape[0]
     if pad:
         r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
         r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
+    exact = r.a, r.b
     r.a, r.b = r.a.to(p.dtype), r.b.to(p.dtype)
     if not (_finite(r.a) and _finite(r.b)):
         raise LoramixError(f"module '{module}': the composed update overflows {p.dtype} (choose another --dtype)")
+    lost = max(_cast_error(x, y) for x, y in zip(exact, (r.a, r.b)))
+    if lost > 4 * torch.finfo(p.dtype).eps:  # rounding alone stays below eps; this is underflow
+        raise LoramixError(f"module '{module}': the composed factors lose {lost:.1%} of their size in {p.dtype} (they fall "
+                           f"below its smallest normal number, {torch.finfo(p.dtype).tiny:.3g}); choose another --dtype")
     limit = torch.finfo(p.dtype).max
     if (peak := update_peak(r.a, r.b, p.scales[module], limit)) > limit:
         raise LoramixError(f"module '{module}': the composed update reaches {peak:.3g}, beyond {p.dtype}'s range "
                            f"({limit:.5g}); choose another --dtype")
     return r
+
+
+def _cast_error(exact: torch.Tensor, cast: torch.Tensor) -> float:
+    """||cast - exact|| / ||exact|| (Frobenius, float64; 0 for a zero tensor)."""
+    norm = float(exact.double().norm())
+    return float((cast.double() - exact.double()).norm()) / norm if norm > 0 else 0.0
 
 
 def update_peak(a: torch.Tensor, b: torch.Tensor, scale: float, limit: float, rows: int = 1024) -> float:
