@@ -8,7 +8,8 @@ from helpers import make_bank, topic_records, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from loramix import Bank
-from loramix.compose.stream import update_peak, write_composition
+from loramix.adapter import update_peak
+from loramix.compose.stream import write_composition
 from loramix.errors import LoramixError
 
 
@@ -28,7 +29,7 @@ def test_an_update_beyond_float16_is_refused_though_its_factors_fit(tmp_path):
     bank = Bank(root)
     (tmp_path / "half").mkdir(), (tmp_path / "full").mkdir()
     assert max(float(v.abs().max()) for v in load_file(weights).values()) < torch.finfo(torch.float16).max
-    with pytest.raises(LoramixError, match=r"composed update reaches .* beyond torch.float16's range"):
+    with pytest.raises(LoramixError, match=r"update reaches .* beyond torch.float16's range"):
         write_composition(tmp_path / "half", bank, {"task_animals": 1.0}, dtype=torch.float16)
     out = write_composition(tmp_path / "full", bank, {"task_animals": 1.0}, dtype=torch.float32)
     assert out.config["r"] > 0
@@ -116,5 +117,5 @@ def test_factors_that_underflow_the_output_dtype_are_refused(tmp_path, alpha, dt
     """The output's scale is 1 (lora_alpha = r), so a tiny entry scale lands in the factors, below the dtype's range."""
     root = make_bank(tmp_path / "bank", n=2, alpha=alpha)
     (tmp_path / "out").mkdir()
-    with pytest.raises(LoramixError, match=r"composed factors lose .* of their size in torch.float(16|32)"):
+    with pytest.raises(LoramixError, match=r"factors lose .* of their size in torch.float(16|32)"):
         write_composition(tmp_path / "out", Bank(root), {"task_animals": 1.0}, dtype=dtype)

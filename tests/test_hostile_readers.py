@@ -321,3 +321,93 @@ def test_empty_texts_run_on_a_base_without_template_or_bos(tmp_path, tiny_base):
     data = write_jsonl(tmp_path / "e.jsonl", [{"input": "", "output": ""}, {"input": "  ", "output": "\t"}])
     train(data, tmp_path / "t", TrainConfig(steps=1, batch_size=2), base=str(tiny_base))
     assert evaluate(read_dataset(data), base=str(tiny_base), adapter=tmp_path / "t", max_new_tokens=2)["n"] == 2
+
+
+def test_gguf_f16_keeps_unbalanced_factors_and_refuses_what_it_cannot_hold(tmp_path, tiny_base):
+    """B x 1e5 and A x 1e-6 (the same update): rebalanced before the cast, the f16 file holds it; an update beyond
+    float16's range is refused, not written as inf."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from loramix.export import export_gguf
+
+    folder = write_adapter(tmp_path / "ad")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * (1e5 if ".lora_B." in k else 1e-6) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    out = export_gguf(folder, tmp_path / "a.gguf", base=str(tiny_base), dtype="f16")
+    got = {t.name: np.asarray(t.data).astype(np.float64) for t in GGUFReader(out).tensors}
+    a, b = got["blk.0.attn_v.weight.lora_a"], got["blk.0.attn_v.weight.lora_b"]
+    want = LoraAdapter(folder).delta("model.layers.0.self_attn.v_proj").numpy()
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+    assert np.linalg.norm(8 / 4 * (b @ a) - want) / np.linalg.norm(want) < 2e-3
+    save_file({k: v * 1e4 for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    with pytest.raises(LoramixError, match=r"update reaches .* beyond torch.float16's range .* choose another --dtype"):
+        export_gguf(folder, tmp_path / "b.gguf", base=str(tiny_base), dtype="f16")
+    assert not (tmp_path / "b.gguf").exists()
+
+
+def test_prompts_longer_than_the_context_are_cut_for_generation(tiny_base):
+    """The tiny base has 128 positions: a 50,000-word prompt is cut from the left, as training cuts it."""
+    from loramix.evaluate import generate_answers
+    from loramix.models import load_model, load_tokenizer
+    from loramix.prompts import prompt_room
+
+    model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
+    assert prompt_room(model, 8) == model.config.max_position_embeddings - 8
+    start = time.perf_counter()
+    answers = generate_answers(model, tok, ["cat " * 50_000, "dog"], max_new_tokens=8, progress=False)
+    assert len(answers) == 2 and time.perf_counter() - start < 30
+
+
+def test_train_from_an_init_records_its_shape_and_refuses_a_dead_one(tmp_path, tiny_base):
+    from loramix.train import train
+    from loramix.train_config import TrainConfig
+
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 4))
+    init = write_adapter(tmp_path / "init", rank=2, alpha=3, use_rslora=True, base=str(tiny_base))
+    record = train(data, tmp_path / "t", TrainConfig(steps=1, batch_size=2), base=str(tiny_base), init=init)
+    assert record["lora"]["r"] == 2 and record["lora"]["lora_alpha"] == 3 and record["lora"]["use_rslora"]
+    save_file({k: torch.zeros_like(v) for k, v in load_file(init / "adapter_model.safetensors").items()},
+              init / "adapter_model.safetensors")
+    with pytest.raises(LoramixError, match="its update is zero in every module"):
+        train(data, tmp_path / "t2", TrainConfig(steps=1, batch_size=2), base=str(tiny_base), init=init)
+    assert not (tmp_path / "t2").exists()
+
+
+@pytest.mark.parametrize("x", [float("nan"), float("inf"), "1", True, None])
+def test_compose_refuses_coefficients_that_are_not_finite_numbers(tmp_path, x):
+    from loramix import compose
+
+    bank = Bank(make_bank(tmp_path / "bank", n=2))
+    with pytest.raises(LoramixError, match="the coefficient of 'task_animals' must be a finite number"):
+        compose(bank, {"task_animals": x, "task_colors": 0.5})
+
+
+def test_generate_refuses_an_empty_dataset_object(tmp_path):
+    from loramix import Dataset, generate
+
+    with pytest.raises(LoramixError, match="x: the dataset has no samples"):
+        generate(make_bank(tmp_path / "bank", n=2), Dataset([], "x"), tmp_path / "out", check=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_leave_one_out_needs_two_entries(tmp_path):
+    from loramix.pipeline import leave_one_out
+
+    with pytest.raises(LoramixError, match="leave-one-out needs at least 2 entries with data, found 1"):
+        leave_one_out(make_bank(tmp_path / "bank", n=1), tmp_path / "loo")
+
+
+@pytest.mark.parametrize("field,value", [("coefficients", {"task_animals": float("nan")}), ("coefficients", [1]),
+                                         ("rank", "x"), ("top_k", [1]), ("temperature", True)])
+def test_a_hand_edited_report_of_the_wrong_types_is_refused(tmp_path, field, value):
+    from loramix import generate, read_report
+
+    generate(make_bank(tmp_path / "bank", n=2), write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 4)),
+             tmp_path / "out", check=0)
+    path = tmp_path / "out" / "loramix.json"
+    raw = json.loads(path.read_text())
+    raw[field] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(LoramixError, match=f"loramix.json: field '{field}' must be"):
+        read_report(tmp_path / "out")

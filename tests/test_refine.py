@@ -273,6 +273,14 @@ def test_generate_refine_finetunes_the_composed_adapter(tmp_path, tiny_base):
     assert report.finetune.max_tokens == REFINE_TRAINING.max_tokens  # the default limit, recorded
 
 
+def test_refine_beyond_the_dataset_uses_and_reports_what_there_is(tmp_path, tiny_base, caplog):
+    bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 6))
+    generate(bank, data, tmp_path / "out", refine=1000, refine_steps=1, max_samples=8)
+    assert read_report(tmp_path / "out").finetune.examples == 6
+    assert "--refine 1000" in caplog.text and "has 6 examples; all of them are used" in caplog.text
+
+
 def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
     """A zero update gets no gradient, so the base model's adapter is replaced by a freshly trained LoRA."""
     from loramix import GenerateConfig

@@ -430,6 +430,42 @@ class LoraAdapter:
         return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
 
 
+def cast_factors(module: str, a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype,
+                 option: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) cast to `dtype`, refused (naming `module` and the `option` that picks the dtype) when
+    that loses them: a factor overflows, a factor underflows (its Frobenius norm moves by more than 4 eps: rounding
+    alone stays below eps), or the update scale * B @ A, what a merge in `dtype` holds, leaves its range."""
+    cast = a.to(dtype), b.to(dtype)
+    if not all(bool(torch.isfinite(t).all()) for t in cast):
+        raise LoramixError(f"module '{module}': the update overflows {dtype} (choose another {option})")
+    lost = max(_cast_error(x, y) for x, y in zip((a, b), cast))
+    if lost > 4 * torch.finfo(dtype).eps:
+        raise LoramixError(f"module '{module}': the factors lose {lost:.1%} of their size in {dtype} (they fall below its "
+                           f"smallest normal number, {torch.finfo(dtype).tiny:.3g}); choose another {option}")
+    limit = torch.finfo(dtype).max
+    if (peak := update_peak(*cast, scale, limit)) > limit:
+        raise LoramixError(f"module '{module}': the update reaches {peak:.3g}, beyond {dtype}'s range ({limit:.5g}); "
+                           f"choose another {option}")
+    return cast
+
+
+def _cast_error(exact: torch.Tensor, cast: torch.Tensor) -> float:
+    """||cast - exact|| / ||exact|| (Frobenius, float64; 0 for a zero tensor)."""
+    norm = float(exact.double().norm())
+    return float((cast.double() - exact.double()).norm()) / norm if norm > 0 else 0.0
+
+
+def update_peak(a: torch.Tensor, b: torch.Tensor, scale: float, limit: float, rows: int = 1024) -> float:
+    """max |scale * B @ A| for A [r, in], B [out, r] (float64), or, when it is within `limit`, possibly a bound on it:
+    scale * (largest row norm of B) * (largest column norm of A) (Cauchy-Schwarz) is returned when it is within
+    `limit`; otherwise the dense product is computed, `rows` of B at a time."""
+    a, b = a.double(), b.double()
+    bound = abs(scale) * float(b.norm(dim=1).max()) * float(a.norm(dim=0).max()) if a.numel() and b.numel() else 0.0
+    if bound <= limit:
+        return bound
+    return max(abs(scale) * float((b[i : i + rows] @ a).abs().max()) for i in range(0, b.shape[0], rows))
+
+
 def lora_config(
     *,
     base_model: str | None,

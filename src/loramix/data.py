@@ -85,7 +85,7 @@ def to_sample(record: Any, where: str, input_field: str = "input", output_field:
         raise LoramixError(f"{where}: expected an object with '{input_field}' and '{output_field}', got {type(record).__name__}")
     for name in (input_field, output_field):
         if name not in record:
-            raise LoramixError(f"{where}: missing field '{name}' (fields present: {', '.join(map(str, record)) or 'none'})")
+            raise LoramixError(f"{where}: missing field '{name}' (fields present: {', '.join(map(repr, record)) or 'none'})")
     inp, out = record[input_field], record[output_field]
     if not isinstance(inp, str):
         raise LoramixError(f"{where}: field '{input_field}' must be a string, got {type(inp).__name__}")

@@ -2,4 +2,9 @@
 
 
 class LoramixError(Exception):
-    """A user-facing error: a one-line message naming the file, entry or field and what is wrong."""
+    """A user-facing error: a one-line message naming the file, entry or field and what is wrong. Line breaks that
+    a quoted name or value brings in (a tensor name, a CSV header, a path) are shown escaped, as \\n, so the
+    message stays one line."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))

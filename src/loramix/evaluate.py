@@ -20,7 +20,7 @@ from .adapter import LoraAdapter, base_model_of
 from .data import Dataset, Sample, read_dataset
 from .models import load_model, load_tokenizer, with_adapter
 from .progress import track
-from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids
+from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids, prompt_room
 
 
 MAX_NEW_TOKENS = 48  # the longest answer evaluation generates (tokens)
@@ -76,7 +76,8 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     positions stay contiguous and the answers equal those of unbatched generation."""
     eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
     device = next(model.parameters()).device
-    encoded = [prompt_ids(tokenizer, text) for text in inputs]
+    room = prompt_room(model, max_new_tokens)  # a longer prompt is cut from the left, as training cuts it
+    encoded = [prompt_ids(tokenizer, text, room) for text in inputs]
     order = sorted(range(len(inputs)), key=lambda i: -len(encoded[i]))
     answers: list[str] = [""] * len(inputs)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -98,7 +99,7 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
 def stream_answer(model: Any, tokenizer: Any, text: str, *, streamer: Any, adapter: bool = True, max_new_tokens: int = 64) -> None:
     """Generate the greedy answer to `text` (a user turn in the chat template), its tokens sent to `streamer` (a
     transformers streamer) as they come; `adapter=False`: a PeftModel answers as its base model."""
-    ids = torch.tensor([prompt_ids(tokenizer, text)], device=next(model.parameters()).device)
+    ids = torch.tensor([prompt_ids(tokenizer, text, prompt_room(model, max_new_tokens))], device=next(model.parameters()).device)
     with nullcontext() if adapter else model.disable_adapter():
         model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, eos_token_id=end_of_turn_id(tokenizer))
 
@@ -179,13 +180,15 @@ def evaluate(
     dataset = data if isinstance(data, Dataset) else read_dataset(data, split="test")
     if limit is not None:
         dataset = Dataset(dataset.samples[:limit], dataset.source, dataset.definition)
+    if base is None and adapter is not None:
+        base = base_model_of(adapter)  # what load_for_eval loads, and what the result names
     if model is None:
         model, tokenizer = load_for_eval(base, adapter)
     start = time.perf_counter()
     predictions = generate_answers(model, tokenizer, [s.input for s in dataset], batch_size=batch_size, max_new_tokens=max_new_tokens)
     result: dict[str, Any] = score(predictions, dataset)
     result["seconds"] = round(time.perf_counter() - start, 2)
-    result["base_model"] = base if base is not None else None
+    result["base_model"] = base
     result["adapter"] = str(adapter) if adapter is not None else None
     result["predictions"] = predictions
     return result

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .adapter import DTYPES, LoraAdapter
+from .adapter import DTYPES, LoraAdapter, cast_factors
 from .errors import LoramixError
 from .files import atomic_dir, publish, refuse_target
 
@@ -58,6 +58,15 @@ def _base_config(adapter: LoraAdapter, base: str | None) -> Any:
     return config
 
 
+def balanced(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) with each rank component i rescaled (A_i * s_i, B_i / s_i) so that row i of A and column
+    i of B have equal norms: B @ A is unchanged, and neither factor holds the magnitude alone (a half-precision file
+    keeps what one factor of 1e5 and another of 1e-6 would lose)."""
+    na, nb = a.norm(dim=1), b.norm(dim=0)
+    s = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-300)).sqrt(), torch.ones_like(na))
+    return a * s[:, None], b / s[None, :]
+
+
 def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's reordering of q/k projection rows: within each head, interleaved rotary pairs become halves.
     `rows` is [out, ...] with out = heads * head_dim."""
@@ -94,14 +103,15 @@ def export_gguf(
         target = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if target is None:
             raise LoramixError(f"{adapter.name}: module '{module}' has no GGUF name for architecture {arch}")
-        a, b = (t.float() for t in adapter.factors(module))
+        a, b = balanced(*(t.double() for t in adapter.factors(module)))
         b = b * (spec.scale * spec.rank / alpha)
         if permute and module.endswith("q_proj"):
             b = rope_permute(b, heads)
         elif permute and module.endswith("k_proj"):
             b = rope_permute(b, kv_heads)
-        writer.add_tensor(f"{target}.lora_a", a.to(tensor_dtype).numpy())
-        writer.add_tensor(f"{target}.lora_b", b.to(tensor_dtype).numpy())
+        a, b = cast_factors(module, a, b, alpha / spec.rank, tensor_dtype, "--dtype (f32)")
+        writer.add_tensor(f"{target}.lora_a", a.numpy())
+        writer.add_tensor(f"{target}.lora_b", b.numpy())
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".tmp")  # one per run

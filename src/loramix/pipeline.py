@@ -96,6 +96,8 @@ def generate(
                                             "the data": None if isinstance(data, Dataset) else data})
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    if not len(dataset):
+        raise LoramixError(f"{dataset.source}: the dataset has no samples")
     usable = bank.usable
     index = BankIndex(bank)
     spec = index.resolve(config.signature_spec())
@@ -103,6 +105,9 @@ def generate(
     model, tokenizer = _base_for(bank, config)
 
     calibration = cached_calibration(bank, config) if config.calibration else None
+    if config.calibration and calibration is None:
+        log.warning("--calibration: %s has no calibration for this setting (or its entries changed since): the "
+                    "options' own values are used; run `loramix bank calibrate %s`", bank.path, bank.path)
     if calibration is not None:  # the bank's calibrated parameters replace the options they cover
         best = calibration.best
         config = replace(config, temperature=best.temperature, top_k=best.top_k, scale=best.scale)
@@ -240,6 +245,8 @@ def leave_one_out(
     config = _configure(config, overrides)
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     refuse_target(out, force=True, inputs={"the bank": bank.path})  # OUT may exist: it holds one folder per entry
+    if len(bank.usable) < 2:
+        raise LoramixError(f"{bank.path}: leave-one-out needs at least 2 entries with data, found {len(bank.usable)}")
     index = BankIndex(bank)
     spec = index.resolve(config.signature_spec())
     _check_bank(bank, config, spec)

@@ -17,11 +17,12 @@ from .errors import LoramixError
 Encoded = tuple[list[int], int]
 
 
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+def prompt_ids(tokenizer: Any, text: str, max_length: int | None = None) -> list[int]:
     """Token ids of `text` as a user turn in the base's chat template, ready for the answer to follow
-    (plain text ids when the tokenizer has no chat template). Never empty: an empty prompt of a tokenizer that adds
-    neither a template nor a bos token is its bos (else its eos) token alone, so the first answer token has a
-    position to be predicted from."""
+    (plain text ids when the tokenizer has no chat template), at most `max_length` of them (the last ones: the
+    turn's end and the generation prompt stay). Never empty: an empty prompt of a tokenizer that adds neither a
+    template nor a bos token is its bos (else its eos) token alone, so the first answer token has a position to be
+    predicted from."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -29,7 +30,15 @@ def prompt_ids(tokenizer: Any, text: str) -> list[int]:
         ids = list(ids)
     else:
         ids = list(tokenizer(text)["input_ids"])
+    ids = ids[-max_length:] if max_length else ids
     return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else end_of_turn_id(tokenizer)]
+
+
+def prompt_room(model: Any, max_new_tokens: int) -> int | None:
+    """The longest prompt (tokens) that leaves `max_new_tokens` within the model's context (max_position_embeddings;
+    None when the config does not say), at least 1."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return max(1, context - max_new_tokens) if isinstance(context, int) else None
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -52,7 +61,7 @@ def encode(tokenizer: Any, samples: Any, max_length: int) -> list[Encoded]:
     out = []
     for s in samples:
         answer = tokenizer(s.output, add_special_tokens=False)["input_ids"][: max_length // 2] + [eot]
-        prompt = prompt_ids(tokenizer, s.input)[-(max_length - len(answer)) :]
+        prompt = prompt_ids(tokenizer, s.input, max(1, max_length - len(answer)))
         out.append((prompt + answer, len(answer)))
     return out
 

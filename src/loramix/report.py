@@ -4,9 +4,11 @@ read back with `read_report`)."""
 from __future__ import annotations
 
 import json
+import math
+import types
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import LoramixError
 from .files import read_json
@@ -100,8 +102,9 @@ class CheckInfo:
 @dataclass
 class Report:
     """The contents of loramix.json. `coefficients` and `distances` are per usable bank entry (distances only where
-    finite) and sum to `scale`; `excluded` lists the entries without training data; `leave_one_out` names the
-    held-out entry of a leave-one-out output."""
+    finite); the coefficients the operator gave sum to `scale`, those a weight search chose (`refine`) are the mean
+    over layers of its per-layer weights and may be negative; `excluded` lists the entries without training data;
+    `leave_one_out` names the held-out entry of a leave-one-out output."""
 
     loramix_version: str
     bank: str
@@ -150,10 +153,34 @@ def read_report(adapter_dir: str | Path) -> Report:
     return _build(Report, read_json(path), path)
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type `hint` (str, int, float: finite, bool, None, unions, dict, list)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if origin is list:
+        return isinstance(value, list) and all(_fits(x, args[0]) for x in value)
+    return True  # Any, and nested reports (built and checked on their own)
+
+
 def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:
-    """`cls` (a dataclass) from the JSON object `raw`; nested reports are built from their own objects."""
+    """`cls` (a dataclass) from the JSON object `raw`, each field checked against its annotation; nested reports are
+    built from their own objects."""
     if not isinstance(raw, dict):
         raise LoramixError(f"{path}: field '{where or 'top level'}' must be an object")
+    hints = get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
         name = f"{where}.{f.name}" if where else f.name
@@ -162,5 +189,10 @@ def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:
                 raise LoramixError(f"{path}: field '{name}' is missing")
             continue
         value, nested = raw[f.name], _NESTED.get(f.name) if cls is Report else None
-        kwargs[f.name] = _build(nested, value, path, name) if nested is not None and value is not None else value
+        if nested is not None and value is not None:
+            kwargs[f.name] = _build(nested, value, path, name)
+            continue
+        if not _fits(value, hints[f.name]):
+            raise LoramixError(f"{path}: field '{name}' must be {hints[f.name]}, got {repr(value)[:80]}".replace("typing.", ""))
+        kwargs[f.name] = value
     return cls(**kwargs)

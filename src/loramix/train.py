@@ -36,7 +36,8 @@ def train(
     force: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA on `data` (its `output` is the target) and write a PEFT adapter folder to `out`,
-    with `training.json` (settings, loss per step, seconds). Returns that record. `init`: a PEFT adapter folder of
+    with `training.json` (settings, the LoRA shape actually trained under "lora", loss per step, seconds). Returns
+    that record. `init`: a PEFT adapter folder of
     the same base (e.g. a composed one) whose factors training starts from; its rank, alpha and modules replace
     `config`'s. `model`, `tokenizer`: `base` already loaded (the model gains the LoRA layers and is trained in place)."""
     from peft import LoraConfig, get_peft_model
@@ -62,6 +63,10 @@ def train(
             raise LoramixError(f"--target-modules {','.join(config.target_modules)}: {str(e).splitlines()[0][:300]}") from None
     else:
         model = with_adapter(model, init, base, is_trainable=True)
+        if all(not bool(p.any()) for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n):
+            # B's gradient is (dL/dh) (A x)^T and A's is B^T (...): with A and B both zero, neither moves
+            raise LoramixError(f"{init}: its update is zero in every module (lora_A and lora_B are 0), so training "
+                               "cannot move it; train without init (a fresh LoRA)")
     model.peft_config["default"].base_model_name_or_path = (  # a local folder by its absolute path: found from anywhere
         DEFAULT_BASE if base in (None, "default") else str(Path(base).resolve()) if Path(base).is_dir() else base)
     encoded = encode(tokenizer, dataset, config.max_length)
@@ -110,8 +115,12 @@ def train(
     if not all(math.isfinite(x) for x in losses):
         raise LoramixError(f"{dataset.source}: training diverged (loss is not finite); try a lower --lr")
 
+    used = model.peft_config["default"]  # with init: the init's rank, alpha, patterns and modules, not config's
     record = {
         "config": config.as_record(),
+        "lora": {"r": used.r, "lora_alpha": used.lora_alpha, "use_rslora": bool(used.use_rslora),
+                 "rank_pattern": dict(used.rank_pattern or {}), "alpha_pattern": dict(used.alpha_pattern or {}),
+                 "target_modules": sorted(used.target_modules) if not isinstance(used.target_modules, str) else used.target_modules},
         "base_model": model.peft_config["default"].base_model_name_or_path,
         "data": {"path": dataset.source, "samples": len(dataset), "fingerprint": dataset.fingerprint()},
         "init": str(init) if init is not None else None,

@@ -3,10 +3,12 @@ method, every output module's rank and scale, the output dtype and adapter_confi
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..adapter import TENSOR_PREFIX, LoraModule, applied_by_peft, layer_of, lora_config
@@ -68,6 +70,10 @@ def plan(bank: Bank, coefficients: dict[str, float], *, method: str = "exact", r
     unknown = set().union(*every) - {e.name for e in bank.entries}
     if unknown:
         raise LoramixError(f"coefficients name entries not in the bank: {', '.join(sorted(unknown))}")
+    for c in every:
+        for name, x in c.items():
+            if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)) or not math.isfinite(x):
+                raise LoramixError(f"the coefficient of '{name}' must be a finite number, got {x!r}")
     active = [e for e in bank.entries if any(c.get(e.name, 0.0) != 0.0 for c in every)]
     if not active and not allow_zero:
         raise LoramixError("every coefficient is zero: nothing to compose")

@@ -15,12 +15,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWriter
+from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWriter, cast_factors
 from ..bank import Bank, BankEntry
-from ..errors import LoramixError
 from ..progress import track
 from ..threads import threaded_map
-from .methods import LoraFactors, ModuleResult, _finite
+from .methods import LoraFactors, ModuleResult
 from .plan import Plan, plan
 
 
@@ -55,36 +54,8 @@ def _module(p: Plan, module: str, factors: "ModuleFactors") -> ModuleResult:
     if pad:
         r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
         r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
-    exact = r.a, r.b
-    r.a, r.b = r.a.to(p.dtype), r.b.to(p.dtype)
-    if not (_finite(r.a) and _finite(r.b)):
-        raise LoramixError(f"module '{module}': the composed update overflows {p.dtype} (choose another --dtype)")
-    lost = max(_cast_error(x, y) for x, y in zip(exact, (r.a, r.b)))
-    if lost > 4 * torch.finfo(p.dtype).eps:  # rounding alone stays below eps; this is underflow
-        raise LoramixError(f"module '{module}': the composed factors lose {lost:.1%} of their size in {p.dtype} (they fall "
-                           f"below its smallest normal number, {torch.finfo(p.dtype).tiny:.3g}); choose another --dtype")
-    limit = torch.finfo(p.dtype).max
-    if (peak := update_peak(r.a, r.b, p.scales[module], limit)) > limit:
-        raise LoramixError(f"module '{module}': the composed update reaches {peak:.3g}, beyond {p.dtype}'s range "
-                           f"({limit:.5g}); choose another --dtype")
+    r.a, r.b = cast_factors(module, r.a, r.b, p.scales[module], p.dtype, "--dtype")
     return r
-
-
-def _cast_error(exact: torch.Tensor, cast: torch.Tensor) -> float:
-    """||cast - exact|| / ||exact|| (Frobenius, float64; 0 for a zero tensor)."""
-    norm = float(exact.double().norm())
-    return float((cast.double() - exact.double()).norm()) / norm if norm > 0 else 0.0
-
-
-def update_peak(a: torch.Tensor, b: torch.Tensor, scale: float, limit: float, rows: int = 1024) -> float:
-    """max |scale * B @ A| for A [r, in], B [out, r] (float64), or, when it is within `limit`, possibly a bound on it:
-    scale * (largest row norm of B) * (largest column norm of A) (Cauchy-Schwarz) is returned when it is within
-    `limit`; otherwise the dense product is computed, `rows` of B at a time."""
-    a, b = a.double(), b.double()
-    bound = abs(scale) * float(b.norm(dim=1).max()) * float(a.norm(dim=0).max()) if a.numel() and b.numel() else 0.0
-    if bound <= limit:
-        return bound
-    return max(abs(scale) * float((b[i : i + rows] @ a).abs().max()) for i in range(0, b.shape[0], rows))
 
 
 class ModuleFactors:
