@@ -53,17 +53,21 @@ def default_base_path() -> Path:
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Silence transformers' own progress bars (loramix shows its own) and its deprecation noise while loading."""
+    """Silence transformers' own progress bars (loramix shows its own), its deprecation noise and its load report
+    (e.g. lm_head listed as unexpected when AutoModel reads a causal LM for hidden states) while loading."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             warnings.filterwarnings("ignore", message="Could not find a config file in")
             yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
