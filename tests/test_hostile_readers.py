@@ -411,3 +411,54 @@ def test_a_hand_edited_report_of_the_wrong_types_is_refused(tmp_path, field, val
     path.write_text(json.dumps(raw))
     with pytest.raises(LoramixError, match=f"loramix.json: field '{field}' must be"):
         read_report(tmp_path / "out")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_base):
+    from loramix.models import load_tokenizer
+    from loramix.prompts import prompt_ids
+
+    with pytest.raises(LoramixError, match=r"the prompt is not UTF-8 text \(byte 0: a lone surrogate U\+DCFF\)"):
+        prompt_ids(load_tokenizer(str(tiny_base)), b"\xff".decode("utf-8", "surrogateescape"))
+
+
+def test_the_index_key_must_be_a_regular_file(tmp_path, monkeypatch):
+    import os
+
+    from loramix.index import index_key
+
+    monkeypatch.setenv("LORAMIX_HOME", str(tmp_path))
+    os.mkfifo(tmp_path / "index.key")
+    with pytest.raises(LoramixError, match="index.key: not a regular file"):
+        index_key()
+
+
+def test_index_files_and_folders_swapped_are_recomputed(tmp_path):
+    import shutil
+
+    from loramix.index import BankIndex
+    from loramix.signatures import SignatureSpec
+
+    root = make_bank(tmp_path / "bank", n=2)
+    spec = SignatureSpec("embed", max_samples=4)
+    first = BankIndex(Bank(root)).signatures(spec)
+    for f in (root / ".loramix" / "signatures").rglob("*.npy"):
+        f.unlink()
+        f.mkdir()  # a folder where a cached file was
+    assert all((a == b).all() for a, b in zip(first, BankIndex(Bank(root)).signatures(spec)))
+    shutil.rmtree(root / ".loramix" / "signatures")
+    (root / ".loramix" / "signatures").write_text("x")  # a file where the folder belongs
+    assert all((a == b).all() for a, b in zip(first, BankIndex(Bank(root)).signatures(spec)))
+
+
+def test_pattern_keys_are_bounded_and_compiled_once(tmp_path):
+    from loramix.adapter import MAX_PATTERN_KEYS
+
+    folder = write_adapter(tmp_path / "ad")
+    _config(folder, rank_pattern={f"zz{i}": 4 for i in range(MAX_PATTERN_KEYS + 1)})
+    with pytest.raises(LoramixError, match="field 'rank_pattern' has 10,001 keys"):
+        LoraAdapter(folder)
+    _config(folder, rank_pattern={f"zz{i}": 4 for i in range(5000)})
+    start = time.perf_counter()
+    LoraAdapter(folder)
+    LoraAdapter(folder)
+    assert time.perf_counter() - start < 20

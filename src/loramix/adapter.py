@@ -15,6 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -117,12 +118,20 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
 PATTERN_SECONDS = 0.5
 
 
+MAX_PATTERN_KEYS = 10_000  # rank_pattern / alpha_pattern keys: one per module of the largest models, with room
+
+
 def pattern(expr: str, what: str) -> regex.Pattern:
     """`expr` compiled (the `regex` package, compatible with `re`), or a LoramixError naming `what`."""
     try:
-        return regex.compile(expr)
+        return _compiled(expr)
     except (regex.error, TypeError, ValueError, RecursionError, MemoryError) as e:
         raise LoramixError(f"{what}: {expr!r} is not a valid regular expression ({str(e).splitlines()[0][:200]})") from None
+
+
+@lru_cache(maxsize=4 * MAX_PATTERN_KEYS)
+def _compiled(expr: str) -> regex.Pattern:
+    return regex.compile(expr)  # regex's own cache holds a few hundred: a bank's patterns are compiled once here
 
 
 def match(expr: str, text: str, what: str, *, full: bool = True) -> "regex.Match | None":
@@ -146,6 +155,9 @@ def check_config(config: Any, name: str) -> dict[str, Any]:
         if value is not None and not ok(value):
             raise LoramixError(f"{name}: {CONFIG_FILE}: field '{field_name}' must be {want}, got {repr(value)[:100]}")
     for field_name in ("rank_pattern", "alpha_pattern"):
+        if len(config.get(field_name) or {}) > MAX_PATTERN_KEYS:
+            raise LoramixError(f"{name}: {CONFIG_FILE}: field '{field_name}' has {len(config[field_name]):,} keys "
+                               f"(at most {MAX_PATTERN_KEYS:,}: one per module of the largest models)")
         for key in config.get(field_name) or {}:
             pattern(rf"(.*\.)?({key})$", f"{name}: {CONFIG_FILE}: field '{field_name}'")
     for field_name in ("target_modules", "exclude_modules"):

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import tempfile
 from dataclasses import asdict
 from functools import lru_cache, partial
@@ -59,6 +60,8 @@ def _index_key(path: Path) -> bytes:
                 pass
         finally:
             os.unlink(tmp)
+    if not path.is_file():  # a folder, a FIFO, a device: reading it could block forever
+        raise LoramixError(f"{path}: not a regular file; remove it (every bank index is then recomputed once)")
     key = path.read_bytes()
     if len(key) != _KEY_BYTES:
         raise LoramixError(f"{path}: not a loramix index key ({len(key)} bytes, not {_KEY_BYTES}); remove it "
@@ -80,6 +83,11 @@ def store(root: Path, stem: Path, data: bytes, ext: str) -> None:
     parent = stem.parent
     if not parent.resolve().is_relative_to(root.resolve()):  # resolve() follows the links of the part that exists
         raise LoramixError(f"{parent}: leads outside the bank index {root} (a link?); loramix writes only inside it")
+    for folder in [parent, *parent.parents]:  # a file where one of the index's folders belongs: removed
+        if folder == root or not folder.is_relative_to(root):
+            break
+        if folder.exists() and not folder.is_dir():
+            folder.unlink()
     parent.mkdir(parents=True, exist_ok=True)
     path = stem.with_name(f"{stem.name}.{_mac(stem.name, data)}.{ext}")
     atomic_write_bytes(path, data)
@@ -91,11 +99,21 @@ def store(root: Path, stem: Path, data: bytes, ext: str) -> None:
 def fetch(stem: Path, ext: str) -> bytes | None:
     """The bytes stored for `stem` if a version passes its HMAC, else None; versions that fail it are deleted."""
     for path in _versions(stem, ext):
+        if not path.is_file() or path.is_symlink():  # not what store writes: removed like a damaged file
+            _remove(path)
+            continue
         data = path.read_bytes()
         if hmac.compare_digest(_mac(stem.name, data), path.name[len(stem.name) + 1 : -len(ext) - 1]):
             return data
         path.unlink(missing_ok=True)
     return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -23,6 +23,10 @@ def prompt_ids(tokenizer: Any, text: str, max_length: int | None = None) -> list
     turn's end and the generation prompt stay). Never empty: an empty prompt of a tokenizer that adds neither a
     template nor a bos token is its bos (else its eos) token alone, so the first answer token has a position to be
     predicted from."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # what Python makes of argv / stdin bytes that are not UTF-8
+        raise LoramixError(f"the prompt is not UTF-8 text (byte {e.start}: a lone surrogate U+{ord(text[e.start]):04X})") from None
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
