@@ -233,3 +233,15 @@ def test_answer_trained_operator_starts_at_normalized_and_lowers_the_banks_answe
     assert np.allclose(trained.sum(1), 1) and np.all(np.diag(trained) == 0)
     assert _mean_ratio(tiny_bank, trained) < _mean_ratio(tiny_bank, normalized)
     assert np.allclose(np.stack([AnswerTrained.from_bytes(op.to_bytes()).coefficients(r) for r in d]), trained)
+
+
+def test_a_stored_calibration_of_another_form_is_not_used(tmp_path):
+    """A file that passes its HMAC but holds what this version does not read (an older form) counts as none."""
+    from loramix.calibrate import _key, grid
+    from loramix.index import store
+
+    bank = Bank(make_bank(tmp_path / "bank", n=3))
+    index = BankIndex(bank)
+    cfg = GenerateConfig()
+    store(index.dir, index.dir / "calibration" / _key(index, cfg, grid()), b'{"an": "older form"}', "json")
+    assert cached_calibration(bank, cfg) is None

@@ -172,9 +172,13 @@ def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int
 
 
 def _read(stem: Path) -> Calibration | None:
-    """The calibration stored for `stem` in the bank index; None when there is none or it fails its check."""
+    """The calibration stored for `stem` in the bank index; None when there is none, it fails its check, or it is of
+    a form this version does not read (then it is recomputed)."""
     data = fetch(stem, "json")
-    return None if data is None else Calibration.from_json(data.decode())
+    try:
+        return None if data is None else Calibration.from_json(data.decode())
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def cached_calibration(bank: Bank, config: GenerateConfig) -> Calibration | None:

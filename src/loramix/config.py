@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any, get_type_hints
 
 from .adapter import DTYPES
+from .checks import fits
 from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
 from .errors import LoramixError
@@ -98,8 +101,9 @@ class GenerateConfig:
                                     "per entry.", method=False)
 
     def __post_init__(self) -> None:
+        hints = _field_types()
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            _check_type(f.name, getattr(self, f.name), hints[f.name], f.type)
         kind = SIGNATURES.get(self.signature).kind
         get_distance(self.distance, kind)
         OPERATORS.get(self.operator)
@@ -144,18 +148,20 @@ class GenerateConfig:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)
 
 
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+@cache
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(GenerateConfig)
 
 
-def _check_type(name: str, value: object, annotation: str) -> None:
-    """Refuse a value of another type than the field's annotation (e.g. 'int | None') allows; a float must be finite."""
-    allowed = [_TYPES[t.strip()] for t in annotation.split("|")]
-    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed)
-    if ok and isinstance(value, float) and not math.isfinite(value):
+def _check_type(name: str, value: object, hint: Any, annotation: str) -> None:
+    """Refuse a value of another type than the field's annotation (`hint`, written `annotation`, e.g. 'int | None')
+    allows; a float must be finite."""
+    if fits(value, hint):
+        return
+    if isinstance(value, float) and not math.isfinite(value) and fits(0.0, hint):
         raise LoramixError(f"{name.replace('_', '-')} must be finite, got {value}")
-    if not ok:
-        raise LoramixError(f"{name.replace('_', '-')} must be {annotation.replace('|', 'or')}, got "
-                           f"{type(value).__name__} {value!r}")
+    raise LoramixError(f"{name.replace('_', '-')} must be {annotation.replace('|', 'or')}, got "
+                       f"{type(value).__name__} {value!r}")
 
 
 def _at_least(name: str, value: int | None, low: int) -> None:

@@ -1,7 +1,7 @@
 """The bank index: per-entry signatures and what is derived from them (bank distance matrices, fitted
 trained operators, calibrations), cached under BANK/.loramix/ and keyed by content, so a changed entry is recomputed.
 
-Layout: signatures/<spec key>/<sha256 of train.jsonl>.<mac>.npy (+ spec.json);
+Layout: signatures/<spec key>/<sha256 of train.jsonl>.<mac>.npy (+ spec.<mac>.json);
 distances/<spec key>.<distance>.<seed>.<entries hash>.<mac>.npy; operators/<operator>.<...>.<mac>.safetensors;
 calibration/<key>.<mac>.json. Every file carries in its name an HMAC-SHA256 of its name and bytes under a key that
 only this user's loramix holds (LORAMIX_HOME/index.key): a damaged file, one copied from another file's name, or an
@@ -191,7 +191,10 @@ class BankIndex:
         key = _digest([f"{e.name}:{e.data_hash}:{sha256_file(e.adapter.path / WEIGHTS_FILE)}" for e in entries])
         stem = self.dir / "operators" / f"{name}.{spec.key()}.{distance}.{compose}.{seed}.{key}"
         if (data := fetch(stem, "safetensors")) is not None:
-            return cls.from_bytes(data)
+            try:
+                return cls.from_bytes(data)
+            except Exception:  # a form this version (or this operator class) does not read: refitted
+                pass
         op = cls().fit_bank(BankFit(self.bank, entries, self.distance_matrix(spec, distance, seed), compose), seed=seed)
         store(self.dir, stem, op.to_bytes(), "safetensors")
         return op

@@ -4,12 +4,11 @@ read back with `read_report`)."""
 from __future__ import annotations
 
 import json
-import math
-import types
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
+from .checks import fits
 from .errors import LoramixError
 from .files import read_json
 from .signatures import SignatureSpec
@@ -153,28 +152,6 @@ def read_report(adapter_dir: str | Path) -> Report:
     return _build(Report, read_json(path), path)
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value has the type `hint` (str, int, float: finite, bool, None, unions, dict, list)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    if origin is list:
-        return isinstance(value, list) and all(_fits(x, args[0]) for x in value)
-    return True  # Any, and nested reports (built and checked on their own)
-
-
 def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:
     """`cls` (a dataclass) from the JSON object `raw`, each field checked against its annotation; nested reports are
     built from their own objects."""
@@ -192,7 +169,7 @@ def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:
         if nested is not None and value is not None:
             kwargs[f.name] = _build(nested, value, path, name)
             continue
-        if not _fits(value, hints[f.name]):
+        if not fits(value, hints[f.name]):
             raise LoramixError(f"{path}: field '{name}' must be {hints[f.name]}, got {repr(value)[:80]}".replace("typing.", ""))
         kwargs[f.name] = value
     return cls(**kwargs)
