@@ -72,7 +72,6 @@ BANK_CASES = {
     "not a LoRA": (lambda b: _edit_config(b / E, peft_type="IA3"), f"{E}: adapter_config.json: peft_type is 'IA3'"),
     "pickle adapter": (lambda b: ((b / E / "adapter_model.safetensors").rename(b / E / "adapter_model.bin")), f"{E}: adapter_model.bin is a pickle"),
     "non-adapter tensor": (lambda b: _edit_tensors(b / E, lambda t: {**t, "base_model.model.lm_head.weight": torch.zeros(2, 2)}), f"{E}: adapter_model.safetensors: tensor 'base_model.model.lm_head.weight' is not a LoRA"),
-    "no usable entry": (lambda b: [p.unlink() for p in b.glob("*/train.jsonl")], "bank: no bank entry has training data"),
 }
 DATA_CASES = {
     "empty dataset": ("", "the dataset has no samples"),

@@ -149,13 +149,14 @@ def test_generate_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_generate_excludes_entries_without_data(tmp_path, user_data, caplog):
+def test_generate_data_mode_excludes_entries_without_data(tmp_path, user_data, caplog):
     bank_dir = make_bank(tmp_path / "bank", n=4)
     (bank_dir / "task_animals" / "train.jsonl").unlink()
-    generate(bank_dir, user_data, tmp_path / "out", max_samples=16, check=0)
+    generate(bank_dir, user_data, tmp_path / "out", max_samples=16, check=0, entry_signatures="data")
     report = read_report(tmp_path / "out")
     assert "task_animals" not in report.coefficients and report.excluded == ["task_animals"]
-    assert any("task_animals" in r.message and "no train.jsonl" in r.message for r in caplog.records)
+    assert report.entry_signatures == "data" and report.probed == []
+    assert any("task_animals" in r.message and "no train.jsonl (1 of 4 entries)" in r.message for r in caplog.records)
 
 
 def test_generate_unknown_names_are_one_line_errors(tmp_path, bank, user_data):

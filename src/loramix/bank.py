@@ -1,5 +1,6 @@
 """A bank: a folder whose immediate subfolders are PEFT LoRA adapters for one base model, each with the
-data it was trained on (`train.jsonl`). Entries without data are listed but not weighted."""
+data it was trained on (`train.jsonl`) when it is known. Entries without data are signed by their answers to probe
+prompts (`probes`)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class BankEntry:
 class Bank:
     """The adapters of a bank folder, validated together: one base model, one shape per module name.
 
-    `entries` are sorted by name; `usable` are those with training data (the ones that get coefficients).
+    `entries` are sorted by name; `usable` are those with training data (signed by it; the others by their answers
+    to probe prompts, `BankIndex.weighted`).
     """
 
     def __init__(self, path: str | Path, *, allow_pickle: bool = False):
@@ -84,9 +86,10 @@ class Bank:
         if not self.entries:
             raise LoramixError(f"{self.path}: the bank holds no adapter folders")
         self.base_model, self.shapes = check_entries(self.entries)
-        for e in self.entries:
-            if not e.has_data:
-                log.warning("%s: no %s, so it is listed but gets no weight", e.name, DATA_FILE)
+        if without := [e.name for e in self.entries if not e.has_data]:
+            log.warning("%s: no %s (%d of %d entries): signed by their answers to probe prompts (--entry-signatures; "
+                        "'data' gives them no weight)", ", ".join(without[:3]) + (", ..." if len(without) > 3 else ""),
+                        DATA_FILE, len(without), len(self.entries))
 
     @property
     def usable(self) -> list[BankEntry]:

@@ -106,7 +106,7 @@ class Calibration:
 def _setting(config: GenerateConfig) -> dict[str, Any]:
     """The parts of `config` that a calibration is for (the rest it chooses, or does not affect it)."""
     return {"signature": asdict(config.signature_spec()), "distance": config.distance, "operator": config.operator,
-            "compose": config.compose}
+            "compose": config.compose, "entry_signatures": config.entry_signatures, "probes": config.probes}
 
 
 def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidate]) -> str:
@@ -150,13 +150,14 @@ def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int
     model, tokenizer = _load_base(bank, model, tokenizer)
     coefs = {(c.temperature, c.top_k): loo_coefficients(index, replace(config, temperature=c.temperature, top_k=c.top_k))
              for c in candidates}
-    mixed = MixedLoRA(model, bank, entries, config.compose)
+    weighted = index.weighted(config.entry_signatures)  # the coefficients' columns
+    mixed = MixedLoRA(model, bank, weighted, config.compose)
     base_loss, loss = [], []
     try:
         with torch.no_grad():
             for t, entry in enumerate(track(entries, "calibrating (leave-one-out)", total=len(entries))):
                 fn = answer_loss_fn(model, tokenizer, entry.dataset().subsample(examples, config.seed).samples)
-                mixed.weights = torch.zeros(len(entries))
+                mixed.weights = torch.zeros(len(weighted))
                 base_loss.append(float(fn()))
                 row = []
                 for c in candidates:

@@ -21,7 +21,7 @@ from rich.table import Table
 from .errors import LoramixError
 from .config import GenerateConfig, method_fields
 from .engine import ENGINES
-from .hub import COLLECTIONS
+from .hub import COLLECTIONS, pull_base
 from .train_config import BANK_TRAINING, TrainConfig, bank_config
 
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)
@@ -318,13 +318,30 @@ def bank_loo(
 
 @bank_app.command("pull")
 def bank_pull(
-    collection: str = typer.Argument(..., help=f"The collection to pull: {', '.join(COLLECTIONS.names())}."),
+    collection: Optional[str] = typer.Argument(None, help=f"The collection to pull: {', '.join(COLLECTIONS.names())} "
+                                               "(or --base)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Bank folder to write (resumable)."),
-    limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks (in task-number order)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Pull instead the public LoRA adapters of this base model "
+                                       "(a hub model id): the hub's listing, most downloaded first (offline: those in "
+                                       "the local hub cache, by id), without training data."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most this many tasks (in task-number order) or, with "
+                                        "--base, adapters (after --filter)."),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="Only these tasks, e.g. task081 or 81 (repeatable)."),
+    filters: Optional[list[str]] = typer.Option(None, "--filter", help="With --base: only adapters whose repository id "
+                                                "contains this text, in any case (repeatable: all must match)."),
 ) -> None:
-    """Download a collection's adapters and the train split of each one's dataset into a bank."""
-    status = COLLECTIONS.get(collection)(out_dir, limit=limit, tasks=tasks)
+    """Download a collection's adapters and the train split of each one's dataset into a bank, or (--base) the
+    public LoRA adapters of a base model."""
+    if (collection is None) == (base is None):
+        raise LoramixError(f"bank pull takes a COLLECTION or --base MODEL_ID{', not both' if collection else ''}")
+    if filters and base is None:
+        raise LoramixError("--filter needs --base")
+    if tasks and base is not None:
+        raise LoramixError("--task needs a COLLECTION, not --base")
+    if base is not None:
+        status = pull_base(out_dir, base, limit=limit, filters=filters)
+    else:
+        status = COLLECTIONS.get(collection)(out_dir, limit=limit, tasks=tasks)
     counts = {kind: sum(1 for v in status.values() if v.split(":")[0] == kind) for kind in ("pulled", "kept", "refused")}
     out.print(f"bank [bold]{out_dir}[/bold]: {counts['pulled'] + counts['kept']} entries, {counts['pulled']} pulled, "
               f"{counts['kept']} kept, {counts['refused']} refused")

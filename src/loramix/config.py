@@ -16,11 +16,13 @@ from .distances import DISTANCES, get_distance
 from .errors import LoramixError
 from .operators import OPERATORS
 from .refine import CRITERIA, SEARCHES
+from .probes import ProbeSet
 from .signatures import SIGNATURES, SignatureSpec
 from .train_config import REFINE_TRAINING
 
 DTYPE_NAMES = tuple(DTYPES)  # the output dtypes generate writes
 CHECK_EXAMPLES = 16  # --check's default without --refine
+ENTRY_SIGNATURES = ("auto", "data", "probes")  # how bank entries are signed (BankIndex.mode)
 FINETUNE = "finetune"  # the refine method that trains the composed adapter (the others search weights: refine.SEARCHES)
 
 
@@ -60,6 +62,14 @@ class GenerateConfig:
     seed: int = option(0, "Seed for subsampling, sliced projections and MMD draws.")
     max_samples: int | None = option(SignatureSpec.max_samples, "At most this many samples per dataset for signatures.")
     model: str | None = option(None, "Embedding model (embed) or base model (unigram, hidden) override.")
+    entry_signatures: str = option("auto", "How bank entries are signed: 'data' (their train.jsonl; entries without it "
+                                   "get no weight), 'probes' (every entry by its greedy answers to probe prompts, "
+                                   "--probes: no bank data used), 'auto' (train.jsonl where an entry has one, its probe "
+                                   "answers elsewhere, their distances aligned onto the data distances' scale; 'data' "
+                                   "when every entry has data). Probe answers run the base model once per bank and "
+                                   "are cached.")
+    probes: str | None = option(None, "The probe prompts entries without data answer: a dataset file, its inputs. "
+                                "Default: the 48 everyday prompts shipped with loramix.")
     scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
     calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
@@ -118,6 +128,8 @@ class GenerateConfig:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise LoramixError(f"temperature must be positive and finite, got {self.temperature}")
         _at_least("max-samples", self.max_samples, 1)
+        if self.entry_signatures not in ENTRY_SIGNATURES:
+            raise LoramixError(f"--entry-signatures must be one of {', '.join(ENTRY_SIGNATURES)}, got {self.entry_signatures!r}")
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
             raise LoramixError(f"scale must be positive and finite, got {self.scale}")
         _at_least("check", self.check, 0)
@@ -146,6 +158,9 @@ class GenerateConfig:
 
     def signature_spec(self) -> SignatureSpec:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)
+
+    def probe_set(self) -> ProbeSet:
+        return ProbeSet(self.probes, self.max_samples, self.seed)
 
 
 @cache

@@ -248,3 +248,23 @@ def distance_matrix(name: str, sigs: Sequence[np.ndarray], seed: int = 0) -> np.
             if dist.symmetric:
                 out[j, i] = out[i, j]
         return out
+
+
+def aligned(d_probes: np.ndarray, d_data: np.ndarray) -> np.ndarray:
+    """A mixed bank's distance row: `d_data` [n] where it is known (NaN: the entry has no data), elsewhere `d_probes`
+    [n] mapped onto the data distances' scale by the least-squares line d_data ~ a d_probes + b fitted on the entries
+    that have both (a >= 0: the conditional mean of the data distance given the probe distance; a data-free entry
+    whose probe distance says nothing about its data distance gets the data entries' mean). Needs 2 entries with both
+    (`BankIndex.mode` asks for 3); +inf stays +inf."""
+    d_probes, d_data = np.asarray(d_probes, dtype=np.float64), np.asarray(d_data, dtype=np.float64)
+    both = ~np.isnan(d_data) & np.isfinite(d_data) & np.isfinite(d_probes)
+    if both.sum() < 2:
+        raise LoramixError(f"aligning probe distances needs at least 2 entries with data, found {int(both.sum())}")
+    x, y = d_probes[both], d_data[both]
+    var = x.var()
+    a = max(0.0, float(((x - x.mean()) * (y - y.mean())).mean() / var)) if var > 0 else 0.0
+    b = float(y.mean() - a * x.mean())
+    out = d_data.copy()
+    free = np.isnan(d_data)
+    out[free] = np.where(np.isfinite(d_probes[free]), a * d_probes[free] + b, np.inf)
+    return out

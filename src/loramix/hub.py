@@ -1,5 +1,6 @@
 """Banks from the Hugging Face hub: the Lots-of-LoRAs collection (the paper's bank: one Mistral-7B-Instruct-v0.2
-LoRA per Super-Natural-Instructions task, each with its dataset), and any local or hub adapter added to a bank.
+LoRA per Super-Natural-Instructions task, each with its dataset), the public LoRA adapters of one base model, and
+any local or hub adapter added to a bank.
 
 Downloads go through huggingface_hub (snapshot_download), so HF_HUB_OFFLINE=1 serves them from the local cache.
 Every entry records what it was made from, with the pinned revisions, in `source.json`."""
@@ -11,14 +12,17 @@ import json
 import logging
 import re
 import shutil
+import sys
+from functools import partial
+from itertools import islice
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
+from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, read_config
 from .bank import DATA_FILE, Bank, BankEntry, check_entries
 from .data import Sample, read_dataset, to_sample, write_jsonl
 from .errors import LoramixError
-from .files import atomic_dir
+from .files import atomic_dir, read_json
 from .progress import track
 from .registry import Registry
 
@@ -29,7 +33,8 @@ ADAPTER_REPO = LOTS_OF_LORAS + "/Mistral-7B-Instruct-v0.2-4b-r16-{task}"
 SOURCE_FILE = "source.json"
 _TASK = re.compile(r"^(task\d+)_[A-Za-z0-9_.-]+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-# `loramix bank pull` collections: name -> fn(out, *, limit=None, tasks=None) -> {entry: 'pulled' or 'kept'}
+ADAPTER_TAG = "base_model:adapter:{base}"  # the hub's tag on the adapters of a base model
+# `loramix bank pull` collections: name -> fn(out, *, limit=None, tasks=None) -> {entry: 'pulled', 'kept' or 'refused: ...'}
 COLLECTIONS: Registry = Registry("collection")
 
 
@@ -40,32 +45,62 @@ def safe_entry_name(name: str) -> str:
     return name
 
 
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a hub request raises: HTTP errors, and the transport's own (requests' are OSErrors, httpx's are not)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (HfHubHTTPError, OSError, *(m.HTTPError for m in map(sys.modules.get, ("httpx", "httpx2")) if m))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def _snapshot(repo_id: str, repo_type: str = "model", allow: Sequence[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=list(allow) if allow else None))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:  # ValueError: an invalid repo id
-        raise LoramixError(f"{repo_id}: cannot download ({str(e).splitlines()[0]})") from None
+    except (LocalEntryNotFoundError, ValueError, *_hub_errors()) as e:  # ValueError: an invalid repo id
+        raise LoramixError(f"{repo_id}: cannot download ({_first_line(e)})") from None
+
+
+def _cached_repos(repo_type: str) -> list:
+    """The repositories of `repo_type` in the local hub cache (huggingface_hub's CachedRepoInfo)."""
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        return [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == repo_type]
+    except CacheNotFound:  # no hub cache folder at all: nothing cached
+        return []
+
+
+def _cached_base(repo) -> str | None:
+    """The base model (trailing '/' stripped) named by the cached adapter_config.json of a cached model repo's
+    main revision, which is what snapshot_download serves offline; None without a readable one."""
+    main = repo.refs.get("main")
+    try:
+        config = read_json(main.snapshot_path / CONFIG_FILE) if main else None
+    except (LoramixError, OSError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base.rstrip("/") if isinstance(base, str) else None
 
 
 def lots_of_loras_datasets() -> dict[str, str]:
     """Task id (e.g. 'task081') -> dataset repo id of the Lots-of-LoRAs collection: listed on the hub, or, with
     HF_HUB_OFFLINE=1, from the datasets of that collection in the local hub cache."""
-    from huggingface_hub import HfApi, constants, scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound, HfHubHTTPError
+    from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
-        try:
-            ids = [r.repo_id for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == "dataset"]
-        except CacheNotFound:  # no hub cache folder at all: nothing cached
-            ids = []
+        ids = [r.repo_id for r in _cached_repos("dataset")]
     else:
         try:
             ids = [d.id for d in HfApi().list_datasets(author=LOTS_OF_LORAS)]
-        except (HfHubHTTPError, OSError) as e:
-            raise LoramixError(f"cannot list the {LOTS_OF_LORAS} datasets on the hub ({str(e).splitlines()[0]})") from None
+        except _hub_errors() as e:
+            raise LoramixError(f"cannot list the {LOTS_OF_LORAS} datasets on the hub ({_first_line(e)})") from None
     out = {}
     for repo_id in ids:
         owner, _, name = repo_id.partition("/")
@@ -106,14 +141,49 @@ def _no_empty_folder(folder: Path):
         raise
 
 
-def _write_entry(dest: Path, adapter_dir: Path, data_samples, source: dict[str, Any], *, force: bool) -> None:
-    """An entry folder, written atomically: the adapter's two files, train.jsonl and source.json."""
-    LoraAdapter(adapter_dir, name=dest.name)  # refuse what cannot be composed before anything is written
+def _write_entry(dest: Path, adapter_dir: Path, samples: Sequence[Sample] | None, source: dict[str, Any], *,
+                 force: bool = False) -> None:
+    """An entry folder, written atomically: the adapter's two files (validated by the caller), train.jsonl when
+    `samples` are given, and source.json."""
     with atomic_dir(dest, force=force) as tmp:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copyfile(adapter_dir / name, tmp / name)
-        write_jsonl(data_samples, tmp / DATA_FILE)
+        if samples is not None:
+            write_jsonl(samples, tmp / DATA_FILE)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+
+# What a pull fetches for one entry: () -> (adapter folder, train samples or None, source.json record).
+Fetch = Callable[[], tuple[Path, Sequence[Sample] | None, dict[str, Any]]]
+
+
+def _pull(out: Path, jobs: Sequence[tuple[str, Fetch]], what: str) -> dict[str, str]:
+    """Write one entry per job (entry name, fetch) into the bank OUT; entry -> 'pulled', 'kept' (an entry with a
+    source.json: resumable) or 'refused: <reason>' (an unsafe name, a failed download, data `generate` would refuse,
+    an adapter LoraAdapter refuses, or one `check_entries` refuses beside the bank's entries and those pulled so far;
+    the others go on). Nothing half-written; no bank folder left empty; raises when every `what` was refused."""
+    status: dict[str, str] = {}
+    with _no_empty_folder(out):
+        accepted = Bank(out).entries if any(out.glob(f"*/{CONFIG_FILE}")) else []
+        for name, fetch in track(jobs, f"pulling {len(jobs)} {what}s", total=len(jobs)):
+            try:
+                if (out / safe_entry_name(name) / SOURCE_FILE).is_file():
+                    status[name] = "kept"
+                    continue
+                adapter_dir, samples, source = fetch()
+                entry = BankEntry(name, LoraAdapter(adapter_dir, name=name), None)
+                check_entries(accepted + [entry])  # before anything is written
+                _write_entry(out / name, adapter_dir, samples, source)
+            except LoramixError as e:  # one bad adapter or dataset leaves the others to pull
+                log.warning("refused %s: %s", name, e)
+                status[name] = f"refused: {e}"
+                continue
+            accepted.append(entry)
+            status[name] = "pulled"
+        if all(v.startswith("refused") for v in status.values()):
+            raise LoramixError(f"{out}: every {what} was refused ({'; '.join(status.values())})")
+        Bank(out)  # the result must be a valid bank
+    return status
 
 
 @COLLECTIONS.register("lots-of-loras")
@@ -135,32 +205,65 @@ def pull_lots_of_loras(out: str | Path, *, limit: int | None = None, tasks: Sequ
     wanted = wanted[:limit] if limit else wanted
     if not wanted:
         raise LoramixError("no Lots-of-LoRAs dataset found (offline: none in the local hub cache)")
-    out = Path(out)
-    status = {}
-    with _no_empty_folder(out):
-        for task in track(wanted, "pulling Lots-of-LoRAs", total=len(wanted)):
-            dataset_repo = available[task]
-            name = safe_entry_name(dataset_repo.split("/", 1)[1])
-            if (out / name / SOURCE_FILE).is_file():
-                status[name] = "kept"
-                continue
-            adapter_repo = ADAPTER_REPO.format(task=task)
-            try:
-                adapter_dir = _snapshot(adapter_repo, allow=[CONFIG_FILE, WEIGHTS_FILE])
-                data_dir = _snapshot(dataset_repo, repo_type="dataset")
-                samples = _train_samples(data_dir, dataset_repo)
-                source = {"adapter": adapter_repo, "adapter_revision": adapter_dir.name,
-                          "dataset": dataset_repo, "dataset_revision": data_dir.name, "split": "train"}
-                _write_entry(out / name, adapter_dir, samples, source, force=False)
-            except LoramixError as e:  # one task's bad adapter or data leaves the others to pull
-                log.warning("refused %s: %s", name, e)
-                status[name] = f"refused: {e}"
-                continue
-            status[name] = "pulled"
-        if all(v.startswith("refused") for v in status.values()):
-            raise LoramixError(f"{out}: every task was refused ({'; '.join(status.values())})")
-        Bank(out)  # the result must be a valid bank
-    return status
+
+    def fetch(task: str, dataset_repo: str):
+        adapter_repo = ADAPTER_REPO.format(task=task)
+        adapter_dir = _snapshot(adapter_repo, allow=[CONFIG_FILE, WEIGHTS_FILE])
+        data_dir = _snapshot(dataset_repo, repo_type="dataset")
+        source = {"adapter": adapter_repo, "adapter_revision": adapter_dir.name,
+                  "dataset": dataset_repo, "dataset_revision": data_dir.name, "split": "train"}
+        return adapter_dir, _train_samples(data_dir, dataset_repo), source
+
+    jobs = [(available[t].split("/", 1)[1], partial(fetch, t, available[t])) for t in wanted]
+    return _pull(Path(out), jobs, "task")
+
+
+def base_model_adapters(base: str, *, filters: Sequence[str] | None = None, limit: int | None = None) -> list[str]:
+    """Repo ids of the adapters of the model `base` whose ids contain every one of `filters` (case-insensitive), at
+    most `limit`: the hub's listing under the tag base_model:adapter:<base>, most downloaded first (the hub's order),
+    or, with HF_HUB_OFFLINE=1, the cached model repos whose cached adapter_config.json names `base`, sorted by id."""
+    from huggingface_hub import HfApi, constants
+
+    base, wanted = base.rstrip("/"), [f.lower() for f in filters or ()]
+
+    def listing() -> Iterable[str]:
+        if constants.HF_HUB_OFFLINE:
+            return sorted(r.repo_id for r in _cached_repos("model") if _cached_base(r) == base)
+        models = HfApi().list_models(filter=ADAPTER_TAG.format(base=base), search=max(wanted, key=len) if wanted else None,
+                                     sort="downloads", limit=None if wanted else limit)  # the ids are filtered below
+        return (m.id for m in models)
+
+    try:
+        return list(islice((r for r in listing() if all(f in r.lower() for f in wanted)), limit))
+    except _hub_errors() as e:
+        raise LoramixError(f"cannot list the adapters of {base} ({_first_line(e)})") from None
+
+
+def _base_adapter(repo: str, name: str, base: str) -> tuple[Path, None, dict[str, Any]]:
+    """`pull_base`'s fetch: the adapter repo's snapshot, refused if its config names a model other than `base` (the
+    hub lists adapters by their model card's tags, and the bank's base must not depend on which comes first)."""
+    adapter_dir = _snapshot(repo, allow=[CONFIG_FILE, WEIGHTS_FILE])
+    named = read_config(adapter_dir, name).get("base_model_name_or_path")
+    if named and named.rstrip("/") != base:
+        raise LoramixError(f"{name}: adapter_config.json field 'base_model_name_or_path' is {named!r}, but it is "
+                           f"listed as an adapter of {base!r}")
+    return adapter_dir, None, {"adapter": repo, "adapter_revision": adapter_dir.name, "base": base,
+                               "listing": ADAPTER_TAG.format(base=base)}
+
+
+def pull_base(out: str | Path, base: str, *, limit: int | None = None, filters: Sequence[str] | None = None) -> dict[str, str]:
+    """Download the public LoRA adapters of the model `base` (`base_model_adapters`: at most `limit` tried, after
+    `filters`) into the bank OUT, one entry per adapter repo, named `<owner>__<name>`, without training data.
+    Resumable: entries already there are kept. Returns entry -> 'pulled', 'kept' or 'refused: <reason>'."""
+    base = base.rstrip("/")
+    if not base:
+        raise LoramixError("the base model id is empty")
+    repos = base_model_adapters(base, filters=filters, limit=limit)
+    if not repos:
+        raise LoramixError(f"no adapters of {base} found{' matching ' + ', '.join(map(repr, filters)) if filters else ''} "
+                           "(offline: none in the local hub cache)")
+    names = {r: r.replace("/", "__") for r in repos}
+    return _pull(Path(out), [(n, partial(_base_adapter, r, n, base)) for r, n in names.items()], "adapter")
 
 
 def add_adapter(bank: str | Path, source: str, data: str | Path, *, name: str | None = None, force: bool = False) -> Path:

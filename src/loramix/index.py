@@ -21,21 +21,26 @@ import tempfile
 from dataclasses import asdict
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from .adapter import WEIGHTS_FILE
+from .adapter import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE
 from .bank import Bank, BankEntry
-from .distances import distance_matrix, get_distance
+from .data import Dataset, Sample
+from .distances import aligned, distance_matrix, distance_row, get_distance
 from .errors import LoramixError
 from .files import atomic_write_bytes, sha256_file
 from .operators import BankFit, Operator, trainable_operator
 from .engine import get_engine
 from .paths import loramix_home
+from .probes import ProbeSet
+from .progress import track
 from .signatures import SignatureSpec, make_signer
 
 KEY_FILE = "index.key"
 _KEY_BYTES = 32
+MIN_ALIGNED = 3  # entries with data a mixed bank needs to align its probe distances onto its data distances
 
 
 def index_key() -> bytes:
@@ -130,6 +135,14 @@ def _digest(parts: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _identity(path: Path) -> str:
+    """A file's size and modification time ('-' when there is none): cheap enough for every run at the paper's scale."""
+    if not path.is_file():
+        return "-"
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 class BankIndex:
     """Cached signatures, distance matrices and trained operators of one bank's usable entries."""
 
@@ -154,34 +167,119 @@ class BankIndex:
         return {e.name: fetch(self._signature_stem(spec, e), "npy") is not None for e in self.bank.usable}
 
     def signatures(self, spec: SignatureSpec, engine: str = "local") -> list[np.ndarray]:
-        """Signatures of the bank's usable entries (in `bank.usable` order), computing missing ones on `engine`
-        and caching each as soon as it is known."""
+        """Signatures of the bank's usable entries (in `bank.usable` order) from their train.jsonl, computing missing
+        ones on `engine` and caching each as soon as it is known."""
+        return self._signed(spec, [(e.data_hash, e.dataset) for e in self.bank.usable], engine)
+
+    def probe_signatures(self, spec: SignatureSpec, probes: ProbeSet, engine: str = "local", *, model: Any = None,
+                         tokenizer: Any = None) -> list[np.ndarray]:
+        """Signatures of every entry (in `bank.entries` order) from its answers to `probes` (`probe_datasets`)."""
+        datasets = self.probe_datasets(probes, model=model, tokenizer=tokenizer)
+        return self._signed(spec, [(d.fingerprint(), partial(lambda d: d, d)) for d in datasets], engine)
+
+    def _signed(self, spec: SignatureSpec, items: list[tuple[str, Callable[[], Dataset]]], engine: str) -> list[np.ndarray]:
+        """The signature of each (content hash, dataset loader) in `items`, cached under the hash."""
         spec = self.resolve(spec)
         folder = self.dir / "signatures" / spec.key()
         if fetch(folder / "spec", "json") is None:  # the spec, for people reading the folder; nothing reads it
             store(self.dir, folder / "spec", (json.dumps(asdict(spec), indent=2) + "\n").encode(), "json")
-        out: list[np.ndarray | None] = [self.array(self._signature_stem(spec, e)) for e in self.bank.usable]
-        missing = [(i, self.bank.usable[i].dataset()) for i, sig in enumerate(out) if sig is None]
+        out: list[np.ndarray | None] = [self.array(folder / key) for key, _ in items]
+        missing = [(i, items[i][1]()) for i, sig in enumerate(out) if sig is None]
 
         def keep(item: tuple, sig: np.ndarray) -> None:
             out[item[0]] = sig
-            store(self.dir, self._signature_stem(spec, self.bank.usable[item[0]]), _npy(sig), "npy")
+            store(self.dir, folder / items[item[0]][0], _npy(sig), "npy")
 
         get_engine(engine).map(_sign, missing, f"signatures ({spec.method})", setup=partial(make_signer, spec), on_result=keep)
         return out  # type: ignore[return-value]
 
-    def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0) -> np.ndarray:
-        """D[i, j] = distance(entry i, entry j) over usable entries, float64 [n, n], cached."""
+    def probe_datasets(self, probes: ProbeSet, *, model: Any = None, tokenizer: Any = None) -> list[Dataset]:
+        """Every entry's answers to `probes` (in `bank.entries` order; `probes.answer_probes`), cached per probe set,
+        base model and adapter (its files' sizes and modification times); the base model is loaded (unless given) only
+        when an entry's answers are not cached."""
+        folder = self.dir / "probes" / probes.key(self.bank.base_model)
+        stems = [folder / _digest([_identity(e.adapter.path / f) for f in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)])
+                 for e in self.bank.entries]
+        out: list[Dataset | None] = []
+        for entry, stem in zip(self.bank.entries, stems):
+            data = fetch(stem, "json")
+            try:
+                out.append(None if data is None else Dataset([Sample(i, (o,)) for i, o in json.loads(data)], f"{entry.name} (probe answers)"))
+            except (ValueError, TypeError, LoramixError):  # a form this version does not read: recomputed
+                out.append(None)
+        missing = [i for i, d in enumerate(out) if d is None]
+        if missing:
+            from .probes import answer_probes
+
+            if model is None:
+                from .models import load_model, load_tokenizer
+
+                if self.bank.base_model is None:
+                    raise LoramixError(f"{self.bank.path}: the bank names no base model, so its entries cannot answer "
+                                       "probe prompts")
+                model, tokenizer = load_model(self.bank.base_model), load_tokenizer(self.bank.base_model)
+            for i in track(missing, f"probe answers ({len(probes.prompts)} prompts)", total=len(missing)):
+                out[i] = answer_probes(model, tokenizer, self.bank, self.bank.entries[i], probes.prompts)
+                rows = [[s.input, s.output] for s in out[i].samples]
+                store(self.dir, stems[i], json.dumps(rows, ensure_ascii=False).encode(), "json")
+        return out  # type: ignore[return-value]
+
+    def mode(self, mode: str) -> str:
+        """How entries are signed under the option `mode` (ENTRY_SIGNATURES): 'data', 'probes' or 'mixed' (data where
+        an entry has it, probe answers aligned onto the data distances elsewhere: `distances.aligned`). 'auto' is
+        'data' when every entry has data, 'probes' when fewer than MIN_ALIGNED do, else 'mixed'."""
+        if mode != "auto":
+            return mode
+        usable = len(self.bank.usable)
+        return "data" if usable == len(self.bank.entries) else "probes" if usable < MIN_ALIGNED else "mixed"
+
+    def weighted(self, mode: str) -> list[BankEntry]:
+        """The entries that get coefficients under `mode`: those with data ('data'), else every entry."""
+        return self.bank.usable if self.mode(mode) == "data" else self.bank.entries
+
+    def distance_row(self, spec: SignatureSpec, distance: str, user: np.ndarray, mode: str, probes: ProbeSet,
+                     seed: int = 0, *, model: Any = None, tokenizer: Any = None) -> np.ndarray:
+        """d(user signature, entry) over `weighted(mode)`, float64 [n]."""
+        mode = self.mode(mode)
+        d_data = distance_row(distance, user, self.signatures(spec), seed) if mode != "probes" else None
+        if mode == "data":
+            return d_data
+        d_probes = distance_row(distance, user, self.probe_signatures(spec, probes, model=model, tokenizer=tokenizer), seed)
+        return d_probes if mode == "probes" else aligned(d_probes, self._spread(d_data))
+
+    def _spread(self, d_usable: np.ndarray) -> np.ndarray:
+        """A row over the usable entries laid out over every entry, NaN for those without data."""
+        row = np.full(len(self.bank.entries), np.nan)
+        row[[self.bank.entries.index(e) for e in self.bank.usable]] = d_usable
+        return row
+
+    def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0, mode: str = "data",
+                        probes: ProbeSet | None = None) -> np.ndarray:
+        """D[i, j] = distance(usable entry i's data, entry j of `weighted(mode)`), float64 [usable, weighted]: for
+        'data', between the usable entries' data ([n, n]); for 'probes' and 'mixed', to entry j's probe answers (aligned
+        onto the data distances in 'mixed', row by row, as `distance_row`). Cached."""
         spec = self.resolve(spec)
+        mode = self.mode(mode)
         revision = get_distance(distance, make_signer(spec).kind).revision
         key = _digest([e.data_hash for e in self.bank.usable])
         stem = self.dir / "distances" / f"{spec.key()}.{distance}-r{revision}.{seed}.{key}"
-        cached = self.array(stem)
-        if cached is not None and cached.shape == (len(self.bank.usable),) * 2:
-            return cached
-        matrix = distance_matrix(distance, self.signatures(spec), seed)
-        store(self.dir, stem, _npy(matrix), "npy")
-        return matrix
+        data = self.array(stem)
+        if data is None or data.shape != (len(self.bank.usable),) * 2:
+            data = distance_matrix(distance, self.signatures(spec), seed)
+            store(self.dir, stem, _npy(data), "npy")
+        if mode == "data":
+            return data
+        assert probes is not None, "probes and mixed matrices need a probe set"
+        pstem = stem.with_name(f"{stem.name}.{probes.key(self.bank.base_model)}")
+        cross = self.array(pstem)
+        if cross is None or cross.shape != (len(self.bank.usable), len(self.bank.entries)):
+            columns = self.probe_signatures(spec, probes)
+            cross = np.stack([distance_row(distance, s, columns, seed) for s in self.signatures(spec)])
+            store(self.dir, pstem, _npy(cross), "npy")
+        if mode == "probes":
+            return cross
+        own = np.eye(len(data), dtype=bool)  # a row's own entry: left out of its alignment
+        return np.stack([aligned(p, self._spread(np.where(o, np.inf, d))) for p, d, o in zip(cross, data, own)])
 
     def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, compose: str, seed: int = 0) -> Operator:
         """The trainable operator `name` fitted on this bank (every usable entry) for composition `compose`, cached."""

@@ -19,21 +19,26 @@ def operator_for(index: BankIndex, config: GenerateConfig) -> Operator:
 
 
 def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -> np.ndarray:
-    """C[t] = the coefficients predicting usable entry t from the others, [n, n] with C[t, t] = 0: the operator on
-    row t of the bank's distance matrix, t's own entry excluded. A trainable operator is cross-fitted: it is fitted
-    on `folds` - 1 folds of the entries (entry t at position t falls in fold t % folds) for each fold."""
+    """C[t] = the coefficients predicting usable entry t from the other entries that `config.entry_signatures` weights
+    (`index.weighted`), [usable, weighted] with t's own entry 0: the operator on row t of `index.distance_matrix`, t's
+    own entry excluded. A trainable operator is cross-fitted on the usable entries' data distances: fitted on `folds` - 1
+    folds of them (entry t at position t falls in fold t % folds) for each fold."""
     spec = index.resolve(config.signature_spec())
-    d = index.distance_matrix(spec, config.distance, config.seed).copy()
-    np.fill_diagonal(d, np.inf)
+    mode = config.entry_signatures
+    d = index.distance_matrix(spec, config.distance, config.seed, mode, config.probe_set()).copy()
+    weighted = index.weighted(mode)
     n = len(d)
-    c = np.zeros((n, n))
+    d[np.arange(n), [weighted.index(e) for e in index.bank.usable]] = np.inf
+    c = np.zeros_like(d)
     cls = OPERATORS.get(config.operator)
     if not cls.trainable:
         op = cls()
         for t in range(n):
             c[t] = op.coefficients(d[t], config.temperature, config.top_k)
         return c
-    data = BankFit(index.bank, index.bank.usable, d, config.compose)
+    fit = index.distance_matrix(spec, config.distance, config.seed).copy()
+    np.fill_diagonal(fit, np.inf)
+    data = BankFit(index.bank, index.bank.usable, fit, config.compose)
     fold = np.arange(n) % folds
     for f in range(folds):
         train = np.flatnonzero(fold != f)

@@ -53,8 +53,12 @@ def _configure(config: GenerateConfig | None, overrides: dict[str, Any]) -> Gene
 
 def _check_bank(bank: Bank, config: GenerateConfig, spec: SignatureSpec) -> None:
     """Refuse what this bank cannot do with `config` before any signature is computed."""
-    if not bank.usable:
-        raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted")
+    if not bank.usable and config.entry_signatures == "data":
+        raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted with "
+                           "--entry-signatures data ('auto' signs them by their answers to probe prompts)")
+    if len(bank.entries) > len(bank.usable) and config.entry_signatures != "data" and bank.base_model is None:
+        raise LoramixError(f"{bank.path}: entries without data are signed by their answers to probe prompts, which needs "
+                           "the base model, and the bank names none")
     if SIGNATURES.get(spec.method).needs_base and spec.model is None:
         raise LoramixError(f"signature '{spec.method}' needs the base model: the bank names none, pass model=... (--model)")
     operator = OPERATORS.get(config.operator)
@@ -98,8 +102,8 @@ def generate(
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     if not len(dataset):
         raise LoramixError(f"{dataset.source}: the dataset has no samples")
-    usable = bank.usable
     index = BankIndex(bank)
+    weighted = index.weighted(config.entry_signatures)
     spec = index.resolve(config.signature_spec())
     _check_bank(bank, config, spec)
     model, tokenizer = _base_for(bank, config)
@@ -111,11 +115,11 @@ def generate(
     if calibration is not None:  # the bank's calibrated parameters replace the options they cover
         best = calibration.best
         config = replace(config, temperature=best.temperature, top_k=best.top_k, scale=best.scale)
-    bank_sigs = index.signatures(spec)
     user_sig = make_signer(spec)(dataset)
-    d = distance_row(config.distance, user_sig, bank_sigs, config.seed)
+    d = index.distance_row(spec, config.distance, user_sig, config.entry_signatures, config.probe_set(), config.seed,
+                           model=model, tokenizer=tokenizer)
     c = operator_for(index, config).coefficients(d, config.temperature, config.top_k)
-    coefficients = {e.name: config.scale * float(x) for e, x in zip(usable, c)}
+    coefficients = {e.name: config.scale * float(x) for e, x in zip(weighted, c)}
     refined = checked = None
     refine_samples = dataset.subsample(config.refine, config.seed) if config.refine else None
     if config.refine > len(dataset):
@@ -146,7 +150,7 @@ def generate(
         p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
                  allow_zero=base_kept, layers=layers)
         composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
-        report = _report(config, spec, bank, dataset, composition, weights, d)
+        report = _report(config, spec, index, dataset, composition, weights, d)
         if tuning:
             report.finetune = finetune(tmp, bank, refine_samples, config, from_composition=not base_kept, model=model,
                                        tokenizer=tokenizer)
@@ -202,13 +206,15 @@ def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig,
 def _report(
     config: GenerateConfig,
     spec: SignatureSpec,
-    bank: Bank,
+    index: BankIndex,
     dataset: Dataset,
     composition: Composition,
     coefficients: dict[str, float],
     d: Sequence[float],
 ) -> Report:
     """The contents of loramix.json."""
+    bank, mode = index.bank, index.mode(config.entry_signatures)
+    weighted = index.weighted(mode)
     return Report(
         loramix_version=__version__,
         bank=str(bank.path.resolve()),
@@ -224,9 +230,12 @@ def _report(
         seed=config.seed,
         coefficients=coefficients,
         scale=config.scale,
-        distances={e.name: float(x) for e, x in zip(bank.usable, d) if math.isfinite(x)},
-        excluded=[e.name for e in bank.entries if not e.has_data],
+        distances={e.name: float(x) for e, x in zip(weighted, d) if math.isfinite(x)},
+        excluded=[e.name for e in bank.entries if e not in weighted],
         energy=EnergyInfo(composition.mean_energy, composition.min_energy, composition.energy),
+        entry_signatures=mode,
+        probed=[e.name for e in weighted if mode == "probes" or not e.has_data],
+        probes=None if mode == "data" else config.probes or "default",
     )
 
 
@@ -241,7 +250,7 @@ def leave_one_out(
 ) -> np.ndarray:
     """Predict every usable entry's adapter from the other entries and write each to OUT/<entry>/ (PEFT files and
     loramix.json), in one pass over the bank's tensors: each module of every entry is read once, however many
-    outputs use it. Returns the coefficient matrix [n, n] (`meta.loo_coefficients`)."""
+    outputs use it. Returns the coefficient matrix [usable, weighted] (`meta.loo_coefficients`)."""
     config = _configure(config, overrides)
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     refuse_target(out, force=True, inputs={"the bank": bank.path})  # OUT may exist: it holds one folder per entry
@@ -251,20 +260,21 @@ def leave_one_out(
     spec = index.resolve(config.signature_spec())
     _check_bank(bank, config, spec)
     c = loo_coefficients(index, config)
-    d = index.distance_matrix(spec, config.distance, config.seed)
-    names = [e.name for e in bank.usable]
+    d = index.distance_matrix(spec, config.distance, config.seed, config.entry_signatures, config.probe_set())
+    weighted = index.weighted(config.entry_signatures)
+    names = [e.name for e in weighted]
     dtype = DTYPES.get(config.dtype or "")
     plans = [
         plan(bank, {n: float(x) for n, x in zip(names, row) if x > 0}, method=config.compose, rank=config.rank, dtype=dtype)
         for row in c
     ]
     with ExitStack() as stack:
-        folders = [stack.enter_context(atomic_dir(Path(out) / name, force=force)) for name in names]
-        compositions = write_compositions(folders, bank, plans, f"leave-one-out ({len(names)} adapters)")
+        folders = [stack.enter_context(atomic_dir(Path(out) / e.name, force=force)) for e in bank.usable]
+        compositions = write_compositions(folders, bank, plans, f"leave-one-out ({len(folders)} adapters)")
         for t, (folder, comp) in enumerate(zip(folders, compositions)):
             entry = bank.usable[t]
-            row = np.where(np.arange(len(names)) == t, np.inf, d[t])
-            report = _report(config, spec, bank, entry.dataset(), comp, dict(zip(names, map(float, c[t]))), row)
+            row = np.where(np.arange(len(names)) == weighted.index(entry), np.inf, d[t])
+            report = _report(config, spec, index, entry.dataset(), comp, dict(zip(names, map(float, c[t]))), row)
             report.leave_one_out = entry.name
             report.write(folder)
     return c

@@ -4,7 +4,7 @@ read back with `read_report`)."""
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -102,8 +102,10 @@ class CheckInfo:
 class Report:
     """The contents of loramix.json. `coefficients` and `distances` are per usable bank entry (distances only where
     finite); the coefficients the operator gave sum to `scale`, those a weight search chose (`refine`) are the mean
-    over layers of its per-layer weights and may be negative; `excluded` lists the entries without training data;
-    `leave_one_out` names the held-out entry of a leave-one-out output."""
+    over layers of its per-layer weights and may be negative; `excluded` lists the entries that got no weight (no
+    training data, with --entry-signatures data); `leave_one_out` names the held-out entry of a leave-one-out output;
+    `entry_signatures` how the entries were signed ('data', 'probes' or 'mixed': `BankIndex.mode`), `probed` the
+    entries signed by their answers to the probe prompts `probes` (a file, or 'default')."""
 
     loramix_version: str
     bank: str
@@ -127,11 +129,14 @@ class Report:
     check: CheckInfo | None = None
     finetune: FinetuneInfo | None = None
     leave_one_out: str | None = None
+    entry_signatures: str = "data"
+    probed: list[str] = field(default_factory=list)
+    probes: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As written to loramix.json: optional parts left out when absent."""
         d = asdict(self)
-        for key in ("calibration", "refine", "check", "finetune", "leave_one_out"):
+        for key in ("calibration", "refine", "check", "finetune", "leave_one_out", "probes"):
             if d[key] is None:
                 del d[key]
         return d

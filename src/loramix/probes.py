@@ -1,0 +1,64 @@
+"""Stage 1 for bank entries without training data: a dataset made from what the adapter does.
+
+Each entry answers a set of probe prompts (greedy decoding, the base model with the entry's update applied exactly);
+the (prompt, answer) pairs are its dataset, signed by any signature like a train.jsonl. The answers are computed
+once per bank, probe set and base model, and cached in the bank index (`BankIndex.probe_datasets`).
+
+The default probe set (`default/probes.jsonl`) holds 48 everyday prompts written for loramix, none drawn from its
+task suite: six in each of the usual categories of instruction data (open and closed questions, brainstorming,
+classification, generation, extraction, rewriting, summarisation) and bare inputs (a word, a number, a sentence).
+Any dataset file can replace it (`--probes FILE`, its inputs): a sample of your own inputs asks every entry what it
+would answer to your task, at the cost of computing the answers again for each such file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .data import Dataset, Sample, read_dataset
+
+DEFAULT_PROBES = Path(__file__).parent / "default" / "probes.jsonl"
+MAX_NEW_TOKENS = 32  # per answer: enough to show an adapter's output format, few enough for a 500-entry bank
+# Bumped when the answers change for the same prompts, base and adapter, so cached probe datasets are recomputed.
+_PROBE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """The prompts every entry answers: the inputs of the dataset file `path` (None: the shipped default set), at
+    most `max_samples` of them drawn with `seed` (as signatures draw their samples)."""
+
+    path: str | None = None
+    max_samples: int | None = 128
+    seed: int = 0
+
+    @cached_property
+    def prompts(self) -> list[str]:
+        data = read_dataset(self.path or DEFAULT_PROBES).subsample(self.max_samples, self.seed)
+        return list(dict.fromkeys(s.input for s in data))  # each prompt once
+
+    def key(self, base_model: str | None) -> str:
+        """Changes with the prompts, the base model and the answering code: `probes-<hash>`."""
+        blob = json.dumps({"prompts": self.prompts, "base": base_model, "tokens": MAX_NEW_TOKENS, "v": _PROBE_VERSION})
+        return "probes-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def answer_probes(model: Any, tokenizer: Any, bank: Any, entry: Any, prompts: list[str]) -> Dataset:
+    """`entry`'s greedy answers to `prompts` (at most MAX_NEW_TOKENS each), as a Dataset of (prompt, answer)
+    samples. `model`: the bank's base model, unchanged on return (the entry is attached by forward hooks)."""
+    import torch
+
+    from .evaluate import generate_answers
+    from .refine import MixedLoRA
+
+    mixed = MixedLoRA(model, bank, [entry])
+    try:
+        mixed.weights = torch.ones(1)
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+    finally:
+        mixed.remove()
+    return Dataset([Sample(p, (a,)) for p, a in zip(prompts, answers)], f"{entry.name} (probe answers)")
