@@ -95,7 +95,7 @@ def _assert_clean_failure(code: int, err: str, pattern: str, out: Path) -> None:
     import re
 
     assert code == 1, err
-    lines = [x for x in err.strip().splitlines() if not x.startswith("WARNING")]  # warnings may come first
+    lines = [x for x in err.strip().splitlines() if not x.startswith(("WARNING", " "))]  # warnings (wrapped) may come first
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert re.search(pattern, lines[0]), (pattern, lines[0])
     assert not out.exists()

@@ -270,7 +270,8 @@ class BankIndex:
         if mode == "data":
             return data
         assert probes is not None, "probes and mixed matrices need a probe set"
-        pstem = stem.with_name(f"{stem.name}.{probes.key(self.bank.base_model)}")
+        answers = self.probe_datasets(probes)
+        pstem = stem.with_name(f"{stem.name}.{probes.key(self.bank.base_model)}.{_digest([d.fingerprint() for d in answers])}")
         cross = self.array(pstem)
         if cross is None or cross.shape != (len(self.bank.usable), len(self.bank.entries)):
             columns = self.probe_signatures(spec, probes)

@@ -56,9 +56,10 @@ def _check_bank(bank: Bank, config: GenerateConfig, spec: SignatureSpec) -> None
     if not bank.usable and config.entry_signatures == "data":
         raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted with "
                            "--entry-signatures data ('auto' signs them by their answers to probe prompts)")
-    if len(bank.entries) > len(bank.usable) and config.entry_signatures != "data" and bank.base_model is None:
-        raise LoramixError(f"{bank.path}: entries without data are signed by their answers to probe prompts, which needs "
-                           "the base model, and the bank names none")
+    probed = config.entry_signatures == "probes" or (config.entry_signatures == "auto" and len(bank.entries) > len(bank.usable))
+    if probed and bank.base_model is None:
+        raise LoramixError(f"{bank.path}: --entry-signatures {config.entry_signatures} signs entries by their answers to "
+                           "probe prompts, which needs the base model, and the bank names none")
     if SIGNATURES.get(spec.method).needs_base and spec.model is None:
         raise LoramixError(f"signature '{spec.method}' needs the base model: the bank names none, pass model=... (--model)")
     operator = OPERATORS.get(config.operator)
