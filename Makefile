@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
 	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test test-fast demo suite-deps suite bank bench-quality bench-proxy bench-speed bench-llamacpp bench-scale clean
+.PHONY: venv test test-fast demo suite-deps suite bank bench-quality bench-datafree bench-proxy bench-speed bench-llamacpp bench-scale clean
 
 venv: $(STAMP)
 
@@ -47,7 +47,13 @@ bank: $(STAMP)
 # records each, the other settings on one task in three (hours on 2 CPUs, resumable; --every 1 runs the whole grid
 # on every task).
 bench-quality: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) benchmarks/quality.py --every 3 --refine --levers --engine ray --workers 2
+	RAY_AUTH_MODE=disabled $(PY) benchmarks/quality.py --every 3 --refine --levers --datafree --engine ray --workers 2
+
+# The references, the default and its composition, each with and without the bank's data (entries signed by their
+# answers to the probe prompts), on every task -> benchmarks/results/quality-datafree.md (about 90 minutes on 2 CPUs,
+# resumable; its results are shared with bench-quality's).
+bench-datafree: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) benchmarks/quality.py --datafree --only uniform datafree --engine ray --workers 2 --out quality-datafree.md
 
 # The teacher-forced screen (forward passes only, no generation) of candidate compositions and selectors on every
 # bank task -> benchmarks/results/proxy.md (resumable).

@@ -38,6 +38,7 @@ from loramix.meta import loo_coefficients  # noqa: E402
 from loramix.refine import GENERATING  # noqa: E402
 from loramix.operators import OPERATORS  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
+from loramix.probes import MAX_NEW_TOKENS, ProbeSet  # noqa: E402
 from loramix.train_config import REFINE_TRAINING  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,7 @@ class Setting:
     steps: int | None = None  # finetune: the optimizer steps (None: the bank's training settings')
     batch_size: int | None = None  # finetune: samples per step (None: the bank's training settings')
     max_tokens: int | None = None  # finetune: token positions training may run at most (None: no limit)
+    entry_signatures: str = "data"  # 'probes': every entry signed by its answers to the probe prompts, its data hidden
 
 
 def settings(top_k: int, quick: bool) -> list[Setting]:
@@ -153,6 +155,13 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
         Setting("icl/base-16shot", "icl", shots=16),
         *(replace(default, name=f"icl/{tail}-{k}shot", group="icl", shots=k) for k in (5, 16)),
     ]
+
+
+def datafree_settings(comp: Setting, default: Setting) -> list[Setting]:
+    """The default and its composition (unchecked) with every bank entry's data hidden: entries signed by their greedy
+    answers to the shipped probe prompts (`generate --entry-signatures probes`); the held-out task's own data still
+    makes its signature (and the default's check), as a user's dataset does."""
+    return [replace(s, name=f"{s.name}-probes", group="datafree", entry_signatures="probes") for s in (comp, default)]
 
 
 def refine_settings(default: Setting) -> list[Setting]:
@@ -243,15 +252,24 @@ class Runner:
         if s.calibrated:
             return self.calibrated_matrix(s)
         config = GenerateConfig(signature=s.signature, distance=s.distance, operator=s.operator, compose=s.compose,
-                                top_k=s.top_k, temperature=s.temperature, max_samples=self.max_samples)
+                                top_k=s.top_k, temperature=s.temperature, max_samples=self.max_samples,
+                                entry_signatures=s.entry_signatures)
         spec = self.index.resolve(config.signature_spec())
+        probe_answers = {}
+        if s.entry_signatures != "data":  # once per bank: every entry answers the probe prompts (the base model run)
+            start, cpu = time.perf_counter(), time.process_time()
+            self.index.probe_datasets(config.probe_set())
+            probe_answers = {"probe_answers_wall": time.perf_counter() - start, "probe_answers": time.process_time() - cpu}
         start = time.perf_counter()
         self.index.signatures(spec)
+        if s.entry_signatures != "data":
+            self.index.probe_signatures(spec, config.probe_set())
         t_sig = time.perf_counter() - start
-        self.index.distance_matrix(spec, s.distance, 0)
+        self.index.distance_matrix(spec, s.distance, 0, s.entry_signatures, config.probe_set())
         t_dist = time.perf_counter() - start - t_sig
         trainable = OPERATORS.get(s.operator).trainable
-        memo = self.bank_root / "coefficients" / f"{s.signature}.{s.distance}.{s.operator}.{s.compose}.{s.top_k}.{s.temperature:g}.npy"
+        mode = f".{s.entry_signatures}" if s.entry_signatures != "data" else ""
+        memo = self.bank_root / "coefficients" / f"{s.signature}.{s.distance}.{s.operator}.{s.compose}.{s.top_k}.{s.temperature:g}{mode}.npy"
         if trainable and memo.is_file():  # a trained operator's cross-fit is kept (minutes for neural-answer)
             self.timings[s.name] = json.loads(memo.with_suffix(".json").read_text())
             return np.load(memo)
@@ -260,7 +278,7 @@ class Runner:
         t_op = time.process_time() - cpu
         if trainable:  # cross-fitted 5 times; a bank fits it once for every generate
             t_op /= 5
-        self.timings[s.name] = {"signatures": t_sig, "distances": t_dist, "operator": t_op}
+        self.timings[s.name] = {"signatures": t_sig, "distances": t_dist, "operator": t_op, **probe_answers}
         if trainable:
             memo.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(memo.with_suffix(".json"), json.dumps(self.timings[s.name]).encode())
@@ -785,6 +803,15 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
         if cpu is not None:
             lines += ["", f"Bank calibration (`loramix bank calibrate`, {len(runner.names)} entries x 8 examples, 12 "
                       f"candidates): {cpu:.0f} CPU seconds, once per bank and setting."]
+    probed = [results[s.name]["__timing__"] for s in all_settings if s.group == "datafree" and "__timing__" in results[s.name]]
+    if probed and "probe_answers" in probed[0]:
+        lines += ["", f"Data-free settings (-probes, `generate --entry-signatures probes`) hide every bank entry's data: each "
+                  f"entry is signed by its greedy answers (at most {MAX_NEW_TOKENS} new tokens) to the "
+                  f"{len(ProbeSet().prompts)} probe prompts shipped with loramix, the held-out task's data making its "
+                  "own signature as a user's dataset does. Their answers, computed once per bank with the base model: "
+                  f"{probed[0]['probe_answers']:.0f} CPU seconds ({probed[0]['probe_answers_wall']:.0f} s wall) for "
+                  f"{len(runner.names)} entries, not in CPU s / task; their signatures, like the data signatures, are "
+                  "cached and not included either."]
     refined = [s for s in all_settings if s.group == "refine"]
     if refined:
         base, trained = mean("base", "rougeL", names), mean("trained", "rougeL", names)
@@ -867,11 +894,13 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="a handful of settings only")
     p.add_argument("--default-setting", default=default_setting().name, help="the setting marked as generate's default")
-    p.add_argument("--only", nargs="*", help="run only these settings")
+    p.add_argument("--only", nargs="*", help="run only these settings (names, or groups: reference, lever, datafree, ...)")
     p.add_argument("--engine", default="local", help="local, or ray (RAY_ADDRESS, else a local Ray cluster)")
     p.add_argument("--workers", type=int, default=None, help="at most this many Ray workers (one CPU each)")
     p.add_argument("--refine", action="store_true", help="also LoraHub's recipe and --refine on 5 examples")
     p.add_argument("--levers", action="store_true", help="also calibration, the held-out check and in-context learning")
+    p.add_argument("--datafree", action="store_true", help="also the default and its composition with every entry's "
+                   "data hidden (entries signed by their answers to the probe prompts)")
     p.add_argument("--tasks", type=int, default=None, help="only the first N tasks of the bank (a subset)")
     p.add_argument("--out", default="quality.md", help="the results file (in benchmarks/results/)")
     p.add_argument("--spread", type=int, default=1, help="only every K-th task of the bank, in name order (a subset "
@@ -887,13 +916,16 @@ def main() -> None:
         all_settings += lever_settings(comp, default)
     if args.refine:
         all_settings += refine_settings(comp)
+    if args.datafree:
+        all_settings += datafree_settings(comp, default)
     unique: dict[str, Setting] = {}
     for s in all_settings:  # a lever that is the default is listed once, as the default
         unique.setdefault(s.name, s)
     all_settings = list(unique.values())
     if args.only:
         # the references and the default always run: the report's gap and intervals are measured against them
-        all_settings = [s for s in all_settings if s.name in args.only or s.name in ("base", "trained", args.default_setting)]
+        keep = {"base", "trained", args.default_setting} | ({comp.name} if "datafree" in args.only else set())
+        all_settings = [s for s in all_settings if s.name in args.only or s.group in args.only or s.name in keep]
     runner.tasks = runner.tasks[: args.tasks][args.spread // 2 :: args.spread]
     runner.grid_tasks = runner.tasks[args.every // 2 :: args.every]  # the middle task of every K
     runner.headline = {s.name for s in all_settings if s.group != "loramix" or s.name in (args.default_setting, comp.name)}

@@ -178,3 +178,23 @@ def test_data_mode_without_data_and_probes_without_a_base_fail_in_one_line(tmp_p
     code, err = run_cli(["generate", "--bank", str(root), "--data", str(user_data), "--out", str(out),
                          "--entry-signatures", "none"], capsys, monkeypatch)
     assert code != 0 and "Traceback" not in err and "entry-signatures" in err
+
+
+def test_bank_index_and_list_for_a_bank_without_data(tmp_path, tiny_base, own_data_answers):
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+
+    root = make_bank(tmp_path / "bank", n=4, base=str(tiny_base))
+    for e in Bank(root).entries:
+        loramix.probes.answer_probes(None, None, None, e, [])
+    (root / "task_animals" / "train.jsonl").unlink()
+    r = CliRunner().invoke(app, ["bank", "index", str(root), "--distance", "gaussian-w2"])
+    assert r.exit_code == 0, r.output
+    assert "3 signatures" in r.output and "4 probe-answer signatures" in r.output and "3 x 4" in r.output
+    r = CliRunner().invoke(app, ["bank", "list", str(root)])
+    assert "no data" in r.output
+    for f in root.glob("*/train.jsonl"):
+        f.unlink()
+    r = CliRunner().invoke(app, ["bank", "index", str(root), "--distance", "gaussian-w2"])
+    assert "--distance needs entries with data" in str(r.exception)

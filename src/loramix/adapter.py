@@ -302,6 +302,17 @@ class LoraAdapter:
         self._tensor_keys: dict[str, tuple[str, str]] = {}
         self.modules, self.dtype = self._read_header()
 
+    @property
+    def version(self) -> str:
+        """Its config and weights files' sizes and modification times ('size:mtime_ns', '-' for one it lacks; one line
+        per file): what tells one version of this adapter from another, cheaply enough for every run at the paper's
+        scale."""
+        def stat(name: str) -> str:
+            p = self.path / name
+            return f"{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.is_file() else "-"
+
+        return "\n".join(stat(name) for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE))
+
     # -- validation -------------------------------------------------------------------------------------
     def _fail(self, what: str) -> LoramixError:
         return LoramixError(f"{self.name}: {what}")

@@ -25,7 +25,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .adapter import WEIGHTS_FILE
 from .bank import Bank
 from .config import GenerateConfig
 from .data import Dataset
@@ -110,12 +109,9 @@ def _setting(config: GenerateConfig) -> dict[str, Any]:
 
 
 def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidate]) -> str:
-    """Changes with the setting, the grid and every usable entry (its data's sha256, its weights file's size and
-    modification time: cheap enough for every `generate` at the paper's scale)."""
-    entries = []
-    for e in index.bank.usable:
-        st = (e.adapter.path / WEIGHTS_FILE).stat()
-        entries.append(f"{e.name}:{e.data_hash}:{st.st_size}:{st.st_mtime_ns}")
+    """Changes with the setting, the grid and every entry it weights (its data's sha256, its adapter's `version`)."""
+    entries = [f"{e.name}:{e.data_hash if e.has_data else '-'}:{e.adapter.version}"
+               for e in index.weighted(config.entry_signatures)]
     blob = json.dumps([_setting(config), [asdict(c) for c in candidates], entries], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -239,7 +239,7 @@ def bank_build(
 
 
 @bank_app.command("index")
-@config_options(["signature", "model", "max_samples", "seed"])
+@config_options(["signature", "model", "max_samples", "seed", "entry_signatures", "probes"])
 def bank_index(
     bank: Path = typer.Argument(..., help="Bank folder."),
     distance: Optional[str] = typer.Option(None, help="Also compute the bank's distance matrix for this distance."),
@@ -251,7 +251,8 @@ def bank_index(
     allow_pickle: PickleOpt = False,
     config: GenerateConfig = D,
 ) -> None:
-    """Compute and cache every entry's signature under BANK/.loramix/ (only what changed)."""
+    """Compute and cache every entry's signature under BANK/.loramix/ (only what changed): from its train.jsonl, and
+    for the entries signed by their probe answers (--entry-signatures) from those, running the base model once."""
     from .bank import Bank
     from .index import BankIndex
     from .meta import operator_for
@@ -264,12 +265,20 @@ def bank_index(
     if distance:  # checked before any work
         config = dataclasses.replace(config, distance=distance, compose=compose, operator=fit or config.operator)
     index = BankIndex(Bank(bank, allow_pickle=allow_pickle))
+    if distance and not index.bank.usable:
+        raise LoramixError("--distance needs entries with data: the bank's distance matrix has a row per entry's dataset")
     spec = config.signature_spec()
     before = sum(index.status(spec).values())
     sigs = index.signatures(spec, engine=engine)
     out.print(f"{len(sigs)} signatures ({config.signature}) in {index.dir}: {len(sigs) - before} computed, {before} cached")
+    mode = index.mode(config.entry_signatures)
+    if mode != "data":
+        probes = config.probe_set()
+        probed = index.probe_signatures(spec, probes, engine=engine)
+        out.print(f"{len(probed)} probe-answer signatures ({config.signature}, {len(probes.prompts)} prompts, "
+                  f"{config.probes or 'the default probes'}) in {index.dir}")
     if distance:
-        matrix = index.distance_matrix(spec, distance, config.seed)
+        matrix = index.distance_matrix(spec, distance, config.seed, mode, config.probe_set())
         out.print(f"distance matrix ({distance}): {matrix.shape[0]} x {matrix.shape[1]}")
     if fit:
         op = operator_for(index, config)

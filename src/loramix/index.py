@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .adapter import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE
+from .adapter import WEIGHTS_FILE
 from .bank import Bank, BankEntry
 from .data import Dataset, Sample
 from .distances import aligned, distance_matrix, distance_row, get_distance
@@ -135,14 +135,6 @@ def _digest(parts: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _identity(path: Path) -> str:
-    """A file's size and modification time ('-' when there is none): cheap enough for every run at the paper's scale."""
-    if not path.is_file():
-        return "-"
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
 class BankIndex:
     """Cached signatures, distance matrices and trained operators of one bank's usable entries."""
 
@@ -198,8 +190,7 @@ class BankIndex:
         base model and adapter (its files' sizes and modification times); the base model is loaded (unless given) only
         when an entry's answers are not cached."""
         folder = self.dir / "probes" / probes.key(self.bank.base_model)
-        stems = [folder / _digest([_identity(e.adapter.path / f) for f in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)])
-                 for e in self.bank.entries]
+        stems = [folder / _digest([e.adapter.version]) for e in self.bank.entries]
         out: list[Dataset | None] = []
         for entry, stem in zip(self.bank.entries, stems):
             data = fetch(stem, "json")
