@@ -62,6 +62,11 @@ def test_probe_set_prompts_and_key(tmp_path):
     assert ProbeSet(str(own)).prompts == ["hello", "bye"]  # each prompt once
     assert ProbeSet(str(own)).key("a") != default.key("a")
     assert len(ProbeSet(max_samples=10).prompts) == 10
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"input": " ", "output": "x"}])
+    with pytest.raises(LoramixError, match="blank.jsonl: no probe prompts"):
+        ProbeSet(str(blank)).prompts
+    with pytest.raises(LoramixError, match="not found|no such"):
+        ProbeSet(str(tmp_path / "missing.jsonl")).prompts
 
 
 def test_answer_probes_runs_the_entry_and_leaves_the_base_unchanged(tmp_path, tiny_base):

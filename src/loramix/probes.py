@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import Dataset, Sample, read_dataset
+from .errors import LoramixError
 
 DEFAULT_PROBES = Path(__file__).parent / "default" / "probes.jsonl"
 MAX_NEW_TOKENS = 32  # per answer: enough to show an adapter's output format, few enough for a 500-entry bank
@@ -39,7 +40,10 @@ class ProbeSet:
     @cached_property
     def prompts(self) -> list[str]:
         data = read_dataset(self.path or DEFAULT_PROBES).subsample(self.max_samples, self.seed)
-        return list(dict.fromkeys(s.input for s in data))  # each prompt once
+        prompts = list(dict.fromkeys(s.input for s in data if s.input.strip()))  # each prompt once
+        if not prompts:
+            raise LoramixError(f"{data.source}: no probe prompts (every input is empty)")
+        return prompts
 
     def key(self, base_model: str | None) -> str:
         """Changes with the prompts, the base model and the answering code: `probes-<hash>`."""
