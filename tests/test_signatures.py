@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from helpers import topic_records
@@ -26,6 +29,63 @@ def test_embed_default_model_is_offline_minilm():
     sig = make_signer(spec)(dataset("fruits"))
     assert sig.shape == (12, 384) and sig.dtype == np.float32
     assert np.allclose(np.linalg.norm(sig, axis=1), 1, atol=1e-5)
+
+
+TEXTS = ["hello world", "  padded with spaces  \n", "A" * 3000, "", "Ünïcödé 日本語 ✓", "one two three " * 60, "MiXeD"]
+
+
+def test_the_default_encoder_gives_sentence_transformers_vectors_without_importing_it():
+    from sentence_transformers import SentenceTransformer
+
+    from loramix.signatures import _embedder_path, _Encoder
+
+    encoder = _Encoder(DEFAULT_EMBED_MODEL)
+    assert encoder._st is None  # transformers alone
+    want = SentenceTransformer(_embedder_path(DEFAULT_EMBED_MODEL), device="cpu").encode(
+        TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(encoder(TEXTS), want, atol=1e-6)
+    code = ("import sys; from loramix import make_signer, SignatureSpec, Dataset, Sample; "
+            "make_signer(SignatureSpec('embed-io').resolved(None))(Dataset([Sample('a', ('b',))], 'x')); "
+            "print('sentence_transformers' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
+
+
+@pytest.mark.parametrize("change,plain", [
+    ({}, True),
+    ({"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}, True),
+    ({"pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}, True),
+    ({"pooling_mode_mean_sqrt_len_tokens": True}, False),  # two poolings side by side
+    ({"pooling_mode_mean_tokens": False, "pooling_mode_weightedmean_tokens": True}, False),
+    ("dense", False),
+])
+def test_other_sentence_transformers_models_keep_their_vectors(tmp_path, change, plain):
+    """A copy of the default model with another pooling or a Dense layer: run on transformers alone when _Encoder can
+    compute it, through sentence-transformers otherwise, and the vectors are sentence-transformers' either way."""
+    import json
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from loramix.signatures import _embedder_path, _Encoder
+
+    folder = tmp_path / "model"
+    shutil.copytree(_embedder_path(DEFAULT_EMBED_MODEL), folder)
+    if change == "dense":
+        from sentence_transformers.models import Dense
+
+        st = SentenceTransformer(str(folder), device="cpu")
+        st.append(Dense(384, 16))
+        shutil.rmtree(folder)
+        st.save(str(folder))
+    else:
+        pooling = folder / "1_Pooling" / "config.json"
+        pooling.write_text(json.dumps({**json.loads(pooling.read_text()), **change}))
+    encoder = _Encoder(str(folder))
+    assert (encoder._st is None) == plain
+    want = SentenceTransformer(str(folder), device="cpu").encode(
+        TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(encoder(TEXTS), want, atol=1e-6)
 
 
 def test_embed_separates_topics():
