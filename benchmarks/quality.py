@@ -813,7 +813,15 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
                   "own signature as a user's dataset does. Their answers, computed once per bank with the base model: "
                   f"{probed[0]['probe_answers']:.0f} CPU seconds ({probed[0]['probe_answers_wall']:.0f} s wall) for "
                   f"{len(runner.names)} entries, not in CPU s / task; their signatures, like the data signatures, are "
-                  "cached and not included either."]
+                  "cached and not included either.", ""]
+        for s in (s for s in all_settings if s.group == "datafree"):
+            aware, base = s.name.removesuffix("-probes"), mean("base", "rougeL", names)
+            scores = np.array([results[s.name][t]["rougeL"] for t in names])
+            vs = {x: paired_interval(scores, np.array([results[x][t]["rougeL"] for t in names]))
+                  for x in ("uniform", aware) if x in results}
+            kept = ((mean(s.name, "rougeL", names) - base) / (mean(aware, "rougeL", names) - base)) if aware in results else float("nan")
+            lines.append(f"- {s.name}: " + "; ".join(f"vs {x} {v}" for x, v in vs.items())
+                         + f"; keeps {kept:.0%} of the data-aware setting's gain over the base model")
     refined = [s for s in all_settings if s.group == "refine"]
     if refined:
         base, trained = mean("base", "rougeL", names), mean("trained", "rougeL", names)
