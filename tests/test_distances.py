@@ -101,6 +101,19 @@ def test_w2_sinkhorn_beyond_exact_limit(monkeypatch):
     assert d.w2(x, y) == pytest.approx(exact, rel=0.1)
 
 
+@pytest.mark.parametrize("n,d", [(40, 3), (128, 768)])
+def test_w2_of_equal_sizes_is_the_network_simplex_value(n, d):
+    """Clouds of one size take an optimal assignment; POT's network simplex on the same costs agrees."""
+    import ot
+
+    from loramix.distances import w2
+
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 0.3
+    u = np.full(n, 1 / n)
+    assert w2(x, y) == pytest.approx(float(np.sqrt(ot.emd2(u, u, ot.dist(x, y), numItermax=10_000_000))), rel=1e-9)
+
+
 def test_row_and_matrix(clouds):
     x, y = clouds
     sigs = [x, y, x[:30], y[:20]]

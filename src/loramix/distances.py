@@ -114,14 +114,21 @@ _EXACT_OT_MAX = 1_000_000  # n * m up to which W2 uses exact OT; Sinkhorn beyond
 
 @register_distance("w2", "cloud")
 def w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
-    """2-Wasserstein distance between uniform point clouds (Euclidean ground cost): exact OT (POT's emd2)
-    up to 10^6 point pairs, entropic OT (Sinkhorn, reg 0.01 of the largest cost) beyond."""
+    """2-Wasserstein distance between uniform point clouds (Euclidean ground cost): exact OT up to 10^6 point pairs
+    (clouds of one size: an optimal assignment, which an optimal plan between uniform measures of equal size is
+    (Birkhoff), solved by scipy's linear_sum_assignment, about twice as fast as the network simplex; else POT's
+    emd2), entropic OT (Sinkhorn, reg 0.01 of the largest cost) beyond."""
     import ot
 
     x, y = x.astype(np.float64), y.astype(np.float64)
     a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
     cost = ot.dist(x, y)  # squared Euclidean
-    if len(x) * len(y) <= _EXACT_OT_MAX:
+    if len(x) == len(y) and len(x) * len(y) <= _EXACT_OT_MAX:
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(cost)
+        value = cost[rows, cols].mean()
+    elif len(x) * len(y) <= _EXACT_OT_MAX:
         value = ot.emd2(a, b, cost, numItermax=10_000_000)
     else:
         scale = float(cost.max()) or 1.0
