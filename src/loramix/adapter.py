@@ -309,7 +309,10 @@ class LoraAdapter:
         scale."""
         def stat(name: str) -> str:
             p = self.path / name
-            return f"{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.is_file() else "-"
+            if not p.is_file():
+                return "-"
+            st = p.stat()
+            return f"{st.st_size}:{st.st_mtime_ns}"
 
         return "\n".join(stat(name) for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE))
 

@@ -271,14 +271,13 @@ def bank_index(
     before = sum(index.status(spec).values())
     sigs = index.signatures(spec, engine=engine)
     out.print(f"{len(sigs)} signatures ({config.signature}) in {index.dir}: {len(sigs) - before} computed, {before} cached")
-    mode = index.mode(config.entry_signatures)
+    mode, probes = index.mode(config.entry_signatures), config.probe_set()
     if mode != "data":
-        probes = config.probe_set()
         probed = index.probe_signatures(spec, probes, engine=engine)
         out.print(f"{len(probed)} probe-answer signatures ({config.signature}, {len(probes.prompts)} prompts, "
                   f"{config.probes or 'the default probes'}) in {index.dir}")
     if distance:
-        matrix = index.distance_matrix(spec, distance, config.seed, mode, config.probe_set())
+        matrix = index.distance_matrix(spec, distance, config.seed, mode, probes)
         out.print(f"distance matrix ({distance}): {matrix.shape[0]} x {matrix.shape[1]}")
     if fit:
         op = operator_for(index, config)

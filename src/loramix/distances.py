@@ -264,7 +264,7 @@ def aligned(d_probes: np.ndarray, d_data: np.ndarray) -> np.ndarray:
     whose probe distance says nothing about its data distance gets the data entries' mean). Needs 2 entries with both
     (`BankIndex.mode` asks for 3); +inf stays +inf."""
     d_probes, d_data = np.asarray(d_probes, dtype=np.float64), np.asarray(d_data, dtype=np.float64)
-    both = ~np.isnan(d_data) & np.isfinite(d_data) & np.isfinite(d_probes)
+    both = np.isfinite(d_data) & np.isfinite(d_probes)
     if both.sum() < 2:
         raise LoramixError(f"aligning probe distances needs at least 2 entries with data, found {int(both.sum())}")
     x, y = d_probes[both], d_data[both]

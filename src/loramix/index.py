@@ -166,8 +166,11 @@ class BankIndex:
     def probe_signatures(self, spec: SignatureSpec, probes: ProbeSet, engine: str = "local", *, model: Any = None,
                          tokenizer: Any = None) -> list[np.ndarray]:
         """Signatures of every entry (in `bank.entries` order) from its answers to `probes` (`probe_datasets`)."""
-        datasets = self.probe_datasets(probes, model=model, tokenizer=tokenizer)
-        return self._signed(spec, [(d.fingerprint(), partial(lambda d: d, d)) for d in datasets], engine)
+        return self._answers_signed(spec, self.probe_datasets(probes, model=model, tokenizer=tokenizer), engine)
+
+    def _answers_signed(self, spec: SignatureSpec, answers: list[Dataset], engine: str = "local") -> list[np.ndarray]:
+        """The signatures of datasets already in memory (`probe_datasets`' answers), cached under their content."""
+        return self._signed(spec, [(d.fingerprint(), partial(lambda d: d, d)) for d in answers], engine)
 
     def _signed(self, spec: SignatureSpec, items: list[tuple[str, Callable[[], Dataset]]], engine: str) -> list[np.ndarray]:
         """The signature of each (content hash, dataset loader) in `items`, cached under the hash."""
@@ -265,7 +268,7 @@ class BankIndex:
         pstem = stem.with_name(f"{stem.name}.{probes.key(self.bank.base_model)}.{_digest([d.fingerprint() for d in answers])}")
         cross = self.array(pstem)
         if cross is None or cross.shape != (len(self.bank.usable), len(self.bank.entries)):
-            columns = self.probe_signatures(spec, probes)
+            columns = self._answers_signed(spec, answers)
             cross = np.stack([distance_row(distance, s, columns, seed) for s in self.signatures(spec)])
             store(self.dir, pstem, _npy(cross), "npy")
         if mode == "probes":

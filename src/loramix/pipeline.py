@@ -51,13 +51,13 @@ def _configure(config: GenerateConfig | None, overrides: dict[str, Any]) -> Gene
     return replace(config or GenerateConfig(), **overrides)
 
 
-def _check_bank(bank: Bank, config: GenerateConfig, spec: SignatureSpec) -> None:
+def _check_bank(index: BankIndex, config: GenerateConfig, spec: SignatureSpec) -> None:
     """Refuse what this bank cannot do with `config` before any signature is computed."""
+    bank = index.bank
     if not bank.usable and config.entry_signatures == "data":
         raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted with "
                            "--entry-signatures data ('auto' signs them by their answers to probe prompts)")
-    probed = config.entry_signatures == "probes" or (config.entry_signatures == "auto" and len(bank.entries) > len(bank.usable))
-    if probed and bank.base_model is None:
+    if index.mode(config.entry_signatures) != "data" and bank.base_model is None:
         raise LoramixError(f"{bank.path}: --entry-signatures {config.entry_signatures} signs entries by their answers to "
                            "probe prompts, which needs the base model, and the bank names none")
     if SIGNATURES.get(spec.method).needs_base and spec.model is None:
@@ -106,7 +106,7 @@ def generate(
     index = BankIndex(bank)
     weighted = index.weighted(config.entry_signatures)
     spec = index.resolve(config.signature_spec())
-    _check_bank(bank, config, spec)
+    _check_bank(index, config, spec)
     model, tokenizer = _base_for(bank, config)
 
     calibration = cached_calibration(bank, config) if config.calibration else None
@@ -259,7 +259,7 @@ def leave_one_out(
         raise LoramixError(f"{bank.path}: leave-one-out needs at least 2 entries with data, found {len(bank.usable)}")
     index = BankIndex(bank)
     spec = index.resolve(config.signature_spec())
-    _check_bank(bank, config, spec)
+    _check_bank(index, config, spec)
     c = loo_coefficients(index, config)
     d = index.distance_matrix(spec, config.distance, config.seed, config.entry_signatures, config.probe_set())
     weighted = index.weighted(config.entry_signatures)
