@@ -6,7 +6,7 @@ import torch
 from helpers import TINY_SHAPES, make_bank, topic_records, write_adapter, write_jsonl
 from safetensors.torch import save_file
 
-from loramix import Bank, BankIndex, LoramixError, SignatureSpec
+from loramix import Bank, BankIndex, LoraAdapter, LoramixError, SignatureSpec
 
 
 def _edit_config(folder, **fields):
@@ -201,3 +201,19 @@ def test_truncated_weights_are_refused_with_the_entry_named(tmp_path):
         b = Bank(root)
         for m in b.shapes:
             b.entry("task_colors").adapter.factors(m)
+
+
+def test_adapters_sharing_a_header_are_each_read_under_their_own_config(tmp_path, caplog):
+    """Byte-identical weights headers are parsed once per process, but each adapter's config still decides which
+    modules are applied and at what scale, and each adapter reads its own tensors."""
+    root = tmp_path / "bank"
+    write_adapter(root / "a", seed=0)
+    write_adapter(root / "b", seed=1, alpha=16)
+    write_adapter(root / "c", seed=2, config_extra={"target_modules": ["q_proj", "v_proj"]})
+    with caplog.at_level(logging.WARNING, logger="loramix"):
+        a, b, c = (LoraAdapter(root / n) for n in "abc")
+    assert (root / "a" / "adapter_model.safetensors").read_bytes()[:200] == (root / "b" / "adapter_model.safetensors").read_bytes()[:200]
+    assert {m.scale for m in a.modules.values()} == {2.0} and {m.scale for m in b.modules.values()} == {4.0}
+    assert sorted(c.modules) == sorted(m for m in TINY_SHAPES if not m.endswith("k_proj"))
+    assert "c: 2 module(s) have tensors but are not selected" in caplog.text
+    assert not torch.equal(a.factors(sorted(a.modules)[0])[0], b.factors(sorted(b.modules)[0])[0])

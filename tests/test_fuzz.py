@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import struct
 import tempfile
@@ -102,6 +103,62 @@ def test_any_safetensors_header_is_read_or_refused_in_one_line(tmp_path, header,
     blob = json.dumps(header).encode()
     (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
     outcome(lambda: read_everything(folder))
+
+
+SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@st.composite
+def near_valid_files(draw) -> bytes:
+    """A valid safetensors file (tensors laid out contiguously, in any header order), often with one defect: an
+    offset moved, a byte too many or too few, a shape or dtype changed, a header with leading spaces."""
+    names = draw(st.lists(st.text("abc", min_size=1, max_size=3), min_size=0, max_size=4, unique=True))
+    header, at = {}, 0
+    for name in names:
+        dtype = draw(st.sampled_from(sorted(SIZES)))
+        shape = draw(st.lists(st.integers(0, 3), max_size=2))
+        size = SIZES[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + size]}
+        at += size
+    if names and draw(st.booleans()):
+        victim = header[draw(st.sampled_from(names))]
+        kind = draw(st.sampled_from(["offset0", "offset1", "shape", "dtype"]))
+        if kind.startswith("offset"):
+            victim["data_offsets"][int(kind[-1])] += draw(st.sampled_from([-1, 1, 4]))
+        elif kind == "shape":
+            victim["shape"] = victim["shape"] + [2]
+        else:
+            victim["dtype"] = "F64" if victim["dtype"] != "F64" else "U8"
+    order = draw(st.permutations(list(header)))
+    blob = json.dumps({k: header[k] for k in order}).encode()
+    if draw(st.booleans()):
+        blob = draw(st.sampled_from([b" ", b"", b"  \n"])) + blob + draw(st.sampled_from([b" ", b"", b"\n"]))
+    data = bytes(at + draw(st.sampled_from([0, 0, 0, -1, 1])) if at else draw(st.sampled_from([0, 0, 1])))
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+@FUZZ
+@given(raw=near_valid_files())
+def test_the_safetensors_layout_check_agrees_with_safetensors(tmp_path, raw):
+    """loramix reads a weights file's header once and checks it itself: it accepts exactly the files safetensors
+    opens, with the same tensor spans."""
+    from safetensors import SafetensorError, safe_open
+
+    from loramix.adapter import _read_safetensors_header, _safetensors_spans
+
+    file = fresh(tmp_path) / "w.safetensors"
+    file.write_bytes(raw)
+    try:
+        with safe_open(file, framework="numpy") as f:
+            theirs = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError:
+        theirs = None
+    with open(file, "rb") as f:
+        try:
+            ours = {k: shape for k, (_, _, _, shape) in _safetensors_spans(_read_safetensors_header(f, len(raw)), len(raw)).items()}
+        except ValueError:
+            ours = None
+    assert ours == theirs
 
 
 @FUZZ

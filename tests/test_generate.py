@@ -194,3 +194,12 @@ def test_leave_one_out_matches_one_by_one(tmp_path, operator):
         for m, (a, b) in want.factors.items():
             assert torch.equal(got[f"base_model.model.{m}.lora_A.weight"], a)
             assert torch.equal(got[f"base_model.model.{m}.lora_B.weight"], b)
+
+
+def test_generate_times_its_stages(tmp_path, bank, user_data):
+    from loramix.pipeline import STAGES
+
+    result = generate(bank, user_data, tmp_path / "out", max_samples=16, check=0)
+    assert list(result.seconds) == [s for s in STAGES if s in result.seconds]  # in order
+    assert {"open", "signature", "distances", "coefficients", "compose"} <= set(result.seconds)
+    assert "check" not in result.seconds and all(v >= 0 for v in result.seconds.values())

@@ -35,20 +35,21 @@ TEXTS = ["hello world", "  padded with spaces  \n", "A" * 3000, "", "Ünïcödé
 
 
 def test_the_default_encoder_gives_sentence_transformers_vectors_without_importing_it():
+    """all-MiniLM-L6-v2 runs as plain torch (no sentence-transformers, no transformers) with the same vectors."""
     from sentence_transformers import SentenceTransformer
 
     from loramix.signatures import _embedder_path, _Encoder
 
     encoder = _Encoder(DEFAULT_EMBED_MODEL)
-    assert encoder._st is None  # transformers alone
+    assert encoder._st is None and encoder._bert is not None  # plain torch
     want = SentenceTransformer(_embedder_path(DEFAULT_EMBED_MODEL), device="cpu").encode(
         TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     np.testing.assert_allclose(encoder(TEXTS), want, atol=1e-6)
     code = ("import sys; from loramix import make_signer, SignatureSpec, Dataset, Sample; "
             "make_signer(SignatureSpec('embed-io').resolved(None))(Dataset([Sample('a', ('b',))], 'x')); "
-            "print('sentence_transformers' in sys.modules)")
+            "print('sentence_transformers' in sys.modules, 'transformers' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
+    assert p.returncode == 0 and p.stdout.strip() == "False False", p.stderr  # BERT in plain torch (_Bert)
 
 
 @pytest.mark.parametrize("change,plain", [
@@ -133,3 +134,21 @@ def test_embed_io_tells_a_mapping_from_its_inverse():
     embed = make_signer(SignatureSpec("embed").resolved(None))
     io = make_signer(SignatureSpec("embed-io").resolved(None))
     assert w2(io(ds), io(flipped)) > 3 * w2(embed(ds), embed(flipped))
+
+
+def test_a_transformer_that_is_not_plain_bert_runs_through_transformers(tmp_path):
+    """A model _Bert does not describe exactly (here: no tokenizer.json) runs through transformers, same vectors."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from loramix.signatures import _embedder_path, _Encoder
+
+    folder = tmp_path / "model"
+    shutil.copytree(_embedder_path(DEFAULT_EMBED_MODEL), folder)
+    (folder / "tokenizer.json").unlink()
+    encoder = _Encoder(str(folder))
+    assert encoder._st is None and encoder._bert is None
+    want = SentenceTransformer(str(folder), device="cpu").encode(
+        TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(encoder(TEXTS), want, atol=1e-6)

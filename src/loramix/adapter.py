@@ -21,7 +21,6 @@ from typing import Any, BinaryIO, Callable
 
 import regex
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import LoramixError
@@ -183,17 +182,80 @@ _TORCH_DTYPES = {name.upper().replace("FLOAT", "F"): dtype for name, dtype in {*
 _SAFETENSORS_DTYPES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
-def _tensor_spans(f: BinaryIO) -> dict[str, tuple[int, int, str, list[int]]]:
-    """Tensor name -> (first byte, end byte, dtype name, shape) of its data in an open safetensors file (whose header
-    safetensors has validated): an 8-byte little-endian header length, the JSON header, then the data its offsets
-    point into.
+# safetensors dtype names -> bytes per element (every dtype the format defines, so any file's layout can be checked).
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "I64": 8, "U64": 8, "F64": 8}
+_ST_MAX_HEADER = 100_000_000  # safetensors' own bound on the JSON header's length
+Span = tuple[int, int, str, list[int]]  # first byte, end byte, safetensors dtype name, shape
+
+
+def _read_safetensors_header(f: BinaryIO, size: int) -> bytes:
+    """The JSON header of an open safetensors file of `size` bytes (after its 8-byte little-endian length); ValueError
+    if the file is too short for it."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError("shorter than its 8-byte header length")
+    n = int.from_bytes(head, "little")
+    if n > min(_ST_MAX_HEADER, size - 8):
+        raise ValueError(f"header length {n} exceeds the file ({size} bytes)" if n <= _ST_MAX_HEADER else
+                         f"header length {n} exceeds safetensors' limit")
+    return f.read(n)
+
+
+def _safetensors_spans(header: bytes, size: int) -> dict[str, Span]:
+    """Tensor name -> `Span` of its data in a safetensors file of `size` bytes with this JSON `header`, validated as
+    safetensors validates a file on open: a JSON object; per tensor a known dtype, a shape of non-negative integers
+    and offsets whose length is the shape's bytes; the tensors' data contiguous, without gaps or overlaps, filling the
+    file to its end. ValueError naming what is wrong.
     Data is then read with plain file reads, not safetensors' memory map: mapped pages count in the reading
     process's resident memory, so a bank composed through open maps would grow it by the bank's size."""
-    f.seek(0)
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1], v["dtype"], v["shape"])
-            for k, v in header.items() if k != "__metadata__"}
+    try:
+        entries = json.loads(header)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"header is not JSON: {e}") from None
+    if not isinstance(entries, dict):
+        raise ValueError("header is not a JSON object")
+    meta = entries.pop("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError("__metadata__ is not an object of strings")
+    base, spans = 8 + len(header), {}
+    for name, t in entries.items():
+        ok = isinstance(t, dict) and isinstance(t.get("dtype"), str) and t["dtype"] in _ST_ITEMSIZE
+        shape, offsets = (t.get("shape"), t.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
+        if not ok or not 0 <= offsets[0] <= offsets[1]:
+            raise ValueError(f"tensor '{name}': expected a known dtype, a shape and two ordered data offsets")
+        if offsets[1] - offsets[0] != math.prod(shape) * _ST_ITEMSIZE[t["dtype"]]:
+            raise ValueError(f"tensor '{name}': its data offsets do not hold {t['dtype']} {shape}")
+        spans[name] = (base + offsets[0], base + offsets[1], t["dtype"], shape)
+    end = base
+    for first, last, _, _ in sorted(spans.values()):
+        if first != end:
+            raise ValueError("tensor data overlaps or leaves a gap")
+        end = last
+    if end != size:
+        raise ValueError(f"the tensors' data ends at byte {end}, the file at byte {size}")
+    return spans
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a weights file's header and an adapter_config.json say together: the modules PEFT applies, their tensor
+    keys (A, B), the spans of the tensors, the stored dtype and the modules that have tensors but are not applied."""
+
+    modules: dict[str, "LoraModule"]
+    keys: dict[str, tuple[str, str]]
+    spans: dict[str, Span]
+    dtype: torch.dtype
+    skipped: frozenset[str]
+
+
+# (config as JSON, weights header, file size) -> _Layout: the adapters of a bank trained with one recipe share their
+# header bytes, so each distinct one is parsed and checked once per process.
+_LAYOUTS: dict[tuple[str, bytes, int], _Layout] = {}
+_MAX_LAYOUTS = 256
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -296,11 +358,16 @@ class LoraAdapter:
         self.allow_pickle = allow_pickle
         self.config = self._read_config()
         self.base_model: str | None = self.config.get("base_model_name_or_path")
-        self._spans: dict[str, tuple[int, int, str, list[int]]] = {}  # safetensors key -> `_tensor_spans` record
         self._identity: tuple[int, int, int, int] | None = None  # of the weights file whose header was read
         self._pickled: dict[str, torch.Tensor] | None = None
-        self._tensor_keys: dict[str, tuple[str, str]] = {}
-        self.modules, self.dtype = self._read_header()
+        layout = self._read_layout()
+        if layout.skipped:
+            log.warning("%s: %d module(s) have tensors but are not selected by %s's target_modules / exclude_modules / "
+                        "layers_to_transform, so PEFT does not apply them and neither does loramix (e.g. %s)",
+                        self.name, len(layout.skipped), CONFIG_FILE, sorted(layout.skipped)[0])
+        self.modules: dict[str, LoraModule] = dict(layout.modules)
+        self.dtype: torch.dtype = layout.dtype
+        self._spans, self._tensor_keys = layout.spans, layout.keys  # shared between adapters of one layout: read-only
 
     @property
     def version(self) -> str:
@@ -337,21 +404,29 @@ class LoraAdapter:
                 raise self._fail(f"{CONFIG_FILE}: field '{field_name}' is missing")
         return config
 
-    def _tensor_index(self) -> tuple[str, list[tuple[str, list[int], str]]]:
-        """(file name, [(tensor name, shape, safetensors dtype name)]) of the weights file, read without the data
-        (safetensors); a pickle only with allow_pickle, loaded with torch.load(weights_only=True)."""
+    def _read_layout(self) -> _Layout:
+        """The layout of the weights file (safetensors: its header, read once and validated; a pickle only with
+        allow_pickle, loaded with torch.load(weights_only=True)) under this adapter's config."""
         file = self.path / WEIGHTS_FILE
         if file.is_file():
             with open(file, "rb") as f:
-                self._identity = _identity(os.fstat(f.fileno()))
+                st = os.fstat(f.fileno())
+                self._identity = _identity(st)
                 try:
-                    with safe_open(file, framework="pt"):  # validates the header against the file's size
-                        pass
-                except SafetensorError as e:
+                    header = _read_safetensors_header(f, st.st_size)
+                except ValueError as e:
                     raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
-                self._spans = _tensor_spans(f)
-            self._check_unchanged(os.stat(file))  # what safe_open validated is what was read
-            return WEIGHTS_FILE, [(k, shape, dtype) for k, (_, _, dtype, shape) in sorted(self._spans.items())]
+                self._check_unchanged(os.fstat(f.fileno()))  # the header read is that version's
+            key = (json.dumps(self.config, sort_keys=True), header, st.st_size)
+            if key not in _LAYOUTS:
+                try:
+                    spans = _safetensors_spans(header, st.st_size)
+                except ValueError as e:
+                    raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
+                if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                    _LAYOUTS.clear()
+                _LAYOUTS[key] = self._layout(WEIGHTS_FILE, {k: (shape, dtype) for k, (_, _, dtype, shape) in spans.items()}, spans)
+            return _LAYOUTS[key]
         if os.path.lexists(file):  # a folder, a FIFO, a device, a dangling link
             raise self._fail(f"{WEIGHTS_FILE} is not a regular file")
         pickled = self.path / PICKLE_FILE
@@ -366,15 +441,17 @@ class LoraAdapter:
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise self._fail(f"{PICKLE_FILE}: expected a dict of tensors")
         self._pickled = tensors
-        return PICKLE_FILE, [(k, list(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for k, t in tensors.items()]
+        return self._layout(PICKLE_FILE, {k: (list(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)))
+                                          for k, t in tensors.items()}, {})
 
-    def _read_header(self) -> tuple[dict[str, LoraModule], torch.dtype]:
+    def _layout(self, source: str, tensors: dict[str, tuple[list[int], str]], spans: dict[str, Span]) -> _Layout:
+        """Check the tensors (name -> (shape, safetensors dtype name)) of `source` against the config: LoRA A/B
+        weights of linear modules, both per module, ranks as the config says, one supported dtype."""
         shapes: dict[str, dict[str, list[int]]] = {}
         keys: dict[str, dict[str, str]] = {}
         dtypes = set()
-        source, index = self._tensor_index()
         skipped, selected = set(), {}
-        for key, shape, dtype_name in index:
+        for key, (shape, dtype_name) in sorted(tensors.items()):
             m = _KEY.match(key)
             if not m and _KEY.match(TENSOR_PREFIX + key):
                 raise self._fail(f"{source}: tensor '{key}' lacks the '{TENSOR_PREFIX}' prefix, so PEFT does not load it "
@@ -390,10 +467,6 @@ class LoraAdapter:
             shapes.setdefault(module, {})[which] = shape
             keys.setdefault(module, {})[which] = key
             dtypes.add(dtype_name)
-        if skipped:
-            log.warning("%s: %d module(s) have tensors but are not selected by %s's target_modules / exclude_modules / "
-                        "layers_to_transform, so PEFT does not apply them and neither does loramix (e.g. %s)",
-                        self.name, len(skipped), CONFIG_FILE, sorted(skipped)[0])
         if not shapes:
             raise self._fail(f"{source}: no LoRA tensors" + (f" of the modules {CONFIG_FILE} selects" if skipped else ""))
         if not dtypes <= _TORCH_DTYPES.keys():
@@ -416,10 +489,9 @@ class LoraAdapter:
             alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"], f"{self.name}: {CONFIG_FILE}: field 'alpha_pattern'")
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             modules[name] = LoraModule(name, rank, float(scale), a[1], b[0])
-            self._tensor_keys[name] = (keys[name]["A"], keys[name]["B"])
         # one stored dtype is kept; a mix is read as float32 (float64 if any tensor is float64)
         stored = _TORCH_DTYPES[dtypes.pop()] if len(dtypes) == 1 else (torch.float64 if "F64" in dtypes else torch.float32)
-        return modules, stored
+        return _Layout(modules, {n: (keys[n]["A"], keys[n]["B"]) for n in modules}, spans, stored, frozenset(skipped))
 
     # -- tensor access ----------------------------------------------------------------------------------
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ On point clouds ([n, d] float arrays): `w2`, `sliced`, `mmd-rbf`, `gaussian-w2`.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -20,8 +22,9 @@ Kind = Literal["tokens", "cloud"]
 @dataclass(frozen=True)
 class Distance:
     """A registered distance: `fn(x, y, seed) -> float`, for signatures of `kind`; `matrix(sigs, seed)` is an
-    optional fast path for a whole matrix, returning None where it does not apply. `revision` changes when the
-    values do, so that cached matrices are recomputed."""
+    optional fast path for a whole matrix, returning None where it does not apply; `batch` (point clouds) computes
+    one cloud against many at once, which rows and matrices use. `revision` changes when the values do, so that
+    cached matrices are recomputed."""
 
     name: str
     kind: Kind
@@ -29,6 +32,7 @@ class Distance:
     fn: Callable[[np.ndarray, np.ndarray, int], float]
     matrix: Callable[[Sequence[np.ndarray], int], np.ndarray | None] | None = None
     revision: int = 1
+    batch: "Batched | None" = None
 
 
 DISTANCES: Registry[Distance] = Registry("distance")
@@ -38,6 +42,34 @@ def register_distance(name: str, kind: Kind, symmetric: bool = True, matrix: Cal
     """Decorator: register `fn(x, y, seed) -> float` as distance `name` between signatures of `kind` (see Distance)."""
     def decorator(fn: Callable[[np.ndarray, np.ndarray, int], float]):
         DISTANCES.register(name)(Distance(name, kind, symmetric, fn, matrix, revision))
+        return fn
+
+    return decorator
+
+
+Prepared = tuple[np.ndarray, object]  # a cloud as a batched distance uses it: points [n', d] float64, and what else
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A symmetric cloud distance computed one query cloud against many: `prepare(x) -> (points, extra)` per cloud
+    (see Clouds), then `row(queries, q, refs, lo, hi)` gives d(queries[q], refs[j]) for lo <= j < hi, the products
+    of each block of _BLOCK consecutive references in one matrix product. Blocks start at fixed indices (multiples
+    of _BLOCK, or lo), so each value depends on the data alone, never on how many threads compute the matrix."""
+
+    prepare: Callable[[np.ndarray], Prepared]
+    row: Callable[["Clouds", int, "Clouds", int, int], np.ndarray]
+
+
+def register_batched(name: str, prepare: Callable[[np.ndarray], Prepared], revision: int = 1):
+    """Decorator: register `row(queries, q, refs, lo, hi) -> [hi - lo]` (see Batched) as the symmetric cloud
+    distance `name`; its pair function is the one-reference row."""
+    def decorator(row):
+        def fn(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+            return float(row(Clouds([x], prepare), 0, Clouds([y], prepare), 0, 1)[0])
+
+        fn.__name__, fn.__doc__ = row.__name__, row.__doc__
+        DISTANCES.register(name)(Distance(name, "cloud", True, fn, None, revision, Batched(prepare, row)))
         return fn
 
     return decorator
@@ -110,30 +142,88 @@ def mmd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
 
 # -- point clouds ------------------------------------------------------------------------------------------
 _EXACT_OT_MAX = 1_000_000  # n * m up to which W2 uses exact OT; Sinkhorn beyond
+_BLOCK = 32  # references whose cross products with a query are one matrix product
+_DUPLICATE = 1e-12  # squared distances below this fraction of the largest squared norm are rounding: duplicate points
 
 
-@register_distance("w2", "cloud")
-def w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+class Clouds:
+    """Point clouds [n_k, d] as a batched distance reads them, a block of consecutive clouds at a time: each cloud
+    prepared (`prepare(x) -> (points [n', d] float64, extra)`) and the block's points stacked. With `keep` (a
+    matrix, whose every row reads every cloud) all are prepared and stacked once; without (a row, which reads each
+    cloud once) each block is prepared when read and let go, so memory holds one block, not the bank."""
+
+    def __init__(self, clouds: Sequence[np.ndarray], prepare: Callable[[np.ndarray], Prepared], keep: bool = False):
+        self.clouds, self.prepare = clouds, prepare
+        self.extra: list = [None] * len(clouds)
+        self._kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        if keep:
+            points, sq, sizes = self._prepared(0, len(clouds))
+            self._kept = points, sq, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _prepared(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        parts = []
+        for k in range(lo, hi):
+            points, self.extra[k] = self.prepare(self.clouds[k])
+            parts.append(points)
+        points = np.concatenate(parts)
+        return points, (points * points).sum(1), np.array([len(x) for x in parts], dtype=np.int64)
+
+    def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Clouds lo <= k < hi: their points stacked [sum n_k', d] float64, squared norms [sum n_k'], sizes [hi - lo]
+        (their `extra` set)."""
+        if self._kept is None:
+            return self._prepared(lo, hi)
+        points, sq, starts = self._kept
+        span = slice(int(starts[lo]), int(starts[hi]))
+        return points[span], sq[span], np.diff(starts[lo : hi + 1])
+
+
+def _products(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int):
+    """(ks, sizes, x, xx, y_sq, g) per block of references lo <= k < hi: their indices and sizes, cloud q of `queries`
+    with its squared norms, the block's squared norms, and x @ y^T [n_q, sum of sizes] in one matrix product."""
+    x, xx, _ = queries.block(q, q + 1)
+    j = lo
+    while j < hi:
+        end = min(hi, (j // _BLOCK + 1) * _BLOCK)
+        y, yy, sizes = refs.block(j, end)
+        yield range(j, end), sizes, x, xx, yy, x @ y.T
+        j = end
+
+
+def _blocks(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int):
+    """(ks, sizes, d2) per block of references: the squared Euclidean distances [n_q, sum of sizes] from cloud q to
+    the block's points (as POT's ot.dist: |x|^2 + |y|^2 - 2 x.y, clipped at 0)."""
+    for ks, sizes, _, xx, yy, g in _products(queries, q, refs, lo, hi):
+        yield ks, sizes, np.maximum(xx[:, None] + yy[None, :] - 2 * g, 0.0)
+
+
+def _points(x: np.ndarray) -> Prepared:
+    return np.asarray(x, dtype=np.float64), None
+
+
+@register_batched("w2", _points)
+def w2(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int) -> np.ndarray:
     """2-Wasserstein distance between uniform point clouds (Euclidean ground cost): exact OT up to 10^6 point pairs
     (clouds of one size: an optimal assignment, which an optimal plan between uniform measures of equal size is
     (Birkhoff), solved by scipy's linear_sum_assignment, about twice as fast as the network simplex; else POT's
     emd2), entropic OT (Sinkhorn, reg 0.01 of the largest cost) beyond."""
     import ot
+    from scipy.optimize import linear_sum_assignment
 
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
-    cost = ot.dist(x, y)  # squared Euclidean
-    if len(x) == len(y) and len(x) * len(y) <= _EXACT_OT_MAX:
-        from scipy.optimize import linear_sum_assignment
-
-        rows, cols = linear_sum_assignment(cost)
-        value = cost[rows, cols].mean()
-    elif len(x) * len(y) <= _EXACT_OT_MAX:
-        value = ot.emd2(a, b, cost, numItermax=10_000_000)
-    else:
-        scale = float(cost.max()) or 1.0
-        value = ot.sinkhorn2(a, b, cost / scale, reg=0.01) * scale
-    return float(np.sqrt(max(float(value), 0.0)))
+    out = np.empty(hi - lo)
+    for ks, sizes, d2 in _blocks(queries, q, refs, lo, hi):
+        for k, cost in zip(ks, np.split(d2, np.cumsum(sizes)[:-1], axis=1)):
+            n, m = cost.shape
+            if n == m and n * m <= _EXACT_OT_MAX:
+                rows, cols = linear_sum_assignment(cost)
+                value = cost[rows, cols].mean()
+            elif n * m <= _EXACT_OT_MAX:
+                value = ot.emd2(np.full(n, 1 / n), np.full(m, 1 / m), np.ascontiguousarray(cost), numItermax=10_000_000)
+            else:
+                scale = float(cost.max()) or 1.0
+                value = ot.sinkhorn2(np.full(n, 1 / n), np.full(m, 1 / m), cost / scale, reg=0.01) * scale
+            out[k - lo] = np.sqrt(max(float(value), 0.0))
+    return out
 
 
 _PROJECTIONS = 256
@@ -162,58 +252,81 @@ def sliced(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     return float(ot.sliced_wasserstein_distance(x.astype(np.float64), y.astype(np.float64), n_projections=_PROJECTIONS, p=2, seed=seed))
 
 
-@register_distance("mmd-rbf", "cloud")
-def mmd_rbf(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+def _with_within(x: np.ndarray) -> Prepared:
+    """The cloud, and its within-cloud squared distances (pairs a < b, 1-D) as `extra`."""
+    x = np.asarray(x, dtype=np.float64)
+    sq = (x * x).sum(1)
+    return x, np.maximum(sq[:, None] + sq[None, :] - 2 * (x @ x.T), 0.0)[np.triu_indices(len(x), 1)]
+
+
+@register_batched("mmd-rbf", _with_within)
+def mmd_rbf(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int) -> np.ndarray:
     """MMD (square root of the biased MMD^2) with a Gaussian kernel exp(-|u - v|^2 / (2 s^2)),
-    s^2 the median squared distance between distinct points of the pooled sample (median heuristic)."""
-    import ot
+    s^2 the median squared distance between distinct points of the pooled sample (median heuristic; duplicate
+    points left out: pairs whose squared distance is within _DUPLICATE of the largest squared norm, the rounding of
+    |x|^2 + |y|^2 - 2 x.y). References of one size are computed together, one array per block."""
+    out = np.empty(hi - lo)
+    for ks, sizes, x, xx, yy, g in _products(queries, q, refs, lo, hi):
+        within_x, n = queries.extra[q], len(x)
+        d2 = np.maximum(xx[:, None] + yy[None, :] - 2 * g, 0.0)
+        groups = [list(range(len(ks)))] if len(set(sizes.tolist())) == 1 else [[i] for i in range(len(ks))]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        for group in groups:
+            m = int(sizes[group[0]])
+            cross = np.stack([d2[:, starts[i] : starts[i + 1]].ravel() for i in group])  # [B, n m]
+            within_y = np.stack([refs.extra[ks[i]] for i in group])  # [B, m (m - 1) / 2]
+            pooled = np.concatenate([np.broadcast_to(within_x, (len(group), len(within_x))), within_y, cross], axis=1)
+            norms = np.array([max(xx.max(initial=0), yy[starts[i] : starts[i + 1]].max(initial=0)) for i in group])
+            out[[ks[i] - lo for i in group]] = _mmd_rows(pooled, n, m, len(within_x), within_y.shape[1], _DUPLICATE * norms)
+    return out
 
-    z = np.concatenate([x, y]).astype(np.float64)
-    d2 = ot.dist(z, z)
-    off = d2[~np.eye(len(z), dtype=bool)]
-    bandwidth = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0
-    k = np.exp(-d2 / (2 * bandwidth))
-    n = len(x)
-    return float(np.sqrt(max(_mmd2(k[:n, :n], k[n:, n:], k[:n, n:]), 0.0)))
+
+def _mmd_rows(pooled: np.ndarray, n: int, m: int, lx: int, ly: int, tie: np.ndarray) -> np.ndarray:
+    """MMD per row of `pooled` [B, lx + ly + n m]: a pair's within-x, within-y and cross squared distances; those up to
+    its `tie` [B] are duplicates."""
+    zeros = (pooled <= tie[:, None]).sum(1)
+    positive = pooled.shape[1] - zeros
+    bandwidth = np.ones(len(pooled))
+    for z in np.unique(zeros[positive > 0]):  # rows with as many duplicate pairs share their median's positions
+        rows = np.flatnonzero((zeros == z) & (positive > 0))
+        p = pooled.shape[1] - int(z)
+        mid = sorted({int(z) + (p - 1) // 2, int(z) + p // 2})
+        bandwidth[rows] = np.partition(pooled[rows], mid, axis=1)[:, mid].mean(1)
+    kernel = np.exp(pooled * (-0.5 / bandwidth)[:, None])
+    kxx = (n + 2 * kernel[:, :lx].sum(1)) / (n * n)
+    kyy = (m + 2 * kernel[:, lx : lx + ly].sum(1)) / (m * m)
+    kxy = kernel[:, lx + ly :].mean(1)
+    return np.sqrt(np.maximum(kxx + kyy - 2 * kxy, 0.0))
 
 
-def _gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """A cloud [n, d] as its Gaussian: mean [d], a factor F [min(n, d), d] with F^T F its covariance (1/n), and
-    the covariance's trace."""
-    x = x.astype(np.float64)
+def _gaussian(x: np.ndarray) -> Prepared:
+    """A cloud [n, d] as its Gaussian: a factor F [min(n, d), d] with F^T F its covariance (1/n), and (mean [d], the
+    covariance's trace)."""
+    x = np.asarray(x, dtype=np.float64)
     mean = x.mean(0)
     f = (x - mean) / np.sqrt(len(x))
     if len(x) > x.shape[1]:  # fewer rows: the covariance's symmetric square root
         w, v = np.linalg.eigh(f.T @ f)
         f = (v * np.sqrt(np.clip(w, 0.0, None))).T
-    return mean, f, float((f * f).sum())
+    return f, (mean, float((f * f).sum()))
 
 
-def _bures(gx: tuple[np.ndarray, np.ndarray, float], gy: tuple[np.ndarray, np.ndarray, float]) -> float:
-    """W2 between two `_gaussian`s. The cross term tr (S_x^1/2 S_y S_x^1/2)^1/2 is the nuclear norm of F_y F_x^T:
-    the square roots of the eigenvalues of a min(n, d)-sized Gram matrix, never a d x d square root per pair."""
-    (mx, fx, tx), (my, fy, ty) = gx, gy
-    m = fy @ fx.T
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    cross = float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum())
-    return float(np.sqrt(max(float(((mx - my) ** 2).sum()) + tx + ty - 2 * cross, 0.0)))
-
-
-def _gaussian_w2_matrix(sigs: Sequence[np.ndarray], seed: int) -> np.ndarray:
-    """All pairs, each cloud's Gaussian computed once. Same values as `gaussian-w2`."""
-    gs = [_gaussian(x) for x in sigs]
-    n = len(gs)
-    out = np.zeros((n, n))
-    for i, j in track([(i, j) for i in range(n) for j in range(i + 1, n)], "distance matrix (gaussian-w2)", total=n * (n - 1) // 2):
-        out[i, j] = out[j, i] = _bures(gs[i], gs[j])
-    return out
-
-
-@register_distance("gaussian-w2", "cloud", matrix=_gaussian_w2_matrix, revision=2)  # 2: no ridge, factor form
-def gaussian_w2(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+@register_batched("gaussian-w2", _gaussian, revision=2)  # 2: no ridge, factor form
+def gaussian_w2(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int) -> np.ndarray:
     """Frechet (Bures-Wasserstein) distance between Gaussians fitted to the clouds (means, covariances with
-    1/n): sqrt(|m_x - m_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2)), computed from low-rank factors."""
-    return _bures(_gaussian(x), _gaussian(y))
+    1/n): sqrt(|m_x - m_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2)). The cross term is the nuclear norm of
+    F_x F_y^T: the square roots of the eigenvalues of a min(n_x, n_y)-sized Gram matrix, never a d x d square root."""
+    out = np.empty(hi - lo)
+    for ks, sizes, _, _, _, g in _products(queries, q, refs, lo, hi):
+        mx, tx = queries.extra[q]
+        parts = np.split(g, np.cumsum(sizes)[:-1], axis=1)  # F_x F_y^T per reference
+        grams = [p.T @ p if p.shape[0] >= p.shape[1] else p @ p.T for p in parts]
+        eig = np.linalg.eigvalsh(np.stack(grams)) if len({x.shape for x in grams}) == 1 else [np.linalg.eigvalsh(x) for x in grams]
+        for k, lam in zip(ks, eig):
+            my, ty = refs.extra[k]
+            cross = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+            out[k - lo] = np.sqrt(max(float(((mx - my) ** 2).sum()) + tx + ty - 2 * cross, 0.0))
+    return out
 
 
 # -- rows and matrices -------------------------------------------------------------------------------------
@@ -234,22 +347,42 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
+def _workers(workers: int | None) -> int:
+    """Threads for a batched distance: `workers`, default the CPUs this process may use."""
+    return max(1, workers or len(os.sched_getaffinity(0)))
+
+
 def distance_row(name: str, query: np.ndarray, refs: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
     """d(query, refs[j]) for every j: float64 [len(refs)]."""
-    fn = DISTANCES.get(name).fn
-    with _one_blas_thread():
-        return np.array([fn(query, r, seed) for r in track(refs, f"distances ({name})", total=len(refs))])
-
-
-def distance_matrix(name: str, sigs: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
-    """D[i, j] = d(sigs[i], sigs[j]), float64 [n, n]; for symmetric distances only i < j is computed."""
     dist = DISTANCES.get(name)
+    with _one_blas_thread():
+        if dist.batch is not None:  # blocks of references on threads (block by block, as one row would)
+            batch, n = dist.batch, len(refs)
+            x, ys = Clouds([query], batch.prepare, keep=True), Clouds(refs, batch.prepare)
+            with ThreadPoolExecutor(_workers(None), thread_name_prefix="loramix-distances") as pool:
+                parts = pool.map(lambda j: batch.row(x, 0, ys, j, min(n, j + _BLOCK)), range(0, n, _BLOCK))
+                return np.concatenate([*parts, np.zeros(0)])
+        return np.array([dist.fn(query, r, seed) for r in track(refs, f"distances ({name})", total=len(refs))])
+
+
+def distance_matrix(name: str, sigs: Sequence[np.ndarray], seed: int = 0, workers: int | None = None) -> np.ndarray:
+    """D[i, j] = d(sigs[i], sigs[j]), float64 [n, n]; for symmetric distances only i < j is computed. Batched
+    distances run their rows on `workers` threads (default: the CPUs this process may use), each BLAS call on one
+    thread: the values do not depend on `workers`."""
+    dist = DISTANCES.get(name)
+    n = len(sigs)
+    out = np.zeros((n, n))
     with _one_blas_thread():
         if dist.matrix is not None and (fast := dist.matrix(sigs, seed)) is not None:
             return fast
-        n = len(sigs)
+        if dist.batch is not None:
+            clouds = Clouds(sigs, dist.batch.prepare, keep=True)
+            with ThreadPoolExecutor(_workers(workers), thread_name_prefix="loramix-distances") as pool:
+                rows = pool.map(lambda i: dist.batch.row(clouds, i, clouds, i + 1, n), range(n))
+                for i, row in enumerate(track(rows, f"distance matrix ({name})", total=n)):
+                    out[i, i + 1 :] = out[i + 1 :, i] = row
+            return out
         pairs = [(i, j) for i in range(n) for j in range(n) if i != j and (i < j or not dist.symmetric)]
-        out = np.zeros((n, n))
         for i, j in track(pairs, f"distance matrix ({name})", total=len(pairs)):
             out[i, j] = dist.fn(sigs[i], sigs[j], seed)
             if dist.symmetric:

@@ -101,9 +101,23 @@ def store(root: Path, stem: Path, data: bytes, ext: str) -> None:
             old.unlink(missing_ok=True)
 
 
-def fetch(stem: Path, ext: str) -> bytes | None:
-    """The bytes stored for `stem` if a version passes its HMAC, else None; versions that fail it are deleted."""
-    for path in _versions(stem, ext):
+def listing(folder: Path, ext: str) -> dict[str, list[Path]]:
+    """The stored versions (<stem>.<mac>.<ext>) in `folder` by stem name, from one scan: for fetching many stems of
+    one folder (`fetch(..., versions=...)`) without a scan per stem."""
+    out: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.name.endswith(f".{ext}"):
+                stem, _, mac = path.name[: -len(ext) - 1].rpartition(".")
+                if stem and mac:
+                    out.setdefault(stem, []).append(path)
+    return out
+
+
+def fetch(stem: Path, ext: str, versions: list[Path] | None = None) -> bytes | None:
+    """The bytes stored for `stem` if a version passes its HMAC, else None; versions that fail it are deleted.
+    `versions`: the stem's files as `listing` found them (default: looked up now)."""
+    for path in _versions(stem, ext) if versions is None else versions:
         if not path.is_file() or path.is_symlink():  # not what store writes: removed like a damaged file
             _remove(path)
             continue
@@ -142,9 +156,10 @@ class BankIndex:
         self.bank = bank
         self.dir = bank.index_dir
 
-    def array(self, stem: Path) -> np.ndarray | None:
-        """The array stored for `stem` (a path inside the index), None when none passes its HMAC."""
-        data = fetch(stem, "npy")
+    def array(self, stem: Path, versions: list[Path] | None = None) -> np.ndarray | None:
+        """The array stored for `stem` (a path inside the index), None when none passes its HMAC (`versions`: see
+        `fetch`)."""
+        data = fetch(stem, "npy", versions)
         return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
 
     def resolve(self, spec: SignatureSpec) -> SignatureSpec:
@@ -178,7 +193,8 @@ class BankIndex:
         folder = self.dir / "signatures" / spec.key()
         if fetch(folder / "spec", "json") is None:  # the spec, for people reading the folder; nothing reads it
             store(self.dir, folder / "spec", (json.dumps(asdict(spec), indent=2) + "\n").encode(), "json")
-        out: list[np.ndarray | None] = [self.array(folder / key) for key, _ in items]
+        stored = listing(folder, "npy")
+        out: list[np.ndarray | None] = [self.array(folder / key, stored.get(key, [])) for key, _ in items]
         missing = [(i, items[i][1]()) for i, sig in enumerate(out) if sig is None]
 
         def keep(item: tuple, sig: np.ndarray) -> None:
@@ -194,9 +210,10 @@ class BankIndex:
         when an entry's answers are not cached."""
         folder = self.dir / "probes" / probes.key(self.bank.base_model)
         stems = [folder / _digest([e.adapter.version]) for e in self.bank.entries]
+        stored = listing(folder, "json")
         out: list[Dataset | None] = []
         for entry, stem in zip(self.bank.entries, stems):
-            data = fetch(stem, "json")
+            data = fetch(stem, "json", stored.get(stem.name, []))
             try:
                 out.append(None if data is None else Dataset([Sample(i, (o,)) for i, o in json.loads(data)], f"{entry.name} (probe answers)"))
             except (ValueError, TypeError, LoramixError):  # a form this version does not read: recomputed

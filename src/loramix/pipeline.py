@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import ExitStack
+import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +42,7 @@ class GenerateResult:
     coefficients: dict[str, float]
     distances: dict[str, float]
     report: Report = field(repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per stage (STAGES) of this call
 
     def top(self, n: int = 5) -> list[tuple[str, float]]:
         """The n largest coefficients, largest first."""
@@ -97,17 +100,21 @@ def generate(
     loramix.json). Settings come from `config`, with keyword overrides (e.g. `top_k=8`). `allow_pickle`: see Bank.
     Every choice is checked against the bank before any signature is computed."""
     config = _configure(config, overrides)
-    refuse_target(out, force=force, inputs={"the bank": bank.path if isinstance(bank, Bank) else resolve_bank(bank),
-                                            "the data": None if isinstance(data, Dataset) else data})
-    bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
-    dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    if not len(dataset):
-        raise LoramixError(f"{dataset.source}: the dataset has no samples")
-    index = BankIndex(bank)
-    weighted = index.weighted(config.entry_signatures)
-    spec = index.resolve(config.signature_spec())
-    _check_bank(index, config, spec)
-    model, tokenizer = _base_for(bank, config)
+    seconds: dict[str, float] = {}
+    stage = partial(_timed, seconds)
+    with stage("open"):
+        refuse_target(out, force=force, inputs={"the bank": bank.path if isinstance(bank, Bank) else resolve_bank(bank),
+                                                "the data": None if isinstance(data, Dataset) else data})
+        bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
+        dataset = data if isinstance(data, Dataset) else read_dataset(data)
+        if not len(dataset):
+            raise LoramixError(f"{dataset.source}: the dataset has no samples")
+        index = BankIndex(bank)
+        weighted = index.weighted(config.entry_signatures)
+        spec = index.resolve(config.signature_spec())
+        _check_bank(index, config, spec)
+    with stage("base model"):
+        model, tokenizer = _base_for(bank, config)
 
     calibration = cached_calibration(bank, config) if config.calibration else None
     if config.calibration and calibration is None:
@@ -116,10 +123,13 @@ def generate(
     if calibration is not None:  # the bank's calibrated parameters replace the options they cover
         best = calibration.best
         config = replace(config, temperature=best.temperature, top_k=best.top_k, scale=best.scale)
-    user_sig = make_signer(spec)(dataset)
-    d = index.distance_row(spec, config.distance, user_sig, config.entry_signatures, config.probe_set(), config.seed,
-                           model=model, tokenizer=tokenizer)
-    c = operator_for(index, config).coefficients(d, config.temperature, config.top_k)
+    with stage("signature"):
+        user_sig = make_signer(spec)(dataset)
+    with stage("distances"):
+        d = index.distance_row(spec, config.distance, user_sig, config.entry_signatures, config.probe_set(), config.seed,
+                               model=model, tokenizer=tokenizer)
+    with stage("coefficients"):
+        c = operator_for(index, config).coefficients(d, config.temperature, config.top_k)
     coefficients = {e.name: config.scale * float(x) for e, x in zip(weighted, c)}
     refined = checked = None
     refine_samples = dataset.subsample(config.refine, config.seed) if config.refine else None
@@ -132,7 +142,8 @@ def generate(
         rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or 8, method=config.refine_method,
                             steps=config.refine_steps or RefineConfig.steps, budget=config.refine_budget,
                             per_layer=config.refine_per_layer, seed=config.seed)
-        refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose, model=model, tokenizer=tokenizer)
+        with stage("refine"):
+            refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose, model=model, tokenizer=tokenizer)
     weights = refined.coefficients if refined else coefficients
     if config.check_examples:
         used = set(refine_samples.samples) if refine_samples else set()
@@ -140,21 +151,24 @@ def generate(
         if not held.samples:
             raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}: give "
                                "more examples than it uses, or pass --check 0")
-        checked = check(bank, weights, held, examples=config.check_examples, method=config.compose, seed=config.seed + 1,
-                        singles=config.check_singles, tops=config.check_tops, criterion=config.check_criterion,
-                        layers=refined.layers if refined else None, model=model, tokenizer=tokenizer)
+        with stage("check"):
+            checked = check(bank, weights, held, examples=config.check_examples, method=config.compose, seed=config.seed + 1,
+                            singles=config.check_singles, tops=config.check_tops, criterion=config.check_criterion,
+                            layers=refined.layers if refined else None, model=model, tokenizer=tokenizer)
         weights = checked.coefficients
     layers = checked.layers if checked else refined.layers if refined else None
 
     with atomic_dir(out, force=force) as tmp:
         base_kept = checked is not None and not checked.beats_base  # an adapter whose update is zero
-        p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
-                 allow_zero=base_kept, layers=layers)
-        composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
+        with stage("compose"):
+            p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
+                     allow_zero=base_kept, layers=layers)
+            composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
         report = _report(config, spec, index, dataset, composition, weights, d)
         if tuning:
-            report.finetune = finetune(tmp, bank, refine_samples, config, from_composition=not base_kept, model=model,
-                                       tokenizer=tokenizer)
+            with stage("finetune"):
+                report.finetune = finetune(tmp, bank, refine_samples, config, from_composition=not base_kept, model=model,
+                                           tokenizer=tokenizer)
         if calibration is not None:
             best = calibration.best
             report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale,
@@ -172,7 +186,24 @@ def generate(
                                       for k, v in checked.scores.items()},
                                      checked.chosen, checked.beats_base)
         report.write(tmp)
-    return GenerateResult(Path(out), weights, report.distances, report)
+    log.info("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
+    return GenerateResult(Path(out), weights, report.distances, report, seconds)
+
+
+# generate's stages, in order: opening the bank and the dataset (and checking them), loading the base model (--check,
+# --refine), the dataset's signature (with the encoder's load), distances to the entries (reading their cached
+# signatures), coefficients, a weight search, the held-out check, composing and writing, fine-tuning.
+STAGES = ("open", "base model", "signature", "distances", "coefficients", "refine", "check", "compose", "finetune")
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall seconds of the block to seconds[name] (a stage of STAGES)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig, *, from_composition: bool,

@@ -19,8 +19,8 @@ DEFAULT_EMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Bumped when a signer's output changes for the same spec, so cached signatures are recomputed.
 # 2, 3: embed / hidden batches fixed by the data alone, each on one thread (bytes independent of the thread count);
 # embed batches of 16 (fastest on 2 cores). 4: the encoder run on transformers alone (_Encoder; vectors within 1e-8
-# of sentence-transformers', not always the same bytes).
-_SIGNATURE_VERSION = 4
+# of sentence-transformers', not always the same bytes). 5: BERT encoders in plain torch (_Bert; within 1e-6).
+_SIGNATURE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -145,32 +145,30 @@ def _plain_recipe(folder: Path) -> tuple[Path, str, int, bool] | None:
 
 class _Encoder:
     """A sentence-transformers model: `(texts) -> float32 [n, d]`, L2-normalised rows. When its modules are a
-    Transformer, a mean / CLS / max Pooling and a Normalize (all-MiniLM-L6-v2's, like most), it runs on transformers
-    alone, the computation of SentenceTransformer.encode (texts stripped, padded to the batch's longest, truncated to
-    max_seq_length; vectors equal to about 1e-8) without importing sentence-transformers (about 4 s and 280 MB on
-    2 CPUs); any other model goes through sentence-transformers."""
+    Transformer, a mean / CLS / max Pooling and a Normalize (all-MiniLM-L6-v2's, like most), it runs the computation
+    of SentenceTransformer.encode (texts stripped, padded to the batch's longest, truncated to max_seq_length) without
+    importing sentence-transformers (about 4 s and 280 MB on 2 CPUs): a BERT in plain torch (_Bert; vectors within
+    about 2e-7), any other transformer through transformers (about 1e-8); any other model goes through
+    sentence-transformers."""
 
     def __init__(self, name: str):
-        from .models import loading, quiet_loading
+        from .models import loading
 
         path = Path(_embedder_path(name))
-        with loading(f"embedding model {name!r}"), quiet_loading():
+        self._st = self._bert = None
+        with loading(f"embedding model {name!r}"):
             if not path.is_dir():  # a hub id: the model's files, through the hub cache
                 from huggingface_hub import snapshot_download
 
                 path = Path(snapshot_download(name))
             recipe = _plain_recipe(path)
             if recipe is None:
-                from sentence_transformers import SentenceTransformer
-
-                self._st = SentenceTransformer(str(path), device="cpu")
+                self._st = _sentence_transformer(path)
             else:
-                from transformers import AutoModel, AutoTokenizer
-
                 folder, self._pooling, self._max_len, self._lower = recipe
-                self._st = None
-                self._tokenizer = AutoTokenizer.from_pretrained(folder)
-                self._model = AutoModel.from_pretrained(folder).eval()
+                self._bert = _Bert.load(folder, self._max_len)
+                if self._bert is None:
+                    self._tokenizer, self._model = _transformers_encoder(folder)
         # one call before any concurrent ones: the fast tokenizer records its padding / truncation settings on
         # first use, a mutation that must not race with another thread's encoding
         self(["warm-up"])
@@ -182,11 +180,14 @@ class _Encoder:
         import torch
 
         texts = [t.strip().lower() if self._lower else t.strip() for t in texts]
-        features = self._tokenizer(texts, padding=True, truncation="longest_first", max_length=self._max_len,
-                                   return_tensors="pt")
         with torch.inference_mode():
-            tokens = self._model(**features).last_hidden_state  # [n, width, d]
-        mask = features["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+            if self._bert is not None:
+                tokens, mask = self._bert(texts)
+            else:
+                features = self._tokenizer(texts, padding=True, truncation="longest_first", max_length=self._max_len,
+                                           return_tensors="pt")
+                tokens, mask = self._model(**features).last_hidden_state, features["attention_mask"]  # [n, width, d]
+        mask = mask.unsqueeze(-1).to(tokens.dtype)
         if self._pooling == "cls_token":
             pooled = tokens[:, 0]
         elif self._pooling == "max_tokens":
@@ -194,6 +195,97 @@ class _Encoder:
         else:
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2, dim=1).float().numpy()
+
+
+def _sentence_transformer(path: Path):
+    from sentence_transformers import SentenceTransformer
+
+    from .models import quiet_loading
+
+    with quiet_loading():
+        return SentenceTransformer(str(path), device="cpu")
+
+
+def _transformers_encoder(folder: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from .models import quiet_loading
+
+    with quiet_loading():
+        return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+
+
+class _Bert:
+    """A BERT encoder (transformers' BertModel, absolute positions, GELU, post-LayerNorm: all-MiniLM-L6-v2's) run in
+    plain torch from its model.safetensors and tokenizer.json: the last hidden states BertModel gives, without
+    importing transformers' modeling code (about 2.5 s of start-up on 2 CPUs). `load` returns None for any model
+    it does not describe exactly (transformers runs those)."""
+
+    _KEYS = ("model_type", "hidden_act", "position_embedding_type", "hidden_size", "num_attention_heads",
+             "num_hidden_layers", "layer_norm_eps")
+
+    def __init__(self, weights: dict, config: dict, tokenizer):
+        self.w, self.config, self.tokenizer = weights, config, tokenizer
+
+    @classmethod
+    def load(cls, folder: Path, max_len: int) -> "_Bert | None":
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            if not (isinstance(config, dict) and (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()):
+                return None
+        except (OSError, ValueError):
+            return None
+        plain = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+        if any(config.get(k, "absolute" if k == "position_embedding_type" else None) != v for k, v in plain.items()):
+            return None
+        if not all(isinstance(config.get(k), (int, float)) for k in cls._KEYS[3:]) or config.get("is_decoder"):
+            return None
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        weights = {k.removeprefix("bert."): v.float() for k, v in load_file(folder / "model.safetensors").items()}
+        layers = config["num_hidden_layers"]
+        needed = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+                  "embeddings.token_type_embeddings.weight", f"encoder.layer.{layers - 1}.output.LayerNorm.bias"]
+        if not all(k in weights for k in needed) or f"encoder.layer.{layers}.output.dense.weight" in weights:
+            return None
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.enable_truncation(max_length=min(max_len, config.get("max_position_embeddings", max_len)))
+        pad = config.get("pad_token_id", 0) or 0
+        tokenizer.enable_padding(pad_id=pad, pad_token=tokenizer.id_to_token(pad) or "[PAD]")
+        return cls(weights, config, tokenizer)
+
+    def __call__(self, texts: list[str]):
+        """(hidden states [n, width, d], attention mask [n, width]) for texts padded to the batch's longest."""
+        import torch
+        from torch.nn.functional import gelu, layer_norm, linear, scaled_dot_product_attention
+
+        w, c = self.w, self.config
+        encodings = self.tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encodings])
+        mask = torch.tensor([e.attention_mask for e in encodings])
+        types = torch.tensor([e.type_ids for e in encodings])
+        n, width = ids.shape
+        d, heads, eps = c["hidden_size"], c["num_attention_heads"], c["layer_norm_eps"]
+
+        def norm(x, prefix):
+            return layer_norm(x, (d,), w[prefix + ".weight"], w[prefix + ".bias"], eps)
+
+        def dense(x, prefix):
+            return linear(x, w[prefix + ".weight"], w[prefix + ".bias"])
+
+        h = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:width]
+             + w["embeddings.token_type_embeddings.weight"][types])
+        h = norm(h, "embeddings.LayerNorm")
+        keep = mask[:, None, None, :].bool()  # padded keys get no attention
+        for i in range(c["num_hidden_layers"]):
+            p = f"encoder.layer.{i}."
+            q, k, v = (dense(h, p + f"attention.self.{x}").view(n, width, heads, -1).transpose(1, 2)
+                       for x in ("query", "key", "value"))
+            context = scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(n, width, d)
+            h = norm(dense(context, p + "attention.output.dense") + h, p + "attention.output.LayerNorm")
+            h = norm(dense(gelu(dense(h, p + "intermediate.dense")), p + "output.dense") + h, p + "output.LayerNorm")
+        return h, mask
 
 
 @SIGNATURES.register("embed")

@@ -8,6 +8,7 @@ R x R Gram matrices of the stacks) and an SVD of the small R x R core give its b
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -212,20 +213,22 @@ class Exact(Composer):
 
     @staticmethod
     def _randomized(terms: list[Term], ref: LoraModule, rank: int) -> ModuleResult:
-        """Rank-k truncation of M = B_stack @ A_stack for a large stacked rank R: a randomized range finder
-        (Halko, Martinsson & Tropp 2011) with k + 16 seeded probes and 2 power iterations, in float32. M is
-        only applied, never formed: O((d_in + d_out) R k) time, O((d_in + d_out) R) memory. The retained
-        energy would need O(R^2 d) work and is not computed (None)."""
-        b_stack = torch.cat([(t.coefficient * t.scale) * t.factors.b.float() for t in terms], dim=1)  # [out, R]
+        """Rank-k truncation of M = B_stack W A_stack for a large stacked rank R (W [R] each rank-1 piece's
+        coefficient * scale): a randomized range finder (Halko, Martinsson & Tropp 2011) with k + 16 seeded probes
+        and 2 power iterations, in float32. M is only applied, never formed, and W scales the thin [R, k + 16]
+        products, not the factors: O((d_in + d_out) R k) time, O((d_in + d_out) R) memory. The retained energy
+        would need O(R^2 d) work and is not computed (None)."""
+        b_stack = torch.cat([t.factors.b.float() for t in terms], dim=1)  # [out, R]
         a_stack = torch.cat([t.factors.a.float() for t in terms], dim=0)  # [R, in]
+        w = torch.cat([torch.full((t.factors.a.shape[0], 1), t.coefficient * t.scale) for t in terms])  # [R, 1]
         width = min(rank + 16, ref.in_features, ref.out_features)
         probes = torch.randn(ref.in_features, width, generator=torch.Generator().manual_seed(0))
-        y = b_stack @ (a_stack @ probes)
+        y = b_stack @ (w * (a_stack @ probes))
         for _ in range(2):  # power iterations sharpen the range towards the top singular vectors
-            q, _ = torch.linalg.qr(a_stack.T @ (b_stack.T @ torch.linalg.qr(y)[0]))
-            y = b_stack @ (a_stack @ q)
+            q, _ = torch.linalg.qr(a_stack.T @ (w * (b_stack.T @ torch.linalg.qr(y)[0])))
+            y = b_stack @ (w * (a_stack @ q))
         q, _ = torch.linalg.qr(y)  # [out, width]
-        u, s, vh = torch.linalg.svd((q.T @ b_stack) @ a_stack, full_matrices=False)
+        u, s, vh = torch.linalg.svd((w.T * (q.T @ b_stack)) @ a_stack, full_matrices=False)
         kept = min(rank, len(s))
         root = s[:kept].sqrt()
         b = torch.zeros(ref.out_features, rank, dtype=torch.float64)
@@ -282,7 +285,7 @@ class Paper(Composer):
 def _finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in `t`: its min and max in one pass (NaN propagates), without a boolean copy of `t`."""
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def _eigen_basis(qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
