@@ -2,7 +2,7 @@
 shapes (benchmarks/synthetic_bank.py), measured on this machine, written to benchmarks/results/speed.md.
 
 Each figure is the median of RUNS runs (LOO and the paper's way: one run, said in the table). Wall times are
-whole processes (imports included) unless the row says otherwise; peak RSS is the process's ru_maxrss."""
+whole processes (imports included) unless the row says otherwise; peak RSS is the command's own peak (GNU time's %M)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 LORAMIX = [sys.executable, "-c", "from loramix.cli import main; main()"]
+GNU_TIME = shutil.which("time") or "/usr/bin/time"  # Debian package `time`: a command's own peak RSS
 
 
 def run(cmd: list[str], runs: int, stages: list[dict[str, float]] | None = None) -> tuple[float, float, list[float]]:
@@ -29,12 +30,16 @@ def run(cmd: list[str], runs: int, stages: list[dict[str, float]] | None = None)
     run's `generate` stage seconds (its -v log line) are appended to it."""
     walls, peaks = [], []
     for _ in range(runs):
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "LORAMIX_PROGRESS": "0", "COLUMNS": "1000"})
-        err = proc.stderr.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        walls.append(time.perf_counter() - start)
-        peaks.append(usage.ru_maxrss / 1024)
+        with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+            start = time.perf_counter()
+            # GNU time waits for the command itself: a child forked from this (large) process would report this
+            # process's resident size as its own peak
+            proc = subprocess.Popen([GNU_TIME, "-f", "%M", "-o", rss.name, *cmd], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, env={**os.environ, "LORAMIX_PROGRESS": "0", "COLUMNS": "1000"})
+            err = proc.stderr.read().decode()
+            status = proc.wait()
+            walls.append(time.perf_counter() - start)
+            peaks.append(int(Path(rss.name).read_text().split()[-1]) / 1024)  # KiB -> MiB
         if status != 0:
             raise RuntimeError(f"{' '.join(cmd[3:])} failed: {err[-2000:]}")
         if stages is not None:
