@@ -209,3 +209,4 @@ def test_batched_matrix_is_the_pairwise_values_whatever_the_thread_count(name):
     row = distance_row(name, sigs[4], sigs)
     assert row[4] < 1e-6 and np.allclose(np.delete(row, 4), np.delete(one[4], 4), rtol=1e-9, atol=1e-9)  # d(x, x): rounding
     assert np.allclose(one, one.T) and not np.diag(one).any()
+    assert distance_matrix(name, []).shape == (0, 0) and distance_row(name, sigs[0], []).shape == (0,)

@@ -375,7 +375,7 @@ def distance_matrix(name: str, sigs: Sequence[np.ndarray], seed: int = 0, worker
     with _one_blas_thread():
         if dist.matrix is not None and (fast := dist.matrix(sigs, seed)) is not None:
             return fast
-        if dist.batch is not None:
+        if dist.batch is not None and n:
             clouds = Clouds(sigs, dist.batch.prepare, keep=True)
             with ThreadPoolExecutor(_workers(workers), thread_name_prefix="loramix-distances") as pool:
                 rows = pool.map(lambda i: dist.batch.row(clouds, i, clouds, i + 1, n), range(n))
