@@ -210,3 +210,20 @@ def test_batched_matrix_is_the_pairwise_values_whatever_the_thread_count(name):
     assert row[4] < 1e-6 and np.allclose(np.delete(row, 4), np.delete(one[4], 4), rtol=1e-9, atol=1e-9)  # d(x, x): rounding
     assert np.allclose(one, one.T) and not np.diag(one).any()
     assert distance_matrix(name, []).shape == (0, 0) and distance_row(name, sigs[0], []).shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["w2", "mmd-rbf", "gaussian-w2"])
+def test_batched_blocks_are_bounded_by_points_and_extras_by_size(name, monkeypatch):
+    """Large clouds: a block holds at most _BLOCK_POINTS points (one cloud at least) and a matrix keeps no extras
+    beyond _KEEP_EXTRA (recomputed per block instead); the values are the same."""
+    import loramix.distances as d
+
+    rng = np.random.default_rng(7)
+    sigs = [rng.normal(size=(int(n), 4)) + 0.1 * i for i, n in enumerate(rng.integers(5, 14, size=12))]
+    want = distance_matrix(name, sigs, workers=2)
+    monkeypatch.setattr(d, "_BLOCK_POINTS", 20)
+    monkeypatch.setattr(d, "_KEEP_EXTRA", 0)
+    clouds = d.Clouds(sigs, get_distance(name).batch.prepare)
+    assert [clouds.end(j, len(sigs)) - j for j in (0, 5)] != [d._BLOCK, d._BLOCK] and clouds.end(0, 12) >= 1
+    assert np.allclose(distance_matrix(name, sigs, workers=2), want, rtol=1e-10, atol=1e-12)
+    assert np.allclose(distance_row(name, sigs[3], sigs)[4:], want[3, 4:], rtol=1e-10, atol=1e-12)

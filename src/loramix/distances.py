@@ -142,58 +142,74 @@ def mmd(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
 
 # -- point clouds ------------------------------------------------------------------------------------------
 _EXACT_OT_MAX = 1_000_000  # n * m up to which W2 uses exact OT; Sinkhorn beyond
-_BLOCK = 32  # references whose cross products with a query are one matrix product
+_BLOCK = 32  # references whose cross products with a query are one matrix product (at most)
+_BLOCK_POINTS = 4096  # and at most this many of their points, unless one cloud alone has more
+_KEEP_EXTRA = 1 << 27  # a matrix keeps its clouds' extras (mmd-rbf: within-cloud distances) up to 1 GB of float64
 _DUPLICATE = 1e-12  # squared distances below this fraction of the largest squared norm are rounding: duplicate points
 
 
 class Clouds:
     """Point clouds [n_k, d] as a batched distance reads them, a block of consecutive clouds at a time: each cloud
     prepared (`prepare(x) -> (points [n', d] float64, extra)`) and the block's points stacked. With `keep` (a
-    matrix, whose every row reads every cloud) all are prepared and stacked once; without (a row, which reads each
-    cloud once) each block is prepared when read and let go, so memory holds one block, not the bank."""
+    matrix, whose every row reads every cloud) the clouds are prepared and stacked once (their extras too, up to
+    _KEEP_EXTRA elements; beyond, they are recomputed per block); without (a row, which reads each cloud once) each
+    block is prepared when read and let go, so memory holds one block, not the bank."""
 
     def __init__(self, clouds: Sequence[np.ndarray], prepare: Callable[[np.ndarray], Prepared], keep: bool = False):
         self.clouds, self.prepare = clouds, prepare
-        self.extra: list = [None] * len(clouds)
-        self._kept: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        if keep:
-            points, sq, sizes = self._prepared(0, len(clouds))
-            self._kept = points, sq, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._kept: tuple[np.ndarray, np.ndarray, np.ndarray, list | None] | None = None
+        if keep and len(clouds):
+            points, sq, sizes, extras = self._prepared(0, len(clouds))
+            if sum(np.size(e) if isinstance(e, np.ndarray) else 0 for e in extras) > _KEEP_EXTRA:
+                extras = None
+            self._kept = points, sq, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), extras
 
-    def _prepared(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = []
+    def _prepared(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        parts, extras = [], []
         for k in range(lo, hi):
-            points, self.extra[k] = self.prepare(self.clouds[k])
+            points, extra = self.prepare(self.clouds[k])
             parts.append(points)
+            extras.append(extra)
         points = np.concatenate(parts)
-        return points, (points * points).sum(1), np.array([len(x) for x in parts], dtype=np.int64)
+        return points, (points * points).sum(1), np.array([len(x) for x in parts], dtype=np.int64), extras
 
-    def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def block(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """Clouds lo <= k < hi: their points stacked [sum n_k', d] float64, squared norms [sum n_k'], sizes [hi - lo]
-        (their `extra` set)."""
+        and extras [hi - lo]."""
         if self._kept is None:
             return self._prepared(lo, hi)
-        points, sq, starts = self._kept
+        points, sq, starts, extras = self._kept
         span = slice(int(starts[lo]), int(starts[hi]))
-        return points[span], sq[span], np.diff(starts[lo : hi + 1])
+        kept = extras[lo:hi] if extras is not None else [self.prepare(self.clouds[k])[1] for k in range(lo, hi)]
+        return points[span], sq[span], np.diff(starts[lo : hi + 1]), kept
+
+    def end(self, lo: int, hi: int) -> int:
+        """Where the block that starts at cloud `lo` ends (<= hi): at the next multiple of _BLOCK, or sooner when its
+        clouds hold more than _BLOCK_POINTS points (one cloud at least). A function of the data alone."""
+        end, points = lo, 0
+        while end < hi and (end == lo or (end % _BLOCK and points + len(self.clouds[end]) <= _BLOCK_POINTS)):
+            points += len(self.clouds[end])
+            end += 1
+        return end
 
 
 def _products(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int):
-    """(ks, sizes, x, xx, y_sq, g) per block of references lo <= k < hi: their indices and sizes, cloud q of `queries`
-    with its squared norms, the block's squared norms, and x @ y^T [n_q, sum of sizes] in one matrix product."""
-    x, xx, _ = queries.block(q, q + 1)
+    """(ks, sizes, x, xx, x_extra, y_sq, y_extras, g) per block of references lo <= k < hi: their indices and sizes,
+    cloud q of `queries` with its squared norms and extra, the block's squared norms and extras, and x @ y^T
+    [n_q, sum of sizes] in one matrix product."""
+    x, xx, _, (x_extra,) = queries.block(q, q + 1)
     j = lo
     while j < hi:
-        end = min(hi, (j // _BLOCK + 1) * _BLOCK)
-        y, yy, sizes = refs.block(j, end)
-        yield range(j, end), sizes, x, xx, yy, x @ y.T
+        end = refs.end(j, hi)
+        y, yy, sizes, extras = refs.block(j, end)
+        yield range(j, end), sizes, x, xx, x_extra, yy, extras, x @ y.T
         j = end
 
 
 def _blocks(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int):
     """(ks, sizes, d2) per block of references: the squared Euclidean distances [n_q, sum of sizes] from cloud q to
     the block's points (as POT's ot.dist: |x|^2 + |y|^2 - 2 x.y, clipped at 0)."""
-    for ks, sizes, _, xx, yy, g in _products(queries, q, refs, lo, hi):
+    for ks, sizes, _, xx, _, yy, _, g in _products(queries, q, refs, lo, hi):
         yield ks, sizes, np.maximum(xx[:, None] + yy[None, :] - 2 * g, 0.0)
 
 
@@ -266,15 +282,15 @@ def mmd_rbf(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int) -> np.ndarr
     points left out: pairs whose squared distance is within _DUPLICATE of the largest squared norm, the rounding of
     |x|^2 + |y|^2 - 2 x.y). References of one size are computed together, one array per block."""
     out = np.empty(hi - lo)
-    for ks, sizes, x, xx, yy, g in _products(queries, q, refs, lo, hi):
-        within_x, n = queries.extra[q], len(x)
+    for ks, sizes, x, xx, within_x, yy, extras, g in _products(queries, q, refs, lo, hi):
+        n = len(x)
         d2 = np.maximum(xx[:, None] + yy[None, :] - 2 * g, 0.0)
         groups = [list(range(len(ks)))] if len(set(sizes.tolist())) == 1 else [[i] for i in range(len(ks))]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         for group in groups:
             m = int(sizes[group[0]])
             cross = np.stack([d2[:, starts[i] : starts[i + 1]].ravel() for i in group])  # [B, n m]
-            within_y = np.stack([refs.extra[ks[i]] for i in group])  # [B, m (m - 1) / 2]
+            within_y = np.stack([extras[i] for i in group])  # [B, m (m - 1) / 2]
             pooled = np.concatenate([np.broadcast_to(within_x, (len(group), len(within_x))), within_y, cross], axis=1)
             norms = np.array([max(xx.max(initial=0), yy[starts[i] : starts[i + 1]].max(initial=0)) for i in group])
             out[[ks[i] - lo for i in group]] = _mmd_rows(pooled, n, m, len(within_x), within_y.shape[1], _DUPLICATE * norms)
@@ -317,13 +333,11 @@ def gaussian_w2(queries: Clouds, q: int, refs: Clouds, lo: int, hi: int) -> np.n
     1/n): sqrt(|m_x - m_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2)). The cross term is the nuclear norm of
     F_x F_y^T: the square roots of the eigenvalues of a min(n_x, n_y)-sized Gram matrix, never a d x d square root."""
     out = np.empty(hi - lo)
-    for ks, sizes, _, _, _, g in _products(queries, q, refs, lo, hi):
-        mx, tx = queries.extra[q]
+    for ks, sizes, _, _, (mx, tx), _, extras, g in _products(queries, q, refs, lo, hi):
         parts = np.split(g, np.cumsum(sizes)[:-1], axis=1)  # F_x F_y^T per reference
         grams = [p.T @ p if p.shape[0] >= p.shape[1] else p @ p.T for p in parts]
         eig = np.linalg.eigvalsh(np.stack(grams)) if len({x.shape for x in grams}) == 1 else [np.linalg.eigvalsh(x) for x in grams]
-        for k, lam in zip(ks, eig):
-            my, ty = refs.extra[k]
+        for k, lam, (my, ty) in zip(ks, eig, extras):
             cross = float(np.sqrt(np.clip(lam, 0.0, None)).sum())
             out[k - lo] = np.sqrt(max(float(((mx - my) ** 2).sum()) + tx + ty - 2 * cross, 0.0))
     return out
@@ -359,8 +373,11 @@ def distance_row(name: str, query: np.ndarray, refs: Sequence[np.ndarray], seed:
         if dist.batch is not None:  # blocks of references on threads (block by block, as one row would)
             batch, n = dist.batch, len(refs)
             x, ys = Clouds([query], batch.prepare, keep=True), Clouds(refs, batch.prepare)
+            starts = [0]
+            while starts[-1] < n:
+                starts.append(ys.end(starts[-1], n))
             with ThreadPoolExecutor(_workers(None), thread_name_prefix="loramix-distances") as pool:
-                parts = pool.map(lambda j: batch.row(x, 0, ys, j, min(n, j + _BLOCK)), range(0, n, _BLOCK))
+                parts = pool.map(lambda j: batch.row(x, 0, ys, starts[j], starts[j + 1]), range(len(starts) - 1))
                 return np.concatenate([*parts, np.zeros(0)])
         return np.array([dist.fn(query, r, seed) for r in track(refs, f"distances ({name})", total=len(refs))])
 
