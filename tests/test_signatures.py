@@ -152,3 +152,31 @@ def test_a_transformer_that_is_not_plain_bert_runs_through_transformers(tmp_path
     want = SentenceTransformer(str(folder), device="cpu").encode(
         TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     np.testing.assert_allclose(encoder(TEXTS), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("weights", "model.safetensors: .*header"),
+    ("tokenizer", "tokenizer.json: "),
+    ("heads", "config.json: hidden_size 256 is not a multiple of num_attention_heads 12"),
+    ("shape", r"model.safetensors: tensor 'embeddings.word_embeddings.weight' is \[30522, 384\], the config wants \['any', 240\]"),
+])
+def test_a_damaged_embedding_model_is_one_line_naming_the_file(tmp_path, damage, message):
+    import json
+    import shutil
+
+    from loramix import LoramixError
+    from loramix.signatures import _embedder_path, _Encoder
+
+    folder = tmp_path / "model"
+    shutil.copytree(_embedder_path(DEFAULT_EMBED_MODEL), folder)
+    if damage == "weights":
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    elif damage == "tokenizer":
+        (folder / "tokenizer.json").write_text('{"bad": ')
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        config["hidden_size"] = 256 if damage == "heads" else 240
+        (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoramixError, match=f"cannot load embedding model .*{message}") as e:
+        _Encoder(str(folder))
+    assert "\n" not in str(e.value)

@@ -221,39 +221,68 @@ class _Bert:
     importing transformers' modeling code (about 2.5 s of start-up on 2 CPUs). `load` returns None for any model
     it does not describe exactly (transformers runs those)."""
 
-    _KEYS = ("model_type", "hidden_act", "position_embedding_type", "hidden_size", "num_attention_heads",
-             "num_hidden_layers", "layer_norm_eps")
+    _SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "max_position_embeddings")
 
     def __init__(self, weights: dict, config: dict, tokenizer):
         self.w, self.config, self.tokenizer = weights, config, tokenizer
 
     @classmethod
     def load(cls, folder: Path, max_len: int) -> "_Bert | None":
+        """The encoder in `folder`, None when its config is not such a BERT (or it lacks tokenizer.json); ValueError
+        naming the file when its weights or tokenizer cannot be read or do not have the config's shapes."""
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            if not (isinstance(config, dict) and (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()):
-                return None
         except (OSError, ValueError):
+            return None
+        if not (isinstance(config, dict) and (folder / "tokenizer.json").is_file() and (folder / "model.safetensors").is_file()):
             return None
         plain = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
         if any(config.get(k, "absolute" if k == "position_embedding_type" else None) != v for k, v in plain.items()):
             return None
-        if not all(isinstance(config.get(k), (int, float)) for k in cls._KEYS[3:]) or config.get("is_decoder"):
+        sizes_ok = all(type(config.get(k)) is int and config[k] > 0 for k in cls._SIZES)
+        if not sizes_ok or not isinstance(config.get("layer_norm_eps"), (int, float)) or config.get("is_decoder"):
             return None
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
 
-        weights = {k.removeprefix("bert."): v.float() for k, v in load_file(folder / "model.safetensors").items()}
-        layers = config["num_hidden_layers"]
-        needed = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-                  "embeddings.token_type_embeddings.weight", f"encoder.layer.{layers - 1}.output.LayerNorm.bias"]
-        if not all(k in weights for k in needed) or f"encoder.layer.{layers}.output.dense.weight" in weights:
-            return None
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        tokenizer.enable_truncation(max_length=min(max_len, config.get("max_position_embeddings", max_len)))
-        pad = config.get("pad_token_id", 0) or 0
-        tokenizer.enable_padding(pad_id=pad, pad_token=tokenizer.id_to_token(pad) or "[PAD]")
+        try:
+            weights = {k.removeprefix("bert."): v.float() for k, v in load_file(folder / "model.safetensors").items()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{folder / 'model.safetensors'}: {e}") from None
+        d, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+        if d % heads:
+            raise ValueError(f"{folder / 'config.json'}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        for name, shape in cls._shapes(d, inter, config["num_hidden_layers"]).items():
+            got = tuple(weights[name].shape) if name in weights else None
+            if got is None or len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got)):
+                raise ValueError(f"{folder / 'model.safetensors'}: tensor '{name}' is {list(got) if got else 'missing'}, "
+                                 f"the config wants {[x if x is not None else 'any' for x in shape]}")
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tokenizer.enable_truncation(max_length=min(max_len, config["max_position_embeddings"]))
+            pad = config.get("pad_token_id") if type(config.get("pad_token_id")) is int else 0
+            tokenizer.enable_padding(pad_id=pad, pad_token=tokenizer.id_to_token(pad) or "[PAD]")
+        except Exception as e:  # tokenizers raises plain Exceptions for a malformed file
+            raise ValueError(f"{folder / 'tokenizer.json'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return cls(weights, config, tokenizer)
+
+    @staticmethod
+    def _shapes(d: int, inter: int, layers: int) -> dict[str, tuple[int | None, ...]]:
+        """Every tensor the forward pass reads, with the shape BertModel gives it under the config (None: any size,
+        the vocabulary, positions and token types)."""
+        shapes: dict[str, tuple[int | None, ...]] = {f"embeddings.{x}_embeddings.weight": (None, d)
+                                                     for x in ("word", "position", "token_type")}
+        shapes.update({"embeddings.LayerNorm.weight": (d,), "embeddings.LayerNorm.bias": (d,)})
+        for i in range(layers):
+            p = f"encoder.layer.{i}."
+            dense = {**{f"attention.self.{x}": (d, d) for x in ("query", "key", "value")}, "attention.output.dense": (d, d),
+                     "intermediate.dense": (inter, d), "output.dense": (d, inter)}
+            for name, (out_f, in_f) in dense.items():
+                shapes[f"{p}{name}.weight"], shapes[f"{p}{name}.bias"] = (out_f, in_f), (out_f,)
+            for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+                shapes[f"{p}{norm}.weight"] = shapes[f"{p}{norm}.bias"] = (d,)
+        return shapes
 
     def __call__(self, texts: list[str]):
         """(hidden states [n, width, d], attention mask [n, width]) for texts padded to the batch's longest."""
