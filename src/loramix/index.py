@@ -78,8 +78,21 @@ def _mac(name: str, data: bytes) -> str:
     return hmac.new(index_key(), name.encode() + b"\0" + data, hashlib.sha256).hexdigest()[:32]
 
 
+def listing(folder: Path, ext: str) -> dict[str, list[Path]]:
+    """The stored versions (<stem>.<mac>.<ext>) in `folder` by stem name, sorted, from one scan: for fetching many
+    stems of one folder (`fetch(..., versions=...)`) without a scan per stem."""
+    out: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.name.endswith(f".{ext}"):
+                stem, _, mac = path.name[: -len(ext) - 1].rpartition(".")
+                if stem and mac:
+                    out.setdefault(stem, []).append(path)
+    return out
+
+
 def _versions(stem: Path, ext: str) -> list[Path]:
-    return sorted(stem.parent.glob(f"{stem.name}.*.{ext}")) if stem.parent.is_dir() else []
+    return listing(stem.parent, ext).get(stem.name, [])
 
 
 def store(root: Path, stem: Path, data: bytes, ext: str) -> None:
@@ -99,19 +112,6 @@ def store(root: Path, stem: Path, data: bytes, ext: str) -> None:
     for old in _versions(stem, ext):
         if old != path:
             old.unlink(missing_ok=True)
-
-
-def listing(folder: Path, ext: str) -> dict[str, list[Path]]:
-    """The stored versions (<stem>.<mac>.<ext>) in `folder` by stem name, from one scan: for fetching many stems of
-    one folder (`fetch(..., versions=...)`) without a scan per stem."""
-    out: dict[str, list[Path]] = {}
-    if folder.is_dir():
-        for path in sorted(folder.iterdir()):
-            if path.name.endswith(f".{ext}"):
-                stem, _, mac = path.name[: -len(ext) - 1].rpartition(".")
-                if stem and mac:
-                    out.setdefault(stem, []).append(path)
-    return out
 
 
 def fetch(stem: Path, ext: str, versions: list[Path] | None = None) -> bytes | None:
