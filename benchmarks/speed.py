@@ -2,7 +2,7 @@
 shapes (benchmarks/synthetic_bank.py), measured on this machine, written to benchmarks/results/speed.md.
 
 Each figure is the median of RUNS runs (LOO and the paper's way: one run, said in the table). Wall times are
-whole processes (imports included) unless the row says otherwise; peak RSS is the command's own peak (GNU time's %M)."""
+whole processes (imports included) unless the row says otherwise; peak RSS is the command's own peak (its VmHWM)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
-LORAMIX = [sys.executable, "-c", "from loramix.cli import main; main()"]
-GNU_TIME = shutil.which("time") or "/usr/bin/time"  # Debian package `time`: a command's own peak RSS
+# A benchmarked Python command writes its own peak RSS (VmHWM, which exec resets) to $BENCH_PEAK_FILE at exit: the
+# rusage of a child of this (large) process would count this process's size as the child's peak.
+_PEAK = ("import atexit, os; atexit.register(lambda: open(os.environ['BENCH_PEAK_FILE'], 'w')"
+         ".write(open('/proc/self/status').read()))\n")
+
+
+def python(code: str) -> list[str]:
+    """A command running `code` in a new interpreter that reports its peak RSS to `run`."""
+    return [sys.executable, "-c", _PEAK + code]
+
+
+LORAMIX = python("from loramix.cli import main; main()")
 
 
 def run(cmd: list[str], runs: int, stages: list[dict[str, float]] | None = None) -> tuple[float, float, list[float]]:
@@ -30,18 +40,17 @@ def run(cmd: list[str], runs: int, stages: list[dict[str, float]] | None = None)
     run's `generate` stage seconds (its -v log line) are appended to it."""
     walls, peaks = [], []
     for _ in range(runs):
-        with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+        with tempfile.NamedTemporaryFile(suffix=".status") as peak:
             start = time.perf_counter()
-            # GNU time waits for the command itself: a child forked from this (large) process would report this
-            # process's resident size as its own peak
-            proc = subprocess.Popen([GNU_TIME, "-f", "%M", "-o", rss.name, *cmd], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, env={**os.environ, "LORAMIX_PROGRESS": "0", "COLUMNS": "1000"})
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={
+                **os.environ, "LORAMIX_PROGRESS": "0", "COLUMNS": "1000", "BENCH_PEAK_FILE": peak.name})
             err = proc.stderr.read().decode()
             status = proc.wait()
             walls.append(time.perf_counter() - start)
-            peaks.append(int(Path(rss.name).read_text().split()[-1]) / 1024)  # KiB -> MiB
+            status_lines = Path(peak.name).read_text().splitlines()
         if status != 0:
             raise RuntimeError(f"{' '.join(cmd[3:])} failed: {err[-2000:]}")
+        peaks.append(int(next(x for x in status_lines if x.startswith("VmHWM:")).split()[1]) / 1024)  # kB -> MiB
         if stages is not None:
             line = next(x for x in err.splitlines() if "seconds per stage: " in x).split("seconds per stage: ", 1)[1].strip()
             stages.append({k: float(v) for k, v in (part.rsplit(" ", 1) for part in line.split(", "))})
@@ -242,7 +251,7 @@ def main() -> None:
 
     # generate against the indexed bank, exact composition to rank 16, without the held-out check (the synthetic
     # entries have no base model to run; the check's cost is the base model's forward passes, see quality.md)
-    imports, _, _ = run([sys.executable, "-c", "import loramix.cli"], args.runs)
+    imports, _, _ = run(python("import loramix.cli"), args.runs)
     rows.append(("`import loramix.cli` (torch, numpy, typer; not transformers)", f"{imports:.2f} s", "-", f"median of {args.runs}"))
     stage_rows = []
     for top_k in (None, 16):

@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "benchmarks" / "results"))
-
-
-def median_seconds(fn, runs: int = 3) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from speed import RESULTS, timed  # noqa: E402
 
 
 def encoder(n_entries: int) -> dict:
@@ -43,7 +32,7 @@ def encoder(n_entries: int) -> dict:
     signer = make_signer(SignatureSpec(max_samples=100).resolved(None))
     data = [Dataset([Sample(r["input"], tuple(r["output"])) for r in records(i, 100)], f"t{i}") for i in range(n_entries)]
     signer(data[0])  # the encoder's load
-    seconds = median_seconds(lambda: [signer(d) for d in data])
+    seconds = timed(lambda: [signer(d) for d in data], 3)[0]
     bert = signer._model._bert
     texts = [t for d in data for t in [s.input for s in d] + [s.output for s in d]]
     tokens = sum(sum(e.attention_mask) for e in bert.tokenizer.encode_batch([t.strip() for t in texts]))  # no padding
@@ -65,16 +54,16 @@ def pairs(sigs: list[np.ndarray]) -> dict:
     stack = np.concatenate(ys)
     out = {}
     with threadpool_limits(1, user_api="blas"):
-        out["product"] = median_seconds(lambda: x @ stack.T) / len(ys) * 1e3
+        out["product"] = timed(lambda: x @ stack.T, 3)[0] / len(ys) * 1e3
         xx = (x * x).sum(1)
         costs = [np.maximum(xx[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T, 0.0) for y in ys]
-        out["assignment"] = median_seconds(lambda: [linear_sum_assignment(c) for c in costs]) / len(ys) * 1e3
+        out["assignment"] = timed(lambda: [linear_sum_assignment(c) for c in costs], 3)[0] / len(ys) * 1e3
         n = len(x)
         pooled = np.concatenate([costs[0][np.triu_indices(n, 1)], costs[1][np.triu_indices(n, 1)], costs[2].ravel()])
         mid = [len(pooled) // 2 - 1, len(pooled) // 2]
-        out["median"] = median_seconds(lambda: [np.partition(pooled, mid) for _ in ys]) / len(ys) * 1e3
+        out["median"] = timed(lambda: [np.partition(pooled, mid) for _ in ys], 3)[0] / len(ys) * 1e3
         grams = np.stack([c @ c.T for c in costs])
-        out["eigenvalues"] = median_seconds(lambda: np.linalg.eigvalsh(grams)) / len(ys) * 1e3
+        out["eigenvalues"] = timed(lambda: np.linalg.eigvalsh(grams), 3)[0] / len(ys) * 1e3
     return out
 
 
@@ -85,14 +74,14 @@ def gemm_rate() -> float:
 
     x, w = torch.randn(4096, 384), torch.randn(1536, 384)
     with torch.inference_mode():
-        return 2 * 4096 * 384 * 1536 / median_seconds(lambda: x @ w.T, 20) / 1e9
+        return 2 * 4096 * 384 * 1536 / timed(lambda: x @ w.T, 20)[0] / 1e9
 
 
 def copy_rate() -> float:
     """GB a second that one thread copies between two 128 MiB arrays (read + write of each byte)."""
     a = np.ones(2**25, dtype=np.float32)
     b = np.empty_like(a)
-    return a.nbytes / median_seconds(lambda: np.copyto(b, a)) / 1e9
+    return a.nbytes / timed(lambda: np.copyto(b, a), 3)[0] / 1e9
 
 
 def concentration(row: np.ndarray, share: float) -> int:
