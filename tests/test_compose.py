@@ -376,3 +376,48 @@ def test_composition_does_not_depend_on_the_thread_count(mixed):
         torch.set_num_threads(threads)
     for m in b.shapes:
         assert torch.equal(one.factors[m][0], three.factors[m][0]) and torch.equal(one.factors[m][1], three.factors[m][1])
+
+
+# -- the randomized range finder (stacked rank beyond EXACT_MAX_STACKED_RANK) -----------------------------
+def _decaying_terms(d: int, entries: int, r: int, seed: int = 0):
+    """Entries sharing a few strong directions (the sum has a decaying spectrum), as adapters trained on related
+    tasks do, in float16 as most banks store them."""
+    from loramix.compose import LoraFactors, Term
+
+    g = torch.Generator().manual_seed(seed)
+    common_a, common_b = torch.randn(4, d, generator=g), torch.randn(d, 4, generator=g)
+    terms = []
+    for i in range(entries):
+        a = torch.cat([common_a * 3 + 0.3 * torch.randn(4, d, generator=g), 0.3 * torch.randn(r - 4, d, generator=g)])
+        b = torch.cat([common_b * 3 + 0.3 * torch.randn(d, 4, generator=g), 0.3 * torch.randn(d, r - 4, generator=g)], 1)
+        terms.append(Term(LoraFactors(a.half(), b.half()), float(torch.rand(1, generator=g)), 0.5))
+    return terms
+
+
+def test_randomized_truncation_is_near_optimal_and_thread_independent(monkeypatch):
+    import importlib
+
+    from loramix.adapter import LoraModule
+
+    comp_mod = importlib.import_module("loramix.compose.methods")
+    terms = _decaying_terms(96, 40, 8)  # stacked rank 320, a range of 4 + 16 = 20 columns out of 96
+    ref = LoraModule("m", 8, 0.5, 96, 96)
+    want = _dense_terms(terms)
+    s = torch.linalg.svdvals(want)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(comp_mod.Exact._randomized(terms, ref, 4))
+            assert torch.get_num_threads() == n  # restored
+    finally:
+        torch.set_num_threads(threads)
+    one, three = results
+    assert torch.equal(one.a, three.a) and torch.equal(one.b, three.b)  # the same bytes at any thread count
+    assert float((one.b @ one.a - want).norm()) <= float(s[4:].norm()) * (1 + 1e-3)  # Eckart-Young's optimum
+    # the range's dtype (bfloat16 where the CPU has it) only tilts the range: float32 gives the same truncation
+    monkeypatch.setattr(comp_mod, "_range_dtype", lambda: torch.float32)
+    f32 = comp_mod.Exact._randomized(terms, ref, 4)
+    assert rel(f32.b.double() @ f32.a.double(), one.b.double() @ one.a.double()) <= 1e-4
+    assert one.singular_values[:4] == pytest.approx(f32.singular_values[:4], rel=1e-5)

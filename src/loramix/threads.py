@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -54,3 +55,15 @@ def threaded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+@contextmanager
+def one_thread_ops() -> Iterator[None]:
+    """Torch ops of the calling thread run on one thread inside the block (MKL's QR and SVD, for one, change their
+    last bits with the thread count); the count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
