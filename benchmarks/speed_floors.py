@@ -55,6 +55,8 @@ def pairs(sigs: list[np.ndarray]) -> dict:
     out = {}
     with threadpool_limits(1, user_api="blas"):
         out["product"] = timed(lambda: x @ stack.T, 3)[0] / len(ys) * 1e3
+        x32, stack32 = x.astype(np.float32), stack.astype(np.float32)
+        out["product32"] = timed(lambda: x32 @ stack32.T, 3)[0] / len(ys) * 1e3
         xx = (x * x).sum(1)
         costs = [np.maximum(xx[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T, 0.0) for y in ys]
         out["assignment"] = timed(lambda: [linear_sum_assignment(c) for c in costs], 3)[0] / len(ys) * 1e3
@@ -75,6 +77,19 @@ def gemm_rate() -> float:
     x, w = torch.randn(4096, 384), torch.randn(1536, 384)
     with torch.inference_mode():
         return 2 * 4096 * 384 * 1536 / timed(lambda: x @ w.T, 20)[0] / 1e9
+
+
+def stack_products() -> dict:
+    """Milliseconds of one product of a [8000, 4096] stack (500 entries of rank 16, a q_proj) with 32 columns, all
+    threads, in float32 and in bfloat16: the randomized range finder's stacked applications."""
+    import torch
+
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, x = torch.randn(8000, 4096).to(dtype), torch.randn(4096, 32).to(dtype)
+        with torch.inference_mode():
+            out[name] = timed(lambda: a @ x, 10)[0] * 1e3
+    return out
 
 
 def copy_rate() -> float:
@@ -115,6 +130,7 @@ def main() -> None:
     peak = gemm_rate()
     n_pairs = args.n * (args.n - 1) // 2
     rate = copy_rate()
+    stacked = stack_products()
     bank_gb = sum(f.stat().st_size for f in bank.glob("task*/adapter_model.safetensors")) / 1e9
     user = make_signer(spec)(Dataset([Sample(r["input"], tuple(r["output"])) for r in records(10**6, 100)], "new"))
     row = operator_for(index, cfg).coefficients(index.distance_row(spec, cfg.distance, user, "data", cfg.probe_set()))
@@ -145,12 +161,14 @@ def main() -> None:
         "| step | cost per pair |",
         "| --- | --- |",
         f"| cross product of two clouds (one block product) | {cpu_s(per_pair['product'])} |",
+        f"| the same product in float32 (not used: values would move by ~1e-7) | {cpu_s(per_pair['product32'])} |",
         f"| optimal assignment (`w2`, scipy linear_sum_assignment) | {cpu_s(per_pair['assignment'])} |",
         f"| median of the pooled squared distances (`mmd-rbf`, a partition) | {cpu_s(per_pair['median'])} |",
         f"| eigenvalues of the 100 x 100 Gram matrix (`gaussian-w2`, batched) | {cpu_s(per_pair['eigenvalues'])} |",
         "",
         "`w2` needs the product and the assignment for every pair, `mmd-rbf` the product and the median, "
-        "`gaussian-w2` the product and the eigenvalues: above 30 s on 2 cores before any other work. `sliced` "
+        "`gaussian-w2` the product and the eigenvalues: above 30 s on 2 cores before any other work, and still "
+        "above it with float32 products (the median's partition is no faster in float32). `sliced` "
         "(registered, 256 projections) is the fast approximation of `w2`. Measured in bench-speed: `w2` 56 s, `mmd-rbf` 51 s, "
         "`gaussian-w2` 42 s (before: 171 s, 190 s, 75 s).",
         "",
@@ -158,9 +176,11 @@ def main() -> None:
         "",
         f"One thread copies {rate:.1f} GB/s here; the bank holds {bank_gb:.1f} GB, which a randomized range finder "
         "(2 power iterations) reads from the page cache once. It copies each module's stacks to bfloat16 (about 1 ns "
-        "an element with torch here) for 4 of its 6 applications of M, [8000, 4096] stacks times 32 columns, and sums "
-        "the last application and Q^T M in float32 over the entries' factors (500 small products each, bound by "
-        "float32 arithmetic on one core: they did not gain from threads).",
+        "an element with torch here) for 4 of its 6 applications of M: a [8000, 4096] stack times 32 columns takes "
+        f"{stacked['bfloat16']:.1f} ms in bfloat16 against {stacked['float32']:.1f} ms in float32. The last application "
+        "and Q^T M are float32 sums over the entries' factors (500 small products each, bound by float32 arithmetic), "
+        "which keep the result at Eckart-Young's optimum (on the steep spectrum of tests/test_compose.py's randomized "
+        "test: 4e-8 above it, where bfloat16 alone left it 19 % above).",
         "",
         f"Entries holding 99 % of the default coefficients: {concentration(row, 0.99)} of {len(row)} on this bank "
         f"(its user dataset); on the shipped bank's {len(shipped)} leave-one-out rows, median "
