@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -137,6 +138,10 @@ def main() -> None:
     shipped = loo_coefficients(BankIndex(Bank("default")), GenerateConfig())
     shipped_99 = [concentration(r, 0.99) for r in shipped]
 
+    speed_md = (RESULTS / "speed.md").read_text(encoding="utf-8") if (RESULTS / "speed.md").is_file() else ""
+    found = {m[1]: m[2] for m in re.finditer(r"distance matrix, `([\w-]+)` \| ([\d.]+ s)", speed_md)}
+    measured = ", ".join(f"`{k}` {found[k]}" for k in ("w2", "mmd-rbf", "gaussian-w2") if k in found) or "not yet"
+
     def cpu_s(ms: float) -> str:
         return f"{ms:.3f} ms ({ms * n_pairs / 1e3:.0f} CPU-s for {n_pairs:,} pairs, {ms * n_pairs / 2e3:.0f} s on 2 cores)"
 
@@ -169,8 +174,7 @@ def main() -> None:
         "`w2` needs the product and the assignment for every pair, `mmd-rbf` the product and the median, "
         "`gaussian-w2` the product and the eigenvalues: above 30 s on 2 cores before any other work, and still "
         "above it with float32 products (the median's partition is no faster in float32). `sliced` "
-        "(registered, 256 projections) is the fast approximation of `w2`. Measured in bench-speed: `w2` 56 s, `mmd-rbf` 51 s, "
-        "`gaussian-w2` 42 s (before: 171 s, 190 s, 75 s).",
+        f"(registered, 256 projections) is the fast approximation of `w2`. Measured in bench-speed (speed.md): {measured}.",
         "",
         "## `generate` over all entries: bytes and weights",
         "",
