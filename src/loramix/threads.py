@@ -19,26 +19,35 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _lock = threading.Lock()
-_running = 0  # tasks inside _one_thread right now
+_running = 0  # blocks inside one_thread_ops right now (threaded_map's tasks among them)
 _restore = 1  # torch's thread count before the first of them started
 
 
-def _one_thread(fn: Callable[[T], R], item: T, restore: int) -> R:
-    """fn(item) with torch ops on one thread; the last task to finish sets the count back to `restore` (the count
-    its caller saw when it started the map)."""
+@contextmanager
+def one_thread_ops(restore: int | None = None) -> Iterator[None]:
+    """Torch ops on one thread inside the block (multi-threaded MKL products, QR and SVD change their last bits with
+    the thread count). Blocks may overlap across threads: the count is set back, to `restore` (default: the count
+    when the first of them began), only when the last of them ends, so one block's end never gives another's ops
+    back their threads."""
     global _running, _restore
     with _lock:
         if _running == 0:
-            _restore = restore
+            _restore = torch.get_num_threads() if restore is None else restore
         _running += 1
         torch.set_num_threads(1)  # also this thread's own OpenMP setting, whatever it was initialised with
     try:
-        return fn(item)
+        yield
     finally:
         with _lock:
             _running -= 1
             if _running == 0:
                 torch.set_num_threads(_restore)
+
+
+def _one_thread(fn: Callable[[T], R], item: T, restore: int) -> R:
+    """fn(item) in one_thread_ops; `restore` is the count the map's caller saw when it started the map."""
+    with one_thread_ops(restore):
+        return fn(item)
 
 
 def threaded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
@@ -56,14 +65,3 @@ def threaded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
         while pending:
             yield pending.popleft().result()
 
-
-@contextmanager
-def one_thread_ops() -> Iterator[None]:
-    """Torch ops of the calling thread run on one thread inside the block (MKL's QR and SVD, for one, change their
-    last bits with the thread count); the count is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
