@@ -409,7 +409,7 @@ def test_randomized_truncation_is_near_optimal_and_thread_independent(monkeypatc
         results = []
         for n in (1, 3):
             torch.set_num_threads(n)
-            results.append(comp_mod.Exact._randomized(terms, ref, 4))
+            results.append(comp_mod.Exact._randomized(terms, ref, 4, comp_mod.Workspace()))
             assert torch.get_num_threads() == n  # restored
     finally:
         torch.set_num_threads(threads)
@@ -418,6 +418,45 @@ def test_randomized_truncation_is_near_optimal_and_thread_independent(monkeypatc
     assert float((one.b @ one.a - want).norm()) <= float(s[4:].norm()) * (1 + 1e-3)  # Eckart-Young's optimum
     # the range's dtype (bfloat16 where the CPU has it) only tilts the range: float32 gives the same truncation
     monkeypatch.setattr(comp_mod, "_range_dtype", lambda: torch.float32)
-    f32 = comp_mod.Exact._randomized(terms, ref, 4)
+    f32 = comp_mod.Exact._randomized(terms, ref, 4, comp_mod.Workspace())
     assert rel(f32.b.double() @ f32.a.double(), one.b.double() @ one.a.double()) <= 1e-4
     assert one.singular_values[:4] == pytest.approx(f32.singular_values[:4], rel=1e-5)
+
+
+@pytest.mark.parametrize("value,where", [(float("nan"), "lora_A"), (float("inf"), "lora_B"), (float("-inf"), "lora_A")])
+def test_randomized_path_reads_the_bank_and_names_an_entry_with_non_finite_weights(tmp_path, monkeypatch, value, where):
+    """Beyond the stacked-rank limit, factors are read from disk straight into reused stacks and not checked one by
+    one: the result of the first application of M is, and a NaN or Inf anywhere (any entry, A or B, any position)
+    still stops the composition with the entry and module named."""
+    import importlib
+
+    from safetensors.torch import load_file, save_file
+
+    from loramix.compose import LoraFactors, Term
+
+    comp_mod = importlib.import_module("loramix.compose.methods")
+    monkeypatch.setattr(comp_mod, "EXACT_MAX_STACKED_RANK", 4)  # every module of the bank goes randomized
+    calls = []
+    randomized = comp_mod.Exact._randomized
+    monkeypatch.setattr(comp_mod.Exact, "_randomized", staticmethod(lambda *a: calls.append(1) or randomized(*a)))
+    bank = Bank(make_bank(tmp_path / "bank", n=6, mixed=True))
+    c = {e.name: 0.1 + 0.1 * i for i, e in enumerate(bank.entries)}
+    clean = compose(bank, c, rank=3)
+    assert len(calls) == len(bank.shapes)
+    in_memory = comp_mod.Exact()
+    for m in sorted(bank.shapes):  # the same bytes as from factors held in memory, with a fresh workspace each
+        terms = [Term(LoraFactors(*e.adapter.factors(m)), c[e.name], e.adapter.modules[m].scale) for e in bank.entries if m in e.adapter.modules]
+        r = in_memory.module(terms, next(e.adapter.modules[m] for e in bank.entries if m in e.adapter.modules), 3)
+        assert torch.equal(r.a.to(clean.factors[m][0].dtype), clean.factors[m][0])
+    victim = bank.entries[3]
+    f = victim.adapter.path / "adapter_model.safetensors"
+    tensors = load_file(f)
+    key = sorted(k for k in tensors if where in k)[-1]
+    g = torch.Generator().manual_seed(1)
+    t = tensors[key].clone()
+    t.view(-1)[int(torch.randint(t.numel(), (1,), generator=g))] = value
+    tensors[key] = t
+    save_file(tensors, f)
+    module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+    with pytest.raises(LoramixError, match=f"{victim.name}: module '{module}' has NaN or Inf weights"):
+        compose(Bank(bank.path), c, rank=3)

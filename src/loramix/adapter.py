@@ -499,17 +499,34 @@ class LoraAdapter:
         key_a, key_b = self._tensor_keys[module]
         if self._pickled is not None:
             return self._pickled[key_a], self._pickled[key_b]
-        out = []
-        with open(self.path / WEIGHTS_FILE, "rb") as f:
-            self._check_unchanged(os.fstat(f.fileno()))
-            for key in (key_a, key_b):
+        a, b = (torch.empty(self._spans[k][3], dtype=_TORCH_DTYPES[self._spans[k][2]]) for k in (key_a, key_b))
+        self.read_into(module, a, b)
+        return a, b
+
+    def read_into(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Read one module's A into `a` [r, in] and B into `b` [out, r], converted to their dtypes. A contiguous
+        destination of the stored dtype is read into directly, without an intermediate copy."""
+        key_a, key_b = self._tensor_keys[module]
+        if self._pickled is not None:
+            a.copy_(self._pickled[key_a])
+            b.copy_(self._pickled[key_b])
+            return
+        fd = os.open(os.path.join(self.path, WEIGHTS_FILE), os.O_RDONLY)  # plain calls: one entry's are many here
+        try:
+            self._check_unchanged(os.fstat(fd))
+            for key, out in ((key_a, a), (key_b, b)):
                 start, end, dtype_name, shape = self._spans[key]
-                raw = torch.empty(end - start, dtype=torch.uint8)
-                f.seek(start)
-                if f.readinto(raw.numpy()) != end - start:
+                dtype = _TORCH_DTYPES[dtype_name]
+                if list(out.shape) != shape:
+                    raise ValueError(f"{key} is {list(shape)}, the destination {list(out.shape)}")
+                direct = out.dtype == dtype and out.is_contiguous()
+                raw = out.view(-1).view(torch.uint8) if direct else torch.empty(end - start, dtype=torch.uint8)
+                if os.preadv(fd, [raw.numpy()], start) != end - start:
                     raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable (the file is shorter than its header says)")
-                out.append(raw.view(_TORCH_DTYPES[dtype_name]).reshape(shape))
-        return out[0], out[1]
+                if not direct:
+                    out.copy_(raw.view(dtype).view(shape))
+        finally:
+            os.close(fd)
 
     def _check_unchanged(self, st: os.stat_result) -> None:
         """Refuse a weights file that is no longer the one whose header was read (replaced or rewritten since, e.g.

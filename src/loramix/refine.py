@@ -82,7 +82,7 @@ class MixedLoRA:
         self.layers = bank_layers(bank)
         self._hooks = []
         for name in sorted(bank.shapes):
-            parts = [(i, e.adapter.modules[name], LoraFactors.read(e, name)) for i, e in enumerate(entries)
+            parts = [(i, e.adapter.modules[name], LoraFactors.stored(e, name)) for i, e in enumerate(entries)
                      if name in e.adapter.modules]
             if not parts:
                 continue

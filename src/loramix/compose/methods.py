@@ -27,30 +27,88 @@ Rank = int | Literal["full"] | None  # an int truncates to that rank; 'full' kee
 
 
 class LoraFactors:
-    """One entry's factors of one module as stored, A [r, in] and B [out, r], checked finite. Their thin QR
-    factorisations are computed on first use and kept, so outputs sharing an entry (leave-one-out) factorise it once."""
+    """One entry's factors of one module, A [r, in] and B [out, r] in their stored dtype: given, or (`stored`) read
+    from the entry's file on first use of `a` or `b`, then checked finite. `into` copies them into a caller's
+    buffers instead, a stored entry's straight from disk and unchecked: the caller checks what it computes from them
+    (Exact._randomized). Thin QR factorisations are computed on first use and kept, so outputs sharing an entry
+    (leave-one-out) factorise it once."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        self.a, self.b = a, b
+        self._ab: tuple[torch.Tensor, torch.Tensor] | None = (a, b)
+        self._source: tuple[BankEntry, str] | None = None
+        self.rank = a.shape[0]
         self._qr: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
         self._lock = threading.Lock()  # outputs composed in parallel share it
 
     @classmethod
-    def read(cls, entry: BankEntry, module: str) -> "LoraFactors":
-        a, b = entry.adapter.factors(module)
-        if not (_finite(a) and _finite(b)):
-            raise LoramixError(f"{entry.name}: module '{module}' has NaN or Inf weights")
-        return cls(a, b)
+    def stored(cls, entry: BankEntry, module: str) -> "LoraFactors":
+        self = cls.__new__(cls)
+        self._ab, self._source, self.rank = None, (entry, module), entry.adapter.modules[module].rank
+        self._qr, self._lock = {}, threading.Lock()
+        return self
+
+    @property
+    def origin(self) -> str:
+        """What the factors are, for error messages."""
+        return f"{self._source[0].name}: module '{self._source[1]}'" if self._source else "factors"
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self._loaded()[0]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self._loaded()[1]
+
+    def _loaded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if self._ab is None:
+                entry, module = self._source
+                a, b = entry.adapter.factors(module)
+                if not (_finite(a) and _finite(b)):
+                    raise self.nonfinite()
+                self._ab = a, b
+            return self._ab
+
+    def nonfinite(self) -> LoramixError:
+        return LoramixError(f"{self.origin} has NaN or Inf weights")
+
+    def into(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy A into `a` [r, in] and B into `b` [out, r] (converted to their dtypes), unchecked."""
+        if self._ab is None:
+            entry, module = self._source
+            entry.adapter.read_into(module, a, b)
+        else:
+            a.copy_(self._ab[0])
+            b.copy_(self._ab[1])
 
     def qr(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(Q_a^T [r', in], R_a [r', r], Q_b^T [r'', out], R_b [r'', r]) with A^T = Q_a R_a and B = Q_b R_b, in
         `dtype`; the Q factors transposed (contiguous rows), so that stacking them is a plain copy."""
+        a, b = self._loaded()
         with self._lock:
             if dtype not in self._qr:
-                q_a, r_a = torch.linalg.qr(self.a.to(dtype).T)
-                q_b, r_b = torch.linalg.qr(self.b.to(dtype))
+                q_a, r_a = torch.linalg.qr(a.to(dtype).T)
+                q_b, r_b = torch.linalg.qr(b.to(dtype))
                 self._qr[dtype] = (q_a.T.contiguous(), r_a, q_b.T.contiguous(), r_b)
             return self._qr[dtype]
+
+
+class Workspace:
+    """Buffers that successive calls reuse, one call at a time (the modules of one serial pass over a bank): fresh
+    memory costs a page fault per 4 KiB page on first touch, more here than the copy that then fills it."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape` and `dtype`, contents undefined: buffer `name`, grown when too small."""
+        n = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            self._buffers.pop((name, dtype), None)
+            buf = self._buffers[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
 
 
 @dataclass
@@ -90,7 +148,8 @@ class Composer:
     - `validate(rank)`: refuse a rank option it cannot honour (called with the configuration, before any work);
     - `check(entries)`: refuse bank entries it cannot compose correctly (before any tensor is read);
     - `shape(refs, active, rank)`: the output's ranks and scales per module;
-    - `module(terms, ref, target)`: one composed module;
+    - `module(terms, ref, target)`: one composed module; during a serial pass the executor lends it `workspace`,
+      buffers that successive modules reuse (None otherwise);
     - `operator_space`: the space in which a trained operator reconstructs adapters ('updates' or 'params',
       see operators.gram_matrix);
     - `mix(x, a, b, w, k)`: the composed module's output for refinement, differentiable in the weights, or
@@ -101,6 +160,7 @@ class Composer:
     name: ClassVar[str]
     operator_space: ClassVar[str] = "updates"
     refinable: ClassVar[bool] = True
+    workspace: "Workspace | None" = None
 
     @classmethod
     def validate(cls, rank: Rank) -> None:
@@ -173,9 +233,9 @@ class Exact(Composer):
         if not terms:
             k = rank or 1
             return ModuleResult(torch.zeros(k, in_f, dtype=torch.float64), torch.zeros(out_f, k, dtype=torch.float64), 1.0)
-        stacked = sum(t.factors.a.shape[0] for t in terms)
+        stacked = sum(t.factors.rank for t in terms)
         if rank is not None and stacked > EXACT_MAX_STACKED_RANK:
-            return self._randomized(terms, ref, rank)
+            return self._randomized(terms, ref, rank, self.workspace or Workspace())
         # float64 while the stacks are small (tiny cost, ~1e-12 error); float32 beyond (~1e-6, half the time)
         # unless the entries' subspaces nearly coincide, where the Gram matrices need float64 and an eigendecomposition
         small = (in_f + out_f) * stacked <= EXACT_FLOAT64_MAX_ELEMENTS
@@ -214,34 +274,44 @@ class Exact(Composer):
         return ModuleResult(a, b, 1.0, energy, s.tolist())
 
     @staticmethod
-    def _randomized(terms: list[Term], ref: LoraModule, rank: int) -> ModuleResult:
+    def _randomized(terms: list[Term], ref: LoraModule, rank: int, workspace: Workspace) -> ModuleResult:
         """Rank-k truncation of M = B_stack W A_stack for a large stacked rank R (W [R] each rank-1 piece's
         coefficient * scale): a randomized range finder (Halko, Martinsson & Tropp 2011) with k + 16 seeded probes
         and 2 power iterations, then the SVD of Q^T M for the found range Q [out, k + 16]. M is only applied, never
-        formed: O((d_in + d_out) R k) time. The stacked products run in `_range_dtype()` (bfloat16 where the CPU
-        multiplies it natively: ~8x float32's speed on these thin products, half the memory); the last application
-        of M and Q^T M are float32 sums over the stored factors, so bfloat16's tilt of the range is damped by
+        formed: O((d_in + d_out) R k) time. The factors are read straight into float32 stacks A_stack [R, in] and
+        B_stack^T [R, out] (in `workspace`: no fresh memory per module). The first applications of M run on copies of
+        the stacks in `_range_dtype()` (bfloat16 where the CPU multiplies it natively: ~4x float32's speed on these
+        thin products); the last application and Q^T M run in float32, so bfloat16's tilt of the range is damped by
         s_k+1 / s_k (alone it left the residual 19 % above Eckart-Young's on a steep spectrum; with them 4e-8 above).
-        Copies and sums run in _PARTS fixed parts on threads with single-threaded ops, the factorisations on one
-        thread: the bytes do not depend on the thread count. The retained energy would need O(R^2 d) work and is
-        not computed (None)."""
+        Products run in _PARTS fixed parts on threads with single-threaded ops, the factorisations on one thread: the
+        bytes do not depend on the thread count. The stacks are not checked finite: the first application of M
+        touches every weight, and a NaN or Inf among them leaves a NaN or Inf in its result (then each entry is
+        checked, to name it). The retained energy would need O(R^2 d) work and is not computed (None)."""
         work, workers = _range_dtype(), torch.get_num_threads()
-        width = min(rank + 16, ref.in_features, ref.out_features)
+        out_f, in_f = ref.out_features, ref.in_features
+        width = min(rank + 16, in_f, out_f)
+        starts = [0]
+        for t in terms:
+            starts.append(starts[-1] + t.factors.rank)
+        size = starts[-1]
         with one_thread_ops():  # multi-threaded MKL / oneDNN products and QR change their last bits with the count
-            size = sum(t.factors.a.shape[0] for t in terms)
-            a_stack = torch.empty(size, ref.in_features, dtype=work)  # [R, in]
-            b_stack = torch.empty(ref.out_features, size, dtype=work)  # [out, R]
-            starts = [0]
-            for t in terms:
-                starts.append(starts[-1] + t.factors.a.shape[0])
+            a32 = workspace.take("a", (size, in_f), torch.float32)  # A_stack [R, in]
+            bt32 = workspace.take("bt", (size, out_f), torch.float32)  # B_stack^T [R, out]
+            a_work, bt_work = a32, bt32
+            if work != torch.float32:
+                a_work = workspace.take("a_work", (size, in_f), work)
+                bt_work = workspace.take("bt_work", (size, out_f), work)
 
-            def copy(part: slice) -> None:  # the entries of `part` into their rows / columns of the stacks
+            def read(part: slice) -> None:  # the entries of `part` into their rows of the stacks, then converted
                 for i in range(len(terms))[part]:
-                    a_stack[starts[i] : starts[i + 1]].copy_(terms[i].factors.a)
-                    b_stack[:, starts[i] : starts[i + 1]].copy_(terms[i].factors.b)
+                    terms[i].factors.into(a32[starts[i] : starts[i + 1]], bt32[starts[i] : starts[i + 1]].T)
+                if work != torch.float32:
+                    rows = slice(starts[part.start], starts[part.stop])
+                    a_work[rows].copy_(a32[rows])
+                    bt_work[rows].copy_(bt32[rows])
 
-            _parts(copy, len(terms), workers)
-            w = torch.cat([torch.full((t.factors.a.shape[0],), t.coefficient * t.scale) for t in terms])  # [R]
+            _parts(read, len(terms), workers)
+            w = torch.cat([torch.full((t.factors.rank,), t.coefficient * t.scale) for t in terms])  # [R]
 
             def rows(stack: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # stack [n, K] @ x [K, p] -> [n, p]
                 return torch.cat(_parts(lambda part: stack[part] @ x, len(stack), workers))
@@ -249,40 +319,31 @@ class Exact(Composer):
             def cols(xt: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:  # xt [p, n] @ stack [n, K] -> [p, K]
                 return torch.cat(_parts(lambda part: xt @ stack[:, part], stack.shape[1], workers), dim=1)
 
-            def apply(x: torch.Tensor) -> torch.Tensor:  # M x: [in, p] -> [out, p], float32
-                return rows(b_stack, (w[:, None] * rows(a_stack, x.to(work)).float()).to(work)).float()
+            def rows_t(stack: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # stack [n, K]^T @ v [n, p] -> [K, p]
+                partial = _parts(lambda part: (v[part].T @ stack[part]).float(), len(stack), workers)  # [p, K] each
+                for later in partial[1:]:  # summed in a fixed order
+                    partial[0] += later
+                return partial[0].T
 
-            def apply_t(y: torch.Tensor) -> torch.Tensor:  # M^T y: [out, p] -> [in, p], float32
-                return cols((cols(y.T.to(work), b_stack).float() * w).to(work), a_stack).float().T
+            def apply(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:  # M x: [in, p] -> [out, p]
+                return rows_t(bt, (w[:, None] * rows(a, x.to(a.dtype)).float()).to(a.dtype))
 
-            def summed(part_sum: Callable[[Term], torch.Tensor]) -> torch.Tensor:  # sum_i part_sum(term i), in order
-                def part(p: slice) -> torch.Tensor:
-                    total = part_sum(terms[p.start])
-                    for t in terms[p.start + 1 : p.stop]:
-                        total += part_sum(t)
-                    return total
+            def apply_t(y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:  # y^T M: [out, p] -> [p, in]
+                return cols((rows(bt, y.to(a.dtype)).float() * w[:, None]).T.to(a.dtype), a).float()
 
-                parts = _parts(part, len(terms), workers)
-                for later in parts[1:]:
-                    parts[0] += later
-                return parts[0]
-
-            def exact_apply(x: torch.Tensor) -> torch.Tensor:  # M x = sum_i w_i B_i (A_i x), float32
-                return summed(lambda t: t.factors.b.float() @ ((t.coefficient * t.scale) * (t.factors.a.float() @ x)))
-
-            y = apply(torch.randn(ref.in_features, width, generator=torch.Generator().manual_seed(0)))  # seeded probes
+            y = apply(torch.randn(in_f, width, generator=torch.Generator().manual_seed(0)), a_work, bt_work)  # seeded probes
+            if not _finite(y):
+                raise _nonfinite(terms, a32, bt32, starts, ref)
             for i in range(2):  # power iterations sharpen the range towards the top singular vectors
-                x = torch.linalg.qr(apply_t(torch.linalg.qr(y)[0]))[0]
-                y = apply(x) if i == 0 else exact_apply(x)  # the last in float32: its rounding damped by s_k+1 / s_k
+                x = torch.linalg.qr(apply_t(torch.linalg.qr(y)[0], a_work, bt_work).T)[0]
+                y = apply(x, a_work, bt_work) if i == 0 else apply(x, a32, bt32)  # the last in float32
             q, _ = torch.linalg.qr(y)  # [out, width]
-            del a_stack, b_stack
-            qt = q.T.contiguous()  # Q^T M = sum_i w_i (Q^T B_i) A_i, float32
-            projected = summed(lambda t: ((t.coefficient * t.scale) * (qt @ t.factors.b.float())) @ t.factors.a.float())
+            projected = apply_t(q, a32, bt32)  # Q^T M [width, in], float32
             u, s, vh = torch.linalg.svd(projected, full_matrices=False)
             kept = min(rank, len(s))
             root = s[:kept].sqrt()
-            b = torch.zeros(ref.out_features, rank, dtype=torch.float64)
-            a = torch.zeros(rank, ref.in_features, dtype=torch.float64)
+            b = torch.zeros(out_f, rank, dtype=torch.float64)
+            a = torch.zeros(rank, in_f, dtype=torch.float64)
             b[:, :kept] = ((q @ u[:, :kept]) * root).double()
             a[:kept] = (root[:, None] * vh[:kept]).double()
         return ModuleResult(a, b, 1.0, None, s.tolist())
@@ -349,6 +410,15 @@ def _range_dtype() -> torch.dtype:
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     except (AttributeError, RuntimeError):  # a torch without the check
         return torch.float32
+
+
+def _nonfinite(terms: list[Term], a: torch.Tensor, bt: torch.Tensor, starts: list[int], ref: LoraModule) -> LoramixError:
+    """The error for stacks a [R, in], bt [R, out] whose product is not finite: the first entry with a NaN or Inf
+    weight, else an overflow."""
+    for i, t in enumerate(terms):
+        if not (_finite(a[starts[i] : starts[i + 1]]) and _finite(bt[starts[i] : starts[i + 1]])):
+            return t.factors.nonfinite()
+    return LoramixError(f"module '{ref.name}': the weighted sum of the entries' updates overflows float32")
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -1,12 +1,12 @@
 """The one streaming executor: N plans composed in one pass over the bank's tensors, module by module. Each
-module's factors are read once (for every entry some plan uses) and shared by the plans; units of work (a plan's
-module) run in parallel threads with single-threaded ops, so the bytes do not depend on the thread count.
+module's factors are read once (for every entry some plan uses) and shared by the plans (a randomized range finder
+reads them straight into its own stacks instead); units of work (a plan's module) run in parallel threads with
+single-threaded ops, so the bytes do not depend on the thread count.
 `generate` is the N = 1 case (modules in parallel), leave-one-out the N = every entry case (outputs in parallel)."""
 
 from __future__ import annotations
 
 import json
-import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWrite
 from ..bank import Bank, BankEntry
 from ..progress import track
 from ..threads import threaded_map
-from .methods import LoraFactors, ModuleResult
+from .methods import LoraFactors, ModuleResult, Workspace
 from .plan import Plan, plan
 
 
@@ -45,7 +45,7 @@ class Composition:
         return float(min(known)) if known else None
 
 
-def _module(p: Plan, module: str, factors: "ModuleFactors") -> ModuleResult:
+def _module(p: Plan, module: str, factors: dict[str, LoraFactors]) -> ModuleResult:
     """One output module of plan `p`: composed, padded to the planned rank, cast to the output dtype, its factors
     checked finite and not underflowing in it, and its update scale * B @ A checked within the dtype's range (what a
     merge in it would hold)."""
@@ -58,42 +58,36 @@ def _module(p: Plan, module: str, factors: "ModuleFactors") -> ModuleResult:
     return r
 
 
-class ModuleFactors:
-    """The factors of one module for the entries some plan uses, each read from disk by the first unit of work that
-    asks for it (in that unit's thread, so several modules are read in parallel) and then shared by the others."""
-
-    def __init__(self, entries: Sequence[BankEntry], module: str):
-        self.module = module
-        self._entries = {e.name: e for e in entries if module in e.adapter.modules}
-        self._locks = {name: threading.Lock() for name in self._entries}
-        self._read: dict[str, LoraFactors] = {}
-
-    def __getitem__(self, name: str) -> LoraFactors:
-        with self._locks[name]:
-            if name not in self._read:
-                self._read[name] = LoraFactors.read(self._entries[name], self.module)
-            return self._read[name]
-
-
 def stream(bank: Bank, plans: Sequence[Plan], description: str = "composing") -> Iterator[tuple[int, str, ModuleResult]]:
     """(plan index, module, result) for every module (sorted) and plan, in that order. Plans whose composer
-    needs it (Composer.serial) make the pass run one unit at a time with multi-threaded ops."""
+    needs it (Composer.serial) make the pass run one unit at a time with multi-threaded ops, reusing one workspace."""
     modules = sorted(bank.shapes)
     used = {e.name for p in plans for e in p.active}
     needed = [e for e in bank.entries if e.name in used]
+    serial = any(p.serial for p in plans)
 
-    def units() -> Iterator[tuple[int, str, ModuleFactors]]:
+    def units() -> Iterator[tuple[int, str, dict[str, LoraFactors]]]:
         for m in modules:
-            factors = ModuleFactors(needed, m)
+            # each entry's factors are read by the first unit that uses them, in its thread, then shared
+            factors = {e.name: LoraFactors.stored(e, m) for e in needed if m in e.adapter.modules}
             for i in range(len(plans)):
                 yield i, m, factors
 
-    def one(unit: tuple[int, str, ModuleFactors]) -> tuple[int, str, ModuleResult]:
+    def one(unit: tuple[int, str, dict[str, LoraFactors]]) -> tuple[int, str, ModuleResult]:
         i, m, factors = unit
         return i, m, _module(plans[i], m, factors)
 
-    results = map(one, units()) if any(p.serial for p in plans) else threaded_map(one, units())
-    yield from track(results, description, total=len(modules) * len(plans))
+    if not serial:
+        yield from track(threaded_map(one, units()), description, total=len(modules) * len(plans))
+        return
+    workspace = Workspace()  # lent to the plans' composers while the units run one at a time
+    for p in plans:
+        p.composer.workspace = workspace
+    try:
+        yield from track(map(one, units()), description, total=len(modules) * len(plans))
+    finally:
+        for p in plans:
+            p.composer.workspace = None
 
 
 def write_compositions(folders: Sequence[Path], bank: Bank, plans: Sequence[Plan], description: str = "composing") -> list[Composition]:
