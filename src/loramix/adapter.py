@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -256,6 +257,18 @@ class _Layout:
 # header bytes, so each distinct one is parsed and checked once per process.
 _LAYOUTS: dict[tuple[str, bytes, int], _Layout] = {}
 _MAX_LAYOUTS = 256
+_SCRATCH = threading.local()  # per thread: bytes that read_into converts from, reused
+
+
+def _scratch(slot: int, nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of `nbytes` owned by this thread (slot 0 or 1), grown when too small: reused, so a read of
+    many small tensors does not fault fresh memory in for each."""
+    buffers = _SCRATCH.__dict__.get("buffers")
+    if buffers is None:
+        buffers = _SCRATCH.buffers = [torch.empty(0, dtype=torch.uint8)] * 2
+    if buffers[slot].numel() < nbytes:
+        buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+    return buffers[slot][:nbytes]
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -505,28 +518,39 @@ class LoraAdapter:
 
     def read_into(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Read one module's A into `a` [r, in] and B into `b` [out, r], converted to their dtypes. A contiguous
-        destination of the stored dtype is read into directly, without an intermediate copy."""
+        destination of the stored dtype is read into directly, any other through a reused per-thread buffer; both
+        tensors in one read when they lie side by side in the file (the usual layout)."""
         key_a, key_b = self._tensor_keys[module]
         if self._pickled is not None:
             a.copy_(self._pickled[key_a])
             b.copy_(self._pickled[key_b])
             return
+        reads = []  # (first byte, end byte, bytes to read into, (destination, stored view) to convert or None)
+        for slot, (key, out) in enumerate(((key_a, a), (key_b, b))):
+            start, end, dtype_name, shape = self._spans[key]
+            dtype = _TORCH_DTYPES[dtype_name]
+            if out.dtype == dtype and out.is_contiguous() and list(out.shape) == shape:
+                reads.append((start, end, out.view(-1).view(torch.uint8).numpy(), None))
+            else:
+                raw = _scratch(slot, end - start)
+                reads.append((start, end, raw.numpy(), (out, raw.view(dtype).view(shape))))
+        if reads[1][0] < reads[0][0]:
+            reads.reverse()
         fd = os.open(os.path.join(self.path, WEIGHTS_FILE), os.O_RDONLY)  # plain calls: one entry's are many here
         try:
             self._check_unchanged(os.fstat(fd))
-            for key, out in ((key_a, a), (key_b, b)):
-                start, end, dtype_name, shape = self._spans[key]
-                dtype = _TORCH_DTYPES[dtype_name]
-                if list(out.shape) != shape:
-                    raise ValueError(f"{key} is {list(shape)}, the destination {list(out.shape)}")
-                direct = out.dtype == dtype and out.is_contiguous()
-                raw = out.view(-1).view(torch.uint8) if direct else torch.empty(end - start, dtype=torch.uint8)
-                if os.preadv(fd, [raw.numpy()], start) != end - start:
-                    raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable (the file is shorter than its header says)")
-                if not direct:
-                    out.copy_(raw.view(dtype).view(shape))
+            (start, end, first, _), (start2, end2, second, _) = reads
+            if end == start2:  # side by side (the usual layout): one read
+                ok = os.preadv(fd, [first, second], start) == end2 - start
+            else:
+                ok = os.preadv(fd, [first], start) == end - start and os.preadv(fd, [second], start2) == end2 - start2
+            if not ok:
+                raise self._fail(f"{WEIGHTS_FILE}: tensor data of module '{module}' unreadable (the file is shorter than its header says)")
         finally:
             os.close(fd)
+        for *_, convert in reads:
+            if convert is not None:
+                convert[0].copy_(convert[1])  # raises if the shapes differ
 
     def _check_unchanged(self, st: os.stat_result) -> None:
         """Refuse a weights file that is no longer the one whose header was read (replaced or rewritten since, e.g.

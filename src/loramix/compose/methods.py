@@ -311,7 +311,7 @@ class Exact(Composer):
                     bt_work[rows].copy_(bt32[rows])
 
             _parts(read, len(terms), workers)
-            w = torch.cat([torch.full((t.factors.rank,), t.coefficient * t.scale) for t in terms])  # [R]
+            w = torch.tensor([t.coefficient * t.scale for t in terms]).repeat_interleave(torch.tensor(starts).diff())  # [R]
 
             def rows(stack: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # stack [n, K] @ x [K, p] -> [n, p]
                 return torch.cat(_parts(lambda part: stack[part] @ x, len(stack), workers))
