@@ -93,6 +93,46 @@ def stack_products() -> dict:
     return out
 
 
+def composition_steps(bank_path: Path) -> dict:
+    """The all-entries composition of one q_proj (width 32, all threads, its workspace warm; medians of 3): seconds
+    of the whole module (Exact._randomized: the factors read into float32 stacks and copied to bfloat16, 4 bfloat16
+    and 2 float32 applications of M), and of a plain read of the same bytes from the page cache into one buffer on
+    2 threads (what reading alone costs, without conversion or transposition)."""
+    import threading
+
+    from loramix import Bank
+    from loramix.compose.methods import Exact, LoraFactors, Term, Workspace
+
+    bank = Bank(bank_path)
+    module = next(m for m in sorted(bank.shapes) if m.endswith("q_proj"))
+    ref = bank.entries[0].adapter.modules[module]
+    terms = [Term(LoraFactors.stored(e, module), 1.0 / len(bank.entries), e.adapter.modules[module].scale) for e in bank.entries]
+    workspace = Workspace()
+    whole = timed(lambda: Exact._randomized(terms, ref, 16, workspace), 3)[0]
+
+    files = [e.adapter.path / "adapter_model.safetensors" for e in bank.entries]
+    sizes = [(e.adapter.modules[module].in_features + e.adapter.modules[module].out_features) * e.adapter.modules[module].rank
+             * e.adapter.dtype.itemsize for e in bank.entries]
+    raw = np.zeros(sum(sizes), dtype=np.uint8)
+    starts = np.cumsum([0, *sizes])
+
+    def plain(part: range) -> None:  # the module's bytes of each file (read from its first byte: same count)
+        for i in part:
+            fd = os.open(files[i], os.O_RDONLY)
+            os.preadv(fd, [raw[starts[i] : starts[i + 1]]], 0)
+            os.close(fd)
+
+    def both() -> None:
+        half = len(files) // 2
+        threads = [threading.Thread(target=plain, args=(r,)) for r in (range(half), range(half, len(files)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    return {"module": module, "whole": whole, "plain": timed(both, 3)[0], "bytes": int(raw.size)}
+
+
 def copy_rate() -> float:
     """GB a second that one thread copies between two 128 MiB arrays (read + write of each byte)."""
     a = np.ones(2**25, dtype=np.float32)
@@ -132,6 +172,8 @@ def main() -> None:
     n_pairs = args.n * (args.n - 1) // 2
     rate = copy_rate()
     stacked = stack_products()
+    steps = composition_steps(bank)
+    module_bytes = steps["bytes"]
     bank_gb = sum(f.stat().st_size for f in bank.glob("task*/adapter_model.safetensors")) / 1e9
     user = make_signer(spec)(Dataset([Sample(r["input"], tuple(r["output"])) for r in records(10**6, 100)], "new"))
     row = operator_for(index, cfg).coefficients(index.distance_row(spec, cfg.distance, user, "data", cfg.probe_set()))
@@ -178,13 +220,22 @@ def main() -> None:
         "",
         "## `generate` over all entries: bytes and weights",
         "",
-        f"One thread copies {rate:.1f} GB/s here; the bank holds {bank_gb:.1f} GB, which a randomized range finder "
-        "(2 power iterations) reads from the page cache once. It copies each module's stacks to bfloat16 (about 1 ns "
-        "an element with torch here) for 4 of its 6 applications of M: a [8000, 4096] stack times 32 columns takes "
-        f"{stacked['bfloat16']:.1f} ms in bfloat16 against {stacked['float32']:.1f} ms in float32. The last application "
-        "and Q^T M are float32 sums over the entries' factors (500 small products each, bound by float32 arithmetic), "
-        "which keep the result at Eckart-Young's optimum (on the steep spectrum of tests/test_compose.py's randomized "
-        "test: 4e-8 above it, where bfloat16 alone left it 19 % above).",
+        f"One thread copies {rate:.1f} GB/s here; the bank holds {bank_gb:.1f} GB. Over all entries, `exact` "
+        "composes each module with a randomized range finder (width 32 = rank 16 + 16, 2 power iterations): the "
+        "entries' factors read once into float32 stacks (A [R, in], B^T [R, out], a reused workspace) and copied to "
+        "bfloat16, 4 applications of M in bfloat16, the last application and Q^T M in float32. A [8000, 4096] stack "
+        f"(a q_proj of 500 rank-16 entries) times 32 columns takes {stacked['bfloat16']:.1f} ms in bfloat16 against "
+        f"{stacked['float32']:.1f} ms in float32 (all threads).",
+        "",
+        f"One `{steps['module']}` of all {args.n} entries ({module_bytes / 1e6:.0f} MB of factors): "
+        f"{steps['whole']:.3f} s for the whole module, where a plain read of its bytes from the page cache into one "
+        f"buffer on 2 threads takes {steps['plain']:.3f} s ({module_bytes / steps['plain'] / 1e9:.1f} GB/s). At this "
+        f"module's rate per byte the bank's {bank_gb:.1f} GB take {steps['whole'] * bank_gb * 1e9 / module_bytes:.1f} s to "
+        f"compose, and reading them alone {steps['plain'] * bank_gb * 1e9 / module_bytes:.1f} s. The float32 "
+        "applications cannot go to bfloat16: on decaying spectra built like tests/test_compose.py's (96 x 96 from 40 "
+        "entries, 512 x 512 from 200), the last application in bfloat16 left the truncation 6 % and 27 % above "
+        "Eckart-Young's optimum, Q^T M in bfloat16 25 % and 87 %, against 4e-7 and 2e-3 with both in float32; one "
+        "power iteration instead of 2 left it 6 % and 27 % above (measured by hand when this paragraph was written).",
         "",
         f"Entries holding 99 % of the default coefficients: {concentration(row, 0.99)} of {len(row)} on this bank "
         f"(its user dataset); on the shipped bank's {len(shipped)} leave-one-out rows, median "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -50,13 +50,15 @@ def _one_thread(fn: Callable[[T], R], item: T, restore: int) -> R:
         return fn(item)
 
 
-def threaded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+def threaded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
+                 pool: ThreadPoolExecutor | None = None) -> Iterator[R]:
     """fn(item) for each item, yielded in order, computed on `workers` threads (default: torch.get_num_threads())
     with single-threaded torch ops and at most `workers` + 1 items in flight. Faster than one item at a time with
-    multi-threaded ops (which leave cores idle in small kernels), and bit-identical whatever `workers` is."""
+    multi-threaded ops (which leave cores idle in small kernels), and bit-identical whatever `workers` is. `pool`:
+    an executor of `workers` threads to run on, kept by the caller across maps (starting threads costs ~0.3 ms)."""
     restore = torch.get_num_threads()
     workers = max(1, workers or restore)
-    with ThreadPoolExecutor(workers, thread_name_prefix="loramix") as pool:
+    with nullcontext(pool) if pool is not None else ThreadPoolExecutor(workers, thread_name_prefix="loramix") as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(_one_thread, fn, item, restore))

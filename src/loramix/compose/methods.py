@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal, Sequence, TypeVar
 
@@ -294,7 +295,8 @@ class Exact(Composer):
         for t in terms:
             starts.append(starts[-1] + t.factors.rank)
         size = starts[-1]
-        with one_thread_ops():  # multi-threaded MKL / oneDNN products and QR change their last bits with the count
+        # multi-threaded MKL / oneDNN products and QR change their last bits with the count: one thread each
+        with one_thread_ops(), ThreadPoolExecutor(workers, thread_name_prefix="loramix") as pool:
             a32 = workspace.take("a", (size, in_f), torch.float32)  # A_stack [R, in]
             bt32 = workspace.take("bt", (size, out_f), torch.float32)  # B_stack^T [R, out]
             a_work, bt_work = a32, bt32
@@ -310,17 +312,17 @@ class Exact(Composer):
                     a_work[rows].copy_(a32[rows])
                     bt_work[rows].copy_(bt32[rows])
 
-            _parts(read, len(terms), workers)
+            _parts(read, len(terms), workers, pool)
             w = torch.tensor([t.coefficient * t.scale for t in terms]).repeat_interleave(torch.tensor(starts).diff())  # [R]
 
             def rows(stack: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # stack [n, K] @ x [K, p] -> [n, p]
-                return torch.cat(_parts(lambda part: stack[part] @ x, len(stack), workers))
+                return torch.cat(_parts(lambda part: stack[part] @ x, len(stack), workers, pool))
 
             def cols(xt: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:  # xt [p, n] @ stack [n, K] -> [p, K]
-                return torch.cat(_parts(lambda part: xt @ stack[:, part], stack.shape[1], workers), dim=1)
+                return torch.cat(_parts(lambda part: xt @ stack[:, part], stack.shape[1], workers, pool), dim=1)
 
             def rows_t(stack: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # stack [n, K]^T @ v [n, p] -> [K, p]
-                partial = _parts(lambda part: (v[part].T @ stack[part]).float(), len(stack), workers)  # [p, K] each
+                partial = _parts(lambda part: (v[part].T @ stack[part]).float(), len(stack), workers, pool)  # [p, K] each
                 for later in partial[1:]:  # summed in a fixed order
                     partial[0] += later
                 return partial[0].T
@@ -396,11 +398,11 @@ class Paper(Composer):
 _PARTS = 4  # the randomized range finder's work is cut in this many parts, whatever the thread count
 
 
-def _parts(fn: Callable[[slice], T], n: int, workers: int) -> list[T]:
-    """[fn(part) for the _PARTS slices of range(n)], on `workers` threads with single-threaded ops: the parts, hence
-    every reduction inside fn, depend on n alone."""
+def _parts(fn: Callable[[slice], T], n: int, workers: int, pool: ThreadPoolExecutor) -> list[T]:
+    """[fn(part) for the _PARTS slices of range(n)], on the `workers` threads of `pool` with single-threaded ops: the
+    parts, hence every reduction inside fn, depend on n alone."""
     size = -(-n // _PARTS)
-    return list(threaded_map(fn, [slice(i, min(i + size, n)) for i in range(0, n, size)], workers))
+    return list(threaded_map(fn, [slice(i, min(i + size, n)) for i in range(0, n, size)], workers, pool))
 
 
 def _range_dtype() -> torch.dtype:
