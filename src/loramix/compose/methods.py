@@ -318,20 +318,18 @@ class Exact(Composer):
             def rows(stack: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # stack [n, K] @ x [K, p] -> [n, p]
                 return torch.cat(_parts(lambda part: stack[part] @ x, len(stack), workers, pool))
 
-            def cols(xt: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:  # xt [p, n] @ stack [n, K] -> [p, K]
-                return torch.cat(_parts(lambda part: xt @ stack[:, part], stack.shape[1], workers, pool), dim=1)
-
-            def rows_t(stack: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # stack [n, K]^T @ v [n, p] -> [K, p]
-                partial = _parts(lambda part: (v[part].T @ stack[part]).float(), len(stack), workers, pool)  # [p, K] each
-                for later in partial[1:]:  # summed in a fixed order
+            def times(xt: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:  # xt [p, n] @ stack [n, K] -> [p, K]
+                xt = xt.contiguous()  # the stack's rows in parts, the partial products summed in a fixed order
+                partial = _parts(lambda part: (xt[:, part] @ stack[part]).float(), len(stack), workers, pool)
+                for later in partial[1:]:
                     partial[0] += later
-                return partial[0].T
+                return partial[0]
 
             def apply(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:  # M x: [in, p] -> [out, p]
-                return rows_t(bt, (w[:, None] * rows(a, x.to(a.dtype)).float()).to(a.dtype))
+                return times((w[:, None] * rows(a, x.to(a.dtype)).float()).T.to(a.dtype), bt).T
 
             def apply_t(y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:  # y^T M: [out, p] -> [p, in]
-                return cols((rows(bt, y.to(a.dtype)).float() * w[:, None]).T.to(a.dtype), a).float()
+                return times((rows(bt, y.to(a.dtype)).float() * w[:, None]).T.to(a.dtype), a)
 
             y = apply(torch.randn(in_f, width, generator=torch.Generator().manual_seed(0)), a_work, bt_work)  # seeded probes
             if not _finite(y):
