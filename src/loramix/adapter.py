@@ -529,7 +529,9 @@ class LoraAdapter:
         for slot, (key, out) in enumerate(((key_a, a), (key_b, b))):
             start, end, dtype_name, shape = self._spans[key]
             dtype = _TORCH_DTYPES[dtype_name]
-            if out.dtype == dtype and out.is_contiguous() and list(out.shape) == shape:
+            if list(out.shape) != shape:
+                raise ValueError(f"{key} is {shape}, the destination {list(out.shape)}")
+            if out.dtype == dtype and out.is_contiguous():
                 reads.append((start, end, out.view(-1).view(torch.uint8).numpy(), None))
             else:
                 raw = _scratch(slot, end - start)
@@ -550,7 +552,7 @@ class LoraAdapter:
             os.close(fd)
         for *_, convert in reads:
             if convert is not None:
-                convert[0].copy_(convert[1])  # raises if the shapes differ
+                convert[0].copy_(convert[1])
 
     def _check_unchanged(self, st: os.stat_result) -> None:
         """Refuse a weights file that is no longer the one whose header was read (replaced or rewritten since, e.g.

@@ -34,19 +34,21 @@ class LoraFactors:
     (Exact._randomized). Thin QR factorisations are computed on first use and kept, so outputs sharing an entry
     (leave-one-out) factorise it once."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        self._ab: tuple[torch.Tensor, torch.Tensor] | None = (a, b)
-        self._source: tuple[BankEntry, str] | None = None
-        self.rank = a.shape[0]
+    def __init__(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
+                 source: tuple[BankEntry, str] | None = None):
+        """The factors (a, b), or `source` = (entry, module) to read them from (see `stored`)."""
+        if (a is None or b is None) == (source is None):
+            raise TypeError("LoraFactors takes the factors (a, b) or source=(entry, module)")
+        self._ab = None if source else (a, b)
+        self._source = source
+        self.rank = source[0].adapter.modules[source[1]].rank if source else a.shape[0]
         self._qr: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
         self._lock = threading.Lock()  # outputs composed in parallel share it
 
     @classmethod
     def stored(cls, entry: BankEntry, module: str) -> "LoraFactors":
-        self = cls.__new__(cls)
-        self._ab, self._source, self.rank = None, (entry, module), entry.adapter.modules[module].rank
-        self._qr, self._lock = {}, threading.Lock()
-        return self
+        """The factors of `module` as `entry`'s file stores them, read on first use."""
+        return cls(source=(entry, module))
 
     @property
     def origin(self) -> str:
