@@ -310,6 +310,43 @@ def test_factors_match_safetensors_and_leave_no_file_mapped(tmp_path):
     assert not any(str(tmp_path / "other") in os.readlink(f"/proc/self/fd/{fd}") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}"))
 
 
+@pytest.mark.parametrize("order", ["b_then_a", "all_b_first"])
+def test_read_into_fills_strided_and_converted_destinations_whatever_the_file_order(tmp_path, order):
+    """read_into (the randomized range finder's reader) writes each module's A into rows and B into transposed rows of
+    float32 stacks, from float16 storage, in whatever order the file holds the tensors: B right before A (one read
+    across both), or apart (two reads); a destination of another shape is refused before anything is read."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = write_adapter(tmp_path / "ad", rank=3, dtype=torch.float16)
+    f = folder / "adapter_model.safetensors"
+    tensors = {k: t.clone() for k, t in load_file(f).items()}  # load_file maps the file, rewritten below
+    keys = sorted(tensors, key=lambda k: ("lora_A" in k, k)) if order == "all_b_first" else sorted(
+        tensors, key=lambda k: (k.rsplit(".lora_", 1)[0], "lora_A" in k))
+    header, blobs, start = {}, [], 0
+    for k in keys:
+        data = tensors[k].contiguous().view(torch.uint8).numpy().tobytes()
+        header[k] = {"dtype": "F16", "shape": list(tensors[k].shape), "data_offsets": [start, start + len(data)]}
+        blobs.append(data)
+        start += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+    ad = LoraAdapter(folder)
+    for m, mod in ad.modules.items():
+        a_stack = torch.full((mod.rank + 2, mod.in_features), float("nan"))
+        bt_stack = torch.full((mod.rank + 2, mod.out_features), float("nan"))
+        ad.read_into(m, a_stack[1 : 1 + mod.rank], bt_stack[1 : 1 + mod.rank].T)
+        assert torch.equal(a_stack[1 : 1 + mod.rank], tensors[f"base_model.model.{m}.lora_A.weight"].float())
+        assert torch.equal(bt_stack[1 : 1 + mod.rank], tensors[f"base_model.model.{m}.lora_B.weight"].float().T)
+        assert a_stack[0].isnan().all() and a_stack[-1].isnan().all() and bt_stack[-1].isnan().all()  # nothing beyond
+        a, b = ad.factors(m)
+        assert a.dtype == torch.float16 and torch.equal(a, tensors[f"base_model.model.{m}.lora_A.weight"])
+        with pytest.raises(ValueError, match="destination"):
+            ad.read_into(m, torch.empty(mod.rank + 1, mod.in_features), torch.empty(mod.out_features, mod.rank))
+
+
 # -- the float32 factorisation of large stacks ------------------------------------------------------------
 def _terms(d: int, ranks: list[int], seed: int = 0, near_copy: bool = False):
     from loramix.compose import LoraFactors, Term
@@ -450,7 +487,7 @@ def test_randomized_path_reads_the_bank_and_names_an_entry_with_non_finite_weigh
         assert torch.equal(r.a.to(clean.factors[m][0].dtype), clean.factors[m][0])
     victim = bank.entries[3]
     f = victim.adapter.path / "adapter_model.safetensors"
-    tensors = load_file(f)
+    tensors = {k: t.clone() for k, t in load_file(f).items()}  # load_file maps the file, rewritten below
     key = sorted(k for k in tensors if where in k)[-1]
     g = torch.Generator().manual_seed(1)
     t = tensors[key].clone()
