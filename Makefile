@@ -63,13 +63,15 @@ bench-proxy: $(STAMP)
 clean:
 	rm -rf $(VENV) demo-out .cache
 
-# Speed and memory at the paper's scale (a 500-entry Mistral-shaped bank, ~19 GB in $LORAMIX_HOME) -> speed.md.
+# Speed and memory at the paper's scale (a 500-entry Mistral-shaped bank, ~19 GB in $LORAMIX_HOME) -> speed.md,
+# then what bounds the targets it misses and what was tried -> speed-floors.md (about 40 minutes in all).
 N ?= 500
 bench-speed: $(STAMP)
 	N=$(N) $(PY) benchmarks/speed.py
+	N=$(N) $(PY) benchmarks/speed_floors.py
 
-# What bounds the speed targets bench-speed does not meet (encoder, per-pair distance steps, copy rate, weight
-# concentration) -> speed-floors.md; a few minutes, on the bank bench-speed built and indexed.
+# speed-floors.md alone (encoder, per-pair distance steps, the composition per module, weight concentration); a few
+# minutes, on the bank bench-speed built and indexed.
 bench-speed-floors: $(STAMP)
 	N=$(N) $(PY) benchmarks/speed_floors.py
 
