@@ -306,8 +306,9 @@ def main() -> None:
         "",
         "Warm page cache unless the row says otherwise. Exact composition of more than 1,024 stacked ranks (all 500 "
         "entries: 8,000) is a randomized range finder over every entry's factors, read module by module. What bounds "
-        "the rows above their targets (the encoder's arithmetic, the per-pair steps of the distances, the copy rate, "
-        "how dense the default weights are): `speed-floors.md` (`make bench-speed-floors`).",
+        "the rows above their targets (the encoder's arithmetic, the per-pair steps of the distances, the composition "
+        "per module, how dense the default weights are) and what was tried: `speed-floors.md`, which `make bench-speed` "
+        "writes next.",
         "",
         f"## Where `generate`'s time goes (seconds, medians of {args.runs} runs)",
         "",

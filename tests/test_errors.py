@@ -39,7 +39,7 @@ def _edit_config(folder: Path, **fields) -> None:
 
 def _edit_tensors(folder: Path, fn) -> None:
     f = folder / "adapter_model.safetensors"
-    tensors = load_file(f)
+    tensors = {k: t.clone() for k, t in load_file(f).items()}  # load_file maps the file it is about to rewrite
     save_file(fn(tensors), f)
 
 

@@ -27,12 +27,11 @@ def test_an_update_beyond_float16_is_refused_though_its_factors_fit(tmp_path):
     weights = root / "task_animals" / "adapter_model.safetensors"
     save_file({k: v * 1000 for k, v in load_file(weights).items()}, weights)
     bank = Bank(root)
-    (tmp_path / "half").mkdir(), (tmp_path / "full").mkdir()
     assert max(float(v.abs().max()) for v in load_file(weights).values()) < torch.finfo(torch.float16).max
     with pytest.raises(LoramixError, match=r"update reaches .* beyond torch.float16's range"):
         write_composition(tmp_path / "half", bank, {"task_animals": 1.0}, dtype=torch.float16)
-    out = write_composition(tmp_path / "full", bank, {"task_animals": 1.0}, dtype=torch.float32)
-    assert out.config["r"] > 0
+    out = write_composition(tmp_path / "new" / "full", bank, {"task_animals": 1.0}, dtype=torch.float32)  # folders made
+    assert out.config["r"] > 0 and (tmp_path / "new" / "full" / "adapter_model.safetensors").is_file()
 
 
 def test_atomic_dir_refuses_the_current_folder_and_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -91,9 +91,11 @@ def stream(bank: Bank, plans: Sequence[Plan], description: str = "composing") ->
 
 
 def write_compositions(folders: Sequence[Path], bank: Bank, plans: Sequence[Plan], description: str = "composing") -> list[Composition]:
-    """Write plan i into folders[i] (adapter_model.safetensors streamed module by module, adapter_config.json):
-    memory holds the modules in flight, never a whole output."""
+    """Write plan i into folders[i], created if missing (adapter_model.safetensors streamed module by module,
+    adapter_config.json): memory holds the modules in flight, never a whole output."""
     out = [Composition(p.config, p.rank) for p in plans]
+    for folder in folders:
+        Path(folder).mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         writers = [stack.enter_context(SafetensorsWriter(Path(f) / WEIGHTS_FILE, p.tensor_specs())) for f, p in zip(folders, plans)]
         for i, module, r in stream(bank, plans, description):
