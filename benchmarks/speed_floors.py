@@ -98,7 +98,7 @@ def composition_steps(bank_path: Path) -> dict:
     of the whole module (Exact._randomized: the factors read into float32 stacks and copied to bfloat16, 4 bfloat16
     and 2 float32 applications of M), and of a plain read of the same bytes from the page cache into one buffer on
     2 threads (what reading alone costs, without conversion or transposition)."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from loramix import Bank
     from loramix.compose.methods import Exact, LoraFactors, Term, Workspace
@@ -111,8 +111,8 @@ def composition_steps(bank_path: Path) -> dict:
     whole = timed(lambda: Exact._randomized(terms, ref, 16, workspace), 3)[0]
 
     files = [e.adapter.path / "adapter_model.safetensors" for e in bank.entries]
-    sizes = [(e.adapter.modules[module].in_features + e.adapter.modules[module].out_features) * e.adapter.modules[module].rank
-             * e.adapter.dtype.itemsize for e in bank.entries]
+    sizes = [(m.in_features + m.out_features) * m.rank * e.adapter.dtype.itemsize
+             for e in bank.entries for m in [e.adapter.modules[module]]]
     raw = np.zeros(sum(sizes), dtype=np.uint8)
     starts = np.cumsum([0, *sizes])
 
@@ -124,11 +124,8 @@ def composition_steps(bank_path: Path) -> dict:
 
     def both() -> None:
         half = len(files) // 2
-        threads = [threading.Thread(target=plain, args=(r,)) for r in (range(half), range(half, len(files)))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(plain, (range(half), range(half, len(files)))))
 
     return {"module": module, "whole": whole, "plain": timed(both, 3)[0], "bytes": int(raw.size)}
 

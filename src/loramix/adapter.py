@@ -520,6 +520,10 @@ class LoraAdapter:
         """Read one module's A into `a` [r, in] and B into `b` [out, r], converted to their dtypes. A contiguous
         destination of the stored dtype is read into directly, any other through a reused per-thread buffer; both
         tensors in one read when they lie side by side in the file (the usual layout)."""
+        m = self.modules[module]
+        if (tuple(a.shape), tuple(b.shape)) != ((m.rank, m.in_features), (m.out_features, m.rank)):
+            raise ValueError(f"module '{module}' is A [{m.rank}, {m.in_features}], B [{m.out_features}, {m.rank}]; "
+                             f"the destinations {list(a.shape)} and {list(b.shape)}")
         key_a, key_b = self._tensor_keys[module]
         if self._pickled is not None:
             a.copy_(self._pickled[key_a])
@@ -529,8 +533,6 @@ class LoraAdapter:
         for slot, (key, out) in enumerate(((key_a, a), (key_b, b))):
             start, end, dtype_name, shape = self._spans[key]
             dtype = _TORCH_DTYPES[dtype_name]
-            if list(out.shape) != shape:
-                raise ValueError(f"{key} is {shape}, the destination {list(out.shape)}")
             if out.dtype == dtype and out.is_contiguous():
                 reads.append((start, end, out.view(-1).view(torch.uint8).numpy(), None))
             else:

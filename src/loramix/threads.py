@@ -66,4 +66,3 @@ def threaded_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-

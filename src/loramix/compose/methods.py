@@ -283,9 +283,9 @@ class Exact(Composer):
         and 2 power iterations, then the SVD of Q^T M for the found range Q [out, k + 16]. M is only applied, never
         formed: O((d_in + d_out) R k) time. The factors are read straight into float32 stacks A_stack [R, in] and
         B_stack^T [R, out] (in `workspace`: no fresh memory per module). The first applications of M run on copies of
-        the stacks in `_range_dtype()` (bfloat16 where the CPU multiplies it natively: ~4x float32's speed on these
-        thin products); the last application and Q^T M run in float32, so bfloat16's tilt of the range is damped by
-        s_k+1 / s_k (alone it left the residual 19 % above Eckart-Young's on a steep spectrum; with them 4e-8 above).
+        the stacks in `_range_dtype()` (bfloat16 where the CPU multiplies it natively); the last application and Q^T M
+        run in float32, so bfloat16's tilt of the range is damped by s_k+1 / s_k (alone it left the residual 19 % above
+        Eckart-Young's on a steep spectrum; with them 4e-7 above).
         Products run in _PARTS fixed parts on threads with single-threaded ops, the factorisations on one thread: the
         bytes do not depend on the thread count. The stacks are not checked finite: the first application of M
         touches every weight, and a NaN or Inf among them leaves a NaN or Inf in its result (then each entry is
@@ -407,7 +407,8 @@ def _parts(fn: Callable[[slice], T], n: int, workers: int, pool: ThreadPoolExecu
 
 def _range_dtype() -> torch.dtype:
     """The dtype the randomized range finder multiplies its stacks in: bfloat16 where oneDNN runs it natively
-    (AMX or AVX512-BF16: ~8x float32's speed on thin products here), float32 elsewhere (emulated bfloat16 is slower)."""
+    (AMX or AVX512-BF16: a [8000, 4096] stack times 32 columns ~8x faster than in float32 here, speed-floors.md),
+    float32 elsewhere (emulated bfloat16 is slower)."""
     try:
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     except (AttributeError, RuntimeError):  # a torch without the check

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWriter, cast_factors
-from ..bank import Bank, BankEntry
+from ..bank import Bank
 from ..progress import track
 from ..threads import threaded_map
 from .methods import LoraFactors, ModuleResult, Workspace
