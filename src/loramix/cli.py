@@ -33,6 +33,8 @@ err = Console(stderr=True, soft_wrap=True)
 # Options that several commands take, each defined once.
 EngineOpt = Annotated[str, typer.Option("--engine", help=f"Execution engine: {', '.join(ENGINES.names())} (local: this process; ray: RAY_ADDRESS, else a local Ray cluster).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only).")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="What runs the base model: auto (llama.cpp for a GGUF base, else "
+                                         "PyTorch), torch, llama.cpp (a GGUF base; the default base's shipped GGUF).")]
 SignatureOpt = Annotated[str, typer.Option("--signature", help=GenerateConfig.__dataclass_fields__["signature"].metadata["help"])]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help=GenerateConfig.__dataclass_fields__["model"].metadata["help"])]
 MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", min=1, help=GenerateConfig.__dataclass_fields__["max_samples"].metadata["help"])]
@@ -191,6 +193,7 @@ def eval_(
     max_new_tokens: int = typer.Option(48, min=1, max=MAX_ANSWER_TOKENS, help="Longest answer generated (tokens)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (rougeL, exact_match, contains, n, ...)."),
     predictions: Optional[Path] = typer.Option(None, help="Also write each input, prediction and references as JSONL here."),
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Greedy generation on DATA, scored with ROUGE-L, exact match and containment (best over references)."""
     import json
@@ -203,7 +206,8 @@ def eval_(
     if predictions is not None:  # replaced if it exists, unless it is what this command reads
         refuse_target(predictions, force=True, folder=False, inputs={"the data": data, "the adapter": adapter})
     dataset = read_dataset(data)
-    result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      runtime=runtime)
     preds = result.pop("predictions")
     if predictions is not None:
         write_predictions(predictions, dataset, preds)
@@ -473,36 +477,35 @@ def export_merged_cmd(
 def try_(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="PEFT adapter folder."),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompt (repeatable); none: read prompts interactively."),
-    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own)."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own); a GGUF file runs on llama.cpp."),
     max_new_tokens: int = typer.Option(64, min=1, max=MAX_ANSWER_TOKENS, help="Longest answer (tokens)."),
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Answer prompts with the base model and with base + ADAPTER, one after the other, streaming the tokens."""
-    from transformers import TextStreamer
+    from .evaluate import answer_streams
 
-    from .evaluate import load_for_eval, stream_answer
+    with answer_streams(adapter, base, runtime, max_new_tokens) as stream:
+        def answer(text: str) -> None:
+            for label in ("base", "adapter"):
+                out.print(f"[bold]{label}:[/bold] ", end="")
+                for piece in stream(text, label == "adapter"):
+                    out.print(piece, end="", markup=False, highlight=False)
+                out.print()
 
-    model, tokenizer = load_for_eval(base, adapter)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints the tokens
-
-    def answer(text: str) -> None:
-        for label in ("base", "adapter"):
-            out.print(f"[bold]{label}:[/bold] ", end="")
-            stream_answer(model, tokenizer, text, streamer=streamer, adapter=label == "adapter", max_new_tokens=max_new_tokens)
-
-    if prompt:
-        for text in prompt:
-            out.print(f"[dim]> {text}[/dim]")
+        if prompt:
+            for text in prompt:
+                out.print(f"> {text}", style="dim", markup=False, highlight=False)
+                answer(text)
+            return
+        out.print("[dim]type a prompt (empty line or Ctrl-D to quit)[/dim]")
+        while True:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
             answer(text)
-        return
-    out.print("[dim]type a prompt (empty line or Ctrl-D to quit)[/dim]")
-    while True:
-        try:
-            text = input("> ")
-        except EOFError:
-            break
-        if not text.strip():
-            break
-        answer(text)
 
 
 @app.command()

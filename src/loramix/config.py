@@ -17,6 +17,7 @@ from .errors import LoramixError
 from .operators import OPERATORS
 from .refine import CRITERIA, SEARCHES
 from .probes import ProbeSet
+from .runtime import RUNTIMES
 from .signatures import SIGNATURES, SignatureSpec
 from .train_config import REFINE_TRAINING
 
@@ -83,6 +84,11 @@ class GenerateConfig:
                                f"Default: {CHECK_EXAMPLES}, or 0 with --refine "
                                "(refinement trains on the examples a check would hold out; at equal time the check lost: "
                                "README, Quality).", method=False)
+    base: str | None = option(None, "Base model the check (and --refine) run: default the bank's. A GGUF file (a path, "
+                              "or owner/repo/file.gguf from the hub) runs on llama.cpp.", method=False)
+    runtime: str = option("auto", "What runs the base model for the check: auto (llama.cpp for a GGUF base, else "
+                          "PyTorch), torch, llama.cpp (a GGUF base; the default base's shipped GGUF). --refine "
+                          "always trains on PyTorch.", method=False)
     check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)
     check_tops: int = option(0, "With --check: also try the composition kept to its top 2, ..., this-many entries "
                              "(rescaled to its total weight).", method=False)
@@ -133,6 +139,8 @@ class GenerateConfig:
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
             raise LoramixError(f"scale must be positive and finite, got {self.scale}")
         _at_least("check", self.check, 0)
+        if self.runtime not in RUNTIMES:
+            raise LoramixError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         _at_least("check-singles", self.check_singles, 0)
         _at_least("check-tops", self.check_tops, 0)
         if self.check_criterion not in CRITERIA:

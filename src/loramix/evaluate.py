@@ -96,12 +96,53 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     return answers
 
 
-def stream_answer(model: Any, tokenizer: Any, text: str, *, streamer: Any, adapter: bool = True, max_new_tokens: int = 64) -> None:
-    """Generate the greedy answer to `text` (a user turn in the chat template), its tokens sent to `streamer` (a
-    transformers streamer) as they come; `adapter=False`: a PeftModel answers as its base model."""
-    ids = torch.tensor([prompt_ids(tokenizer, text, prompt_room(model, max_new_tokens))], device=next(model.parameters()).device)
-    with nullcontext() if adapter else model.disable_adapter():
-        model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, eos_token_id=end_of_turn_id(tokenizer))
+@contextmanager
+def answer_streams(adapter: str | Path, base: str | None, runtime: str = "auto", max_new_tokens: int = 64) -> Iterator[Any]:
+    """A function `stream(text, with_adapter) -> iterator of text pieces`: the greedy answer to `text` (a user turn in
+    the chat template) of the base (`with_adapter` False) or base + `adapter`, as its tokens come, on `runtime`
+    (runtime.choose_runtime). The base is loaded once for the block."""
+    import tempfile
+    from threading import Thread
+
+    from .runtime import choose_runtime, resolve_base
+
+    base = base if base is not None else base_model_of(adapter)
+    if choose_runtime(resolve_base(base), runtime) == "llama.cpp":
+        from .runtime.llamacpp import Lora, lora_file, open_base
+
+        with tempfile.TemporaryDirectory(prefix="loramix-gguf-") as tmp:
+            lora = Lora(lora_file(adapter, base, tmp))
+            with open_base(base) as engine:
+                yield lambda text, with_adapter: engine.stream(text, lora=lora if with_adapter else None,
+                                                               max_new_tokens=max_new_tokens)
+        return
+    from transformers import TextIteratorStreamer
+
+    model, tokenizer = load_for_eval(base, adapter)
+
+    def stream(text: str, with_adapter: bool) -> Iterator[str]:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        ids = torch.tensor([prompt_ids(tokenizer, text, prompt_room(model, max_new_tokens))], device=next(model.parameters()).device)
+
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode(), nullcontext() if with_adapter else model.disable_adapter():
+                    model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                                   eos_token_id=end_of_turn_id(tokenizer))
+            except BaseException as e:  # handed to the caller's thread; the stream ends instead of waiting forever
+                failed.append(e)
+                streamer.end()
+
+        worker = Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if failed:
+            raise failed[0]
+
+    yield stream
 
 
 def score(predictions: list[str], dataset: Dataset | Sequence[Sample]) -> dict[str, float]:
@@ -173,23 +214,48 @@ def evaluate(
     max_new_tokens: int = MAX_NEW_TOKENS,
     model: Any = None,
     tokenizer: Any = None,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     """Generate for the first `limit` records of `data` and score them. Pass `model` / `tokenizer` to reuse
-    a loaded model; otherwise the base (and adapter) are loaded. Returns rougeL, exact_match, contains, n,
-    seconds and the predictions."""
+    a loaded model; otherwise the base (and adapter) are loaded on `runtime` (runtime.choose_runtime: 'auto' runs a
+    GGUF base on llama.cpp, the adapter applied as a GGUF LoRA). Returns rougeL, exact_match, contains, n,
+    seconds, the runtime and the predictions."""
+    from .runtime import choose_runtime, resolve_base
+
     dataset = data if isinstance(data, Dataset) else read_dataset(data, split="test")
     if limit is not None:
         dataset = Dataset(dataset.samples[:limit], dataset.source, dataset.definition)
     if base is None and adapter is not None:
         base = base_model_of(adapter)  # what load_for_eval loads, and what the result names
-    if model is None:
-        model, tokenizer = load_for_eval(base, adapter)
-    start = time.perf_counter()
-    predictions = generate_answers(model, tokenizer, [s.input for s in dataset], batch_size=batch_size, max_new_tokens=max_new_tokens)
+    kind = "torch" if model is not None else choose_runtime(resolve_base(base), runtime)
+    inputs = [s.input for s in dataset]
+    if kind == "llama.cpp":
+        predictions, seconds = _answers_llamacpp(base, adapter, inputs, max_new_tokens)
+    else:
+        if model is None:
+            model, tokenizer = load_for_eval(base, adapter)
+        start = time.perf_counter()
+        predictions = generate_answers(model, tokenizer, inputs, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        seconds = time.perf_counter() - start
     result: dict[str, Any] = score(predictions, dataset)
-    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["seconds"] = round(seconds, 2)
     result["base_model"] = base
     result["adapter"] = str(adapter) if adapter is not None else None
+    result["runtime"] = kind
     result["predictions"] = predictions
     return result
 
+
+
+def _answers_llamacpp(base: str | None, adapter: str | Path | None, inputs: list[str], max_new_tokens: int) -> tuple[list[str], float]:
+    """Greedy answers of `base` on llama.cpp (+ `adapter`, written as a GGUF LoRA in a temporary folder), and the
+    seconds generation took."""
+    import tempfile
+
+    from .runtime.llamacpp import Lora, lora_file, open_base
+
+    with tempfile.TemporaryDirectory(prefix="loramix-gguf-") as tmp:
+        lora = Lora(lora_file(adapter, base, tmp)) if adapter is not None else None
+        with open_base(base) as engine:
+            start = time.perf_counter()
+            return engine.answers(inputs, lora=lora, max_new_tokens=max_new_tokens), time.perf_counter() - start

@@ -32,13 +32,12 @@ def _base_config(adapter: LoraAdapter, base: str | None) -> Any:
     """The base model's config (`base`, else the adapter's base_model_name_or_path; weights not loaded), checked to
     be an architecture GGUF export knows and to hold every adapted module with the adapter's [out, in] shape (on a
     model built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from .models import loading, quiet_loading, resolve_base
+    from .models import load_config, quiet_loading
 
     name = base if base is not None else adapter.base_model
-    with loading(f"the config of base model {name!r} (pass --base)"):
-        config = AutoConfig.from_pretrained(resolve_base(name))
+    config = load_config(name)
     arch_name = (config.architectures or ["?"])[0]
     if arch_name not in GGUF_ARCHS:
         raise LoramixError(f"GGUF export supports {', '.join(GGUF_ARCHS)}; the base model is {arch_name}")

