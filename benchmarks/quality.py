@@ -475,7 +475,7 @@ class Runner:
         forward pass per candidate). After a refinement on `refined` examples (seed 0), as `generate --refine`: the
         refined `layers` are scaled, and the check's examples are drawn from the others; `on_refined`: the check runs
         on the refinement's own examples instead (choosing where training starts)."""
-        from loramix.calibrate import check, check_candidates, scaled_layers
+        from loramix.check import check, check_candidates, scaled_layers
         from loramix.refine import CRITERIA, AnswerScores
 
         coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
@@ -678,7 +678,7 @@ class Runner:
 
     def candidate(self, c: np.ndarray, s: Setting, label: str) -> np.ndarray:
         """The coefficients of check candidate `label` of composition c, over the bank's names."""
-        from loramix.calibrate import check_candidates
+        from loramix.check import check_candidates
 
         pool = check_candidates({n: float(x) for n, x in zip(self.names, c) if x != 0}, singles=s.check_singles,
                                 tops=s.check_tops)

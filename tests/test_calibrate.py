@@ -10,7 +10,8 @@ from helpers import make_bank, topic_records, write_jsonl
 from typer.testing import CliRunner
 
 from loramix import Bank, generate, read_report
-from loramix.calibrate import Candidate, cached_calibration, calibrate, check
+from loramix.calibrate import Candidate, cached_calibration, calibrate
+from loramix.check import check
 from loramix.cli import app
 from loramix.config import GenerateConfig
 from loramix.errors import LoramixError
@@ -112,7 +113,7 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
 
 
 def test_check_candidates_keep_the_top_entries_at_the_compositions_total_weight():
-    from loramix.calibrate import check_candidates
+    from loramix.check import check_candidates
 
     coefs = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.05, "e": 0.0}
     cands = check_candidates(coefs, scales=(1.0,), singles=1, tops=4)
@@ -180,7 +181,7 @@ def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_i
     assert all(set(v) == {"loss", "accuracy", "exact"} and 0 <= v["exact"] <= 1 for v in chk.candidates.values())
     assert report.scale == pytest.approx(sum(report.coefficients.values()))
     import loramix.pipeline
-    from loramix.calibrate import CheckResult
+    from loramix.check import CheckResult
 
     zero = {e.name: 0.0 for e in tiny_bank.usable}
     monkeypatch.setattr(loramix.pipeline, "check", lambda *a, **k: CheckResult(

@@ -81,7 +81,7 @@ def test_check_scales_every_layer_of_a_per_layer_composition(tmp_path, tiny_base
     layers it returns for a scaled winner are those weights; generate writes them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loramix.calibrate import check
+    from loramix.check import check
     from loramix.refine import answer_scores_fn
 
     bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))

@@ -9,9 +9,7 @@ forward hooks (refine.MixedLoRA): nothing is composed or written.
   predicted from the others, and every candidate scored on `examples` of the entry's own training samples (which
   no other entry was trained on). The candidate with the lowest mean loss ratio to the base model wins. Cached
   with the bank index; `generate --calibration` uses a calibrated bank's parameters.
-- `check(...)`: the user's own labels. A held-out slice of the dataset scores the base model, the composed update at
-  a few scales and the top entries alone (teacher-forced loss and token accuracy, and for the default criterion the
-  ROUGE-L of greedy answers); the one a criterion prefers is kept, and the report says when none beat the base."""
+The user's own held-out check of candidates is `loramix.check`."""
 
 from __future__ import annotations
 
@@ -27,12 +25,11 @@ import torch
 
 from .bank import Bank
 from .config import GenerateConfig
-from .data import Dataset
 from .errors import LoramixError
 from .index import BankIndex, fetch, store
 from .meta import loo_coefficients
 from .progress import track
-from .refine import CRITERIA, GENERATING, AnswerScores, MixedLoRA, answer_loss_fn, answer_scores_fn
+from .refine import MixedLoRA, answer_loss_fn
 
 # The default grid: 12 candidates, 13 forward passes per bank entry (about 3 minutes for the 47-entry default bank on
 # 2 cores with 8 examples each; 40 candidates with top-k 5 and 16 examples took over half an hour).
@@ -40,7 +37,6 @@ TEMPERATURES = (0.5, 1.0, 2.0)
 TOP_KS: tuple[int | None, ...] = (None,)
 SCALES = (0.5, 1.0, 1.5, 2.0)
 EXAMPLES = 8
-CHECK_SCALES = (0.5, 1.0, 1.5, 2.0)  # of the composed update; the base model is always a candidate
 
 
 @dataclass(frozen=True)
@@ -182,112 +178,3 @@ def cached_calibration(bank: Bank, config: GenerateConfig) -> Calibration | None
     """The bank's calibration for `config`'s setting (default grid) if `loramix bank calibrate` computed it."""
     index = BankIndex(bank)
     return _read(index.dir / "calibration" / _key(index, config, grid()))
-
-
-def scale_label(s: float) -> str:
-    """The check's label of the composition scaled by s: 'x<s>'."""
-    return f"x{s:g}"
-
-
-def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = CHECK_SCALES,
-                     singles: int = 0, tops: int = 0) -> dict[str, dict[str, float]]:
-    """The compositions `check` compares, label -> coefficients (every name of `coefficients`), in order of preference
-    on ties: 'base' (all 0), 'x<s>' the composition scaled by s for each non-zero scale (ascending), 'top<k>' for
-    k = 2..`tops` the composition restricted to its k largest coefficients and rescaled to its total weight, and
-    'entry:<name>' each of the `singles` largest coefficients' entries alone at weight 1."""
-    zero = dict.fromkeys(coefficients, 0.0)
-    out = {"base": zero}
-    for s in sorted(x for x in scales if x != 0):
-        out[scale_label(s)] = {n: s * c for n, c in coefficients.items()}
-    ranked = [n for n in sorted(coefficients, key=lambda n: -coefficients[n]) if coefficients[n] > 0]
-    total = sum(coefficients[n] for n in ranked)
-    for k in range(2, min(tops, len(ranked) - 1) + 1):  # keeping every non-zero entry would repeat 'x1'
-        kept = sum(coefficients[n] for n in ranked[:k])
-        out[f"top{k}"] = {**zero, **{n: coefficients[n] * total / kept for n in ranked[:k]}}
-    for name in ranked[:singles]:
-        out[f"entry:{name}"] = {**zero, name: 1.0}
-    return out
-
-
-def scaled_layers(label: str, layers: dict[int, dict[str, float]] | None,
-                  scales: Sequence[float] = CHECK_SCALES) -> dict[int, dict[str, float]] | None:
-    """The per-layer weights (layer -> entry -> weight) of check candidate `label` for a per-layer composition
-    `layers`: every layer scaled for a scaled candidate ('x<s>'); None for the others or without `layers`."""
-    scaled = {scale_label(s): s for s in scales if s != 0}
-    if layers is None or label not in scaled:
-        return None
-    return {layer: {n: scaled[label] * w for n, w in row.items()} for layer, row in layers.items()}
-
-
-@dataclass
-class CheckResult:
-    """The held-out check: each candidate's teacher-forced scores (refine.AnswerScores) on `examples` held-out samples,
-    the label `chosen` by `criterion`, its coefficients and, when a per-layer composition was scaled, its per-layer
-    weights (layer -> entry -> weight)."""
-
-    examples: int
-    criterion: str
-    scores: dict[str, AnswerScores]
-    chosen: str
-    coefficients: dict[str, float]
-    layers: dict[int, dict[str, float]] | None = None
-
-    @property
-    def beats_base(self) -> bool:
-        return self.chosen != "base"
-
-
-def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
-          scales: Sequence[float] = CHECK_SCALES, singles: int = 0, tops: int = 0, criterion: str = "loss", seed: int = 0,
-          layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None,
-          engine: Any = None, rank: Any = None) -> CheckResult:
-    """Score every `check_candidates` composition of `coefficients` (the base model included) on `examples` samples of
-    `dataset` (seeded) by teacher-forced answer scores; keep the best by `criterion` (CRITERIA; ties go to the
-    earlier candidate: the base, then smaller scales). With `layers` (a per-layer composition, `coefficients` being
-    its mean over layers), the scaled candidates scale every layer's weights; the others are as without. On PyTorch
-    (`model`, loaded unless given) the bank's factors are mixed exactly; with `engine` (a runtime.llamacpp.LlamaCpp)
-    the candidates are compositions at output rank `rank`, written as GGUF LoRAs (runtime.candidates)."""
-    if criterion not in CRITERIA:
-        raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
-    candidates = check_candidates(coefficients, scales, singles, tops)
-    samples = dataset.subsample(examples, seed).samples
-    scaled = {scale_label(s): s for s in scales if s != 0}
-    if engine is not None:
-        from .runtime.candidates import candidate_loras
-
-        scores = {}
-        with candidate_loras(bank, coefficients, candidates, scaled, engine.base, method=method, rank=rank,
-                             layers=layers) as loras:
-            for label in track(candidates, f"checking ({len(samples)} held-out examples, llama.cpp)", total=len(candidates)):
-                scores[label] = engine.scores(samples, lora=loras[label], generate=criterion in GENERATING)
-        return _chosen(len(samples), criterion, scores, candidates, layers, scales)
-    model, tokenizer = _load_base(bank, model, tokenizer)
-    names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
-    mixed = MixedLoRA(model, bank, [bank.entry(n) for n in names], method)
-    per_layer = None
-    if layers is not None:
-        per_layer = torch.tensor([[layers.get(layer, {}).get(n, 0.0) for n in names] for layer in mixed.layers],
-                                 dtype=torch.float32)  # [layers, k]
-
-    def weights(label: str) -> torch.Tensor:
-        if per_layer is not None and label in scaled:
-            return scaled[label] * per_layer
-        return torch.tensor([candidates[label][n] for n in names], dtype=torch.float32)
-
-    scores = {}
-    try:
-        fn = answer_scores_fn(model, tokenizer, samples, generate=criterion in GENERATING)
-        for label in track(candidates, f"checking ({len(samples)} held-out examples)", total=len(candidates)):
-            mixed.weights = weights(label)
-            scores[label] = fn()
-    finally:
-        mixed.remove()
-    return _chosen(len(samples), criterion, scores, candidates, layers, scales)
-
-
-def _chosen(examples: int, criterion: str, scores: dict[str, AnswerScores], candidates: dict[str, dict[str, float]],
-            layers: dict[int, dict[str, float]] | None, scales: Sequence[float]) -> CheckResult:
-    """The CheckResult of `scores`: the candidate `criterion` ranks first (the earliest on ties)."""
-    rank = CRITERIA[criterion]
-    chosen = min(scores, key=lambda label: rank(scores[label]))
-    return CheckResult(examples, criterion, scores, chosen, candidates[chosen], scaled_layers(chosen, layers, scales))

@@ -44,10 +44,10 @@ MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try generate: beyond the
 
 
 def _cli_type(f: dataclasses.Field) -> Any:
-    """The type typer parses a configuration field as: its own, Optional when its default is None; the rank
-    (an int or 'full') as text, parsed by GenerateConfig."""
+    """The type typer parses a configuration field as: its own, Optional when its default is None; a field that takes
+    an int or a word (rank: 'full', check: 'auto') as text, parsed by GenerateConfig."""
     hint = typing.get_type_hints(GenerateConfig)[f.name]
-    if f.name == "rank":
+    if f.name in ("rank", "check"):
         return Optional[str]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return Optional[args[0]] if args else hint

@@ -76,14 +76,18 @@ class GenerateConfig:
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
                                "on the 53 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
-    check: int | None = option(None, "Hold out this many examples of DATA and keep, of the base model, the composed update "
-                               "at scales 0.5 to 2, its top entries (--check-tops) and the top entries alone "
-                               "(--check-singles), the one the held-out examples prefer (--check-criterion). Loads the "
-                               "base model and runs forward passes (and greedy answers, --check-criterion rouge); 0: no "
-                               "check (the composition as the operator gives it, without loading the base). "
-                               f"Default: {CHECK_EXAMPLES}, or 0 with --refine "
-                               "(refinement trains on the examples a check would hold out; at equal time the check lost: "
-                               "README, Quality).", method=False)
+    check: int | str | None = option("auto", "Hold out this many examples of DATA and keep, of the base model, the composed "
+                                     "update at scales 0.5 to 2, its top entries (--check-tops) and the top entries "
+                                     "alone (--check-singles), the one the held-out examples prefer (--check-criterion). "
+                                     "Runs the base model: forward passes, and greedy answers for --check-criterion "
+                                     "rouge. 0: no check (the composition as the operator gives it, without loading the "
+                                     f"base). 'auto' (default): {CHECK_EXAMPLES} examples, or 0 with --refine (refinement "
+                                     "trains on the examples a check would hold out), when the check's time, estimated "
+                                     "from the base's measured speed, fits --check-budget; else a cheaper form that fits "
+                                     "(forward-only, fewer examples, no single entries) or none; loramix.json says "
+                                     "which and why.", method=False)
+    check_budget: float = option(120.0, "Seconds the held-out check may take with --check auto (estimated before it "
+                                 "runs, from the base's measured speed).", method=False)
     base: str | None = option(None, "Base model the check (and --refine) run: default the bank's. A GGUF file (a path, "
                               "or owner/repo/file.gguf from the hub) runs on llama.cpp.", method=False)
     runtime: str = option("auto", "What runs the base model for the check: auto (llama.cpp for a GGUF base, else "
@@ -138,7 +142,15 @@ class GenerateConfig:
             raise LoramixError(f"--entry-signatures must be one of {', '.join(ENTRY_SIGNATURES)}, got {self.entry_signatures!r}")
         if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
             raise LoramixError(f"scale must be positive and finite, got {self.scale}")
-        _at_least("check", self.check, 0)
+        if self.check is not None and self.check != "auto":
+            if isinstance(self.check, str):
+                try:
+                    self.check = int(self.check)
+                except ValueError:
+                    raise LoramixError(f"check must be an integer or 'auto', got {self.check!r}") from None
+            _at_least("check", self.check, 0)
+        if not (math.isfinite(self.check_budget) and self.check_budget > 0):
+            raise LoramixError(f"--check-budget must be a positive number of seconds, got {self.check_budget}")
         if self.runtime not in RUNTIMES:
             raise LoramixError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         _at_least("check-singles", self.check_singles, 0)
@@ -160,9 +172,14 @@ class GenerateConfig:
             raise LoramixError(f"--budget must be a positive number of seconds, got {self.refine_budget}")
 
     @property
+    def check_auto(self) -> bool:
+        """Whether the check is planned to fit --check-budget (--check auto, the default)."""
+        return self.check in (None, "auto")
+
+    @property
     def check_examples(self) -> int:
-        """The examples the held-out check uses: --check, else its default (0 with --refine)."""
-        return self.check if self.check is not None else 0 if self.refine else CHECK_EXAMPLES
+        """The examples the held-out check uses at most: --check N, else its default (0 with --refine)."""
+        return self.check if not self.check_auto else 0 if self.refine else CHECK_EXAMPLES
 
     def signature_spec(self) -> SignatureSpec:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)

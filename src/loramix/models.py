@@ -112,12 +112,17 @@ def load_tokenizer(base: str | None) -> Any:
 
 
 def load_config(base: str | None) -> Any:
-    """The base model's transformers config (no weights read)."""
+    """The base model's transformers config (no weights read). A GGUF's names no architecture class: it gets the
+    causal LM class of its model type, as a hub config names it."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     with loading(f"base model {base!r}"):
         name, kwargs = _pretrained(base)
-        return AutoConfig.from_pretrained(name, **kwargs)
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    if not config.architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
 
 
 def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -> Any:

@@ -26,8 +26,9 @@ from .index import BankIndex
 from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
 from .paths import resolve_bank
-from .calibrate import cached_calibration, check
-from .report import CalibrationInfo, CheckInfo, DataInfo, EnergyInfo, FinetuneInfo, RefineInfo, Report
+from .calibrate import cached_calibration
+from .check import check
+from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, FinetuneInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
 
@@ -166,6 +167,7 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
         with stage("refine"):
             refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose, model=model, tokenizer=tokenizer)
     weights = refined.coefficients if refined else coefficients
+    planned = None
     if config.check_examples:
         used = set(refine_samples.samples) if refine_samples else set()
         held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
@@ -173,11 +175,13 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
             raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}: give "
                                "more examples than it uses, or pass --check 0")
         with stage("check"):
-            checked = check(bank, weights, held, examples=config.check_examples, method=config.compose, seed=config.seed + 1,
-                            singles=config.check_singles, tops=config.check_tops, criterion=config.check_criterion,
-                            layers=refined.layers if refined else None, model=model, tokenizer=tokenizer,
-                            engine=engine, rank=config.rank)
-        weights = checked.coefficients
+            planned = _plan_check(config, held, model, tokenizer, engine)
+            if planned.examples:
+                checked = check(bank, weights, held, examples=planned.examples, method=config.compose,
+                                seed=config.seed + 1, singles=planned.singles, tops=config.check_tops,
+                                criterion=planned.criterion, layers=refined.layers if refined else None, model=model,
+                                tokenizer=tokenizer, engine=engine, rank=config.rank)
+                weights = checked.coefficients
     layers = checked.layers if checked else refined.layers if refined else None
 
     with atomic_dir(out, force=force) as tmp:
@@ -201,6 +205,7 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
                 refined.loss, refined.steps, round(refined.seconds, 2), refined.history,
                 {str(k): {n: w for n, w in v.items() if w != 0} for k, v in refined.layers.items()} if refined.layers else None,
             )
+        report.check_plan = planned
         if checked:
             report.scale = float(sum(weights.values()))
             report.check = CheckInfo(checked.examples, checked.criterion,
@@ -210,6 +215,23 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
         report.write(tmp)
     log.info("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     return GenerateResult(Path(out), weights, report.distances, report, seconds)
+
+
+def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: Any, engine: Any) -> CheckPlan:
+    """The check `config` asks for on `held`: --check N as asked; --check auto planned from the runtime's speed,
+    measured on one held-out example, to fit --check-budget (check.plan_check)."""
+    from .check import CHECK_SCALES, plan_check, torch_speed
+
+    if not config.check_auto:
+        return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, "as asked")
+    sample = held.subsample(1, config.seed + 1).samples[0]
+    speed = engine.speed(sample) if engine is not None else torch_speed(model, tokenizer, sample)
+    plan = plan_check(held, engine.tokenizer if engine is not None else tokenizer, speed, examples=config.check_examples,
+                      criterion=config.check_criterion, singles=config.check_singles, tops=config.check_tops,
+                      scales=CHECK_SCALES, budget=config.check_budget, seed=config.seed + 1)
+    if plan.mode != "full":
+        log.warning("held-out check %s: %s", plan.mode, plan.why)
+    return plan
 
 
 # generate's stages, in order: opening the bank and the dataset (and checking them), loading the base model (--check,

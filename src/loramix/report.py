@@ -86,7 +86,7 @@ class CalibrationInfo:
 @dataclass
 class CheckInfo:
     """The held-out check (`--check`): on `examples` held-out samples of the data, each candidate's scores (labels as
-    calibrate.check_candidates: 'base', 'x<scale>', 'top<k>', 'entry:<name>'), the `criterion` that ranked them, the
+    check.check_candidates: 'base', 'x<scale>', 'top<k>', 'entry:<name>'), the `criterion` that ranked them, the
     label `chosen`, and whether it is a composition rather than the base model. Scores: {'loss': answer loss in nats
     per token, 'accuracy': teacher-forced token accuracy, 'exact': fraction of examples answered exactly under teacher
     forcing, and with a generating criterion 'rouge': mean ROUGE-L F1 of the greedy answers}. `runtime`: what ran the
@@ -98,6 +98,21 @@ class CheckInfo:
     chosen: str
     beats_base: bool
     runtime: str = "torch"
+
+
+@dataclass
+class CheckPlan:
+    """What the held-out check ran (`--check auto` plans it, check.plan_check): `examples` held-out examples (0: no check), ranked by `criterion`, with the top `singles`
+    entries alone among the candidates. `mode`: 'as asked' (--check N), 'full' (the default form fits --check-budget),
+    'reduced' (a cheaper form that fits) or 'skipped' (none fits); `why` says so in words; `estimate` the seconds the
+    chosen form was estimated to take (None when not estimated)."""
+
+    examples: int
+    criterion: str
+    singles: int
+    mode: str
+    why: str = ""
+    estimate: float | None = None
 
 
 @dataclass
@@ -129,6 +144,7 @@ class Report:
     calibration: CalibrationInfo | None = None
     refine: RefineInfo | None = None
     check: CheckInfo | None = None
+    check_plan: CheckPlan | None = None
     finetune: FinetuneInfo | None = None
     leave_one_out: str | None = None
     entry_signatures: str = "data"
@@ -138,7 +154,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """As written to loramix.json: optional parts left out when absent."""
         d = asdict(self)
-        for key in ("calibration", "refine", "check", "finetune", "leave_one_out", "probes"):
+        for key in ("calibration", "refine", "check", "check_plan", "finetune", "leave_one_out", "probes"):
             if d[key] is None:
                 del d[key]
         return d
@@ -148,7 +164,7 @@ class Report:
 
 
 _NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "calibration": CalibrationInfo,
-           "refine": RefineInfo, "check": CheckInfo, "finetune": FinetuneInfo}
+           "refine": RefineInfo, "check": CheckInfo, "check_plan": CheckPlan, "finetune": FinetuneInfo}
 
 
 def read_report(adapter_dir: str | Path) -> Report:

@@ -64,7 +64,7 @@ def _refuse_base_gguf(path: Path) -> None:
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
-        raise LoramixError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+        raise LoramixError(f"{path}: not a readable GGUF file, truncated or damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
 
     def value(key: str) -> Any:
         field = reader.get_field(key)
@@ -88,21 +88,22 @@ class Lora:
 
 
 class LlamaCpp:
-    """A GGUF base on llama.cpp. `tokenizer`: its transformers tokenizer (prompts, answers' text); `base`: the name the
-    user gave it (None: the default base); `threads`: CPU threads
+    """A GGUF base on llama.cpp, with its transformers tokenizer (prompts, answers' text: `tokenizer`). `base`: the name
+    the user gave it (None: the default base); `threads`: CPU threads
     (default: the CPUs this process may use); `context`: KV cells shared by the sequences of one batch; `sequences`:
     at most this many sequences per batch. The model is read without mmap (its memory checked first): an mmapped
     model keeps a second, repacked copy on CPUs with AVX2."""
 
-    def __init__(self, path: str | Path, tokenizer: Any, *, threads: int | None = None, context: int = 4096,
-                 sequences: int = 32, label: str | None = None, base: str | None = None):
+    def __init__(self, path: str | Path, base: str | None = None, *, threads: int | None = None, context: int = 4096,
+                 sequences: int = 32, label: str | None = None):
+        from ..models import load_tokenizer
+
         self.path = Path(path)
         self.label = label or str(path)
-        self.base = base  # the name it was opened by (adapters are written for it)
+        self.base = base  # the name it was opened by: its tokenizer's, and the base adapters are written for
         check_fits(gguf_bytes(self.path), f"base model {self.label} on llama.cpp",
                    "use a smaller quantization of it (e.g. Q4_K_M)")
         lib = self.lib = _lib()
-        self.tokenizer = tokenizer
         self.threads = threads or len(os.sched_getaffinity(0))
         mparams = lib.llama_model_default_params()
         mparams.load_mode = lib.LLAMA_LOAD_MODE_NONE
@@ -128,12 +129,17 @@ class LlamaCpp:
             raise LoramixError(f"{self.path}: llama.cpp cannot make a context for this base model ({_why()})")
         self.memory = lib.llama_get_memory(self.ctx)
         self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
-        if self.vocab < len(tokenizer):
-            self.close()
-            raise LoramixError(f"{self.path}: the model's vocabulary ({self.vocab}) is smaller than its tokenizer's "
-                               f"({len(tokenizer)})")
         self.batch = lib.llama_batch_init(self.context, 0, 1)
         self._adapters: dict[Path, Any] = {}
+        try:  # once llama.cpp has taken the file as a base model
+            self.tokenizer = load_tokenizer(base if base is not None else str(self.path))
+        except LoramixError:
+            self.close()
+            raise
+        if self.vocab < len(self.tokenizer):
+            self.close()
+            raise LoramixError(f"{self.path}: the model's vocabulary ({self.vocab}) is smaller than its tokenizer's "
+                               f"({len(self.tokenizer)})")
         self._applied: tuple[Any, float] | None = None
         self.seconds = {"prompt": 0.0, "generate": 0.0}  # wall seconds spent, by kind
         self.tokens = {"prompt": 0, "generate": 0}  # tokens decoded, by kind
@@ -361,6 +367,21 @@ class LlamaCpp:
                 yield now[len(shown):]
                 shown = now
 
+    def speed(self, sample: Any) -> Any:
+        """check.Speed measured on one example (`.input`, `.output`): its prompt and answer decoded from an empty cache,
+        then one decoding step after it; on the base alone."""
+        from ..check import Speed
+        from ..prompts import encode
+
+        self.use(None)
+        seq, _ = encode(self.tokenizer, [sample], 256)[0]
+        start = time.perf_counter()
+        first = self._prefill([seq], [[len(seq) - 1]])[0][-1]
+        middle = time.perf_counter()
+        self._decode([(int(np.argmax(first)), len(seq), 0, True)], "generate")
+        end = time.perf_counter()
+        return Speed(len(seq) / max(middle - start, 1e-6), end - middle)
+
     def tokens_per_second(self, kind: str) -> float | None:
         """Tokens per second measured so far for `kind` ('prompt' or 'generate': decoding steps of a batch count
         once per sequence), None before any."""
@@ -373,13 +394,12 @@ __all__ = ["LlamaCpp", "Lora", "lora_file", "open_base"]
 def open_base(base: str | None, **options: Any) -> LlamaCpp:
     """The base model `base` (a GGUF file, local or 'owner/repo/file.gguf'; None or 'default': the default base's
     shipped GGUF) on llama.cpp, with its transformers tokenizer. `options`: LlamaCpp's."""
-    from ..models import load_tokenizer
     from . import resolve_base
 
     resolved = resolve_base(base)
     if resolved.gguf is None:
         raise LoramixError(f"llama.cpp runs a GGUF base model; {resolved} is a transformers model")
-    return LlamaCpp(resolved.gguf, load_tokenizer(base), label=str(resolved), base=base, **options)
+    return LlamaCpp(resolved.gguf, base, label=str(resolved), **options)
 
 
 def lora_file(adapter: str | Path, base: str | None, folder: str | Path, *, allow_pickle: bool = False) -> Path:

@@ -1,0 +1,211 @@
+"""The held-out check: the user's own labels choose among candidate compositions. A held-out slice of the dataset
+scores the base model, the composed update at a few scales and the top entries alone (teacher-forced loss and token
+accuracy, and for the default criterion the ROUGE-L of greedy answers); the one a criterion prefers is kept, and the
+report says when none beat the base. On PyTorch the bank's factors are mixed exactly by forward hooks; on llama.cpp
+the candidates are written as GGUF LoRAs (runtime.candidates)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .bank import Bank
+from .calibrate import _load_base
+from .data import Dataset
+from .errors import LoramixError
+from .progress import track
+from .report import CheckPlan
+from .refine import CRITERIA, GENERATING, AnswerScores, MixedLoRA, answer_scores_fn
+
+CHECK_SCALES = (0.5, 1.0, 1.5, 2.0)  # of the composed update; the base model is always a candidate
+
+
+def scale_label(s: float) -> str:
+    """The check's label of the composition scaled by s: 'x<s>'."""
+    return f"x{s:g}"
+
+
+def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = CHECK_SCALES,
+                     singles: int = 0, tops: int = 0) -> dict[str, dict[str, float]]:
+    """The compositions `check` compares, label -> coefficients (every name of `coefficients`), in order of preference
+    on ties: 'base' (all 0), 'x<s>' the composition scaled by s for each non-zero scale (ascending), 'top<k>' for
+    k = 2..`tops` the composition restricted to its k largest coefficients and rescaled to its total weight, and
+    'entry:<name>' each of the `singles` largest coefficients' entries alone at weight 1."""
+    zero = dict.fromkeys(coefficients, 0.0)
+    out = {"base": zero}
+    for s in sorted(x for x in scales if x != 0):
+        out[scale_label(s)] = {n: s * c for n, c in coefficients.items()}
+    ranked = [n for n in sorted(coefficients, key=lambda n: -coefficients[n]) if coefficients[n] > 0]
+    total = sum(coefficients[n] for n in ranked)
+    for k in range(2, min(tops, len(ranked) - 1) + 1):  # keeping every non-zero entry would repeat 'x1'
+        kept = sum(coefficients[n] for n in ranked[:k])
+        out[f"top{k}"] = {**zero, **{n: coefficients[n] * total / kept for n in ranked[:k]}}
+    for name in ranked[:singles]:
+        out[f"entry:{name}"] = {**zero, name: 1.0}
+    return out
+
+
+def scaled_layers(label: str, layers: dict[int, dict[str, float]] | None,
+                  scales: Sequence[float] = CHECK_SCALES) -> dict[int, dict[str, float]] | None:
+    """The per-layer weights (layer -> entry -> weight) of check candidate `label` for a per-layer composition
+    `layers`: every layer scaled for a scaled candidate ('x<s>'); None for the others or without `layers`."""
+    scaled = {scale_label(s): s for s in scales if s != 0}
+    if layers is None or label not in scaled:
+        return None
+    return {layer: {n: scaled[label] * w for n, w in row.items()} for layer, row in layers.items()}
+
+
+@dataclass
+class CheckResult:
+    """The held-out check: each candidate's teacher-forced scores (refine.AnswerScores) on `examples` held-out samples,
+    the label `chosen` by `criterion`, its coefficients and, when a per-layer composition was scaled, its per-layer
+    weights (layer -> entry -> weight)."""
+
+    examples: int
+    criterion: str
+    scores: dict[str, AnswerScores]
+    chosen: str
+    coefficients: dict[str, float]
+    layers: dict[int, dict[str, float]] | None = None
+
+    @property
+    def beats_base(self) -> bool:
+        return self.chosen != "base"
+
+
+def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
+          scales: Sequence[float] = CHECK_SCALES, singles: int = 0, tops: int = 0, criterion: str = "loss", seed: int = 0,
+          layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None,
+          engine: Any = None, rank: Any = None) -> CheckResult:
+    """Score every `check_candidates` composition of `coefficients` (the base model included) on `examples` samples of
+    `dataset` (seeded) by teacher-forced answer scores; keep the best by `criterion` (CRITERIA; ties go to the
+    earlier candidate: the base, then smaller scales). With `layers` (a per-layer composition, `coefficients` being
+    its mean over layers), the scaled candidates scale every layer's weights; the others are as without. On PyTorch
+    (`model`, loaded unless given) the bank's factors are mixed exactly; with `engine` (a runtime.llamacpp.LlamaCpp)
+    the candidates are compositions at output rank `rank`, written as GGUF LoRAs (runtime.candidates)."""
+    if criterion not in CRITERIA:
+        raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
+    candidates = check_candidates(coefficients, scales, singles, tops)
+    samples = dataset.subsample(examples, seed).samples
+    scaled = {scale_label(s): s for s in scales if s != 0}
+    if engine is not None:
+        from .runtime.candidates import candidate_loras
+
+        scores = {}
+        with candidate_loras(bank, coefficients, candidates, scaled, engine.base, method=method, rank=rank,
+                             layers=layers) as loras:
+            for label in track(candidates, f"checking ({len(samples)} held-out examples, llama.cpp)", total=len(candidates)):
+                scores[label] = engine.scores(samples, lora=loras[label], generate=criterion in GENERATING)
+        return _chosen(len(samples), criterion, scores, candidates, layers, scales)
+    model, tokenizer = _load_base(bank, model, tokenizer)
+    names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
+    mixed = MixedLoRA(model, bank, [bank.entry(n) for n in names], method)
+    per_layer = None
+    if layers is not None:
+        per_layer = torch.tensor([[layers.get(layer, {}).get(n, 0.0) for n in names] for layer in mixed.layers],
+                                 dtype=torch.float32)  # [layers, k]
+
+    def weights(label: str) -> torch.Tensor:
+        if per_layer is not None and label in scaled:
+            return scaled[label] * per_layer
+        return torch.tensor([candidates[label][n] for n in names], dtype=torch.float32)
+
+    scores = {}
+    try:
+        fn = answer_scores_fn(model, tokenizer, samples, generate=criterion in GENERATING)
+        for label in track(candidates, f"checking ({len(samples)} held-out examples)", total=len(candidates)):
+            mixed.weights = weights(label)
+            scores[label] = fn()
+    finally:
+        mixed.remove()
+    return _chosen(len(samples), criterion, scores, candidates, layers, scales)
+
+
+def _chosen(examples: int, criterion: str, scores: dict[str, AnswerScores], candidates: dict[str, dict[str, float]],
+            layers: dict[int, dict[str, float]] | None, scales: Sequence[float]) -> CheckResult:
+    """The CheckResult of `scores`: the candidate `criterion` ranks first (the earliest on ties)."""
+    rank = CRITERIA[criterion]
+    chosen = min(scores, key=lambda label: rank(scores[label]))
+    return CheckResult(examples, criterion, scores, chosen, candidates[chosen], scaled_layers(chosen, layers, scales))
+
+
+# --check auto: the forms tried in order until one's estimated time fits the budget (criterion None: as configured)
+FALLBACK_CRITERION = "accuracy"  # forward passes only: token accuracy, then loss
+MIN_EXAMPLES = 4
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A runtime's measured speed on this machine: prompt tokens per second (a batch's teacher-forced pass), and
+    seconds per greedy decoding step of one sequence."""
+
+    tokens_per_second: float
+    seconds_per_step: float
+
+    def seconds(self, samples: Sequence, tokenizer: Any, generate: bool) -> float:
+        """Estimated seconds to score one candidate on `samples`: their prompt and answer tokens at the prompt rate
+        (the shared prefix once), and with `generate` greedy steps up to the longest answer allowed, each step a
+        batch of len(samples) tokens costing at least one sequence's step."""
+        from .prompts import common_prefix, encode
+
+        items = encode(tokenizer, samples, 256)
+        seqs = [seq for seq, _ in items]
+        tokens = sum(len(s) for s in seqs) - (len(seqs) - 1) * common_prefix(seqs)
+        cost = tokens / self.tokens_per_second
+        if generate:
+            steps = min(48, 2 * max(n for _, n in items) + 4)
+            cost += steps * max(self.seconds_per_step, len(samples) / self.tokens_per_second)
+        return cost
+
+
+def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, criterion: str, singles: int,
+               tops: int, scales: Sequence[float], budget: float, seed: int = 0) -> CheckPlan:
+    """The first form of the check on `held` (the held-out examples, drawn as `check` draws them: subsample(n, seed))
+    whose estimated time (Speed.seconds x the candidates) fits `budget` seconds: the configured one; then the
+    forward-only criterion (FALLBACK_CRITERION, where the configured one generates) on as many examples and on fewer
+    (halved down to MIN_EXAMPLES: greedy answers on a few examples are the evidence least to trust); then the same
+    without the single entries. None fits: skipped. The full form's `why` holds no figure (loramix.json stays the same
+    from run to run)."""
+    counts = [examples]
+    while counts[-1] // 2 >= MIN_EXAMPLES:
+        counts.append(counts[-1] // 2)
+    cheaper = FALLBACK_CRITERION if criterion in GENERATING else criterion
+    forms = [(criterion, singles, examples), *((cheaper, singles, n) for n in counts if (cheaper, n) != (criterion, examples)),
+             *((cheaper, 0, n) for n in counts if singles)]
+    tried = []
+    for crit, single, n in forms:
+        candidates = 1 + len([s for s in scales if s != 0]) + max(0, tops - 1) + single
+        estimate = candidates * speed.seconds(held.subsample(n, seed).samples, tokenizer, crit in GENERATING)
+        tried.append(estimate)
+        if estimate > budget:
+            continue
+        if len(tried) == 1:
+            return CheckPlan(n, crit, single, "full", f"its estimated time fits --check-budget {budget:g} s")
+        return CheckPlan(n, crit, single, "reduced",
+                         f"the full check was estimated at {tried[0]:.0f} s, over --check-budget {budget:g} s: ran {n} "
+                         f"examples by {crit}{'' if single else ' without single entries'} (estimated {estimate:.0f} s)",
+                         round(estimate, 1))
+    return CheckPlan(0, criterion, singles, "skipped",
+                     f"even its cheapest form was estimated at {min(tried):.0f} s, over --check-budget {budget:g} s "
+                     f"(prompt {speed.tokens_per_second:.1f} tokens/s, {speed.seconds_per_step:.2f} s a decoding step)",
+                     round(min(tried), 1))
+
+
+def torch_speed(model: Any, tokenizer: Any, sample: Any) -> Speed:
+    """The PyTorch base's Speed, measured on one example: its prompt and answer in one forward pass, then one decoding
+    step from that pass's cache."""
+    import time
+
+    from .prompts import encode
+
+    seq, _ = encode(tokenizer, [sample], 256)[0]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(input_ids=torch.tensor([seq]), use_cache=True)
+        middle = time.perf_counter()
+        key = "cache" if "cache" in out else "past_key_values"
+        model(input_ids=torch.tensor([[seq[-1]]]), **{key: out[key]})
+        end = time.perf_counter()
+    return Speed(len(seq) / max(middle - start, 1e-6), end - middle)
