@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUITE_DEBS := wordnet-base dict-freedict-eng-fra dict-freedict-fra-eng dict-freedict-eng-deu \
 	dict-freedict-deu-eng dict-freedict-eng-spa dict-freedict-spa-eng
 
-.PHONY: venv test test-fast demo suite-deps suite bank bench-quality bench-datafree bench-proxy bench-speed bench-speed-floors bench-llamacpp bench-scale clean
+.PHONY: venv test test-fast demo suite-deps suite bank bench-quality bench-datafree bench-proxy bench-speed bench-speed-floors bench-llamacpp bench-runtime bench-agreement bench-scale clean
 
 venv: $(STAMP)
 
@@ -82,6 +82,17 @@ bench-speed-floors: $(STAMP)
 # A GGUF-exported adapter in llama.cpp against transformers + PEFT -> llamacpp.md.
 bench-llamacpp: $(STAMP)
 	$(PY) benchmarks/llamacpp_check.py
+
+# The paper's setting: a synthetic GGUF base with Mistral-7B's shapes and random 4-bit weights (~4 GB) on llama.cpp
+# with the 500-entry synthetic bank: llama.cpp's speed, `generate` with default settings, `eval` -> runtime.md (the
+# base, the bank and its index are built once in $LORAMIX_HOME/bench: about 15 minutes the first time).
+bench-runtime: $(STAMP)
+	N=$(N) $(PY) benchmarks/runtime.py
+
+# The two runtimes on the default base (llama.cpp on its Q4_1 GGUF, PyTorch on its dequantized weights) with the
+# same leave-one-out adapters: greedy answers on every bank task's test prompts, and ROUGE-L -> agreement.md.
+bench-agreement: $(STAMP)
+	$(PY) benchmarks/agreement.py
 
 # The leave-one-out benchmark on a subset, local engine vs 1 and 2 workers of a local Ray cluster -> scale.md.
 bench-scale: $(STAMP)

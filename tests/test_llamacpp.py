@@ -129,7 +129,7 @@ def test_check_auto_fits_its_budget_or_says_why(tmp_path):
     assert asked.report.check_plan.mode == "as asked" and asked.report.check.examples == 4
 
 
-def test_plan_check_prefers_forward_passes_to_fewer_examples():
+def test_plan_check_prefers_forward_passes_then_fewer_candidates_to_fewer_examples():
     from loramix.check import Speed, plan_check
     from loramix.data import Dataset
     from loramix.models import load_tokenizer
@@ -142,8 +142,11 @@ def test_plan_check_prefers_forward_passes_to_fewer_examples():
     assert plan_check(held, tok, slow, budget=9 * cost[True] + 1, **kw).mode == "full"
     reduced = plan_check(held, tok, slow, budget=9 * cost[False] + 1, **kw)
     assert (reduced.mode, reduced.examples, reduced.criterion, reduced.singles) == ("reduced", 16, "accuracy", 4)
-    fewer = plan_check(held, tok, slow, budget=5 * cost[False] * 0.6, **kw)
-    assert fewer.mode == "reduced" and fewer.examples < 16 and fewer.criterion == "accuracy"
+    pair = plan_check(held, tok, slow, budget=5 * cost[False] * 0.6, **kw)  # 5 candidates do not fit, 2 do
+    assert (pair.examples, pair.singles, pair.scales, pair.criterion) == (16, 0, [1.0], "accuracy")
+    assert "the base against the composition on 16 examples" in pair.why
+    fewer = plan_check(held, tok, slow, budget=1.5 * cost[False], **kw)
+    assert (fewer.examples, fewer.scales) == (8, [1.0])
     assert plan_check(Dataset(held.samples, ""), tok, slow, budget=1e-3, **kw).mode == "skipped"
 
 
@@ -215,3 +218,40 @@ def test_bad_gguf_bases_are_one_line(tmp_path, capsys, monkeypatch, tiny_gguf, e
     assert code == 1 and "model.layers.0.self_attn" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
     assert TINY_SHAPES  # the tiny bank's q_proj is [32, 32]; the tiny GGUF's hidden size is 64
+
+
+def test_probe_answers_on_llamacpp_are_cached_apart(tmp_path):
+    """Entries without data answer the probe prompts on llama.cpp when the runtime is llama.cpp (the default base's
+    GGUF); those answers are cached under their own key, beside PyTorch's, and a rerun reads them."""
+    from loramix.index import BankIndex
+    from loramix.probes import ProbeSet
+    from loramix.runtime.llamacpp import open_base
+
+    bank = tmp_path / "bank"
+    for name in ("numbers_french", "countries_alpha3", "morphology_plural"):
+        shutil.copytree(loramix.Bank("default").entry(name).adapter.path, bank / name,
+                        ignore=shutil.ignore_patterns("train.jsonl"))
+    data = DEFAULT_SUITE / "numbers_spanish" / "train.jsonl"
+    result = loramix.generate(bank, data, tmp_path / "out", runtime="llama.cpp", check=0)
+    assert result.report.entry_signatures == "probes" and len(result.coefficients) == 3
+    index = BankIndex(loramix.Bank(bank))
+    folders = sorted(p.name for p in (index.dir / "probes").iterdir())
+    with open_base(None) as engine:
+        assert folders == [ProbeSet().key(index.bank.base_model, engine.identity)]
+        answers = index.probe_datasets(ProbeSet(), base=engine)  # cached: nothing answered again
+        assert engine.tokens["generate"] == 0 and all(len(a) == len(ProbeSet().prompts) for a in answers)
+    again = loramix.generate(bank, data, tmp_path / "again", runtime="llama.cpp", base="default", check=0)
+    assert again.coefficients == result.coefficients
+
+
+def test_a_lora_llamacpp_refuses_is_one_line(tmp_path, engine, tiny_gguf):
+    """A LoRA file llama.cpp cannot apply to the base (damaged, or a base model instead of an adapter): one line."""
+    from loramix.runtime.llamacpp import Lora
+
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + bytes(64))
+    for bad in (damaged, tiny_gguf):
+        with pytest.raises(LoramixError, match="llama.cpp refuses this LoRA adapter") as e:
+            engine.answers(["hi"], lora=Lora(bad), max_new_tokens=2, progress=False)
+        assert "\n" not in str(e.value) and str(bad) in str(e.value)
+    assert engine.answers(["hi"], max_new_tokens=2, progress=False)  # the engine still runs

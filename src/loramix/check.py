@@ -164,30 +164,33 @@ def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, cr
                tops: int, scales: Sequence[float], budget: float, seed: int = 0) -> CheckPlan:
     """The first form of the check on `held` (the held-out examples, drawn as `check` draws them: subsample(n, seed))
     whose estimated time (Speed.seconds x the candidates) fits `budget` seconds: the configured one; then the
-    forward-only criterion (FALLBACK_CRITERION, where the configured one generates) on as many examples and on fewer
-    (halved down to MIN_EXAMPLES: greedy answers on a few examples are the evidence least to trust); then the same
-    without the single entries. None fits: skipped. The full form's `why` holds no figure (loramix.json stays the same
+    forward-only criterion (FALLBACK_CRITERION, where the configured one generates: greedy answers on a few examples are
+    the evidence least to trust) on as many examples as possible (halved down to MIN_EXAMPLES), and for each count
+    the candidates from the most to the fewest: with the single entries, without them, then the base against the
+    composition alone (scale 1). None fits: skipped. The full form's `why` holds no figure (loramix.json stays the same
     from run to run)."""
     counts = [examples]
     while counts[-1] // 2 >= MIN_EXAMPLES:
         counts.append(counts[-1] // 2)
     cheaper = FALLBACK_CRITERION if criterion in GENERATING else criterion
-    forms = [(criterion, singles, examples), *((cheaper, singles, n) for n in counts if (cheaper, n) != (criterion, examples)),
-             *((cheaper, 0, n) for n in counts if singles)]
+    pools = list(dict.fromkeys([(singles, tuple(scales)), (0, tuple(scales)), (0, (1.0,))]))
+    forms = [(criterion, examples, *pools[0])]
+    forms += [(cheaper, n, *pool) for n in counts for pool in pools if (cheaper, n, *pool) != forms[0]]
     tried = []
-    for crit, single, n in forms:
-        candidates = 1 + len([s for s in scales if s != 0]) + max(0, tops - 1) + single
+    for crit, n, single, pool in forms:
+        candidates = 1 + len([s for s in pool if s != 0]) + max(0, tops - 1) + single
         estimate = candidates * speed.seconds(held.subsample(n, seed).samples, tokenizer, crit in GENERATING)
         tried.append(estimate)
         if estimate > budget:
             continue
         if len(tried) == 1:
-            return CheckPlan(n, crit, single, "full", f"its estimated time fits --check-budget {budget:g} s")
-        return CheckPlan(n, crit, single, "reduced",
-                         f"the full check was estimated at {tried[0]:.0f} s, over --check-budget {budget:g} s: ran {n} "
-                         f"examples by {crit}{'' if single else ' without single entries'} (estimated {estimate:.0f} s)",
-                         round(estimate, 1))
-    return CheckPlan(0, criterion, singles, "skipped",
+            return CheckPlan(n, crit, single, list(pool), "full", f"its estimated time fits --check-budget {budget:g} s")
+        what = "the base against the composition" if pool == (1.0,) else (
+            f"{candidates} candidates" + ("" if single else " (no single entries)"))
+        return CheckPlan(n, crit, single, list(pool), "reduced",
+                         f"the full check was estimated at {tried[0]:.0f} s, over --check-budget {budget:g} s: ran {what} "
+                         f"on {n} examples by {crit} (estimated {estimate:.0f} s)", round(estimate, 1))
+    return CheckPlan(0, criterion, singles, list(scales), "skipped",
                      f"even its cheapest form was estimated at {min(tried):.0f} s, over --check-budget {budget:g} s "
                      f"(prompt {speed.tokens_per_second:.1f} tokens/s, {speed.seconds_per_step:.2f} s a decoding step)",
                      round(min(tried), 1))

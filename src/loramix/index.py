@@ -179,9 +179,9 @@ class BankIndex:
         return self._signed(spec, [(e.data_hash, e.dataset) for e in self.bank.usable], engine)
 
     def probe_signatures(self, spec: SignatureSpec, probes: ProbeSet, engine: str = "local", *, model: Any = None,
-                         tokenizer: Any = None) -> list[np.ndarray]:
+                         tokenizer: Any = None, base: Any = None) -> list[np.ndarray]:
         """Signatures of every entry (in `bank.entries` order) from its answers to `probes` (`probe_datasets`)."""
-        return self._answers_signed(spec, self.probe_datasets(probes, model=model, tokenizer=tokenizer), engine)
+        return self._answers_signed(spec, self.probe_datasets(probes, model=model, tokenizer=tokenizer, base=base), engine)
 
     def _answers_signed(self, spec: SignatureSpec, answers: list[Dataset], engine: str = "local") -> list[np.ndarray]:
         """The signatures of datasets already in memory (`probe_datasets`' answers), cached under their content."""
@@ -204,11 +204,12 @@ class BankIndex:
         get_engine(engine).map(_sign, missing, f"signatures ({spec.method})", setup=partial(make_signer, spec), on_result=keep)
         return out  # type: ignore[return-value]
 
-    def probe_datasets(self, probes: ProbeSet, *, model: Any = None, tokenizer: Any = None) -> list[Dataset]:
+    def probe_datasets(self, probes: ProbeSet, *, model: Any = None, tokenizer: Any = None, base: Any = None) -> list[Dataset]:
         """Every entry's answers to `probes` (in `bank.entries` order; `probes.answer_probes`), cached per probe set,
         base model and adapter (its files' sizes and modification times); the base model is loaded (unless given) only
-        when an entry's answers are not cached."""
-        folder = self.dir / "probes" / probes.key(self.bank.base_model)
+        when an entry's answers are not cached. `base`: a runtime.llamacpp.LlamaCpp that answers instead (a GGUF base;
+        its answers are cached apart)."""
+        folder = self.dir / "probes" / probes.key(self.bank.base_model, base.identity if base is not None else None)
         stems = [folder / _digest([e.adapter.version]) for e in self.bank.entries]
         stored = listing(folder, "json")
         out: list[Dataset | None] = []
@@ -220,17 +221,21 @@ class BankIndex:
                 out.append(None)
         missing = [i for i, d in enumerate(out) if d is None]
         if missing:
-            from .probes import answer_probes
+            from .probes import answer_probes, answer_probes_llamacpp
 
-            if model is None:
+            if base is not None:
+                answer = partial(answer_probes_llamacpp, base)
+            elif model is None:
                 from .models import load_model, load_tokenizer
 
                 if self.bank.base_model is None:
                     raise LoramixError(f"{self.bank.path}: the bank names no base model, so its entries cannot answer "
                                        "probe prompts")
                 model, tokenizer = load_model(self.bank.base_model), load_tokenizer(self.bank.base_model)
+            if base is None:
+                answer = partial(answer_probes, model, tokenizer)
             for i in track(missing, f"probe answers ({len(probes.prompts)} prompts)", total=len(missing)):
-                out[i] = answer_probes(model, tokenizer, self.bank, self.bank.entries[i], probes.prompts)
+                out[i] = answer(self.bank, self.bank.entries[i], probes.prompts)
                 rows = [[s.input, s.output] for s in out[i].samples]
                 store(self.dir, stems[i], json.dumps(rows, ensure_ascii=False).encode(), "json")
         return out  # type: ignore[return-value]
@@ -249,13 +254,15 @@ class BankIndex:
         return self.bank.usable if self.mode(mode) == "data" else self.bank.entries
 
     def distance_row(self, spec: SignatureSpec, distance: str, user: np.ndarray, mode: str, probes: ProbeSet,
-                     seed: int = 0, *, model: Any = None, tokenizer: Any = None) -> np.ndarray:
-        """d(user signature, entry) over `weighted(mode)`, float64 [n]."""
+                     seed: int = 0, *, model: Any = None, tokenizer: Any = None, base: Any = None) -> np.ndarray:
+        """d(user signature, entry) over `weighted(mode)`, float64 [n]; probe answers from `model` (PyTorch) or `base`
+        (llama.cpp), as probe_datasets."""
         mode = self.mode(mode)
         d_data = distance_row(distance, user, self.signatures(spec), seed) if mode != "probes" else None
         if mode == "data":
             return d_data
-        d_probes = distance_row(distance, user, self.probe_signatures(spec, probes, model=model, tokenizer=tokenizer), seed)
+        d_probes = distance_row(distance, user, self.probe_signatures(spec, probes, model=model, tokenizer=tokenizer,
+                                                                      base=base), seed)
         return d_probes if mode == "probes" else aligned(d_probes, self._spread(d_data))
 
     def _spread(self, d_usable: np.ndarray) -> np.ndarray:
@@ -265,7 +272,7 @@ class BankIndex:
         return row
 
     def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0, mode: str = "data",
-                        probes: ProbeSet | None = None) -> np.ndarray:
+                        probes: ProbeSet | None = None, base: Any = None) -> np.ndarray:
         """D[i, j] = distance(usable entry i's data, entry j of `weighted(mode)`), float64 [usable, weighted]: for
         'data', between the usable entries' data ([n, n]); for 'probes' and 'mixed', to entry j's probe answers (aligned
         onto the data distances in 'mixed', row by row, as `distance_row`). Cached."""
@@ -281,8 +288,9 @@ class BankIndex:
         if mode == "data":
             return data
         assert probes is not None, "probes and mixed matrices need a probe set"
-        answers = self.probe_datasets(probes)
-        pstem = stem.with_name(f"{stem.name}.{probes.key(self.bank.base_model)}.{_digest([d.fingerprint() for d in answers])}")
+        answers = self.probe_datasets(probes, base=base)
+        pkey = probes.key(self.bank.base_model, base.identity if base is not None else None)
+        pstem = stem.with_name(f"{stem.name}.{pkey}.{_digest([d.fingerprint() for d in answers])}")
         cross = self.array(pstem)
         if cross is None or cross.shape != (len(self.bank.usable), len(self.bank.entries)):
             columns = self._answers_signed(spec, answers)

@@ -72,30 +72,33 @@ def _check_bank(index: BankIndex, config: GenerateConfig, spec: SignatureSpec) -
     COMPOSERS.get(config.compose)().check(bank.entries)
 
 
-def _base_for(bank: Bank, config: GenerateConfig) -> tuple[Any, Any, Any]:
+def _base_for(index: BankIndex, config: GenerateConfig) -> tuple[Any, Any, Any]:
     """(model, tokenizer, engine): the base model when `config` runs it, loaded before any other work so that a base
-    that cannot be loaded is reported at once. The check runs on `engine` (runtime.llamacpp.LlamaCpp) when the runtime
-    is llama.cpp, else on the PyTorch model, which --refine always needs; None where unused."""
-    if not (config.refine or config.check_examples):
-        return None, None, None
+    that cannot be loaded is reported at once. The check (and the probe answers of entries without data) run on
+    `engine` (runtime.llamacpp.LlamaCpp) when the runtime is llama.cpp, else on the PyTorch model, which --refine always
+    needs; None where unused (PyTorch probe answers load the base themselves, only when not cached)."""
     from .models import load_model, load_tokenizer
     from .runtime import choose_runtime, resolve_base
 
-    base = config.base if config.base is not None else bank.base_model
+    base = config.base if config.base is not None else index.bank.base_model
+    probing = index.mode(config.entry_signatures) != "data"
+    if not (config.refine or config.check_examples or (probing and (config.base is not None or config.runtime != "auto"))):
+        return None, None, None
     model = tokenizer = engine = None
     try:
-        on_llamacpp = bool(config.check_examples) and choose_runtime(resolve_base(base), config.runtime) == "llama.cpp"
-        if on_llamacpp:
+        on_llamacpp = choose_runtime(resolve_base(base), config.runtime) == "llama.cpp"
+        if on_llamacpp and (config.check_examples or probing):
             from .runtime.llamacpp import open_base
 
             engine = open_base(base)
-        if config.refine or not on_llamacpp:
+        if config.refine or (not on_llamacpp and (config.check_examples or config.base is not None)):
             model, tokenizer = load_model(base), load_tokenizer(base)
     except LoramixError as e:
         if engine is not None:
             engine.close()
         why = "--refine runs the base model" if config.refine else (
-            f"the held-out check (--check {config.check_examples}) runs the base model; --check 0 skips it")
+            f"the held-out check (--check {config.check_examples}) runs the base model; --check 0 skips it"
+            if config.check_examples else "the entries without data answer probe prompts on the base model")
         raise LoramixError(f"{e} ({why})") from None
     return model, tokenizer, engine
 
@@ -128,7 +131,7 @@ def generate(
         spec = index.resolve(config.signature_spec())
         _check_bank(index, config, spec)
     with stage("base model"):
-        model, tokenizer, engine = _base_for(bank, config)
+        model, tokenizer, engine = _base_for(index, config)
     with engine if engine is not None else nullcontext():
         return _after_base(bank, dataset, out, config, index, weighted, spec, model, tokenizer, engine, force, stage, seconds)
 
@@ -149,7 +152,7 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
         user_sig = make_signer(spec)(dataset)
     with stage("distances"):
         d = index.distance_row(spec, config.distance, user_sig, config.entry_signatures, config.probe_set(), config.seed,
-                               model=model, tokenizer=tokenizer)
+                               model=model, tokenizer=tokenizer, base=engine)
     with stage("coefficients"):
         c = operator_for(index, config).coefficients(d, config.temperature, config.top_k)
     coefficients = {e.name: config.scale * float(x) for e, x in zip(weighted, c)}
@@ -178,7 +181,7 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
             planned = _plan_check(config, held, model, tokenizer, engine)
             if planned.examples:
                 checked = check(bank, weights, held, examples=planned.examples, method=config.compose,
-                                seed=config.seed + 1, singles=planned.singles, tops=config.check_tops,
+                                seed=config.seed + 1, singles=planned.singles, tops=config.check_tops, scales=planned.scales,
                                 criterion=planned.criterion, layers=refined.layers if refined else None, model=model,
                                 tokenizer=tokenizer, engine=engine, rank=config.rank)
                 weights = checked.coefficients
@@ -223,7 +226,7 @@ def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: An
     from .check import CHECK_SCALES, plan_check, torch_speed
 
     if not config.check_auto:
-        return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, "as asked")
+        return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, list(CHECK_SCALES), "as asked")
     sample = held.subsample(1, config.seed + 1).samples[0]
     speed = engine.speed(sample) if engine is not None else torch_speed(model, tokenizer, sample)
     plan = plan_check(held, engine.tokenizer if engine is not None else tokenizer, speed, examples=config.check_examples,

@@ -45,10 +45,13 @@ class ProbeSet:
             raise LoramixError(f"{data.source}: no probe prompts (every input is empty)")
         return prompts
 
-    def key(self, base_model: str | None) -> str:
-        """Changes with the prompts, the base model and the answering code: `probes-<hash>`."""
-        blob = json.dumps({"prompts": self.prompts, "base": base_model, "tokens": MAX_NEW_TOKENS, "v": _PROBE_VERSION})
-        return "probes-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    def key(self, base_model: str | None, runtime: str | None = None) -> str:
+        """Changes with the prompts, the base model, what runs it (`runtime`: None for PyTorch on the bank's base, else
+        e.g. the GGUF file llama.cpp runs) and the answering code: `probes-<hash>`."""
+        blob = {"prompts": self.prompts, "base": base_model, "tokens": MAX_NEW_TOKENS, "v": _PROBE_VERSION}
+        if runtime is not None:
+            blob["runtime"] = runtime
+        return "probes-" + hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:12]
 
 
 def answer_probes(model: Any, tokenizer: Any, bank: Any, entry: Any, prompts: list[str]) -> Dataset:
@@ -65,4 +68,18 @@ def answer_probes(model: Any, tokenizer: Any, bank: Any, entry: Any, prompts: li
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, progress=False)
     finally:
         mixed.remove()
+    return Dataset([Sample(p, (a,)) for p, a in zip(prompts, answers)], f"{entry.name} (probe answers)")
+
+
+def answer_probes_llamacpp(engine: Any, bank: Any, entry: Any, prompts: list[str]) -> Dataset:
+    """As answer_probes, on llama.cpp: the entry's adapter written as a GGUF LoRA for `engine`'s base (a
+    runtime.llamacpp.LlamaCpp), all prompts answered in batches."""
+    import tempfile
+
+    from .runtime.llamacpp import Lora, lora_file
+
+    with tempfile.TemporaryDirectory(prefix="loramix-probes-") as tmp:
+        lora = Lora(lora_file(entry.adapter.path, engine.base, tmp, allow_pickle=bank.allow_pickle))
+        answers = engine.answers(prompts, lora=lora, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+        engine.forget(lora)
     return Dataset([Sample(p, (a,)) for p, a in zip(prompts, answers)], f"{entry.name} (probe answers)")

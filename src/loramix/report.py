@@ -102,14 +102,16 @@ class CheckInfo:
 
 @dataclass
 class CheckPlan:
-    """What the held-out check ran (`--check auto` plans it, check.plan_check): `examples` held-out examples (0: no check), ranked by `criterion`, with the top `singles`
-    entries alone among the candidates. `mode`: 'as asked' (--check N), 'full' (the default form fits --check-budget),
-    'reduced' (a cheaper form that fits) or 'skipped' (none fits); `why` says so in words; `estimate` the seconds the
-    chosen form was estimated to take (None when not estimated)."""
+    """What the held-out check ran (`--check auto` plans it, check.plan_check): `examples` held-out examples (0: no
+    check), ranked by `criterion`, with the composition at `scales` and the top `singles` entries alone among the
+    candidates. `mode`: 'as asked' (--check N), 'full' (the default form fits --check-budget), 'reduced' (a cheaper form
+    that fits) or 'skipped' (none fits); `why` says so in words; `estimate` the seconds the chosen form was estimated
+    to take (None when not estimated)."""
 
     examples: int
     criterion: str
     singles: int
+    scales: list[float]
     mode: str
     why: str = ""
     estimate: float | None = None

@@ -190,6 +190,19 @@ class LlamaCpp:
                 raise LoramixError(f"{path}: llama.cpp cannot apply this LoRA adapter ({_why()})")
             self._applied = (adapter, lora.scale)
 
+    def forget(self, lora: Lora) -> None:
+        """Free `lora`'s file from the model (no longer applied): a bank-wide job loads each entry once."""
+        adapter = self._adapters.pop(Path(lora.path), None)
+        if adapter is not None:
+            if self._applied is not None and self._applied[0] == adapter:
+                self.use(None)
+            self.lib.llama_adapter_lora_free(adapter)
+
+    @property
+    def identity(self) -> str:
+        """What names this base in a cache key: llama.cpp, the GGUF's file name and size."""
+        return f"llama.cpp:{self.path.name}:{self.path.stat().st_size}"
+
     # -- decoding ----------------------------------------------------------------------------------------------------
     def _decode(self, items: Sequence[tuple[int, int, int, bool]], kind: str) -> np.ndarray:
         """Decode `items` (token, position, sequence, whether its logits are wanted) in batches of at most `context`
