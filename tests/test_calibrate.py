@@ -104,10 +104,10 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
     with pytest.raises(LoramixError, match="unknown check criterion"):
         check(tiny_bank, coefs, ds, examples=4, criterion="vibes", model=model, tokenizer=tok)
 
-    import loramix.calibrate
+    import loramix.check
 
     scores = iter([AnswerScores(1.0, 0, 0), AnswerScores(1.5, 0, 0), AnswerScores(2.0, 0, 0)])
-    monkeypatch.setattr(loramix.calibrate, "answer_scores_fn", lambda *a, **k: (lambda: next(scores)))
+    monkeypatch.setattr(loramix.check, "answer_scores_fn", lambda *a, **k: (lambda: next(scores)))
     base_wins = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 2.0), model=model, tokenizer=tok)
     assert base_wins.chosen == "base" and not base_wins.beats_base and set(base_wins.coefficients.values()) == {0.0}
 

@@ -125,7 +125,7 @@ def test_check_auto_fits_its_budget_or_says_why(tmp_path):
     plan = small.report.check_plan
     assert plan.mode == "skipped" and plan.examples == 0 and "--check-budget" in plan.why and small.report.check is None
     asked = loramix.generate("default", data, tmp_path / "b", runtime="llama.cpp", check=4, check_singles=0,
-                             check_budget=0.001)
+                             check_criterion="loss", check_budget=0.001)
     assert asked.report.check_plan.mode == "as asked" and asked.report.check.examples == 4
 
 
@@ -255,3 +255,33 @@ def test_a_lora_llamacpp_refuses_is_one_line(tmp_path, engine, tiny_gguf):
             engine.answers(["hi"], lora=Lora(bad), max_new_tokens=2, progress=False)
         assert "\n" not in str(e.value) and str(bad) in str(e.value)
     assert engine.answers(["hi"], max_new_tokens=2, progress=False)  # the engine still runs
+
+
+def test_single_entries_are_converted_once_and_keyed_on_their_content(tmp_path):
+    """The check's single entries are GGUF LoRAs kept in the bank index, converted once: a rerun reads them, and an
+    entry whose weights change (same size, same modification time) gets a file of its own."""
+    import os
+
+    bank = tmp_path / "bank"
+    for name in ("numbers_french", "numbers_german", "countries_alpha3"):
+        shutil.copytree(loramix.Bank("default").entry(name).adapter.path, bank / name)
+    data = DEFAULT_SUITE / "numbers_spanish" / "train.jsonl"
+    kw = dict(runtime="llama.cpp", check=2, check_singles=2, check_criterion="loss")
+    loramix.generate(bank, data, tmp_path / "a", **kw)
+    cached = sorted((bank / ".loramix" / "gguf").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert len(cached) == 2 and all(p.name.endswith(".gguf") for p in cached)
+    loramix.generate(bank, data, tmp_path / "b", **kw)
+    assert sorted((bank / ".loramix" / "gguf").iterdir()) == cached and [p.stat().st_mtime_ns for p in cached] == stamps
+    weights = bank / "numbers_french" / "adapter_model.safetensors"
+    st = weights.stat()
+    raw = bytearray(weights.read_bytes())
+    raw[-8:] = bytes(8)  # the last float of a tensor zeroed: same size
+    weights.write_bytes(bytes(raw))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    from loramix.index import BankIndex
+    from loramix.runtime.llamacpp import open_base
+
+    with open_base(None) as engine:
+        fresh = BankIndex(loramix.Bank(bank)).entry_gguf(loramix.Bank(bank).entry("numbers_french"), engine)
+    assert fresh not in cached

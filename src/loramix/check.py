@@ -94,7 +94,7 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
         from .runtime.candidates import candidate_loras
 
         scores = {}
-        with candidate_loras(bank, coefficients, candidates, scaled, engine.base, method=method, rank=rank,
+        with candidate_loras(bank, coefficients, candidates, scaled, engine, method=method, rank=rank,
                              layers=layers) as loras:
             for label in track(candidates, f"checking ({len(samples)} held-out examples, llama.cpp)", total=len(candidates)):
                 scores[label] = engine.scores(samples, lora=loras[label], generate=criterion in GENERATING)

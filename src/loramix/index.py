@@ -240,6 +240,21 @@ class BankIndex:
                 store(self.dir, stems[i], json.dumps(rows, ensure_ascii=False).encode(), "json")
         return out  # type: ignore[return-value]
 
+    def entry_gguf(self, entry: BankEntry, base: Any) -> Path:
+        """`entry`'s adapter as a GGUF LoRA for `base` (a runtime.llamacpp.LlamaCpp), written once and kept in the
+        index under the sha256 of the adapter's files and the base's identity (so no two adapters, nor two bases,
+        share one)."""
+        from .files import sha256_file
+        from .runtime.llamacpp import lora_file
+
+        files = [p for p in sorted(entry.adapter.path.iterdir()) if p.name.startswith("adapter_") and p.is_file()]
+        stem = self.dir / "gguf" / f"{entry.name}-{_digest([base.identity, *(f'{p.name}:{sha256_file(p)}' for p in files)])}"
+        if fetch(stem, "gguf") is None:
+            with tempfile.TemporaryDirectory(prefix="loramix-gguf-") as tmp:
+                made = lora_file(entry.adapter.path, base.base, tmp, allow_pickle=self.bank.allow_pickle)
+                store(self.dir, stem, made.read_bytes(), "gguf")
+        return _versions(stem, "gguf")[0]
+
     def mode(self, mode: str) -> str:
         """How entries are signed under the option `mode` (ENTRY_SIGNATURES): 'data', 'probes' or 'mixed' (data where
         an entry has it, probe answers aligned onto the data distances elsewhere: `distances.aligned`). 'auto' is

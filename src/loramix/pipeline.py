@@ -27,7 +27,7 @@ from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
 from .paths import resolve_bank
 from .calibrate import cached_calibration
-from .check import check
+from .check import CHECK_SCALES, check, plan_check, torch_speed
 from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, FinetuneInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
@@ -223,8 +223,6 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
 def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: Any, engine: Any) -> CheckPlan:
     """The check `config` asks for on `held`: --check N as asked; --check auto planned from the runtime's speed,
     measured on one held-out example, to fit --check-budget (check.plan_check)."""
-    from .check import CHECK_SCALES, plan_check, torch_speed
-
     if not config.check_auto:
         return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, list(CHECK_SCALES), "as asked")
     sample = held.subsample(1, config.seed + 1).samples[0]

@@ -4,9 +4,10 @@ streaming, with GGUF LoRA adapters applied at runtime scales (a scale changes wi
 Prompts are the base's chat template through its transformers tokenizer (read from the GGUF), so both runtimes see
 the same token ids. Several sequences run in one batch: the prefix they share (system turn, task definition) is
 decoded once into sequence 0 and its KV cells shared with the others (llama_memory_seq_cp), each sequence's own
-tokens follow in one batch, and greedy decoding steps every unfinished sequence together (generation is bound by
-reading the weights, so a batch of 16 costs little more than one). A teacher-forced pass over prompt + answer leaves
-the prompt's KV cache in place: greedy answers continue from it with the answer's cells removed."""
+tokens follow in one batch, and greedy decoding steps every unfinished sequence together (on 2 cores a 7B model's
+step is compute-bound already: 16 sequences gave 11.4 tokens/s against 7.9 for one, runtime.md). A teacher-forced
+pass over prompt + answer leaves the prompt's KV cache in place: greedy answers continue from it with the answer's
+cells removed."""
 
 from __future__ import annotations
 
@@ -231,16 +232,13 @@ class LlamaCpp:
         self.tokens[kind] += len(items)
         return np.stack(rows) if rows else np.zeros((0, self.vocab), np.float32)
 
-    def _clear(self) -> None:
-        self.lib.llama_memory_clear(self.memory, True)
-
     def _prefill(self, seqs: Sequence[Sequence[int]], want: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Decode sequences 0..B-1 from an empty cache: their shared prefix once (sequence 0, its cells then shared with
         the others), then each one's own tokens in one batch. `want[r]`: the positions of sequence r whose logits are
         returned, as float32 [len(want[r]), vocab] per sequence. At least one own token per sequence."""
         from ..prompts import common_prefix
 
-        self._clear()
+        self.lib.llama_memory_clear(self.memory, True)
         p = min(common_prefix(list(seqs)), *(min(w) for w in want if w)) if len(seqs) > 1 else 0
         if p:
             self._decode([(t, i, 0, False) for i, t in enumerate(seqs[0][:p])], "prompt")
@@ -394,14 +392,6 @@ class LlamaCpp:
         self._decode([(int(np.argmax(first)), len(seq), 0, True)], "generate")
         end = time.perf_counter()
         return Speed(len(seq) / max(middle - start, 1e-6), end - middle)
-
-    def tokens_per_second(self, kind: str) -> float | None:
-        """Tokens per second measured so far for `kind` ('prompt' or 'generate': decoding steps of a batch count
-        once per sequence), None before any."""
-        return self.tokens[kind] / self.seconds[kind] if self.seconds[kind] > 0 else None
-
-
-__all__ = ["LlamaCpp", "Lora", "lora_file", "open_base"]
 
 
 def open_base(base: str | None, **options: Any) -> LlamaCpp:
