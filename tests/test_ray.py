@@ -113,3 +113,20 @@ def test_a_lost_worker_is_completed_by_a_rerun(cluster, tmp_path):
     got = BankIndex(Bank(bank)).signatures(SPEC)
     want = BankIndex(Bank(make_bank(tmp_path / "fresh", n=10))).signatures(SPEC)
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+def test_probe_answers_on_ray_match_the_local_engine(cluster, tmp_path):
+    """Entries without data answer the probe prompts on Ray workers, each loading the base once (here the default
+    base's GGUF on llama.cpp): the same answers as the local engine, each stored as soon as it is known."""
+    from loramix.probes import ProbeSet
+
+    probes = ProbeSet(max_samples=6)
+    answers = {}
+    for engine in ("local", "ray"):
+        bank = tmp_path / engine
+        for name in ("numbers_french", "countries_alpha3", "morphology_plural"):
+            shutil.copytree(Bank("default").entry(name).adapter.path, bank / name, ignore=shutil.ignore_patterns("train.jsonl"))
+        index = BankIndex(Bank(bank))
+        answers[engine] = [d.samples for d in index.probe_datasets(probes, runtime="llama.cpp", engine=engine)]
+        assert len(list((index.dir / "probes").rglob("*.json"))) == 3
+    assert answers["local"] == answers["ray"] and all(len(a) == len(probes.prompts) for a in answers["ray"])

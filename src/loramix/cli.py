@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -255,7 +254,7 @@ def bank_index(
     engine: EngineOpt = "local",
     allow_pickle: PickleOpt = False,
     base: Optional[str] = typer.Option(None, help="Base model the probe prompts are answered on (default: the bank's); "
-                                       "a GGUF file runs on llama.cpp."),
+                                       "a GGUF file runs on llama.cpp. With --engine ray, each worker loads it once."),
     runtime: RuntimeOpt = "auto",
     config: GenerateConfig = D,
 ) -> None:
@@ -280,32 +279,16 @@ def bank_index(
     sigs = index.signatures(spec, engine=engine)
     out.print(f"{len(sigs)} signatures ({config.signature}) in {index.dir}: {len(sigs) - before} computed, {before} cached")
     mode, probes = index.mode(config.entry_signatures), config.probe_set()
-    with contextlib.ExitStack() as held:
-        on_llamacpp = None
-        if mode != "data":
-            on_llamacpp = _probe_runtime(index, base, runtime, held)
-            probed = index.probe_signatures(spec, probes, engine=engine, base=on_llamacpp)
-            out.print(f"{len(probed)} probe-answer signatures ({config.signature}, {len(probes.prompts)} prompts, "
-                      f"{config.probes or 'the default probes'}) in {index.dir}")
-        if distance:
-            matrix = index.distance_matrix(spec, distance, config.seed, mode, probes, base=on_llamacpp)
-            out.print(f"distance matrix ({distance}): {matrix.shape[0]} x {matrix.shape[1]}")
+    if mode != "data":
+        probed = index.probe_signatures(spec, probes, engine=engine, base_name=base, runtime=runtime)
+        out.print(f"{len(probed)} probe-answer signatures ({config.signature}, {len(probes.prompts)} prompts, "
+                  f"{config.probes or 'the default probes'}) in {index.dir}")
+    if distance:
+        matrix = index.distance_matrix(spec, distance, config.seed, mode, probes, base_name=base, runtime=runtime)
+        out.print(f"distance matrix ({distance}): {matrix.shape[0]} x {matrix.shape[1]}")
     if fit:
         op = operator_for(index, config)
         out.print(f"operator {fit} fitted: loss {op.history[0]:.6g} -> {op.history[-1]:.6g} over {len(op.history)} epochs")
-
-
-def _probe_runtime(index: Any, base: str | None, runtime: str, held: contextlib.ExitStack) -> Any:
-    """The llama.cpp base that answers the probe prompts (held open by `held`) when `base` / `runtime` choose llama.cpp;
-    None for PyTorch (which loads the bank's base itself, only for answers not cached)."""
-    from .runtime import choose_runtime, resolve_base
-
-    name = base if base is not None else index.bank.base_model
-    if choose_runtime(resolve_base(name), runtime) != "llama.cpp":
-        return None
-    from .runtime.llamacpp import open_base
-
-    return held.enter_context(open_base(name))
 
 
 @bank_app.command("calibrate")

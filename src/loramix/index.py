@@ -141,6 +141,25 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _answers(entry: BankEntry, rows: list) -> Dataset:
+    """An entry's probe answers [[prompt, answer], ...] as a Dataset."""
+    return Dataset([Sample(i, (o,)) for i, o in rows], f"{entry.name} (probe answers)")
+
+
+def _probe_worker(bank: str, allow_pickle: bool, prompts: list[str], base: str | None, runtime: str) -> tuple:
+    """An engine worker's state for probe answers: the bank, the prompts, and `base` loaded on `runtime` to answer
+    them (probes.open_answerer)."""
+    from .probes import open_answerer
+
+    return Bank(bank, allow_pickle=allow_pickle), prompts, open_answerer(base, runtime)
+
+
+def _probe_answer(state: tuple, i: int) -> list:
+    """Entry i's answers to the probe prompts, [[prompt, answer], ...]."""
+    bank, prompts, answer = state
+    return [[s.input, s.output] for s in answer(bank, bank.entries[i], prompts).samples]
+
+
 def _sign(signer, item: tuple) -> np.ndarray:
     return signer(item[1])
 
@@ -179,9 +198,13 @@ class BankIndex:
         return self._signed(spec, [(e.data_hash, e.dataset) for e in self.bank.usable], engine)
 
     def probe_signatures(self, spec: SignatureSpec, probes: ProbeSet, engine: str = "local", *, model: Any = None,
-                         tokenizer: Any = None, base: Any = None) -> list[np.ndarray]:
-        """Signatures of every entry (in `bank.entries` order) from its answers to `probes` (`probe_datasets`)."""
-        return self._answers_signed(spec, self.probe_datasets(probes, model=model, tokenizer=tokenizer, base=base), engine)
+                         tokenizer: Any = None, base: Any = None, base_name: str | None = None,
+                         runtime: str = "auto") -> list[np.ndarray]:
+        """Signatures of every entry (in `bank.entries` order) from its answers to `probes` (`probe_datasets`, its
+        missing answers and the signatures computed on `engine`)."""
+        answers = self.probe_datasets(probes, model=model, tokenizer=tokenizer, base=base, base_name=base_name,
+                                      runtime=runtime, engine=engine)
+        return self._answers_signed(spec, answers, engine)
 
     def _answers_signed(self, spec: SignatureSpec, answers: list[Dataset], engine: str = "local") -> list[np.ndarray]:
         """The signatures of datasets already in memory (`probe_datasets`' answers), cached under their content."""
@@ -204,40 +227,46 @@ class BankIndex:
         get_engine(engine).map(_sign, missing, f"signatures ({spec.method})", setup=partial(make_signer, spec), on_result=keep)
         return out  # type: ignore[return-value]
 
-    def probe_datasets(self, probes: ProbeSet, *, model: Any = None, tokenizer: Any = None, base: Any = None) -> list[Dataset]:
+    def probe_datasets(self, probes: ProbeSet, *, model: Any = None, tokenizer: Any = None, base: Any = None,
+                       base_name: str | None = None, runtime: str = "auto", engine: str = "local") -> list[Dataset]:
         """Every entry's answers to `probes` (in `bank.entries` order; `probes.answer_probes`), cached per probe set,
-        base model and adapter (its files' sizes and modification times); the base model is loaded (unless given) only
-        when an entry's answers are not cached. `base`: a runtime.llamacpp.LlamaCpp that answers instead (a GGUF base;
-        its answers are cached apart)."""
-        folder = self.dir / "probes" / probes.key(self.bank.base_model, base.identity if base is not None else None)
+        base model, runtime and adapter (its files' sizes and modification times). The missing ones are answered by a
+        base already loaded (`model` and `tokenizer` on PyTorch, or `base`, a runtime.llamacpp.LlamaCpp), else by
+        `base_name` (default the bank's) on `runtime`, loaded only when an answer is missing: in this process on the
+        local engine, once per worker on another (`engine`: each answer stored as soon as it is known, so a rerun
+        resumes). llama.cpp's answers are cached apart from PyTorch's."""
+        from .probes import answer_probes, answer_probes_llamacpp
+        from .runtime import runtime_identity
+
+        name = base_name if base_name is not None else self.bank.base_model
+        identity = base.identity if base is not None else None if model is not None else runtime_identity(name, runtime)
+        folder = self.dir / "probes" / probes.key(self.bank.base_model, identity)
         stems = [folder / _digest([e.adapter.version]) for e in self.bank.entries]
         stored = listing(folder, "json")
         out: list[Dataset | None] = []
         for entry, stem in zip(self.bank.entries, stems):
             data = fetch(stem, "json", stored.get(stem.name, []))
             try:
-                out.append(None if data is None else Dataset([Sample(i, (o,)) for i, o in json.loads(data)], f"{entry.name} (probe answers)"))
+                out.append(None if data is None else _answers(entry, json.loads(data)))
             except (ValueError, TypeError, LoramixError):  # a form this version does not read: recomputed
                 out.append(None)
         missing = [i for i, d in enumerate(out) if d is None]
-        if missing:
-            from .probes import answer_probes, answer_probes_llamacpp
+        if not missing:
+            return out  # type: ignore[return-value]
+        if name is None:
+            raise LoramixError(f"{self.bank.path}: the bank names no base model, so its entries cannot answer probe prompts")
 
-            if base is not None:
-                answer = partial(answer_probes_llamacpp, base)
-            elif model is None:
-                from .models import load_model, load_tokenizer
+        def keep(i: int, rows: list) -> None:
+            out[i] = _answers(self.bank.entries[i], rows)
+            store(self.dir, stems[i], json.dumps(rows, ensure_ascii=False).encode(), "json")
 
-                if self.bank.base_model is None:
-                    raise LoramixError(f"{self.bank.path}: the bank names no base model, so its entries cannot answer "
-                                       "probe prompts")
-                model, tokenizer = load_model(self.bank.base_model), load_tokenizer(self.bank.base_model)
-            if base is None:
-                answer = partial(answer_probes, model, tokenizer)
-            for i in track(missing, f"probe answers ({len(probes.prompts)} prompts)", total=len(missing)):
-                out[i] = answer(self.bank, self.bank.entries[i], probes.prompts)
-                rows = [[s.input, s.output] for s in out[i].samples]
-                store(self.dir, stems[i], json.dumps(rows, ensure_ascii=False).encode(), "json")
+        if base is not None or model is not None:  # in this process, on the base already loaded
+            loaded = partial(answer_probes_llamacpp, base) if base is not None else partial(answer_probes, model, tokenizer)
+            engine, setup = "local", lambda: (self.bank, probes.prompts, loaded)
+        else:
+            setup = partial(_probe_worker, str(self.bank.path), self.bank.allow_pickle, probes.prompts, name, runtime)
+        get_engine(engine).map(_probe_answer, missing, f"probe answers ({len(probes.prompts)} prompts)", setup=setup,
+                               on_result=keep)
         return out  # type: ignore[return-value]
 
     def entry_gguf(self, entry: BankEntry, base: Any) -> Path:
@@ -287,7 +316,7 @@ class BankIndex:
         return row
 
     def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0, mode: str = "data",
-                        probes: ProbeSet | None = None, base: Any = None) -> np.ndarray:
+                        probes: ProbeSet | None = None, base_name: str | None = None, runtime: str = "auto") -> np.ndarray:
         """D[i, j] = distance(usable entry i's data, entry j of `weighted(mode)`), float64 [usable, weighted]: for
         'data', between the usable entries' data ([n, n]); for 'probes' and 'mixed', to entry j's probe answers (aligned
         onto the data distances in 'mixed', row by row, as `distance_row`). Cached."""
@@ -303,8 +332,11 @@ class BankIndex:
         if mode == "data":
             return data
         assert probes is not None, "probes and mixed matrices need a probe set"
-        answers = self.probe_datasets(probes, base=base)
-        pkey = probes.key(self.bank.base_model, base.identity if base is not None else None)
+        answers = self.probe_datasets(probes, base_name=base_name, runtime=runtime)
+        from .runtime import runtime_identity
+
+        base = base_name if base_name is not None else self.bank.base_model
+        pkey = probes.key(self.bank.base_model, runtime_identity(base, runtime))
         pstem = stem.with_name(f"{stem.name}.{pkey}.{_digest([d.fingerprint() for d in answers])}")
         cross = self.array(pstem)
         if cross is None or cross.shape != (len(self.bank.usable), len(self.bank.entries)):

@@ -83,3 +83,19 @@ def answer_probes_llamacpp(engine: Any, bank: Any, entry: Any, prompts: list[str
         answers = engine.answers(prompts, lora=lora, max_new_tokens=MAX_NEW_TOKENS, progress=False)
         engine.forget(lora)
     return Dataset([Sample(p, (a,)) for p, a in zip(prompts, answers)], f"{entry.name} (probe answers)")
+
+
+def open_answerer(base: str | None, runtime: str = "auto") -> Any:
+    """A function (bank, entry, prompts) -> Dataset answering probe prompts on `base` (None: the default) as `runtime`
+    runs it: answer_probes on PyTorch, answer_probes_llamacpp on llama.cpp. Loads the base."""
+    from functools import partial
+
+    from .runtime import choose_runtime, resolve_base
+
+    if choose_runtime(resolve_base(base), runtime) == "llama.cpp":
+        from .runtime.llamacpp import open_base
+
+        return partial(answer_probes_llamacpp, open_base(base))
+    from .models import load_model, load_tokenizer
+
+    return partial(answer_probes, load_model(base), load_tokenizer(base))

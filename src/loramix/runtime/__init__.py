@@ -91,5 +91,17 @@ def choose_runtime(base: BaseModel, runtime: str = "auto") -> str:
     return runtime
 
 
-__all__ = ["RUNTIMES", "BaseModel", "available_bytes", "check_fits", "choose_runtime", "gguf_bytes", "is_gguf_name",
-           "resolve_base", "torch_bytes"]
+def gguf_identity(path: str | Path) -> str:
+    """What names a GGUF base in a cache key: llama.cpp, the file's name and size."""
+    return f"llama.cpp:{Path(path).name}:{Path(path).stat().st_size}"
+
+
+def runtime_identity(base: str | None, runtime: str = "auto") -> str | None:
+    """The cache identity of what `runtime` runs `base` on: None for PyTorch (the base's name says it all), else the
+    GGUF's (gguf_identity)."""
+    resolved = resolve_base(base)
+    return gguf_identity(resolved.gguf) if choose_runtime(resolved, runtime) == "llama.cpp" else None
+
+
+__all__ = ["RUNTIMES", "BaseModel", "available_bytes", "check_fits", "choose_runtime", "gguf_bytes", "gguf_identity",
+           "is_gguf_name", "resolve_base", "runtime_identity", "torch_bytes"]

@@ -147,11 +147,13 @@ class LlamaCpp:
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
     def close(self) -> None:
-        lib = self.lib
+        lib = getattr(self, "lib", None)
+        if lib is None:  # the constructor stopped before the library was loaded
+            return
         if getattr(self, "batch", None) is not None:
             lib.llama_batch_free(self.batch)
             self.batch = None
-        for adapter in self._adapters.values():
+        for adapter in getattr(self, "_adapters", {}).values():
             lib.llama_adapter_lora_free(adapter)
         self._adapters = {}
         if getattr(self, "ctx", None):
@@ -160,6 +162,9 @@ class LlamaCpp:
         if getattr(self, "model", None):
             lib.llama_model_free(self.model)
             self.model = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> LlamaCpp:
         return self
@@ -201,8 +206,10 @@ class LlamaCpp:
 
     @property
     def identity(self) -> str:
-        """What names this base in a cache key: llama.cpp, the GGUF's file name and size."""
-        return f"llama.cpp:{self.path.name}:{self.path.stat().st_size}"
+        """What names this base in a cache key (runtime.gguf_identity)."""
+        from . import gguf_identity
+
+        return gguf_identity(self.path)
 
     # -- decoding ----------------------------------------------------------------------------------------------------
     def _decode(self, items: Sequence[tuple[int, int, int, bool]], kind: str) -> np.ndarray:
