@@ -87,12 +87,11 @@ def main() -> None:
         lines.append(f"| {title} | {np.mean(same):.1%} ({sum(same)} of {len(same)}) | {per['torch'].mean():.4f} | "
                      f"{per['llama.cpp'].mean():.4f} | {paired_interval(per['llama.cpp'], per['torch'])} | "
                      f"{secs['torch']:.0f} / {secs['llama.cpp']:.0f} |")
-    worst = sorted(names, key=lambda n: np.mean([a == b for a, b in zip(results[n]["loo"]["torch"], results[n]["loo"]["llama.cpp"])]))[:5]
+    agree = {n: np.mean([a == b for a, b in zip(results[n]["loo"]["torch"], results[n]["loo"]["llama.cpp"])]) for n in names}
     lines += [
         "",
-        "Tasks whose leave-one-out answers agree least: " + ", ".join(
-            f"{n} ({np.mean([a == b for a, b in zip(results[n]['loo']['torch'], results[n]['loo']['llama.cpp'])]):.0%})"
-            for n in worst) + ".",
+        "Tasks whose leave-one-out answers agree least: "
+        + ", ".join(f"{n} ({agree[n]:.0%})" for n in sorted(names, key=agree.get)[:5]) + ".",
         "",
         "A different answer is mostly a near tie decided otherwise: llama.cpp multiplies 4-bit weights by 8-bit "
         "quantized activations, PyTorch the same weights in float32 by float32 activations, so their logits differ "
