@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ def main() -> None:
     from loramix.paths import DEFAULT_SUITE, loramix_home
     from loramix.pipeline import leave_one_out
     from loramix.progress import track
-    from loramix.runtime.llamacpp import Lora, lora_file, open_base
+    from loramix.runtime.llamacpp import Lora, gguf_lora, open_base
 
     bank = loramix.Bank("default")
     cache = loramix_home() / "bench" / "agreement"
@@ -42,7 +42,7 @@ def main() -> None:
     model, tokenizer = load_model(None), load_tokenizer(None)
     scorer = Scorer()
     results = {}
-    with open_base(None) as engine, tempfile.TemporaryDirectory() as tmp:
+    with open_base(None) as engine:
         for entry in track(bank.usable, "answering on both runtimes", total=len(bank.usable)):
             done = cache / f"{entry.name}.json"
             if done.is_file():
@@ -56,10 +56,10 @@ def main() -> None:
                 with merged_adapter(model, adapter):
                     ours = generate_answers(model, tokenizer, inputs, progress=False)
                 torch_s = time.perf_counter() - start
-                lora = Lora(lora_file(adapter, None, tmp)) if adapter else None
-                start = time.perf_counter()
-                theirs = engine.answers(inputs, lora=lora, progress=False)
-                cpp_s = time.perf_counter() - start
+                with gguf_lora(adapter, None) if adapter else nullcontext() as path:
+                    start = time.perf_counter()
+                    theirs = engine.answers(inputs, lora=Lora(path) if path else None, progress=False)
+                    cpp_s = time.perf_counter() - start
                 row[label] = {"torch": ours, "llama.cpp": theirs, "seconds": {"torch": torch_s, "llama.cpp": cpp_s},
                               "rouge": {"torch": [scorer(a, s.outputs)[0] for a, s in zip(ours, samples)],
                                         "llama.cpp": [scorer(a, s.outputs)[0] for a, s in zip(theirs, samples)]}}

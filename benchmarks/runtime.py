@@ -80,7 +80,7 @@ def main() -> None:
     per = stages[0].get("check", 0.0) / max(1, len(check["candidates"])) if check else 0.0
     rows.append(("`generate --base FILE.gguf --max-samples 100` (the bank's index), default settings", f"{wall:.1f} s",
                  f"{peak / 1024:.2f} GiB",
-                 f"1 run; stages: " + ", ".join(f"{k} {v:.1f}" for k, v in stages[0].items())))
+                 "1 run; stages: " + ", ".join(f"{k} {v:.1f}" for k, v in stages[0].items())))
     rows.append(("the check it ran (`--check auto`, budget 120 s)",
                  f"{stages[0].get('check', 0.0):.1f} s", "-",
                  f"{plan.get('mode')}: {plan.get('why')}" + (f"; {len(check['candidates'])} candidates, "

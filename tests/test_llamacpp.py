@@ -43,9 +43,12 @@ def tiny_gguf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def entry_gguf(tmp_path_factory) -> Path:
     """The default bank's numbers_french entry as a GGUF LoRA."""
-    from loramix.runtime.llamacpp import lora_file
+    from loramix.runtime.llamacpp import gguf_lora
 
-    return lora_file(loramix.Bank("default").entry("numbers_french").adapter.path, None, tmp_path_factory.mktemp("lora"))
+    with gguf_lora(loramix.Bank("default").entry("numbers_french").adapter.path, None) as path:
+        kept = tmp_path_factory.mktemp("lora") / path.name
+        shutil.copy(path, kept)
+    return kept
 
 
 def test_batched_answers_are_those_of_each_prompt_alone(engine):

@@ -101,20 +101,17 @@ def answer_streams(adapter: str | Path, base: str | None, runtime: str = "auto",
     """A function `stream(text, with_adapter) -> iterator of text pieces`: the greedy answer to `text` (a user turn in
     the chat template) of the base (`with_adapter` False) or base + `adapter`, as its tokens come, on `runtime`
     (runtime.choose_runtime). The base is loaded once for the block."""
-    import tempfile
     from threading import Thread
 
     from .runtime import choose_runtime, resolve_base
 
     base = base if base is not None else base_model_of(adapter)
     if choose_runtime(resolve_base(base), runtime) == "llama.cpp":
-        from .runtime.llamacpp import Lora, lora_file, open_base
+        from .runtime.llamacpp import Lora, gguf_lora, open_base
 
-        with tempfile.TemporaryDirectory(prefix="loramix-gguf-") as tmp:
-            lora = Lora(lora_file(adapter, base, tmp))
-            with open_base(base) as engine:
-                yield lambda text, with_adapter: engine.stream(text, lora=lora if with_adapter else None,
-                                                               max_new_tokens=max_new_tokens)
+        with gguf_lora(adapter, base) as path, open_base(base) as engine:
+            yield lambda text, with_adapter: engine.stream(text, lora=Lora(path) if with_adapter else None,
+                                                           max_new_tokens=max_new_tokens)
         return
     from transformers import TextIteratorStreamer
 
@@ -246,16 +243,12 @@ def evaluate(
     return result
 
 
-
 def _answers_llamacpp(base: str | None, adapter: str | Path | None, inputs: list[str], max_new_tokens: int) -> tuple[list[str], float]:
-    """Greedy answers of `base` on llama.cpp (+ `adapter`, written as a GGUF LoRA in a temporary folder), and the
-    seconds generation took."""
-    import tempfile
+    """Greedy answers of `base` on llama.cpp (+ `adapter`, written as a GGUF LoRA for the block), and the seconds
+    generation took."""
+    from .runtime.llamacpp import Lora, gguf_lora, open_base
 
-    from .runtime.llamacpp import Lora, lora_file, open_base
-
-    with tempfile.TemporaryDirectory(prefix="loramix-gguf-") as tmp:
-        lora = Lora(lora_file(adapter, base, tmp)) if adapter is not None else None
-        with open_base(base) as engine:
-            start = time.perf_counter()
-            return engine.answers(inputs, lora=lora, max_new_tokens=max_new_tokens), time.perf_counter() - start
+    with gguf_lora(adapter, base) if adapter is not None else nullcontext() as path, open_base(base) as engine:
+        start = time.perf_counter()
+        answers = engine.answers(inputs, lora=Lora(path) if path else None, max_new_tokens=max_new_tokens)
+        return answers, time.perf_counter() - start

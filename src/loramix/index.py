@@ -35,7 +35,6 @@ from .operators import BankFit, Operator, trainable_operator
 from .engine import get_engine
 from .paths import loramix_home
 from .probes import ProbeSet
-from .progress import track
 from .signatures import SignatureSpec, make_signer
 
 KEY_FILE = "index.key"
@@ -236,11 +235,9 @@ class BankIndex:
         local engine, once per worker on another (`engine`: each answer stored as soon as it is known, so a rerun
         resumes). llama.cpp's answers are cached apart from PyTorch's."""
         from .probes import answer_probes, answer_probes_llamacpp
-        from .runtime import runtime_identity
 
         name = base_name if base_name is not None else self.bank.base_model
-        identity = base.identity if base is not None else None if model is not None else runtime_identity(name, runtime)
-        folder = self.dir / "probes" / probes.key(self.bank.base_model, identity)
+        folder = self.dir / "probes" / self._probes_key(probes, base, model, name, runtime)
         stems = [folder / _digest([e.adapter.version]) for e in self.bank.entries]
         stored = listing(folder, "json")
         out: list[Dataset | None] = []
@@ -269,18 +266,25 @@ class BankIndex:
                                on_result=keep)
         return out  # type: ignore[return-value]
 
+    def _probes_key(self, probes: ProbeSet, base: Any, model: Any, name: str | None, runtime: str) -> str:
+        """The probe answers' cache key: the probe set, the bank's base, and what answers them (`base`, a LlamaCpp;
+        else `model` on PyTorch; else `name` on `runtime`: a GGUF on llama.cpp is named by its identity)."""
+        from .runtime import runtime_identity
+
+        identity = base.identity if base is not None else None if model is not None else runtime_identity(name, runtime)
+        return probes.key(self.bank.base_model, identity)
+
     def entry_gguf(self, entry: BankEntry, base: Any) -> Path:
         """`entry`'s adapter as a GGUF LoRA for `base` (a runtime.llamacpp.LlamaCpp), written once and kept in the
         index under the sha256 of the adapter's files and the base's identity (so no two adapters, nor two bases,
         share one)."""
         from .files import sha256_file
-        from .runtime.llamacpp import lora_file
+        from .runtime.llamacpp import gguf_lora
 
         files = [p for p in sorted(entry.adapter.path.iterdir()) if p.name.startswith("adapter_") and p.is_file()]
         stem = self.dir / "gguf" / f"{entry.name}-{_digest([base.identity, *(f'{p.name}:{sha256_file(p)}' for p in files)])}"
         if fetch(stem, "gguf") is None:
-            with tempfile.TemporaryDirectory(prefix="loramix-gguf-") as tmp:
-                made = lora_file(entry.adapter.path, base.base, tmp, allow_pickle=self.bank.allow_pickle)
+            with gguf_lora(entry.adapter.path, base.base, allow_pickle=self.bank.allow_pickle) as made:
                 store(self.dir, stem, made.read_bytes(), "gguf")
         return _versions(stem, "gguf")[0]
 
@@ -333,10 +337,8 @@ class BankIndex:
             return data
         assert probes is not None, "probes and mixed matrices need a probe set"
         answers = self.probe_datasets(probes, base_name=base_name, runtime=runtime)
-        from .runtime import runtime_identity
-
-        base = base_name if base_name is not None else self.bank.base_model
-        pkey = probes.key(self.bank.base_model, runtime_identity(base, runtime))
+        name = base_name if base_name is not None else self.bank.base_model
+        pkey = self._probes_key(probes, None, None, name, runtime)
         pstem = stem.with_name(f"{stem.name}.{pkey}.{_digest([d.fingerprint() for d in answers])}")
         cross = self.array(pstem)
         if cross is None or cross.shape != (len(self.bank.usable), len(self.bank.entries)):

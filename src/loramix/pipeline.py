@@ -19,7 +19,6 @@ from .bank import Bank
 from .compose import COMPOSERS, Composition, plan, write_compositions
 from .config import FINETUNE, GenerateConfig
 from .data import Dataset, read_dataset
-from .distances import distance_row
 from .errors import LoramixError
 from .files import atomic_dir, refuse_target
 from .index import BankIndex

@@ -74,14 +74,11 @@ def answer_probes(model: Any, tokenizer: Any, bank: Any, entry: Any, prompts: li
 def answer_probes_llamacpp(engine: Any, bank: Any, entry: Any, prompts: list[str]) -> Dataset:
     """As answer_probes, on llama.cpp: the entry's adapter written as a GGUF LoRA for `engine`'s base (a
     runtime.llamacpp.LlamaCpp), all prompts answered in batches."""
-    import tempfile
+    from .runtime.llamacpp import Lora, gguf_lora
 
-    from .runtime.llamacpp import Lora, lora_file
-
-    with tempfile.TemporaryDirectory(prefix="loramix-probes-") as tmp:
-        lora = Lora(lora_file(entry.adapter.path, engine.base, tmp, allow_pickle=bank.allow_pickle))
-        answers = engine.answers(prompts, lora=lora, max_new_tokens=MAX_NEW_TOKENS, progress=False)
-        engine.forget(lora)
+    with gguf_lora(entry.adapter.path, engine.base, allow_pickle=bank.allow_pickle) as path:
+        answers = engine.answers(prompts, lora=Lora(path), max_new_tokens=MAX_NEW_TOKENS, progress=False)
+        engine.forget(Lora(path))
     return Dataset([Sample(p, (a,)) for p, a in zip(prompts, answers)], f"{entry.name} (probe answers)")
 
 

@@ -9,12 +9,12 @@ composition; 'base' is no adapter. What is scored is what would be written."""
 from __future__ import annotations
 
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..bank import Bank
-from .llamacpp import Lora, lora_file
+from .llamacpp import Lora, gguf_lora
 
 
 @contextmanager
@@ -28,7 +28,7 @@ def candidate_loras(bank: Bank, coefficients: dict[str, float], candidates: dict
     from ..compose import plan, write_compositions
     from ..index import BankIndex
 
-    with tempfile.TemporaryDirectory(prefix="loramix-check-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="loramix-check-") as tmp, ExitStack() as written:
         folders: list[Path] = []
         plans = []
         made: dict[str, tuple[int, float]] = {}  # label -> (its composition, its scale)
@@ -43,7 +43,7 @@ def candidate_loras(bank: Bank, coefficients: dict[str, float], candidates: dict
                 plans.append(plan(bank, weights, method=method, rank=rank))
                 made[label] = (len(plans) - 1, 1.0)
         write_compositions(folders, bank, plans, f"composing {len(plans)} check candidates")
-        files = [lora_file(folder, engine.base, tmp) for folder in folders]
+        files = [written.enter_context(gguf_lora(folder, engine.base)) for folder in folders]
         loras: dict[str, Lora | None] = {label: Lora(files[i], s) for label, (i, s) in made.items()}
         index = BankIndex(bank)
         for label in candidates:

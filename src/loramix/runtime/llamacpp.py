@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -412,9 +414,12 @@ def open_base(base: str | None, **options: Any) -> LlamaCpp:
     return LlamaCpp(resolved.gguf, base, label=str(resolved), **options)
 
 
-def lora_file(adapter: str | Path, base: str | None, folder: str | Path, *, allow_pickle: bool = False) -> Path:
-    """The PEFT adapter folder `adapter` written as a GGUF LoRA for `base` (checked to fit its shapes) in `folder`."""
+@contextmanager
+def gguf_lora(adapter: str | Path, base: str | None, *, allow_pickle: bool = False) -> Iterator[Path]:
+    """The PEFT adapter folder `adapter` written as a GGUF LoRA for `base` (checked to fit its shapes), in a temporary
+    folder removed after the block."""
     from ..export import export_gguf
 
-    out = Path(folder) / f"{Path(adapter).name or 'adapter'}.gguf"
-    return export_gguf(adapter, out, base=base, force=True, allow_pickle=allow_pickle)
+    with tempfile.TemporaryDirectory(prefix="loramix-gguf-") as tmp:
+        out = Path(tmp) / f"{Path(adapter).name or 'adapter'}.gguf"
+        yield export_gguf(adapter, out, base=base, force=True, allow_pickle=allow_pickle)
