@@ -335,3 +335,26 @@ def test_cli_generate_refine_says_what_it_trained(tmp_path, tiny_base):
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "fine-tuned from the composition on 6 examples (2 steps" in text and "checked on" not in text
+
+
+@pytest.mark.parametrize("method", ["finetune", "gradient"])
+def test_refine_too_slow_for_this_cpu_is_refused_before_it_starts(tmp_path, tiny_base, monkeypatch, method):
+    """--refine whose estimated time (a step's batch timed on the base, times the steps) exceeds the limit without
+    --refine-budget, or whose one step exceeds --refine-budget, is refused in one line before anything is written;
+    within both it runs."""
+    import loramix.pipeline as pipeline
+    from loramix.errors import LoramixError
+
+    bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 12))
+    monkeypatch.setattr(pipeline, "REFINE_LIMIT", 1e-9)
+    with pytest.raises(LoramixError, match=rf"--refine 4 \(--refine-method {method}, 2 steps of about .* s\) on the "
+                                           r"bank's base model: about .* s on this CPU: --refine-budget SECONDS caps it"):
+        generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, check=0, max_samples=8)
+    with pytest.raises(LoramixError, match="one step is more than --refine-budget 1e-09"):
+        generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, refine_budget=1e-9,
+                 check=0, max_samples=8)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(pipeline, "REFINE_LIMIT", 600.0)
+    generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, check=0, max_samples=8)
+    assert (tmp_path / "out" / "loramix.json").is_file()

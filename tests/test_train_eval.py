@@ -77,9 +77,33 @@ def test_train_writes_a_peft_adapter(tmp_path, tiny_base):
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == (tmp_path / "ad2" / "adapter_model.safetensors").read_bytes()
 
 
+def test_base_dtype_float32_when_it_fits_else_native_bfloat16(tiny_base, monkeypatch):
+    """The base loads in float32 when it fits in the memory available, in bfloat16 when only that fits and the CPU
+    runs it natively, and is refused in one line naming both estimates otherwise (decided before any load)."""
+    from loramix.errors import LoramixError
+    from loramix.models import load_config, load_model
+    from loramix.runtime import memory
+
+    params = memory.parameter_count(load_config(str(tiny_base)))
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 2**30)
+    assert load_model(str(tiny_base)).dtype == torch.float32
+    monkeypatch.setattr(memory, "available_bytes", lambda: params * 3 + memory.OVERHEAD)
+    for native in (True, False):
+        monkeypatch.setattr(memory, "bf16_native", lambda device="cpu", native=native: native)
+        if native:
+            assert load_model(str(tiny_base)).dtype == torch.bfloat16
+        else:
+            with pytest.raises(LoramixError, match="float32 .*emulated.* GGUF"):
+                load_model(str(tiny_base))
+    monkeypatch.setattr(memory, "available_bytes", lambda: params)
+    monkeypatch.setattr(memory, "bf16_native", lambda device="cpu": True)
+    with pytest.raises(LoramixError, match=r"needs about .* in float32, .* in bfloat16, and .* available: run a GGUF"):
+        load_model(str(tiny_base))
+
+
 def test_bf16_autocast_only_where_it_is_native(tmp_path, tiny_base):
     """bf16 is used where the device computes it natively (oneDNN's test on a CPU) and training.json says which."""
-    from loramix.train import bf16_native
+    from loramix.runtime import bf16_native
 
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert bf16_native(torch.device("cpu")) == native

@@ -233,8 +233,10 @@ class BankIndex:
         base already loaded (`model` and `tokenizer` on PyTorch, or `base`, a runtime.llamacpp.LlamaCpp), else by
         `base_name` (default the bank's) on `runtime`, loaded only when an answer is missing: in this process on the
         local engine, once per worker on another (`engine`: each answer stored as soon as it is known, so a rerun
-        resumes). llama.cpp's answers are cached apart from PyTorch's."""
+        resumes; on PyTorch, a GPU per worker where the cluster has them). llama.cpp's answers are cached apart from
+        PyTorch's."""
         from .probes import answer_probes, answer_probes_llamacpp
+        from .runtime import choose_runtime, resolve_base
 
         name = base_name if base_name is not None else self.bank.base_model
         folder = self.dir / "probes" / self._probes_key(probes, base, model, name, runtime)
@@ -260,10 +262,12 @@ class BankIndex:
         if base is not None or model is not None:  # in this process, on the base already loaded
             loaded = partial(answer_probes_llamacpp, base) if base is not None else partial(answer_probes, model, tokenizer)
             engine, setup = "local", lambda: (self.bank, probes.prompts, loaded)
-        else:
+            gpus = 0.0
+        else:  # a base per worker, and a GPU per worker on PyTorch where the cluster has them
             setup = partial(_probe_worker, str(self.bank.path), self.bank.allow_pickle, probes.prompts, name, runtime)
+            gpus = 0.0 if choose_runtime(resolve_base(name), runtime) == "llama.cpp" else 1.0
         get_engine(engine).map(_probe_answer, missing, f"probe answers ({len(probes.prompts)} prompts)", setup=setup,
-                               on_result=keep)
+                               on_result=keep, gpus=gpus)
         return out  # type: ignore[return-value]
 
     def _probes_key(self, probes: ProbeSet, base: Any, model: Any, name: str | None, runtime: str) -> str:

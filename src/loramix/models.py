@@ -126,20 +126,26 @@ def load_config(base: str | None) -> Any:
 
 
 def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -> Any:
-    """The base model in eval mode (AutoModelForCausalLM, or AutoModel for hidden states), in `dtype` (default float32).
-    Its memory (parameters x dtype) is checked against what is available before loading: a base that does not fit is
-    one line naming the estimate and the GGUF route."""
-    import torch
+    """The base model in eval mode (AutoModelForCausalLM, or AutoModel for hidden states), in `dtype`; by default
+    float32 when it fits in the memory available, else bfloat16 where the CPU runs it natively (runtime.torch_dtype).
+    Its memory (parameters x dtype) is checked before loading: a base that does not fit is one line naming the
+    estimate and the GGUF route."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from .runtime import check_fits, torch_bytes
+    from .runtime import check_fits, torch_bytes, torch_dtype
 
-    dtype = dtype or torch.float32
-    check_fits(torch_bytes(load_config(base), dtype.itemsize), f"base model {base or DEFAULT_BASE!r} on PyTorch ({dtype})",
-               "run a GGUF of it on llama.cpp instead (--base FILE.gguf, --runtime llama.cpp)")
+    what = f"base model {base or DEFAULT_BASE!r} on PyTorch"
+    advice = "run a GGUF of it on llama.cpp instead (--base FILE.gguf, --runtime llama.cpp)"
+    config = load_config(base)
+    with loading(f"base model {base!r}"):
+        name, kwargs = _pretrained(base)
+    extra = (Path(name) / kwargs["gguf_file"]).stat().st_size if "gguf_file" in kwargs else 0
+    if dtype is None:
+        dtype = torch_dtype(config, what, advice, extra)
+    else:
+        check_fits(torch_bytes(config, dtype.itemsize, extra), f"{what} ({dtype})", advice)
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     with loading(f"base model {base!r}"), quiet_loading():
-        name, kwargs = _pretrained(base)
         model = cls.from_pretrained(name, dtype=dtype, **kwargs)
     return model.eval()
 

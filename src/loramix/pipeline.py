@@ -160,6 +160,8 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
     if config.refine > len(dataset):
         log.warning("--refine %d: %s has %d examples; all of them are used", config.refine, dataset.source, len(dataset))
     tuning = bool(config.refine) and config.refine_method == FINETUNE  # else a weight search, before the check
+    if config.refine:
+        _refuse_slow_refine(config, refine_samples, model, tokenizer)
     if config.refine and not tuning:
         from .refine import RefineConfig, refine
 
@@ -232,6 +234,42 @@ def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: An
     if plan.mode != "full":
         log.warning("held-out check %s: %s", plan.mode, plan.why)
     return plan
+
+
+REFINE_LIMIT = 600.0  # seconds --refine may be estimated to take without --refine-budget (generate's own target)
+
+
+def _refuse_slow_refine(config: GenerateConfig, samples: Dataset, model: Any, tokenizer: Any) -> None:
+    """Refuse, before it starts, a --refine estimated to take more than REFINE_LIMIT seconds (without --refine-budget)
+    or whose one step exceeds --refine-budget. Estimate: one forward pass of a step's batch timed on the base (the
+    first 8 examples for --refine-method finetune, all of them for a weight search), a step with a backward pass
+    counted as three, times the steps (finetune: those within --refine-max-tokens)."""
+    import torch
+
+    from .prompts import SharedBatch, encode, pad_id
+    from .refine import RefineConfig
+    from .train_config import REFINE_TRAINING
+
+    tuning = config.refine_method == FINETUNE
+    items = encode(tokenizer, samples.samples, REFINE_TRAINING.max_length)
+    batch = SharedBatch.of(items[: REFINE_TRAINING.batch_size] if tuning else items, pad_id(tokenizer))
+    with torch.inference_mode():
+        model(input_ids=batch.rest[:1, :4])  # first-call set-up, not counted
+        start = time.perf_counter()
+        batch.loss(model)
+        forward = time.perf_counter() - start
+    steps = config.refine_steps or (REFINE_TRAINING.steps if tuning else RefineConfig.steps)
+    if tuning and config.refine_max_tokens:
+        steps = min(steps, max(1, config.refine_max_tokens // batch.tokens))
+    step = forward * (3 if tuning or config.refine_method == "gradient" else 1)
+    base = f"base model {config.base}" if config.base is not None else "the bank's base model"
+    what = (f"--refine {config.refine} (--refine-method {config.refine_method}, {steps} steps of about {step:.1f} s) "
+            f"on {base}: about {steps * step:.0f} s on this CPU")
+    if config.refine_budget is None and steps * step > REFINE_LIMIT:
+        raise LoramixError(f"{what}: --refine-budget SECONDS caps it, --refine 0 skips it")
+    if config.refine_budget is not None and step > config.refine_budget:
+        raise LoramixError(f"{what}: one step is more than --refine-budget {config.refine_budget:g}")
+    log.info("%s", what)
 
 
 # generate's stages, in order: opening the bank and the dataset (and checking them), loading the base model (--check,

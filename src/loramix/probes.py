@@ -84,8 +84,11 @@ def answer_probes_llamacpp(engine: Any, bank: Any, entry: Any, prompts: list[str
 
 def open_answerer(base: str | None, runtime: str = "auto") -> Any:
     """A function (bank, entry, prompts) -> Dataset answering probe prompts on `base` (None: the default) as `runtime`
-    runs it: answer_probes on PyTorch, answer_probes_llamacpp on llama.cpp. Loads the base."""
+    runs it: answer_probes on PyTorch (on a GPU where this process has one), answer_probes_llamacpp on llama.cpp.
+    Loads the base."""
     from functools import partial
+
+    import torch
 
     from .runtime import choose_runtime, resolve_base
 
@@ -95,4 +98,5 @@ def open_answerer(base: str | None, runtime: str = "auto") -> Any:
         return partial(answer_probes_llamacpp, open_base(base))
     from .models import load_model, load_tokenizer
 
-    return partial(answer_probes, load_model(base), load_tokenizer(base))
+    model = load_model(base)
+    return partial(answer_probes, model.to("cuda") if torch.cuda.is_available() else model, load_tokenizer(base))

@@ -90,12 +90,14 @@ class MixedLoRA:
             b = torch.cat([m.scale * f.b.float() for _, m, f in parts], dim=1)  # [out, R]
             owner = torch.cat([torch.full((m.rank,), i) for i, m, _ in parts])  # entry of each rank-1 piece
             module = model.get_submodule(name)
+            device = module.weight.device  # the bank's factors beside the module they adapt (CPU or a GPU)
             group = self.layers.index(layer_of(name))
-            self._hooks.append(module.register_forward_hook(self._hook(a, b, owner, len(parts), group)))
+            self._hooks.append(module.register_forward_hook(
+                self._hook(a.to(device), b.to(device), owner.to(device), len(parts), group)))
 
     def _hook(self, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, k: int, group: int):
         def add(module: Any, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            w = self.weights if self.weights.dim() == 1 else self.weights[group]
+            w = (self.weights if self.weights.dim() == 1 else self.weights[group]).to(a.device)
             delta = self.composer.mix(inputs[0].to(a.dtype), a, b, w[owner], k)
             return output + delta.to(output.dtype)
 

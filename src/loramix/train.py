@@ -18,6 +18,7 @@ from .errors import LoramixError
 from .files import atomic_dir, refuse_target
 from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
 from .progress import track
+from .runtime.memory import bf16_native
 from .prompts import SharedBatch, encode, pad_id
 from .train_config import TrainConfig
 
@@ -147,15 +148,6 @@ def plan_batches(n: int, config: TrainConfig) -> Iterator[list[int]]:
             order += rng.sample(range(n), n)
         yield order[: config.batch_size]
         order = order[config.batch_size :]
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether `device` computes in bfloat16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX (oneDNN's
-    test). Elsewhere bf16 is emulated: on an AVX2-only CPU (AMD Zen 3) a LoRA step under bf16 autocast took 15x as
-    long as in float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _cast_weights(path: Path, dtype: str) -> None:

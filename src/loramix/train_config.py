@@ -15,7 +15,7 @@ class TrainConfig:
     """LoRA fine-tuning settings: `steps` optimizer steps of `batch_size` samples drawn (seeded) from the
     data; AdamW at `lr` with `warmup` linear steps, then cosine decay; LoRA of `rank` / `alpha` on
     `target_modules`; sequences cut to `max_length` tokens; `bf16`: bf16 autocast where the device runs it natively
-    (train.bf16_native; float32 elsewhere); saved as `save_dtype`. With `budget` (seconds), training
+    (runtime.bf16_native; float32 elsewhere); saved as `save_dtype`. With `budget` (seconds), training
     stops by then: after the warmup the step time is measured and the cosine schedule shortened to the steps that
     fit, so the learning rate still decays to 0. With `max_tokens`, the same deterministically: the seeded batches
     are planned up front and training takes the first ones whose token positions (`SharedBatch.tokens`, the shared

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LoramixError
-from .memory import available_bytes, check_fits, gguf_bytes, torch_bytes
+from .memory import available_bytes, bf16_native, check_fits, gguf_bytes, torch_bytes, torch_dtype
 
 RUNTIMES = ("auto", "torch", "llama.cpp")  # --runtime's choices
 
@@ -103,5 +103,5 @@ def runtime_identity(base: str | None, runtime: str = "auto") -> str | None:
     return gguf_identity(resolved.gguf) if choose_runtime(resolved, runtime) == "llama.cpp" else None
 
 
-__all__ = ["RUNTIMES", "BaseModel", "available_bytes", "check_fits", "choose_runtime", "gguf_bytes", "gguf_identity",
-           "is_gguf_name", "resolve_base", "runtime_identity", "torch_bytes"]
+__all__ = ["RUNTIMES", "BaseModel", "available_bytes", "bf16_native", "check_fits", "choose_runtime", "gguf_bytes", "gguf_identity",
+           "is_gguf_name", "resolve_base", "runtime_identity", "torch_bytes", "torch_dtype"]
