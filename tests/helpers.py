@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -106,3 +108,23 @@ def make_bank(root: Path, n: int = 8, *, base: str | None = "tiny-base", mixed: 
         write_adapter(root / f"task_{topic}", base=base, seed=i, **opts)
         write_jsonl(root / f"task_{topic}" / "train.jsonl", topic_records(topic, seed=i))
     return root
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`loramix ARGS` in this process, through main() (its one-line errors): (exit code, stdout, stderr), with the
+    signal handlers main() installs restored."""
+    from loramix.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["loramix", *args])
+    monkeypatch.delenv("LORAMIX_DEBUG", raising=False)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

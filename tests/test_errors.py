@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import helpers
 from helpers import make_bank, topic_records, write_adapter, write_jsonl
 from safetensors.torch import load_file, save_file
 
@@ -15,14 +16,9 @@ from loramix.cli import main
 
 
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["loramix", *args])
-    monkeypatch.delenv("LORAMIX_DEBUG", raising=False)
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    """(exit code, stderr) of `loramix ARGS` run in this process."""
+    code, _, err = helpers.run_cli(args, capsys, monkeypatch)
+    return code, err
 
 
 def _rewrite(folder: Path, **kw) -> None:
@@ -157,7 +153,7 @@ def test_other_files_and_paths(tmp_path, capsys, monkeypatch):
         (["generate", "--bank", str(bank), "--data", str(tmp_path / "latin1.jsonl"), "--out", str(tmp_path / "o")], "latin1.jsonl: not UTF-8"),
         (["generate", "--bank", str(bank), "--data", str(bank / "task_animals" / "adapter_config.json"), "--out", str(tmp_path / "o")], "expected a list of records"),
         (["bank", "add", str(bank), str(bank / "task_animals"), "--data", str(data), "--name", "../escape"], "'../escape' is not a valid bank entry name"),
-        (["bank", "add", str(bank), str(bank / "task_animals"), "--data", str(data)], "already has an entry 'task_animals'"),
+        (["bank", "add", str(bank), str(bank / "task_animals"), "--data", str(data)], "task_animals, which this command reads"),
     ]
     for args, pattern in cases:
         code, err = run_cli(args, capsys, monkeypatch)

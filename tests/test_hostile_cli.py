@@ -95,5 +95,8 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, tiny_base):
                                  "--predictions", str(data)])
     assert isinstance(r.exception, LoramixError) and "is the data" in str(r.exception)
     assert len(data.read_text().splitlines()) == 6
-    out = export_gguf(adapter, adapter / "a.gguf", base=str(tiny_base))  # a new file beside the adapter is fine
+    with pytest.raises(LoramixError, match=r"is inside the adapter"):  # even a new file: nothing goes inside an input
+        export_gguf(adapter, adapter / "a.gguf", base=str(tiny_base))
+    assert not (adapter / "a.gguf").exists()
+    out = export_gguf(adapter, tmp_path / "a.gguf", base=str(tiny_base))  # beside it is fine
     assert out.is_file()

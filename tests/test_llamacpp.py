@@ -240,7 +240,7 @@ def test_probe_answers_on_llamacpp_are_cached_apart(tmp_path):
     index = BankIndex(loramix.Bank(bank))
     folders = sorted(p.name for p in (index.dir / "probes").iterdir())
     with open_base(None) as engine:
-        assert folders == [ProbeSet().key(index.bank.base_model, engine.identity)]
+        assert folders == [index._probes_key(ProbeSet(), engine, None, index.bank.base_model, "llama.cpp")]
         answers = index.probe_datasets(ProbeSet(), base=engine)  # cached: nothing answered again
         assert engine.tokens["generate"] == 0 and all(len(a) == len(ProbeSet().prompts) for a in answers)
     again = loramix.generate(bank, data, tmp_path / "again", runtime="llama.cpp", base="default", check=0)

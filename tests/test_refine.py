@@ -340,7 +340,7 @@ def test_cli_generate_refine_says_what_it_trained(tmp_path, tiny_base):
 @pytest.mark.parametrize("method", ["finetune", "gradient"])
 def test_refine_too_slow_for_this_cpu_is_refused_before_it_starts(tmp_path, tiny_base, monkeypatch, method):
     """--refine whose estimated time (a step's batch timed on the base, times the steps) exceeds the limit without
-    --refine-budget, or whose one step exceeds --refine-budget, is refused in one line before anything is written;
+    --budget, or whose one step exceeds --budget, is refused in one line before anything is written;
     within both it runs."""
     import loramix.pipeline as pipeline
     from loramix.errors import LoramixError
@@ -349,12 +349,32 @@ def test_refine_too_slow_for_this_cpu_is_refused_before_it_starts(tmp_path, tiny
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 12))
     monkeypatch.setattr(pipeline, "REFINE_LIMIT", 1e-9)
     with pytest.raises(LoramixError, match=rf"--refine 4 \(--refine-method {method}, 2 steps of about .* s\) on the "
-                                           r"bank's base model: about .* s on this CPU: --refine-budget SECONDS caps it"):
+                                           r"bank's base model: about .* s on this CPU: --budget SECONDS caps it"):
         generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, check=0, max_samples=8)
-    with pytest.raises(LoramixError, match="one step is more than --refine-budget 1e-09"):
+    with pytest.raises(LoramixError, match="one step is more than --budget 1e-09"):
         generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, refine_budget=1e-9,
                  check=0, max_samples=8)
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(pipeline, "REFINE_LIMIT", 600.0)
     generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, check=0, max_samples=8)
     assert (tmp_path / "out" / "loramix.json").is_file()
+
+
+def test_check_scores_adapter_files_when_the_exact_mix_would_not_fit(tmp_path, tiny_base, monkeypatch):
+    """When the bank's factors mixed exactly would not fit in memory beside the base, the PyTorch check scores each
+    candidate as the adapter it would be written as (the composition at its scales, entries alone, top-k): at full
+    rank the same scores as the exact mix."""
+    import loramix.check as check_module
+    from loramix.check import check
+
+    bank = Bank(make_bank(tmp_path / "bank", n=4, base=str(tiny_base)))
+    data = read_dataset(write_jsonl(tmp_path / "u.jsonl", topic_records("fruits", 12)))
+    weights = {e.name: w for e, w in zip(bank.entries, (0.5, 0.3, 0.2, -0.1))}
+    kw = dict(examples=4, singles=2, tops=3, criterion="loss", rank="full")
+    exact = check(bank, weights, data, **kw)
+    monkeypatch.setattr(check_module, "available_bytes", lambda: 1)
+    composed = check(bank, weights, data, **kw)
+    assert set(composed.scores) == set(exact.scores) and len(exact.scores) >= 7
+    for label, score in exact.scores.items():
+        assert composed.scores[label].loss == pytest.approx(score.loss, rel=1e-4), label
+    assert composed.chosen == exact.chosen

@@ -16,165 +16,23 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
-import regex
 import torch
 from safetensors.torch import save_file
 
 from .errors import LoramixError
 from .files import read_json
+from .peft_config import (_COMPOSED, _METADATA, _PLAIN_INITS, _REFUSED_FIELDS, _UNKNOWN_FIELD, CONFIG_FILE,
+                          applied_by_peft, check_config, pattern_value, resolve_targets)
 
 log = logging.getLogger("loramix")
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 TENSOR_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")  # what PEFT loads
-
-# The adapter_config.json fields loramix understands (PEFT 0.21's LoraConfig and PeftConfig, and older). Any other
-# field is refused when set (not null, false, 0 or empty): it may change the update beyond scale * B @ A.
-# Composed: checked here or by bank.check_entries, and honoured (which modules are adapted, the tensors say).
-_COMPOSED = frozenset({
-    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
-    "bias", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-})
-# Metadata: provenance, and settings of training (dropout, VeLoRA's backward pass) or of initialisation (the
-# configs of LoftQ, EVA, CorDA, LoRA-GA, which init_lora_weights selects): a saved adapter's update does not depend
-# on them.
-_METADATA = frozenset({
-    "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version", "auto_mapping",
-    "lora_dropout", "runtime_config", "megatron_core", "qalora_group_size", "velora_config",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-})
-# Why the PEFT fields loramix knows but cannot compose are refused.
-_REFUSED_FIELDS = {
-    "use_dora": "DoRA adds a magnitude vector that a sum of low-rank updates cannot express",
-    "lora_bias": "LoRA bias terms are not composed",
-    "modules_to_save": "fully trained modules (modules_to_save) are not composed",
-    "trainable_token_indices": "trainable token embeddings are not composed",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
-    "layer_replication": "layer replication is not supported",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
-    "use_qalora": "QA-LoRA pools the input and is not supported",
-    "use_bdlora": "block-diagonal LoRA is not supported",
-    "arrow_config": "Arrow routing is not a fixed update",
-    "megatron_config": "Megatron-parallel LoRA is not supported",
-    "kasa_config": "KaSA puts learnable singular values between A and B and changes the base weights",
-    "monteclora_config": "MonteCLoRA samples its update, which is not a fixed one",
-    "ensure_weight_tying": "the update is also applied to the layers tied to its targets, which is not composed",
-}
-_UNKNOWN_FIELD = "loramix does not know this field, so it cannot tell that the update is scale * B @ A"
-# init_lora_weights values under which the update is a plain LoRA over the unchanged base weights. The others
-# (pissa*, olora, corda, loftq, lora_ga) change the base weights, so the adapter holds only over those (PEFT
-# converts such an adapter to a plain LoRA with path_initial_model_for_weight_conversion).
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _names(v: Any) -> bool:
-    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
-
-
-def _mapping(value_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, dict) and all(value_ok(x) for x in v.values())
-
-
-def _whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0  # PEFT cannot build a layer of rank 8.0
-
-
-# What each understood field must hold when it is set (null means PEFT's default): (check, description).
-_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "peft_type": (lambda v: isinstance(v, str), "a string"),
-    "r": (_whole, "a positive integer"),
-    "lora_alpha": (lambda v: _number(v) and v > 0, "a positive finite number"),
-    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
-    "rank_pattern": (_mapping(_whole), "an object of positive integers"),
-    "alpha_pattern": (_mapping(lambda v: _number(v) and v > 0), "an object of positive finite numbers"),
-    "target_modules": (_names, "a string or a list of strings"),
-    "exclude_modules": (_names, "a string or a list of strings"),
-    "bias": (lambda v: isinstance(v, str), "a string"),
-    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
-    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
-    "layers_to_transform": (lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (
-        isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)), "a layer index or a list of them"),
-    "layers_pattern": (_names, "a string or a list of strings"),
-    "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
-    "revision": (lambda v: isinstance(v, str), "a string"),
-    "task_type": (lambda v: isinstance(v, str), "a string"),
-    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
-    "peft_version": (lambda v: isinstance(v, str), "a string"),
-    "lora_dropout": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-}
-# User regular expressions (rank_pattern keys, target_modules and the like) are matched with this bound per match:
-# a pattern that backtracks catastrophically is refused instead of hanging.
-PATTERN_SECONDS = 0.5
-
-
-MAX_PATTERN_KEYS = 10_000  # rank_pattern / alpha_pattern keys: one per module of the largest models, with room
-
-
-def pattern(expr: str, what: str) -> regex.Pattern:
-    """`expr` compiled (the `regex` package, compatible with `re`), or a LoramixError naming `what`."""
-    try:
-        return _compiled(expr)
-    except (regex.error, TypeError, ValueError, RecursionError, MemoryError) as e:
-        raise LoramixError(f"{what}: {expr!r} is not a valid regular expression ({str(e).splitlines()[0][:200]})") from None
-
-
-@lru_cache(maxsize=4 * MAX_PATTERN_KEYS)
-def _compiled(expr: str) -> regex.Pattern:
-    return regex.compile(expr)  # regex's own cache holds a few hundred: a bank's patterns are compiled once here
-
-
-def match(expr: str, text: str, what: str, *, full: bool = True) -> "regex.Match | None":
-    """`expr` matched against `text` (whole, or from its start when not `full`), the match bounded by
-    PATTERN_SECONDS: a pattern that takes longer is refused (LoramixError naming `what`)."""
-    compiled = pattern(expr, what)
-    try:
-        return (compiled.fullmatch if full else compiled.match)(text, timeout=PATTERN_SECONDS)
-    except TimeoutError:
-        raise LoramixError(f"{what}: the regular expression {expr!r} takes more than {PATTERN_SECONDS} s to match "
-                           f"'{text}' (catastrophic backtracking); simplify it") from None
-
-
-def check_config(config: Any, name: str) -> dict[str, Any]:
-    """`config` (an adapter_config.json as parsed) if it is an object whose understood fields have the types PEFT
-    gives them and whose regular expressions compile; else a LoramixError naming `name` and the field."""
-    if not isinstance(config, dict):
-        raise LoramixError(f"{name}: {CONFIG_FILE}: expected a JSON object")
-    for field_name, (ok, want) in _FIELD_TYPES.items():
-        value = config.get(field_name)
-        if value is not None and not ok(value):
-            raise LoramixError(f"{name}: {CONFIG_FILE}: field '{field_name}' must be {want}, got {repr(value)[:100]}")
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        if len(config.get(field_name) or {}) > MAX_PATTERN_KEYS:
-            raise LoramixError(f"{name}: {CONFIG_FILE}: field '{field_name}' has {len(config[field_name]):,} keys "
-                               f"(at most {MAX_PATTERN_KEYS:,}: one per module of the largest models)")
-        for key in config.get(field_name) or {}:
-            pattern(rf"(.*\.)?({key})$", f"{name}: {CONFIG_FILE}: field '{field_name}'")
-    for field_name in ("target_modules", "exclude_modules"):
-        if isinstance(config.get(field_name), str):
-            pattern(config[field_name], f"{name}: {CONFIG_FILE}: field '{field_name}'")
-    layer_names = config.get("layers_pattern") or []
-    for key in [layer_names] if isinstance(layer_names, str) else layer_names:
-        pattern(rf"(?:^|.*?\.){key}\.(\d+)\.", f"{name}: {CONFIG_FILE}: field 'layers_pattern'")
-    for field_name in ("layers_to_transform", "layers_pattern"):  # PEFT's LoraConfig refuses these too
-        if isinstance(config.get("target_modules"), str) and config.get(field_name) is not None:
-            raise LoramixError(f"{name}: {CONFIG_FILE}: field '{field_name}' is set but 'target_modules' is a regular "
-                               "expression: PEFT refuses this config")
-    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
-        raise LoramixError(f"{name}: {CONFIG_FILE}: field 'layers_pattern' is set without 'layers_to_transform': "
-                           "PEFT refuses this config")
-    return config
-
 
 # The dtypes loramix writes adapters in, by the names options and configs use.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -300,56 +158,6 @@ def base_model_of(folder: str | Path) -> str | None:
     return read_config(folder).get("base_model_name_or_path")
 
 
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, what: str = "rank_pattern") -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key `k` with re.match(rf"(.*\\.)?({k})$", module)."""
-    for key, value in (patterns or {}).items():
-        if match(rf"(.*\.)?({key})$", module, what, full=False):
-            return value
-    return default
-
-
-def applied_by_peft(config: dict[str, Any], module: str, name: str) -> bool:
-    """Whether PEFT (0.21's check_target_module_exists) puts a LoRA layer on `module` (e.g.
-    model.layers.3.self_attn.q_proj) under this config. Excluded by `exclude_modules` (a string: a regex matched
-    against the whole name; a list: equal names, or names ending in '.' + an item). Selected by `target_modules`:
-    a string is such a regex; a list selects equal names outright, and names ending in '.' + an item only in the
-    layers `layers_to_transform` lists (when set), the layer index being the first number after `layers_pattern`
-    (or after the first name part followed by a number). `target_modules` unset or 'all-linear' selects every
-    module (which ones are linear, the tensors say)."""
-    what = f"{name}: {CONFIG_FILE}"
-    excluded = config.get("exclude_modules")
-    if excluded:
-        if isinstance(excluded, str):
-            if match(excluded, module, f"{what}: field 'exclude_modules'"):
-                return False
-        elif module in excluded or any(module.endswith(f".{key}") for key in excluded):
-            return False
-    targets = config.get("target_modules")
-    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
-        return True
-    if isinstance(targets, str):
-        return match(targets, module, f"{what}: field 'target_modules'") is not None
-    if module in targets:
-        return True
-    if not any(module.endswith(f".{key}") for key in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    layer_names = config.get("layers_pattern") or []
-    found = None
-    if not layer_names:
-        found = re.match(r".*?\.[^.]*\.(\d+)\.", module)
-    for key in [layer_names] if isinstance(layer_names, str) else layer_names:
-        found = match(rf"(?:^|.*?\.){key}\.(\d+)\.", module, f"{what}: field 'layers_pattern'", full=False)
-        if found:
-            break
-    if found is None:
-        return False
-    index = int(found.group(1))
-    return index == layers if isinstance(layers, int) else index in layers
-
-
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted linear module: A is [rank, in_features], B is [out_features, rank]; delta_W = scale * B @ A."""
@@ -369,7 +177,7 @@ class LoraAdapter:
         self.path = Path(path)
         self.name = name or self.path.name
         self.allow_pickle = allow_pickle
-        self.config = self._read_config()
+        self.config, self.base_modules = resolve_targets(self._read_config(), self.name)
         self.base_model: str | None = self.config.get("base_model_name_or_path")
         self._identity: tuple[int, int, int, int] | None = None  # of the weights file whose header was read
         self._pickled: dict[str, torch.Tensor] | None = None
@@ -381,20 +189,6 @@ class LoraAdapter:
         self.modules: dict[str, LoraModule] = dict(layout.modules)
         self.dtype: torch.dtype = layout.dtype
         self._spans, self._tensor_keys = layout.spans, layout.keys  # shared between adapters of one layout: read-only
-
-    @property
-    def version(self) -> str:
-        """Its config and weights files' sizes and modification times ('size:mtime_ns', '-' for one it lacks; one line
-        per file): what tells one version of this adapter from another, cheaply enough for every run at the paper's
-        scale."""
-        def stat(name: str) -> str:
-            p = self.path / name
-            if not p.is_file():
-                return "-"
-            st = p.stat()
-            return f"{st.st_size}:{st.st_mtime_ns}"
-
-        return "\n".join(stat(name) for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE))
 
     # -- validation -------------------------------------------------------------------------------------
     def _fail(self, what: str) -> LoramixError:
@@ -473,7 +267,9 @@ class LoraAdapter:
                 raise self._fail(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear module")
             module, which = m["module"], m["which"]
             if module not in selected:
-                selected[module] = applied_by_peft(self.config, module, self.name)
+                base = self.base_modules  # PEFT ignores tensors of modules its base does not have
+                selected[module] = (applied_by_peft(self.config, module, self.name, base.output_layer if base else "lm_head")
+                                    and (base is None or module in base.kinds))
             if not selected[module]:
                 skipped.add(module)
                 continue

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .adapter import LoraAdapter
+from .arguments import checked
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import sha256_file
@@ -67,11 +68,13 @@ class Bank:
     to probe prompts, `BankIndex.weighted`).
     """
 
+    @checked
     def __init__(self, path: str | Path, *, allow_pickle: bool = False):
         """`path`: a bank folder, or 'default' for the bank shipped with loramix. `allow_pickle`: also read
         adapter_model.bin files (torch.load with weights_only=True); refused otherwise."""
         self.path = resolve_bank(path)
         self.allow_pickle = allow_pickle
+        check_bank_path(self.path)
         if not self.path.is_dir():
             raise LoramixError(f"{self.path}: bank folder not found")
         self.entries: list[BankEntry] = []
@@ -80,6 +83,8 @@ class Bank:
                 if sub.is_symlink():  # dangling, or a loop
                     log.warning("%s: a link that leads to no folder, skipped", sub.name)
                 continue
+            if (why := not_utf8(sub.name)) is not None:
+                raise LoramixError(f"{sub.name}: the entry's folder name is not UTF-8 text ({why}); rename it")
             data = sub / DATA_FILE
             if os.path.lexists(data) and not data.is_file():
                 raise LoramixError(f"{sub.name}: {DATA_FILE} is not a regular file")
@@ -121,6 +126,35 @@ class Bank:
             if e.name == name:
                 return e
         raise LoramixError(f"{self.path}: no entry named '{name}'")
+
+
+def check_bank_path(path: Path) -> None:
+    """Refuse, naming the bank path, what is no bank folder whatever it holds: a path that exists and is not a
+    folder (a file, a FIFO), and a path that is not UTF-8 text (a byte of a non-UTF-8 name, which Python decodes to a
+    lone surrogate: file formats, the index's keys and llama.cpp all need the path as text)."""
+    if (why := not_utf8(str(path.absolute()))) is not None:
+        raise LoramixError(f"{path}: the bank path is not UTF-8 text ({why}); rename the folder")
+    if os.path.lexists(path) and not path.is_dir():
+        raise LoramixError(f"{path}: is {'a file' if path.is_file() else 'not a folder'}, not a bank folder (a bank is a "
+                           "folder of adapter folders)")
+
+
+def not_utf8(text: str) -> str | None:
+    """None when `text` (a path) is UTF-8 text, else which byte is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        return f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
+    return None
+
+
+def has_entries(path: Path) -> bool:
+    """Whether the folder `path` holds an entry folder (a visible subfolder with an adapter_config.json) as `Bank`
+    reads it: hidden folders (a run's temporary output, the index) are not entries."""
+    from .adapter import CONFIG_FILE
+
+    return path.is_dir() and any(not p.name.startswith(".") and os.path.lexists(p / CONFIG_FILE) for p in path.iterdir())
 
 
 def check_entries(entries: Sequence[BankEntry]) -> tuple[str | None, dict[str, tuple[int, int]]]:

@@ -12,7 +12,7 @@ from typing import Sequence
 from .data import read_dataset
 from .errors import LoramixError
 from .engine import get_engine
-from .files import atomic_dir, atomic_write_bytes, read_json
+from .files import atomic_dir, atomic_write_bytes, base_paths, read_json, refuse_target
 from .paths import resolve_suite
 from .train import TRAINING_FILE, train
 from .train_config import BANK_TRAINING, TrainConfig
@@ -26,7 +26,7 @@ def suite_tasks(suite: str | Path) -> list[str]:
     return sorted(p.parent.name for p in resolve_suite(suite).glob("*/train.jsonl"))
 
 
-def _is_built(dest: Path, config: TrainConfig, fingerprint: str) -> bool:
+def _is_built(dest: Path, config: TrainConfig, fingerprint: str, base_identity: str | None) -> bool:
     try:
         record = read_json(dest / TRAINING_FILE)
     except (OSError, LoramixError):
@@ -36,6 +36,7 @@ def _is_built(dest: Path, config: TrainConfig, fingerprint: str) -> bool:
         (dest / "adapter_model.safetensors").is_file()
         and record.get("config") == config.as_record()
         and record.get("data", {}).get("fingerprint") == fingerprint
+        and record.get("base_identity") == base_identity  # the same base, by content (index.base_identity)
     )
 
 
@@ -58,11 +59,16 @@ def build_bank(
     if missing:
         raise LoramixError(f"{suite_dir}: no task(s) {', '.join(missing)}")
     out = Path(out)
+    # OUT may exist (resumable), but not be or lie inside what the build reads
+    refuse_target(out, force=True, inputs={"the suite": suite_dir, "the base model": base_paths(base)})
     status, jobs = {}, []
+    from .index import base_identity
+
+    identity = base_identity(base)
     for task in names:
         dataset = read_dataset(suite_dir / task / "train.jsonl")
         cfg = replace(config, seed=config.seed + zlib.crc32(task.encode()) % 100_000)  # per task, stable
-        if _is_built(out / task, cfg, dataset.fingerprint()):
+        if _is_built(out / task, cfg, dataset.fingerprint(), identity):
             status[task] = "kept"
             _write_data(out / task, suite_dir / task / "train.jsonl")
         else:

@@ -105,10 +105,15 @@ def _setting(config: GenerateConfig) -> dict[str, Any]:
 
 
 def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidate]) -> str:
-    """Changes with the setting, the grid and every entry it weights (its data's sha256, its adapter's `version`)."""
-    entries = [f"{e.name}:{e.data_hash if e.has_data else '-'}:{e.adapter.version}"
+    """Changes with the setting, the grid, the signatures' model and the base model (by content: `index.spec_key`,
+    `base_identity`) and every entry it weights (its data's sha256, its adapter files' sha256: `adapter_hash`)."""
+    from .index import adapter_hash, base_identity
+
+    entries = [f"{e.name}:{e.data_hash if e.has_data else '-'}:{adapter_hash(e.adapter.path)}"
                for e in index.weighted(config.entry_signatures)]
-    blob = json.dumps([_setting(config), [asdict(c) for c in candidates], entries], sort_keys=True)
+    models = [index.spec_key(index.resolve(config.signature_spec())), base_identity(index.bank.base_model),
+              config.probe_set().key(None) if index.mode(config.entry_signatures) != "data" else None]
+    blob = json.dumps([_setting(config), [asdict(c) for c in candidates], entries, models], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

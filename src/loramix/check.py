@@ -6,6 +6,7 @@ the candidates are written as GGUF LoRAs (runtime.candidates)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,8 +17,11 @@ from .calibrate import _load_base
 from .data import Dataset
 from .errors import LoramixError
 from .progress import track
+from .runtime.memory import available_bytes
 from .report import CheckPlan
 from .refine import CRITERIA, GENERATING, AnswerScores, MixedLoRA, answer_scores_fn
+
+log = logging.getLogger("loramix")
 
 CHECK_SCALES = (0.5, 1.0, 1.5, 2.0)  # of the composed update; the base model is always a candidate
 
@@ -101,6 +105,9 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
         return _chosen(len(samples), criterion, scores, candidates, layers, scales)
     model, tokenizer = _load_base(bank, model, tokenizer)
     names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
+    if mix_bytes(bank, names) > available_bytes() // 2:  # the exact mix would not fit beside the base: files instead
+        return _check_composed(bank, coefficients, candidates, scaled, samples, criterion, layers, scales, model,
+                               tokenizer, method, rank)
     mixed = MixedLoRA(model, bank, [bank.entry(n) for n in names], method)
     per_layer = None
     if layers is not None:
@@ -120,6 +127,49 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
             scores[label] = fn()
     finally:
         mixed.remove()
+    return _chosen(len(samples), criterion, scores, candidates, layers, scales)
+
+
+def mix_bytes(bank: Bank, names: Sequence[str]) -> int:
+    """Bytes MixedLoRA takes to mix the entries `names` exactly: their factors stacked in float32."""
+    return 4 * sum(m.rank * (m.in_features + m.out_features) for n in names for m in bank.entry(n).adapter.modules.values())
+
+
+def _check_composed(bank: Bank, coefficients: dict[str, float], candidates: dict[str, dict[str, float]],
+                    scaled: dict[str, float], samples: list, criterion: str, layers: Any, scales: Sequence[float],
+                    model: Any, tokenizer: Any, method: str, rank: Any) -> CheckResult:
+    """The PyTorch check with each candidate an adapter file (runtime.candidates.composed_candidates, as llama.cpp
+    scores them: the truncated composition at its scales, an entry alone, a top-k composition) in a temporary bank
+    whose entries are mixed one at a time: for a bank whose factors mixed exactly would not fit in memory."""
+    import tempfile
+    from pathlib import Path
+
+    from .runtime.candidates import composed_candidates
+
+    log.warning("held-out check: the bank's %d entries mixed exactly would not fit in memory beside the base; the "
+                "candidates are scored as the adapters they would be written as", len(coefficients))
+    with tempfile.TemporaryDirectory(prefix="loramix-check-") as tmp:
+        made = composed_candidates(bank, coefficients, candidates, scaled, Path(tmp) / "composed", method=method,
+                                   rank=rank, layers=layers)
+        links = Path(tmp) / "bank"
+        links.mkdir()
+        folders = sorted({folder for folder, _ in made.values()})
+        for i, folder in enumerate(folders):
+            (links / f"c{i}").symlink_to(folder.resolve(), target_is_directory=True)
+        files = Bank(links, allow_pickle=bank.allow_pickle)
+        fn = answer_scores_fn(model, tokenizer, samples, generate=criterion in GENERATING)
+        scores = {}
+        for label in track(candidates, f"checking ({len(samples)} held-out examples)", total=len(candidates)):
+            if label not in made:  # the base
+                scores[label] = fn()
+                continue
+            folder, scale = made[label]
+            mixed = MixedLoRA(model, files, [files.entry(f"c{folders.index(folder)}")], "exact")
+            try:
+                mixed.weights = torch.tensor([scale], dtype=torch.float32)
+                scores[label] = fn()
+            finally:
+                mixed.remove()
     return _chosen(len(samples), criterion, scores, candidates, layers, scales)
 
 

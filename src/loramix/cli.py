@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import os
 import signal
 import sys
 import typing
@@ -14,11 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from .errors import LoramixError
+from .errors import LoramixError, debug_from_env
+from .terminal import SafeConsole
 from .config import GenerateConfig, method_fields
 from .engine import ENGINES
 from .hub import COLLECTIONS, pull_base
@@ -27,8 +26,15 @@ from .train_config import BANK_TRAINING, TrainConfig, bank_config
 app = typer.Typer(help="Compose task-specific LoRA adapters from a bank of LoRAs, on CPU.", no_args_is_help=True, add_completion=False)
 bank_app = typer.Typer(help="Inspect and index a bank of adapters.", no_args_is_help=True)
 app.add_typer(bank_app, name="bank")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Nothing printed is read as rich markup (markup=False): paths, prompts, answers, entry names, table cells and error
+# messages hold what users and bank authors wrote ('[/INST]', 'run[/]x'); styles are given as Text parts (`styled`).
+out = SafeConsole(soft_wrap=True, markup=False)  # prints no control character of user or bank text (terminal.py)
+err = SafeConsole(stderr=True, soft_wrap=True, markup=False)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """Text made of plain strings and (string, style) pairs, printed as it is."""
+    return Text.assemble(*parts)
 
 # Options that several commands take, each defined once.
 EngineOpt = Annotated[str, typer.Option("--engine", help=f"Execution engine: {', '.join(ENGINES.names())} (local: this process; ray: RAY_ADDRESS, else a local Ray cluster).")]
@@ -92,7 +98,7 @@ def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
-    _DEBUG[0] = debug or bool(os.environ.get("LORAMIX_DEBUG"))
+    _DEBUG[0] = debug or debug_from_env()
     from rich.logging import RichHandler
 
     logger = logging.getLogger("loramix")
@@ -140,12 +146,12 @@ def generate(
         if not chk.beats_base:
             then = ("the adapter written has a zero update (the base model)" if report.finetune is None else
                     "--refine trained a fresh LoRA instead")
-            err.print(f"[yellow]warning:[/yellow] no composition beat the base model on the held-out examples: {then}")
+            err.print(styled(("warning:", "yellow"), f" no composition beat the base model on the held-out examples: {then}"))
     if (ft := report.finetune) is not None:
         start = "the composition" if ft.from_composition else "a fresh LoRA (the check kept the base)"
         out.print(f"fine-tuned from {start} on {ft.examples} examples ({ft.steps} steps, {ft.seconds:.1f} s): "
                   f"training loss {ft.first_loss:.4f} -> {ft.loss:.4f}")
-    out.print(f"wrote [bold]{result.out}[/bold]: rank {report.rank or 'as bank'}{kept}")
+    out.print(styled("wrote ", (str(result.out), "bold"), f": rank {report.rank or 'as bank'}{kept}"))
 
 
 @app.command()
@@ -177,10 +183,10 @@ def train(
     record = run(data, out_dir, config, base=base, force=force)
     losses = record["loss"]
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
-    out.print(
-        f"wrote [bold]{out_dir}[/bold]: {len(losses)} steps in {record['seconds']:.0f} s on {record['device']}, "
+    out.print(styled(
+        "wrote ", (str(out_dir), "bold"), f": {len(losses)} steps in {record['seconds']:.0f} s on {record['device']}, "
         f"loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f}"
-    )
+    ))
 
 
 @app.command("eval")
@@ -201,10 +207,13 @@ def eval_(
     from .data import read_dataset
     from .evaluate import evaluate, write_predictions
 
-    from .files import refuse_target
+    from .adapter import base_model_of
+    from .files import base_paths, refuse_target
 
     if predictions is not None:  # replaced if it exists, unless it is what this command reads
-        refuse_target(predictions, force=True, folder=False, inputs={"the data": data, "the adapter": adapter})
+        base_model = base if base is not None else base_model_of(adapter) if adapter is not None else None
+        refuse_target(predictions, force=True, folder=False, inputs={"the data": data, "the adapter": adapter,
+                                                                    "the base model": base_paths(base_model)})
     dataset = read_dataset(data)
     result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       runtime=runtime)
@@ -239,7 +248,7 @@ def bank_build(
     config = bank_config(steps=steps, rank=rank, save_dtype=save_dtype)
     status = build_bank(suite, out_dir, tasks=tasks, exclude=() if include_demo else DEMO_TASKS, config=config, base=base, engine=engine)
     trained = sum(1 for v in status.values() if v == "trained")
-    out.print(f"bank [bold]{out_dir}[/bold]: {len(status)} entries, {trained} trained, {len(status) - trained} kept")
+    out.print(styled("bank ", (str(out_dir), "bold"), f": {len(status)} entries, {trained} trained, {len(status) - trained} kept"))
 
 
 @bank_app.command("index")
@@ -328,7 +337,7 @@ def bank_loo(
     from .pipeline import leave_one_out
 
     c = leave_one_out(bank, out_dir, config, force=force, allow_pickle=allow_pickle)
-    out.print(f"wrote {len(c)} leave-one-out adapters to [bold]{out_dir}[/bold]")
+    out.print(styled(f"wrote {len(c)} leave-one-out adapters to ", (str(out_dir), "bold")))
 
 
 @bank_app.command("pull")
@@ -358,8 +367,8 @@ def bank_pull(
     else:
         status = COLLECTIONS.get(collection)(out_dir, limit=limit, tasks=tasks)
     counts = {kind: sum(1 for v in status.values() if v.split(":")[0] == kind) for kind in ("pulled", "kept", "refused")}
-    out.print(f"bank [bold]{out_dir}[/bold]: {counts['pulled'] + counts['kept']} entries, {counts['pulled']} pulled, "
-              f"{counts['kept']} kept, {counts['refused']} refused")
+    out.print(styled("bank ", (str(out_dir), "bold"), f": {counts['pulled'] + counts['kept']} entries, {counts['pulled']} pulled, "
+                     f"{counts['kept']} kept, {counts['refused']} refused"))
 
 
 @bank_app.command("add")
@@ -373,7 +382,7 @@ def bank_add(
     """Add an adapter and its training data to BANK, refusing anything that would make the bank invalid."""
     from .hub import add_adapter
 
-    out.print(f"added [bold]{add_adapter(bank, source, data, name=name, force=force)}[/bold]")
+    out.print(styled("added ", (str(add_adapter(bank, source, data, name=name, force=force)), "bold")))
 
 
 @bank_app.command("list")
@@ -439,7 +448,7 @@ def tasks_list() -> None:
     for name in SUITE:
         spec = TASKS.get(name)
         missing = spec.missing()
-        table.add_row(name, spec.family, spec.definition, "[red]" + "; ".join(missing) + "[/red]" if missing else "installed")
+        table.add_row(name, spec.family, spec.definition, Text("; ".join(missing), style="red") if missing else "installed")
     out.print(table)
 
 
@@ -460,7 +469,7 @@ def export_gguf_cmd(
     from .export import export_gguf
 
     path = export_gguf(adapter, out_file, base=base, dtype=dtype, allow_pickle=allow_pickle, force=force)
-    out.print(f"wrote [bold]{path}[/bold] ({path.stat().st_size / 2**20:.1f} MiB)")
+    out.print(styled("wrote ", (str(path), "bold"), f" ({path.stat().st_size / 2**20:.1f} MiB)"))
 
 
 @export_app.command("merged")
@@ -473,7 +482,7 @@ def export_merged_cmd(
     """Merge ADAPTER into its base model and save a safetensors model that transformers loads without PEFT."""
     from .export import export_merged
 
-    out.print(f"wrote [bold]{export_merged(adapter, out_dir, base=base, force=force)}[/bold]")
+    out.print(styled("wrote ", (str(export_merged(adapter, out_dir, base=base, force=force)), "bold")))
 
 
 @app.command("try")
@@ -490,17 +499,17 @@ def try_(
     with answer_streams(adapter, base, runtime, max_new_tokens) as stream:
         def answer(text: str) -> None:
             for label in ("base", "adapter"):
-                out.print(f"[bold]{label}:[/bold] ", end="")
+                out.print(styled((f"{label}:", "bold"), " "), end="")
                 for piece in stream(text, label == "adapter"):
-                    out.print(piece, end="", markup=False, highlight=False)
+                    out.print(piece, end="", highlight=False)
                 out.print()
 
         if prompt:
             for text in prompt:
-                out.print(f"> {text}", style="dim", markup=False, highlight=False)
+                out.print(f"> {text}", style="dim", highlight=False)
                 answer(text)
             return
-        out.print("[dim]type a prompt (empty line or Ctrl-D to quit)[/dim]")
+        out.print("type a prompt (empty line or Ctrl-D to quit)", style="dim")
         while True:
             try:
                 text = input("> ")
@@ -519,29 +528,38 @@ def version() -> None:
     out.print(__version__)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM: leave as an exception does, through every clean-up (a temporary output folder is removed)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def main() -> None:
     """The `loramix` command: errors are one line on stderr and exit status 1 (a traceback only with --debug)."""
-    _DEBUG[0] = bool(os.environ.get("LORAMIX_DEBUG"))
+    _DEBUG[0] = debug_from_env()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over (see loramix/__init__.py)
+    signal.signal(signal.SIGTERM, _terminated)  # `kill`: cleans up as Ctrl-C does (SIGKILL's leftovers: files.clear_leftovers)
     try:
         app()
     except (LoramixError, OSError) as e:
         if _DEBUG[0]:
             raise
         message = str(e) if isinstance(e, LoramixError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
-        err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+        err.print(styled(("error:", "red"), f" {' '.join(message.split())}"), highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing half-written was kept")
+        err.print(styled(("interrupted", "red"), ": nothing half-written was kept"))
         sys.exit(130)
     except SystemExit as e:
         if e.code == 130:  # typer turns Ctrl-C in a command into exit status 130, silently
-            err.print("[red]interrupted[/red]: nothing half-written was kept")
+            err.print(styled(("interrupted", "red"), ": nothing half-written was kept"))
+        elif e.code == 128 + signal.SIGTERM:
+            err.print(styled(("terminated", "red"), ": nothing half-written was kept"))
         raise
     except Exception as e:  # a case no check foresaw: still one line, and the way to the traceback
         if _DEBUG[0]:
             raise
         message = " ".join(str(e).split())[:300]
-        err.print(f"[red]error:[/red] unexpected {type(e).__name__}: {escape(message)} (a loramix bug: rerun with --debug "
-                  "for the traceback, and report it)", highlight=False, soft_wrap=True)
+        err.print(styled(("error:", "red"), f" unexpected {type(e).__name__}: {message} (a loramix bug: rerun with --debug "
+                  "for the traceback, and report it)"), highlight=False, soft_wrap=True)
         sys.exit(1)

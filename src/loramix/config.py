@@ -112,7 +112,8 @@ class GenerateConfig:
                                       f"evaluations (weight searches) of --refine. Default: {FINETUNE} "
                                       f"{REFINE_TRAINING.steps}, the searches 40.", method=False)
     refine_budget: float | None = option(None, "Seconds --refine may take at most (no step starts that would end past "
-                                         "them); default: no limit but --refine-steps.", flag="--budget", method=False)
+                                         "them); default: no limit but --refine-steps (a --refine estimated past 600 s is refused before it starts).",
+                                         flag="--budget", method=False)
     refine_max_tokens: int = option(REFINE_TRAINING.max_tokens, f"Token positions --refine-method {FINETUNE} may run at "
                                     "most: its steps cut to the first whose tokens fit (the shared prompt prefix "
                                     "counted once; deterministic, unlike --budget; a CPU thread runs about 210 a "

@@ -13,8 +13,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from .arguments import checked
 from .errors import LoramixError
-from .files import parse_json
+from .files import naming, parse_json, read_json
 
 MAX_RECORD_CHARS = 1_000_000  # a longer input/output pair is a broken file, not a sample
 
@@ -113,39 +114,107 @@ def _records_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
 
 
 def _records_csv(path: Path) -> Iterable[tuple[str, Any]]:
-    """Rows of a CSV/TSV file with a header row, quoted fields may span lines (as csv.writer writes them)."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    """Rows of a CSV/TSV file with a header row, quoted fields may span lines (as csv.writer writes them). Parsed
+    strictly: a quote that is never closed, or text after a field's closing quote (`"5" screen`), is refused with
+    the line where its record starts, never read by guessing (dropped quotes, lines merged into one record)."""
+    kind = path.suffix.lower()[1:].upper()
+    delimiter = "\t" if kind == "TSV" else ","
     csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_CHARS + 1))  # longer fields are refused as records
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    text = _read_text(path)
+    if not text.strip():
+        raise LoramixError(f"{path}: the dataset has no samples (the file is empty)")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    start = 1
     try:
-        header = reader.fieldnames or []
-        if len(set(header)) != len(header):
-            raise LoramixError(f"{path}:1: the header names a column twice ({', '.join(sorted({h for h in header if header.count(h) > 1}))})")
-        for row in reader:
-            if None in row or None in row.values():  # csv's restkey / restval: more or fewer fields than the header
-                many = "more" if None in row else "fewer"
-                raise LoramixError(f"{path}:{reader.line_num}: the row has {many} fields than the header's {len(header)}"
+        while True:
+            start = reader.line_num + 1  # the line the next record starts on
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            if not row:  # a blank line
+                continue
+            if header is None:
+                header = row
+                if len(set(header)) != len(header):
+                    raise LoramixError(f"{path}:{start}: the header names a column twice "
+                                       f"({', '.join(sorted({h for h in header if header.count(h) > 1}))})")
+                continue
+            if len(row) != len(header):
+                many = "more" if len(row) > len(header) else "fewer"
+                raise LoramixError(f"{path}:{start}: the row has {many} fields than the header's {len(header)}"
                                    + (" (an unquoted delimiter in a field?)" if many == "more" else ""))
-            yield f"{path}:{reader.line_num}", row
+            yield f"{path}:{start}", dict(zip(header, row))
     except csv.Error as e:
-        raise LoramixError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+        why = str(e)
+        if "unexpected end of data" in why:
+            why = "a quoted field is never closed: an unmatched '\"'"
+        elif "expected after" in why:
+            why = f"{why}: text follows a closing quote (quote a field whole, doubling the quotes inside it)"
+        raise LoramixError(f"{path}:{start}: not valid {kind} ({why})") from None
+
+
+def _inside(folder: Path, name: Any, what: str) -> Path:
+    """`folder / name` for a file name a save_to_disk JSON file lists, refused unless it is a plain relative name
+    that stays inside `folder` (no absolute path, no '..', no link leading out) and names a regular file."""
+    if not isinstance(name, str) or not name:
+        raise LoramixError(f"{folder}: {what} must name a file in the folder, got {name!r}")
+    target = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not target.resolve().is_relative_to(folder.resolve()):
+        raise LoramixError(f"{folder}: {what} '{name}' leads outside the dataset folder; a save_to_disk folder reads "
+                           "only its own files")
+    return target
+
+
+def _checked_split(folder: Path) -> int:
+    """Check a save_to_disk Dataset folder's state.json before `datasets` opens anything it names: each data file
+    inside the folder, a regular file. Returns the number of data files (0: the dataset has no rows)."""
+    if not (folder / "state.json").is_file():
+        raise LoramixError(f"{folder}: not a readable save_to_disk folder (no state.json)")
+    state = read_json(folder / "state.json")
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list):
+        raise LoramixError(f"{folder / 'state.json'}: field '_data_files' must be a list of {{\"filename\": ...}}")
+    for f in files:
+        target = _inside(folder, f.get("filename") if isinstance(f, dict) else f, "state.json's data file")
+        if not target.is_file():
+            raise LoramixError(f"{folder}: state.json's data file '{target.name}' is missing or not a regular file")
+    if not (folder / "dataset_info.json").is_file():
+        raise LoramixError(f"{folder}: not a readable save_to_disk folder (no dataset_info.json)")
+    return len(files)
 
 
 def _records_hf(path: Path, split: str) -> Iterable[tuple[str, Any]]:
+    """The rows of a save_to_disk folder (a Dataset, or `split` of a DatasetDict). Its JSON files are checked first:
+    a data file or split named outside the folder is refused, never opened."""
     import datasets
 
+    folder = path
+    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        if not (path / "dataset_dict.json").is_file():
+            raise LoramixError(f"{path}: not a readable save_to_disk folder (no state.json, dataset_info.json or "
+                               "dataset_dict.json)")
+        doc = read_json(path / "dataset_dict.json", str(path / "dataset_dict.json"))
+        splits = doc.get("splits") if isinstance(doc, dict) else None
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise LoramixError(f"{path / 'dataset_dict.json'}: field 'splits' must be a list of names")
+        if split not in splits:
+            raise LoramixError(f"{path}: no split '{split}' (splits: {', '.join(splits)})")
+        folder = _inside(path, split, "dataset_dict.json's split")
+        if not folder.is_dir():
+            raise LoramixError(f"{path}: split '{split}' has no folder")
+    if _checked_split(folder) == 0:
+        return
     try:
-        ds = datasets.load_from_disk(str(path))
-    except (ValueError, OSError, KeyError, TypeError) as e:  # a damaged dataset_dict.json / state.json / arrow file
+        ds = datasets.Dataset.load_from_disk(str(folder))
+    except (ValueError, OSError, KeyError, TypeError, IndexError) as e:  # a damaged state.json / arrow file
         raise LoramixError(f"{path}: not a readable save_to_disk folder ({str(e).splitlines()[0][:200]})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise LoramixError(f"{path}: no split '{split}' (splits: {', '.join(ds)})")
-        ds = ds[split]
     for i, row in enumerate(ds):
         yield f"{path}[{i}]", row
 
 
+@checked
 def read_dataset(
     path: str | Path,
     *,
@@ -164,6 +233,8 @@ def read_dataset(
         raise LoramixError(f"{path}: dataset not found")
     if not (path.is_file() or path.is_dir()):  # a FIFO, a device: reading it could block forever
         raise LoramixError(f"{path}: not a regular file or a folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise LoramixError(f"{path}: the dataset has no samples (the file is empty)")
     definition = None
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -206,6 +277,6 @@ def read_dataset(
 
 def write_jsonl(samples: Iterable[Sample], path: str | Path) -> None:
     """Write samples as JSONL records {"input": str, "output": [str, ...]} (the bank's train.jsonl format)."""
-    with open(path, "w", encoding="utf-8") as f:
+    with naming(path), open(path, "w", encoding="utf-8") as f:
         for s in samples:
             f.write(json.dumps({"input": s.input, "output": list(s.outputs)}, ensure_ascii=False) + "\n")

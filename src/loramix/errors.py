@@ -8,3 +8,10 @@ class LoramixError(Exception):
 
     def __init__(self, message: str = "") -> None:
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def debug_from_env() -> bool:
+    """Whether LORAMIX_DEBUG asks for tracebacks: only 1, true or yes (any case); 0, false, no or empty do not."""
+    import os
+
+    return os.environ.get("LORAMIX_DEBUG", "").strip().lower() in ("1", "true", "yes")

@@ -12,11 +12,13 @@ import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Sequence
 
 import torch
 
 from .adapter import LoraAdapter, base_model_of
+from .arguments import Range, checked
+from .files import atomic_write_bytes, naming
 from .data import Dataset, Sample, read_dataset
 from .models import load_model, load_tokenizer, with_adapter
 from .progress import track
@@ -24,6 +26,8 @@ from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_
 
 
 MAX_NEW_TOKENS = 48  # the longest answer evaluation generates (tokens)
+MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try may generate: beyond the context of the bases loramix serves
+MAX_BATCH = 4096  # the most prompts generated together
 
 
 def normalize(text: str) -> str:
@@ -156,10 +160,17 @@ def score(predictions: list[str], dataset: Dataset | Sequence[Sample]) -> dict[s
 
 
 def write_predictions(path: str | Path, dataset: Dataset, predictions: list[str]) -> None:
-    """One JSON line per prediction: the record's input, the prediction and its references, in dataset order."""
-    with open(path, "w", encoding="utf-8") as f:
-        for s, p in zip(dataset, predictions):
-            f.write(json.dumps({"input": s.input, "prediction": p, "references": list(s.outputs)}, ensure_ascii=False) + "\n")
+    """One JSON line per prediction: the record's input, the prediction and its references, in dataset order. A file
+    is replaced whole (atomic_write_bytes: a file it was a hard link of keeps its bytes); a FIFO or a device
+    (/dev/stdout) is written to."""
+    text = "".join(json.dumps({"input": s.input, "prediction": p, "references": list(s.outputs)}, ensure_ascii=False) + "\n"
+                   for s, p in zip(dataset, predictions))
+    target = Path(path)
+    if target.exists() and not target.resolve().is_file():
+        with naming(path), open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        atomic_write_bytes(target.resolve() if target.is_symlink() else target, text.encode("utf-8"))
 
 
 def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[Any, Any]:
@@ -201,14 +212,15 @@ def merged_adapter(model: Any, adapter: str | Path | LoraAdapter | None) -> Iter
                 model.get_submodule(name).weight.copy_(original)
 
 
+@checked
 def evaluate(
     data: str | Path | Dataset,
     *,
     base: str | None = None,
     adapter: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 32,
-    max_new_tokens: int = MAX_NEW_TOKENS,
+    limit: Annotated[int, Range(1)] | None = None,
+    batch_size: Annotated[int, Range(1, MAX_BATCH)] = 32,
+    max_new_tokens: Annotated[int, Range(1, MAX_ANSWER_TOKENS)] = MAX_NEW_TOKENS,
     model: Any = None,
     tokenizer: Any = None,
     runtime: str = "auto",

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from .adapter import DTYPES, LoraAdapter, cast_factors
+from .arguments import checked
 from .errors import LoramixError
-from .files import atomic_dir, publish, refuse_target
+from .files import atomic_dir, base_paths, naming, publish, refuse_target
 
 # transformers architecture -> (gguf architecture, whether q/k rows are permuted to llama.cpp's rope layout)
 GGUF_ARCHS = {
@@ -72,6 +73,7 @@ def rope_permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+@checked
 def export_gguf(
     adapter_dir: str | Path, out_file: str | Path, *, base: str | None = None, dtype: str = "f32",
     allow_pickle: bool = False, force: bool = False,
@@ -83,7 +85,8 @@ def export_gguf(
     if dtype not in GGUF_TYPES:
         raise LoramixError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
     adapter = LoraAdapter(adapter_dir, allow_pickle=allow_pickle)
-    refuse_target(out_file, force=force, folder=False, inputs={"the adapter": adapter.path, "the base model": base})
+    refuse_target(out_file, force=force, folder=False, inputs={"the adapter": adapter.path,
+                                                                  "the base model": base_paths(base if base is not None else adapter.base_model)})
     cfg = _base_config(adapter, base)
     arch, permute = GGUF_ARCHS[cfg.architectures[0]]
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -117,10 +120,11 @@ def export_gguf(
     os.close(fd)
     tmp = Path(name)
     try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        with naming(out_file):  # a full disk names the GGUF file
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
         publish(tmp)
         os.replace(tmp, out_file)
     finally:
@@ -128,15 +132,47 @@ def export_gguf(
     return out_file
 
 
+def _untie_adapted(model: Any, adapter: LoraAdapter, name: str | None) -> None:
+    """Give each module the adapter changes a weight of its own where the base shares it with another module (tied
+    input and output embeddings: SmolLM2's, Llama 3.2's): merging the update into a shared weight would change the
+    other module too (the input embeddings), so the merged model would not be base + adapter. The output embeddings
+    are then saved untied (config tie_word_embeddings false); any other sharing is refused in one line."""
+    shared: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(p.data_ptr(), []).append(pname)
+    output = model.get_output_embeddings()
+    untied = False
+    for module in sorted(adapter.modules):
+        try:
+            weight = model.get_submodule(module).weight
+        except AttributeError:  # not in the base: with_adapter says so
+            continue
+        owners = shared.get(weight.data_ptr(), [])
+        if len(owners) < 2:
+            continue
+        if output is None or model.get_submodule(module) is not output:
+            others = ", ".join(o for o in owners if o != f"{module}.weight")
+            raise LoramixError(f"{adapter.name}: module '{module}' shares its weight with {others} in base model "
+                               f"{name!r}; merging would change both, so the merged model would not be base + adapter")
+        output.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        untied = True
+    if untied:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+
+
+@checked
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None, force: bool = False) -> Path:
     """Merge the adapter into its base model's weights (PEFT merge_and_unload) and save a safetensors model folder
-    (config, weights, tokenizer) that transformers loads without PEFT."""
+    (config, weights, tokenizer) that transformers loads without PEFT: base + adapter, nothing else (weights the base
+    ties to an adapted one are untied first: `_untie_adapted`)."""
     from .models import load_model, load_tokenizer, with_adapter
 
     adapter = LoraAdapter(adapter_dir)  # validated before a model is loaded
     name = base if base is not None else adapter.base_model
-    refuse_target(out_dir, force=force, inputs={"the adapter": adapter.path, "the base model": name})
+    refuse_target(out_dir, force=force, inputs={"the adapter": adapter.path, "the base model": base_paths(name)})
     model = load_model(name)
+    _untie_adapted(model, adapter, name)
     merged = with_adapter(model, adapter.path, name).merge_and_unload()
     with atomic_dir(out_dir, force=force) as tmp:
         merged.save_pretrained(tmp)

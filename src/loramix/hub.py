@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, read_config
-from .bank import DATA_FILE, Bank, BankEntry, check_entries
+from .bank import DATA_FILE, Bank, BankEntry, check_bank_path, check_entries, has_entries
 from .data import Sample, read_dataset, to_sample, write_jsonl
 from .errors import LoramixError
-from .files import atomic_dir, read_json
+from .files import atomic_dir, clear_leftovers, locked_folder, read_json, refuse_target
 from .progress import track
 from .registry import Registry
 
@@ -128,19 +128,6 @@ def _train_samples(snapshot: Path, what: str) -> list[Sample]:
     return samples
 
 
-@contextlib.contextmanager
-def _no_empty_folder(folder: Path):
-    """Remove `folder` after a failure if the block created it and left it empty."""
-    existed = folder.exists()
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
 def _write_entry(dest: Path, adapter_dir: Path, samples: Sequence[Sample] | None, source: dict[str, Any], *,
                  force: bool = False) -> None:
     """An entry folder, written atomically: the adapter's two files (validated by the caller), train.jsonl when
@@ -163,8 +150,8 @@ def _pull(out: Path, jobs: Sequence[tuple[str, Fetch]], what: str) -> dict[str, 
     an adapter LoraAdapter refuses, or one `check_entries` refuses beside the bank's entries and those pulled so far;
     the others go on). Nothing half-written; no bank folder left empty; raises when every `what` was refused."""
     status: dict[str, str] = {}
-    with _no_empty_folder(out):
-        accepted = Bank(out).entries if any(out.glob(f"*/{CONFIG_FILE}")) else []
+    with _bank_write(out, wait=10.0):
+        accepted = Bank(out).entries if has_entries(out) else []
         for name, fetch in track(jobs, f"pulling {len(jobs)} {what}s", total=len(jobs)):
             try:
                 if (out / safe_entry_name(name) / SOURCE_FILE).is_file():
@@ -190,6 +177,7 @@ def _pull(out: Path, jobs: Sequence[tuple[str, Fetch]], what: str) -> dict[str, 
 def pull_lots_of_loras(out: str | Path, *, limit: int | None = None, tasks: Sequence[str] | None = None) -> dict[str, str]:
     """Download Lots-of-LoRAs adapters and their datasets' train splits into the bank OUT, one entry per task,
     named like the dataset (`task081_<slug>`). Resumable: entries already there are kept. Returns entry -> status."""
+    refuse_pull_target(out)
     available = lots_of_loras_datasets()
     if tasks:
         by_number = {int(t[4:]): t for t in available}  # 'task081', '81' and '081' name one task
@@ -255,6 +243,7 @@ def pull_base(out: str | Path, base: str, *, limit: int | None = None, filters: 
     """Download the public LoRA adapters of the model `base` (`base_model_adapters`: at most `limit` tried, after
     `filters`) into the bank OUT, one entry per adapter repo, named `<owner>__<name>`, without training data.
     Resumable: entries already there are kept. Returns entry -> 'pulled', 'kept' or 'refused: <reason>'."""
+    refuse_pull_target(out)
     base = base.rstrip("/")
     if not base:
         raise LoramixError("the base model id is empty")
@@ -268,10 +257,39 @@ def pull_base(out: str | Path, base: str, *, limit: int | None = None, filters: 
 
 def add_adapter(bank: str | Path, source: str, data: str | Path, *, name: str | None = None, force: bool = False) -> Path:
     """Add an adapter (a local folder or a hub model id) with its training data (any format loramix reads) to a
-    bank, as BANK/<name>/. The bank must stay valid (same base model, compatible shapes), else nothing is kept."""
+    bank, as BANK/<name>/. The bank must stay valid (same base model, compatible shapes), else nothing is kept.
+    Concurrent adds to one bank run one after the other (`_bank_write`), each checked against the entries the others
+    wrote."""
     bank = Path(bank)
-    with _no_empty_folder(bank):
+    check_bank_path(bank)
+    if Path(source).is_dir():  # checked before the bank folder is made (inside the adapter, it would change it)
+        entry = safe_entry_name(name or Path(source).name)
+        refuse_target(bank / entry, force=True, inputs={"the adapter": source, "the data": data})
+    with _bank_write(bank, wait=120.0):
         return _add_adapter(bank, source, data, name=name, force=force)
+
+
+def hub_cache() -> Path:
+    """The local hub cache, where downloads go (and what a bank pull reads)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def refuse_pull_target(out: str | Path) -> None:
+    """`bank pull --out` must not be, hold or lie inside the local hub cache it reads its downloads from."""
+    check_bank_path(Path(out))
+    refuse_target(out, force=True, inputs={"the hub cache": hub_cache()})
+
+
+@contextlib.contextmanager
+def _bank_write(bank: Path, *, wait: float):
+    """Hold the bank's write lock (files.locked_folder: the folder is created if missing, and removed when the write
+    fails and it is left empty) for a write of entries, after clearing what writes that died left in it (hidden .tmp
+    folders of a killed `bank add`). `wait`: seconds to wait for another write to finish before refusing."""
+    with locked_folder(bank, "bank", timeout=wait):
+        clear_leftovers(bank)
+        yield
 
 
 def _add_adapter(bank: Path, source: str, data: str | Path, *, name: str | None, force: bool) -> Path:
@@ -280,9 +298,10 @@ def _add_adapter(bank: Path, source: str, data: str | Path, *, name: str | None,
     entry = safe_entry_name(name or (local.name if local.is_dir() else source.rsplit("/", 1)[-1]))
     if (bank / entry).exists() and not force:
         raise LoramixError(f"{bank / entry}: the bank already has an entry '{entry}' (use --force to replace it)")
+    refuse_target(bank / entry, force=True, inputs={"the adapter": adapter_dir, "the data": data})
     dataset = read_dataset(data)
     new = BankEntry(entry, LoraAdapter(adapter_dir, name=entry), None)
-    others = [e for e in Bank(bank).entries if e.name != entry] if any(bank.glob(f"*/{CONFIG_FILE}")) else []
+    others = [e for e in Bank(bank).entries if e.name != entry] if has_entries(bank) else []
     check_entries(others + [new])  # before anything is written
     record = {"adapter": str(local.resolve()) if local.is_dir() else source, "data": str(data)}
     if not local.is_dir():

@@ -167,12 +167,113 @@ def _digest(parts: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+HASHES_DIR = "hashes"  # LORAMIX_HOME/hashes: content hashes of files, memoised by their identity (content_hash)
+_RACY_NS = 2_000_000_000  # a file changed this recently may change again within its timestamps' granularity
+_HASHES: dict[tuple, str] = {}  # this process's memo: identity -> sha256
+
+
+def _file_identity(path: Path) -> tuple:
+    """What tells one version of a file from another without reading it: its resolved path, device, inode, size,
+    modification and status-change times (ns). A copy (even with preserved times: tar, cp -p, rsync -t) has another
+    path or inode, and a rewrite in place, even one that restores the modification time (os.utime), a new ctime."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes: the only thing a cache key names a file by. The hash is memoised by the file's
+    identity (`_file_identity`; in this process, and across runs in LORAMIX_HOME/hashes under the index key's HMAC),
+    so an unchanged file is read once; a file changed in the last 2 s, or while it was read, is not memoised (its
+    timestamps could not tell the next change from this one)."""
+    path = Path(path)
+    ident = _file_identity(path)
+    if (known := _HASHES.get(ident)) is not None:
+        return known
+    root = loramix_home() / HASHES_DIR
+    name = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+    stem = root / name[:2] / name[2:]  # 256 folders: a look-up lists one
+    data = fetch(stem, "json")
+    try:
+        stored = None if data is None else json.loads(data)
+    except ValueError:
+        stored = None
+    if isinstance(stored, list) and len(stored) == 2 and stored[0] == list(ident) and isinstance(stored[1], str):
+        _HASHES[ident] = stored[1]
+        return stored[1]
+    digest = sha256_file(path)
+    import time
+
+    if _file_identity(path) == ident and time.time_ns() - max(ident[4], ident[5]) > _RACY_NS:
+        _HASHES[ident] = digest
+        try:
+            store(root, stem, json.dumps([list(ident), digest]).encode(), "json")
+        except (OSError, LoramixError):  # a read-only or full LORAMIX_HOME: the hash is only not kept
+            pass
+    return digest
+
+
+def adapter_hash(folder: str | Path) -> str:
+    """The content hash of an adapter folder: the sha256 of every file loramix or PEFT reads of it (adapter_config.json,
+    adapter_model.safetensors, adapter_model.bin, by name and content). Two adapters with different bytes never share
+    it, whatever their sizes and times."""
+    from .adapter import CONFIG_FILE, PICKLE_FILE
+
+    folder = Path(folder)
+    parts = [f"{name}:{content_hash(folder / name) if (folder / name).is_file() else '-'}"
+             for name in (CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def model_identity(name: str | None) -> str | None:
+    """What names a base (or embedding) model in a cache key, by content: a local file (a GGUF) by its sha256; a local
+    folder by the sha256 of each of its files (config, weights, tokenizer, chat template); a hub id by the commit of
+    its snapshot in the local hub cache (a commit names its content), else by the id alone (not downloaded yet);
+    None for None."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    if path.is_file():
+        return f"file:{content_hash(path)}"
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return "folder:" + _digest([f"{p.relative_to(path).as_posix()}:{content_hash(p)}" for p in files])
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(name), "config.json")
+    except Exception:  # not a valid repo id, or no hub cache: named as given
+        cached = None
+    return f"hub:{name}@{Path(cached).parent.name}" if isinstance(cached, str) else f"hub:{name}"
+
+
+def base_identity(name: str | None) -> str | None:
+    """`model_identity` of a base as the user names it: the default base by the GGUF its package ships (its
+    transformers folder is converted from it), a hub GGUF 'owner/repo/file.gguf' by the cached file's sha256."""
+    from .models import DEFAULT_BASE, default_gguf
+    from .runtime import is_gguf_name
+
+    if name in (None, "default", DEFAULT_BASE):
+        gguf = default_gguf(required=False)
+        return f"default:{content_hash(gguf) if gguf is not None else DEFAULT_BASE}"
+    if is_gguf_name(name) and not Path(name).expanduser().exists():
+        parts = str(name).split("/")
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache("/".join(parts[:2]), "/".join(parts[2:]))
+        except Exception:  # not a valid repo id: named as given
+            cached = None
+        return f"file:{content_hash(cached)}" if isinstance(cached, str) else f"hub:{name}"
+    return model_identity(name)
+
+
 class BankIndex:
     """Cached signatures, distance matrices and trained operators of one bank's usable entries."""
 
     def __init__(self, bank: Bank):
         self.bank = bank
         self.dir = bank.index_dir
+        self._spec_keys: dict[SignatureSpec, str] = {}
 
     def array(self, stem: Path, versions: list[Path] | None = None) -> np.ndarray | None:
         """The array stored for `stem` (a path inside the index), None when none passes its HMAC (`versions`: see
@@ -183,8 +284,24 @@ class BankIndex:
     def resolve(self, spec: SignatureSpec) -> SignatureSpec:
         return spec.resolved(self.bank.base_model)
 
+    def spec_key(self, spec: SignatureSpec) -> str:
+        """The cache key of signatures of `spec` (resolved): its settings and code version (`SignatureSpec.key`) and
+        the content of the model that computes them (the base: `base_identity`; an embedder: `model_identity` of the
+        folder it loads), so a model replaced under the same name or path never reuses another's signatures."""
+        from .signatures import SIGNATURES, _embedder_path
+
+        if spec not in self._spec_keys:
+            if spec.model is None:
+                ident = None
+            elif SIGNATURES.get(spec.method).needs_base:
+                ident = base_identity(spec.model)
+            else:
+                ident = model_identity(_embedder_path(spec.model))
+            self._spec_keys[spec] = f"{spec.key()}-{_digest([str(ident)])[:12]}"
+        return self._spec_keys[spec]
+
     def _signature_stem(self, spec: SignatureSpec, entry: BankEntry) -> Path:
-        return self.dir / "signatures" / spec.key() / entry.data_hash
+        return self.dir / "signatures" / self.spec_key(spec) / entry.data_hash
 
     def status(self, spec: SignatureSpec) -> dict[str, bool]:
         """Entry name -> whether its signature for `spec` is cached (entries with data only)."""
@@ -212,7 +329,7 @@ class BankIndex:
     def _signed(self, spec: SignatureSpec, items: list[tuple[str, Callable[[], Dataset]]], engine: str) -> list[np.ndarray]:
         """The signature of each (content hash, dataset loader) in `items`, cached under the hash."""
         spec = self.resolve(spec)
-        folder = self.dir / "signatures" / spec.key()
+        folder = self.dir / "signatures" / self.spec_key(spec)
         if fetch(folder / "spec", "json") is None:  # the spec, for people reading the folder; nothing reads it
             store(self.dir, folder / "spec", (json.dumps(asdict(spec), indent=2) + "\n").encode(), "json")
         stored = listing(folder, "npy")
@@ -229,7 +346,7 @@ class BankIndex:
     def probe_datasets(self, probes: ProbeSet, *, model: Any = None, tokenizer: Any = None, base: Any = None,
                        base_name: str | None = None, runtime: str = "auto", engine: str = "local") -> list[Dataset]:
         """Every entry's answers to `probes` (in `bank.entries` order; `probes.answer_probes`), cached per probe set,
-        base model, runtime and adapter (its files' sizes and modification times). The missing ones are answered by a
+        base model (by content: `model_identity`), runtime and adapter (the sha256 of its files: `adapter_hash`). The missing ones are answered by a
         base already loaded (`model` and `tokenizer` on PyTorch, or `base`, a runtime.llamacpp.LlamaCpp), else by
         `base_name` (default the bank's) on `runtime`, loaded only when an answer is missing: in this process on the
         local engine, once per worker on another (`engine`: each answer stored as soon as it is known, so a rerun
@@ -240,7 +357,7 @@ class BankIndex:
 
         name = base_name if base_name is not None else self.bank.base_model
         folder = self.dir / "probes" / self._probes_key(probes, base, model, name, runtime)
-        stems = [folder / _digest([e.adapter.version]) for e in self.bank.entries]
+        stems = [folder / _digest([adapter_hash(e.adapter.path)]) for e in self.bank.entries]
         stored = listing(folder, "json")
         out: list[Dataset | None] = []
         for entry, stem in zip(self.bank.entries, stems):
@@ -271,22 +388,21 @@ class BankIndex:
         return out  # type: ignore[return-value]
 
     def _probes_key(self, probes: ProbeSet, base: Any, model: Any, name: str | None, runtime: str) -> str:
-        """The probe answers' cache key: the probe set, the bank's base, and what answers them (`base`, a LlamaCpp;
-        else `model` on PyTorch; else `name` on `runtime`: a GGUF on llama.cpp is named by its identity)."""
+        """The probe answers' cache key: the probe set, the base that answers (`name`, the bank's unless another was
+        given, by its content: `base_identity`), and what runs it (`base`, a LlamaCpp; else `model` on PyTorch, loaded
+        from `name`; else `name` on `runtime`: a GGUF on llama.cpp is named by its content)."""
         from .runtime import runtime_identity
 
         identity = base.identity if base is not None else None if model is not None else runtime_identity(name, runtime)
-        return probes.key(self.bank.base_model, identity)
+        return probes.key(None if name is None else base_identity(name), identity)
 
     def entry_gguf(self, entry: BankEntry, base: Any) -> Path:
         """`entry`'s adapter as a GGUF LoRA for `base` (a runtime.llamacpp.LlamaCpp), written once and kept in the
         index under the sha256 of the adapter's files and the base's identity (so no two adapters, nor two bases,
         share one)."""
-        from .files import sha256_file
         from .runtime.llamacpp import gguf_lora
 
-        files = [p for p in sorted(entry.adapter.path.iterdir()) if p.name.startswith("adapter_") and p.is_file()]
-        stem = self.dir / "gguf" / f"{entry.name}-{_digest([base.identity, *(f'{p.name}:{sha256_file(p)}' for p in files)])}"
+        stem = self.dir / "gguf" / f"{entry.name}-{_digest([base.identity, adapter_hash(entry.adapter.path)])}"
         if fetch(stem, "gguf") is None:
             with gguf_lora(entry.adapter.path, base.base, allow_pickle=self.bank.allow_pickle) as made:
                 store(self.dir, stem, made.read_bytes(), "gguf")
@@ -306,15 +422,16 @@ class BankIndex:
         return self.bank.usable if self.mode(mode) == "data" else self.bank.entries
 
     def distance_row(self, spec: SignatureSpec, distance: str, user: np.ndarray, mode: str, probes: ProbeSet,
-                     seed: int = 0, *, model: Any = None, tokenizer: Any = None, base: Any = None) -> np.ndarray:
+                     seed: int = 0, *, model: Any = None, tokenizer: Any = None, base: Any = None,
+                     base_name: str | None = None) -> np.ndarray:
         """d(user signature, entry) over `weighted(mode)`, float64 [n]; probe answers from `model` (PyTorch) or `base`
-        (llama.cpp), as probe_datasets."""
+        (llama.cpp), the base `base_name` (default the bank's), as probe_datasets."""
         mode = self.mode(mode)
         d_data = distance_row(distance, user, self.signatures(spec), seed) if mode != "probes" else None
         if mode == "data":
             return d_data
         d_probes = distance_row(distance, user, self.probe_signatures(spec, probes, model=model, tokenizer=tokenizer,
-                                                                      base=base), seed)
+                                                                      base=base, base_name=base_name), seed)
         return d_probes if mode == "probes" else aligned(d_probes, self._spread(d_data))
 
     def _spread(self, d_usable: np.ndarray) -> np.ndarray:
@@ -332,7 +449,7 @@ class BankIndex:
         mode = self.mode(mode)
         revision = get_distance(distance, make_signer(spec).kind).revision
         key = _digest([e.data_hash for e in self.bank.usable])
-        stem = self.dir / "distances" / f"{spec.key()}.{distance}-r{revision}.{seed}.{key}"
+        stem = self.dir / "distances" / f"{self.spec_key(spec)}.{distance}-r{revision}.{seed}.{key}"
         data = self.array(stem)
         if data is None or data.shape != (len(self.bank.usable),) * 2:
             data = distance_matrix(distance, self.signatures(spec), seed)
@@ -359,8 +476,8 @@ class BankIndex:
         cls = trainable_operator(name)
         spec = self.resolve(spec)
         entries = self.bank.usable
-        key = _digest([f"{e.name}:{e.data_hash}:{sha256_file(e.adapter.path / WEIGHTS_FILE)}" for e in entries])
-        stem = self.dir / "operators" / f"{name}.{spec.key()}.{distance}.{compose}.{seed}.{key}"
+        key = _digest([f"{e.name}:{e.data_hash}:{adapter_hash(e.adapter.path)}" for e in entries])
+        stem = self.dir / "operators" / f"{name}.{self.spec_key(spec)}.{distance}.{compose}.{seed}.{key}"
         if (data := fetch(stem, "safetensors")) is not None:
             try:
                 return cls.from_bytes(data)

@@ -146,8 +146,26 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
         check_fits(torch_bytes(config, dtype.itemsize, extra), f"{what} ({dtype})", advice)
     cls = AutoModelForCausalLM if causal_lm else AutoModel
     with loading(f"base model {base!r}"), quiet_loading():
-        model = cls.from_pretrained(name, dtype=dtype, **kwargs)
+        model, info = cls.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
+    _check_loaded(base, info, causal_lm)
     return model.eval()
+
+
+def _check_loaded(base: str | None, info: dict[str, Any], causal_lm: bool) -> None:
+    """Refuse a base whose checkpoint does not hold what its config declares: weights missing (transformers would
+    initialise them at random, e.g. a config declaring more layers than the checkpoint holds: every run another model),
+    weights of no module of the model, or of another shape. AutoModel (hidden states) reads a causal LM's
+    checkpoint without its output layer: lm_head's weights are expected there."""
+    what = {
+        "lacks": sorted(info.get("missing_keys") or []),
+        "holds unexpected": sorted(k for k in info.get("unexpected_keys") or [] if causal_lm or not k.startswith("lm_head.")),
+        "holds mis-shaped": sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or []),
+    }
+    for how, keys in what.items():
+        if keys:
+            raise LoramixError(f"base model {base or DEFAULT_BASE!r}: its checkpoint {how} {len(keys)} weight(s) of the "
+                               f"model its config declares (e.g. {', '.join(keys[:3])}): a damaged or mismatched base, "
+                               "refused rather than run with weights initialised at random")
 
 
 def with_adapter(model: Any, adapter: str | Path, base: str | None, *, is_trainable: bool = False) -> Any:
@@ -165,12 +183,17 @@ def with_adapter(model: Any, adapter: str | Path, base: str | None, *, is_traina
 
 @contextlib.contextmanager
 def loading(what: str) -> Iterator[None]:
-    """Turn what loading `what` through transformers / huggingface_hub raises for a bad id, folder or file (OSError,
-    the hub's HTTP errors, ValueError: an invalid repo id, an unknown model type, a malformed config) into one line."""
-    from huggingface_hub.errors import HfHubHTTPError
-
+    """Turn what loading `what` through transformers / huggingface_hub raises for a bad id, folder or file into one
+    line naming it: OSError, the hub's HTTP errors, ValueError (an invalid repo id, an unknown model type, a malformed
+    config), and whatever a damaged file makes the readers raise (safetensors' SafetensorError on a corrupt header,
+    RuntimeError on a tensor of the wrong size, the tokenizers library's Exception on a corrupt tokenizer.json,
+    TypeError / KeyError / AttributeError on a config field of the wrong type)."""
     try:
         yield
-    except (OSError, ValueError, HfHubHTTPError) as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    except LoramixError:
+        raise
+    except Exception as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+        if not first or not isinstance(e, (OSError, ValueError)):  # say what failed where the message does not
+            first = f"{type(e).__name__}{': ' + first if first else ''}"
         raise LoramixError(f"cannot load {what}: {first}") from None

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .arguments import checked
 from .bank import Bank, BankEntry
 from .errors import LoramixError
 from .progress import track
@@ -296,8 +297,9 @@ class AnswerTrained(ScalarMLP):
         return self
 
 
+@checked
 def coefficients(
-    distances: np.ndarray,
+    distances: np.ndarray | Sequence[float],
     operator: str | Operator = "normalized",
     *,
     temperature: float = 1.0,

@@ -17,12 +17,21 @@ INDEX_DIR = ".loramix"  # a bank's index (cached signatures, distances, operator
 
 
 def loramix_home() -> Path:
-    """Cache folder: $LORAMIX_HOME, else the platform's user cache dir for loramix."""
+    """Cache folder: $LORAMIX_HOME, else the platform's user cache dir for loramix. One that exists as something
+    other than a folder (a file, a FIFO), or lies under a file, is refused in one line naming it."""
     if env := os.environ.get("LORAMIX_HOME"):
-        return Path(env)
+        return _folder(Path(env), "LORAMIX_HOME")
     import platformdirs
 
-    return Path(platformdirs.user_cache_dir("loramix"))
+    return _folder(Path(platformdirs.user_cache_dir("loramix")), "loramix's cache folder")
+
+
+def _folder(path: Path, what: str) -> Path:
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"lies under {p}, which is a file"
+            raise LoramixError(f"{what} {path} {where}, not a folder: set LORAMIX_HOME to a folder (or remove the file)")
+    return path
 
 
 def resolve_bank(bank: str | Path) -> Path:

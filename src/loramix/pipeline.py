@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -15,12 +15,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .adapter import DTYPES
+from .arguments import checked
 from .bank import Bank
 from .compose import COMPOSERS, Composition, plan, write_compositions
 from .config import FINETUNE, GenerateConfig
 from .data import Dataset, read_dataset
 from .errors import LoramixError
-from .files import atomic_dir, refuse_target
+from .files import atomic_dir, base_paths, refuse_target
 from .index import BankIndex
 from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
@@ -50,7 +51,10 @@ class GenerateResult:
 
 
 def _configure(config: GenerateConfig | None, overrides: dict[str, Any]) -> GenerateConfig:
-    """`config` (default GenerateConfig()) with keyword overrides, validated."""
+    """`config` (default GenerateConfig()) with keyword overrides, validated; an override that is no setting is one
+    line naming it."""
+    if unknown := sorted(set(overrides) - {f.name for f in fields(GenerateConfig)}):
+        raise LoramixError(f"unknown setting(s) {', '.join(unknown)}: GenerateConfig has no such field")
     return replace(config or GenerateConfig(), **overrides)
 
 
@@ -102,6 +106,16 @@ def _base_for(index: BankIndex, config: GenerateConfig) -> tuple[Any, Any, Any]:
     return model, tokenizer, engine
 
 
+def _read_paths(config: GenerateConfig, bank: Path, data: str | Path | None, opened: Bank | None = None) -> dict:
+    """What a command composing from `bank` reads, for files.refuse_target: the bank, the data, the base model (--base,
+    else, once the bank is `opened`, the bank's), the probe prompts and the --model override."""
+    base = config.base if config.base is not None else opened.base_model if opened is not None else None
+    return {"the bank": bank, "the data": data, "the probe prompts": config.probes,
+            "the base model": base_paths(base) if config.base is not None or opened is not None else None,
+            "the model": base_paths(config.model) if config.model is not None else None}
+
+
+@checked
 def generate(
     bank: str | Path | Bank,
     data: str | Path | Dataset,
@@ -119,9 +133,11 @@ def generate(
     seconds: dict[str, float] = {}
     stage = partial(_timed, seconds)
     with stage("open"):
-        refuse_target(out, force=force, inputs={"the bank": bank.path if isinstance(bank, Bank) else resolve_bank(bank),
-                                                "the data": None if isinstance(data, Dataset) else data})
+        refuse_target(out, force=force, inputs=_read_paths(config, bank.path if isinstance(bank, Bank) else resolve_bank(bank),
+                                                           None if isinstance(data, Dataset) else data))
         bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
+        if config.base is None:  # the bank's base, known once it is open
+            refuse_target(out, force=True, inputs={"the base model": base_paths(bank.base_model)})
         dataset = data if isinstance(data, Dataset) else read_dataset(data)
         if not len(dataset):
             raise LoramixError(f"{dataset.source}: the dataset has no samples")
@@ -151,7 +167,7 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
         user_sig = make_signer(spec)(dataset)
     with stage("distances"):
         d = index.distance_row(spec, config.distance, user_sig, config.entry_signatures, config.probe_set(), config.seed,
-                               model=model, tokenizer=tokenizer, base=engine)
+                               model=model, tokenizer=tokenizer, base=engine, base_name=config.base)
     with stage("coefficients"):
         c = operator_for(index, config).coefficients(d, config.temperature, config.top_k)
     coefficients = {e.name: config.scale * float(x) for e, x in zip(weighted, c)}
@@ -206,8 +222,9 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
         if refined:
             report.refine = RefineInfo(
                 len(refine_samples), config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
-                refined.loss, refined.steps, round(refined.seconds, 2), refined.history,
+                refined.loss, refined.steps, refined.history,
                 {str(k): {n: w for n, w in v.items() if w != 0} for k, v in refined.layers.items()} if refined.layers else None,
+                seconds=round(refined.seconds, 2),
             )
         report.check_plan = planned
         if checked:
@@ -236,12 +253,12 @@ def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: An
     return plan
 
 
-REFINE_LIMIT = 600.0  # seconds --refine may be estimated to take without --refine-budget (generate's own target)
+REFINE_LIMIT = 600.0  # seconds --refine may be estimated to take without --budget (generate's own target)
 
 
 def _refuse_slow_refine(config: GenerateConfig, samples: Dataset, model: Any, tokenizer: Any) -> None:
-    """Refuse, before it starts, a --refine estimated to take more than REFINE_LIMIT seconds (without --refine-budget)
-    or whose one step exceeds --refine-budget. Estimate: one forward pass of a step's batch timed on the base (the
+    """Refuse, before it starts, a --refine estimated to take more than REFINE_LIMIT seconds (without --budget)
+    or whose one step exceeds --budget. Estimate: one forward pass of a step's batch timed on the base (the
     first 8 examples for --refine-method finetune, all of them for a weight search), a step with a backward pass
     counted as three, times the steps (finetune: those within --refine-max-tokens)."""
     import torch
@@ -266,9 +283,9 @@ def _refuse_slow_refine(config: GenerateConfig, samples: Dataset, model: Any, to
     what = (f"--refine {config.refine} (--refine-method {config.refine_method}, {steps} steps of about {step:.1f} s) "
             f"on {base}: about {steps * step:.0f} s on this CPU")
     if config.refine_budget is None and steps * step > REFINE_LIMIT:
-        raise LoramixError(f"{what}: --refine-budget SECONDS caps it, --refine 0 skips it")
+        raise LoramixError(f"{what}: --budget SECONDS caps it, --refine 0 skips it")
     if config.refine_budget is not None and step > config.refine_budget:
-        raise LoramixError(f"{what}: one step is more than --refine-budget {config.refine_budget:g}")
+        raise LoramixError(f"{what}: one step is more than --budget {config.refine_budget:g}")
     log.info("%s", what)
 
 
@@ -313,8 +330,8 @@ def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig,
                        model=model, tokenizer=tokenizer)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(Path(tmp) / "tuned" / name, folder / name)
-    return FinetuneInfo(len(samples), config.refine_budget, from_composition, len(record["loss"]), record["seconds"],
-                        record["loss"][0], record["loss"][-1], cfg.max_tokens)
+    return FinetuneInfo(len(samples), config.refine_budget, from_composition, len(record["loss"]), record["loss"][0],
+                        record["loss"][-1], cfg.max_tokens, seconds=record["seconds"])
 
 
 def _report(
@@ -353,6 +370,7 @@ def _report(
     )
 
 
+@checked
 def leave_one_out(
     bank: str | Path | Bank,
     out: str | Path,
@@ -367,7 +385,8 @@ def leave_one_out(
     outputs use it. Returns the coefficient matrix [usable, weighted] (`meta.loo_coefficients`)."""
     config = _configure(config, overrides)
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
-    refuse_target(out, force=True, inputs={"the bank": bank.path})  # OUT may exist: it holds one folder per entry
+    # OUT may exist: it holds one folder per entry
+    refuse_target(out, force=True, inputs=_read_paths(config, bank.path, None, bank))
     if len(bank.usable) < 2:
         raise LoramixError(f"{bank.path}: leave-one-out needs at least 2 entries with data, found {len(bank.usable)}")
     index = BankIndex(bank)

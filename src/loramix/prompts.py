@@ -28,14 +28,56 @@ def prompt_ids(tokenizer: Any, text: str, max_length: int | None = None) -> list
     except UnicodeEncodeError as e:  # what Python makes of argv / stdin bytes that are not UTF-8
         raise LoramixError(f"the prompt is not UTF-8 text (byte {e.start}: a lone surrogate U+{ord(text[e.start]):04X})") from None
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        ids = list(ids)
+        ids = _chat_ids(tokenizer, text)
     else:
         ids = list(tokenizer(text)["input_ids"])
     ids = ids[-max_length:] if max_length else ids
     return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else end_of_turn_id(tokenizer)]
+
+
+TEMPLATE_SECONDS = 10.0  # one prompt's chat template rendering may take at most this long (they take milliseconds)
+
+
+class _TemplateTimeout(Exception):
+    """Raised inside a rendering thread that ran past TEMPLATE_SECONDS, to stop it."""
+
+
+def _chat_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text` as a user turn through the base's chat template (a Jinja program the base's author wrote), bounded:
+    rendered on a thread that is given TEMPLATE_SECONDS, then stopped; a template that runs longer (a loop that does
+    not end) or fails (raise_exception, an undefined name, a type error, runaway recursion) is one LoramixError
+    naming the base."""
+    import ctypes
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def render() -> None:
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            result["ids"] = list(ids)
+        except BaseException as e:  # handed to the caller
+            result["error"] = e
+
+    worker = threading.Thread(target=render, name="loramix-chat-template", daemon=True)
+    worker.start()
+    worker.join(TEMPLATE_SECONDS)
+    base = getattr(tokenizer, "name_or_path", None) or "?"
+    if worker.is_alive():  # stop it at its next bytecode (Jinja templates compile to Python)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_TemplateTimeout))
+        raise LoramixError(f"base model {base!r}: its chat template took more than {TEMPLATE_SECONDS:g} s to render one "
+                           "prompt (a loop that does not end?); fix or remove chat_template in its tokenizer_config.json")
+    error = result.get("error")
+    if isinstance(error, (LoramixError, KeyboardInterrupt, MemoryError)):
+        raise error
+    if error is not None:
+        why = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:200]
+        raise LoramixError(f"base model {base!r}: its chat template fails to render a prompt "
+                           f"({type(error).__name__}{': ' + why if why else ''})") from None
+    return result["ids"]
 
 
 def prompt_room(model: Any, max_new_tokens: int) -> int | None:

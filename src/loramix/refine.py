@@ -9,6 +9,7 @@ meta-operator's coefficients and stopped by a step count or a time budget."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from .bank import Bank, BankEntry
 from .compose import COMPOSERS
 from .compose.methods import LoraFactors
 from .data import Dataset
+from .arguments import check_fields
 from .errors import LoramixError
 from .evaluate import MAX_NEW_TOKENS, generate_answers, score
 from .progress import track
@@ -45,6 +47,9 @@ class RefineConfig:
     upper: float = 1.5
     per_layer: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -221,15 +226,19 @@ def _nevergrad(mixed: MixedLoRA, objective, w0: np.ndarray, cfg: RefineConfig, d
     opt.suggest(start)
     history = []
     began = time.perf_counter()
-    for step in track(range(cfg.steps), "refining (nevergrad)", total=cfg.steps):
-        if _overruns(step, began, deadline):
-            break
-        cand = opt.ask()
-        with torch.no_grad():
-            value = float(objective(torch.tensor(cand.value, dtype=torch.float32)))
-        opt.tell(cand, value)
-        history.append(value)
-    w = np.asarray(opt.provide_recommendation().value)
+    with warnings.catch_warnings():
+        # NGOpt may hand the search to scipy's COBYLA with tol=0, which scipy replaces by its default RHOEND with a
+        # warning on every run: that one warning (and only it) is nevergrad's choice, not the user's concern
+        warnings.filterwarnings("ignore", message=r".*Invalid RHOEND", category=UserWarning)
+        for step in track(range(cfg.steps), "refining (nevergrad)", total=cfg.steps):
+            if _overruns(step, began, deadline):
+                break
+            cand = opt.ask()
+            with torch.no_grad():
+                value = float(objective(torch.tensor(cand.value, dtype=torch.float32)))
+            opt.tell(cand, value)
+            history.append(value)
+        w = np.asarray(opt.provide_recommendation().value)
     with torch.no_grad():
         return w, float(objective(torch.tensor(w, dtype=torch.float32))), history
 

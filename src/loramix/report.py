@@ -46,10 +46,10 @@ class FinetuneInfo:
     budget_seconds: float | None
     from_composition: bool
     steps: int
-    seconds: float
     first_loss: float
     loss: float
     max_tokens: int | None = None
+    seconds: float | None = None  # this run's wall seconds: not written to loramix.json (UNWRITTEN)
 
 
 @dataclass
@@ -66,9 +66,9 @@ class RefineInfo:
     initial_loss: float
     loss: float
     steps: int
-    seconds: float
     history: list[float]
     layers: dict[str, dict[str, float]] | None = None
+    seconds: float | None = None  # this run's wall seconds: not written to loramix.json (UNWRITTEN)
 
 
 @dataclass
@@ -159,11 +159,18 @@ class Report:
         for key in ("calibration", "refine", "check", "check_plan", "finetune", "leave_one_out", "probes"):
             if d[key] is None:
                 del d[key]
+        for part, key in UNWRITTEN:
+            if isinstance(d.get(part), dict):
+                d[part].pop(key, None)
         return d
 
     def write(self, folder: str | Path) -> None:
         (Path(folder) / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
+
+# What differs between two runs of the same inputs, settings and seed (wall-clock seconds): kept in the Report in
+# memory, never written, so loramix.json is byte-identical across reruns.
+UNWRITTEN = (("refine", "seconds"), ("finetune", "seconds"))
 
 _NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "calibration": CalibrationInfo,
            "refine": RefineInfo, "check": CheckInfo, "check_plan": CheckPlan, "finetune": FinetuneInfo}

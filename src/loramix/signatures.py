@@ -11,7 +11,9 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from .arguments import check_fields
 from .data import Dataset
+from .errors import LoramixError
 from .registry import Registry
 from .threads import threaded_map
 
@@ -33,6 +35,11 @@ class SignatureSpec:
     model: str | None = None
     max_samples: int | None = 128
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.max_samples is not None and self.max_samples < 1:
+            raise LoramixError(f"max-samples must be at least 1, got {self.max_samples}")
 
     def resolved(self, base_model: str | None) -> "SignatureSpec":
         """This spec with `model` filled in: the default embedder, or the bank's base model."""

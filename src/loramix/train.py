@@ -13,9 +13,10 @@ from typing import Any, Iterator
 import torch
 
 from .adapter import DTYPES
+from .arguments import checked
 from .data import Dataset, read_dataset
 from .errors import LoramixError
-from .files import atomic_dir, refuse_target
+from .files import atomic_dir, base_paths, refuse_target
 from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
 from .progress import track
 from .runtime.memory import bf16_native
@@ -25,6 +26,7 @@ from .train_config import TrainConfig
 TRAINING_FILE = "training.json"
 
 
+@checked
 def train(
     data: str | Path | Dataset,
     out: str | Path,
@@ -45,7 +47,9 @@ def train(
 
     config = config or TrainConfig()
     refuse_target(out, force=force, inputs={"the data": None if isinstance(data, Dataset) else data, "--init": init,
-                                            "the base model": base})
+                                            "the base model": base_paths(base)})
+    if init is not None:
+        refuse_other_base(init, base)
     dataset = data if isinstance(data, Dataset) else read_dataset(data)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(config.seed)
@@ -57,6 +61,7 @@ def train(
         target_modules=list(config.target_modules), task_type="CAUSAL_LM",
     )
     if init is None:
+        _refuse_rank_beyond_modules(model, config)  # before PEFT allocates [rank, in] and [out, rank] per module
         try:
             with quiet_loading():
                 model = get_peft_model(model, lora)
@@ -123,6 +128,7 @@ def train(
                  "rank_pattern": dict(used.rank_pattern or {}), "alpha_pattern": dict(used.alpha_pattern or {}),
                  "target_modules": sorted(used.target_modules) if not isinstance(used.target_modules, str) else used.target_modules},
         "base_model": model.peft_config["default"].base_model_name_or_path,
+        "base_identity": _base_identity(base),
         "data": {"path": dataset.source, "samples": len(dataset), "fingerprint": dataset.fingerprint()},
         "init": str(init) if init is not None else None,
         "device": device.type,
@@ -133,9 +139,70 @@ def train(
     with atomic_dir(out, force=force) as tmp, quiet_loading():
         model.save_pretrained(tmp, save_embedding_layers=False)  # LoRA weights only; no hub look-up
         (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+        sort_config(tmp / "adapter_config.json")
         _cast_weights(tmp / "adapter_model.safetensors", config.save_dtype)
-        (tmp / TRAINING_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        # the same data, settings and seed give the same bytes: the wall-clock seconds are returned, not written
+        written = {k: v for k, v in record.items() if k not in UNWRITTEN}
+        (tmp / TRAINING_FILE).write_text(json.dumps(written, indent=1) + "\n", encoding="utf-8")
     return record
+
+
+UNWRITTEN = ("seconds",)  # in the record train returns, not in training.json: it differs from run to run
+
+
+def _base_identity(base: str | None) -> str | None:
+    from .index import base_identity
+
+    return base_identity(base)
+
+
+def sort_config(path: Path) -> None:
+    """Rewrite a PEFT adapter_config.json with its set-valued fields (target_modules, exclude_modules: Python sets
+    in PEFT, saved in an order that follows the hash seed) sorted and the rest as PEFT wrote it (its key order: the
+    patterns' order is meaningful), so that reruns give the same bytes."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _refuse_rank_beyond_modules(model: Any, config: TrainConfig) -> None:
+    """Refuse a --rank above what the modules --target-modules selects can hold (the largest min(in, out)): its
+    factors would be allocated (rank x (in + out) per module) for singular values that do not exist."""
+    sides = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules]
+    if sides and config.rank > max(sides):
+        raise LoramixError(f"--rank {config.rank} is more than the modules --target-modules "
+                           f"{','.join(config.target_modules)} selects can hold (at most {max(sides)}: min(in, out)); "
+                           f"pass --rank {max(sides)} or less")
+
+
+def base_name(base: str | Path | None) -> str:
+    """How an adapter trained here names its base (base_model_name_or_path): the default base by its hub id, a local
+    folder or file by its absolute path, anything else (a hub id) as given; the two forms of each compared as one."""
+    if base in (None, "default", DEFAULT_BASE):
+        return DEFAULT_BASE
+    if Path(base).is_dir() or Path(base).is_file():
+        local = Path(base).resolve()
+        # the default's converted folder and shipped GGUF are the default
+        return DEFAULT_BASE if local in [p.resolve() for p in base_paths(None)] else str(local)
+    return str(base).rstrip("/")
+
+
+def refuse_other_base(init: str | Path, base: str | Path | None) -> None:
+    """Refuse an `init` adapter whose config names a base model other than `base` (the one training runs on): its
+    factors were made for another model's weights, and the trained adapter would be labelled with a base it was not
+    made for. An init that names no base is taken as it is."""
+    from .adapter import base_model_of
+
+    named = base_model_of(init)
+    if not named:
+        return
+    if base_name(named) != base_name(base):
+        raise LoramixError(f"{init}: adapter_config.json field 'base_model_name_or_path' is {named!r}, but training runs "
+                           f"on base model {base_name(base)!r}: its factors were made for another model; train on its "
+                           f"base (--base {named}) or without init")
 
 
 def plan_batches(n: int, config: TrainConfig) -> Iterator[list[int]]:

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .adapter import DTYPES
+from .arguments import check_fields
 from .errors import LoramixError
 
 
@@ -26,9 +27,9 @@ class TrainConfig:
     lr: float = 2e-3
     warmup: int = 10
     rank: int = 8
-    alpha: int = 16
+    alpha: float = 16  # a whole number as PEFT's configs have it, or any positive finite one
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    target_modules: list[str] | tuple[str, ...] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     max_length: int = 256
     seed: int = 0
     bf16: bool = True
@@ -38,7 +39,8 @@ class TrainConfig:
     max_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        """Refuse settings no run can use, naming `loramix train`'s option."""
+        """Refuse settings no run can use, naming `loramix train`'s option; then any field whose type its annotation
+        does not allow (a string for `bf16` or `seed`, ...)."""
         def whole(x: object, low: int) -> bool:
             return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
@@ -57,7 +59,7 @@ class TrainConfig:
             ("--target-modules", self.target_modules, bool(self.target_modules) and all(
                 isinstance(m, str) and m for m in self.target_modules), "one module name or more"),
             ("max_length", self.max_length, whole(self.max_length, 2), "a whole number of at least 2"),
-            ("--save-dtype", self.save_dtype, self.save_dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            ("--save-dtype", self.save_dtype, isinstance(self.save_dtype, str) and self.save_dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
             ("--budget", self.budget, self.budget is None or positive(self.budget), "a positive number of seconds"),
             ("--max-tokens", self.max_tokens, self.max_tokens is None or whole(self.max_tokens, 1),
              "a positive whole number of token positions"),
@@ -65,6 +67,7 @@ class TrainConfig:
         for name, value, ok, want in checks:
             if not ok:
                 raise LoramixError(f"{name} must be {want}, got {value!r}")
+        check_fields(self)
 
     def as_record(self) -> dict:
         """The settings as training.json records them (`budget` and `max_tokens` only when set, so older records

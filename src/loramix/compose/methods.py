@@ -8,6 +8,7 @@ R x R Gram matrices of the stacks) and an SVD of the small R x R core give its b
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter
@@ -21,6 +22,8 @@ from ..adapter import LoraModule
 from ..bank import BankEntry
 from ..errors import LoramixError
 from ..registry import Registry
+
+log = logging.getLogger("loramix")
 from ..threads import one_thread_ops, threaded_map
 
 T = TypeVar("T")
@@ -215,13 +218,19 @@ class Exact(Composer):
 
     def shape(self, refs: dict[str, LoraModule], active: Sequence[BankEntry], rank: Rank, max_rank: int) -> Shape:
         """Every module at one width: `rank` (default the bank's largest), or for 'full' the largest stacked rank
-        (capped by the module's sides); scale 1."""
+        (capped by the module's sides); scale 1. A `rank` above the largest min(in, out) of the modules (the most
+        singular values any module has) is clamped to it, with a warning, before anything is allocated."""
         if rank == "full":
             target = None
             stacked = stacked_ranks(active)
             width = max(max(1, min(stacked.get(m, 0), r.in_features, r.out_features)) for m, r in refs.items())
         else:
             target = width = max_rank if rank is None else int(rank)
+            most = max((min(r.in_features, r.out_features) for r in refs.values()), default=width)
+            if width > most:
+                log.warning("rank %s is more than any module has (at most %d: min(in, out) of the largest); "
+                            "composing at rank %d", f"{width:,}", most, most)
+                target = width = most
         return Shape(target, {m: width for m in refs}, {m: 1.0 for m in refs}, width)
 
     def serial(self, active: Sequence[BankEntry], target: int | None) -> bool:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from ..adapter import TENSOR_PREFIX, LoraModule, applied_by_peft, layer_of, lora_config
+from ..adapter import DTYPES, TENSOR_PREFIX, LoraModule, applied_by_peft, layer_of, lora_config
+from ..arguments import checked
 from ..bank import Bank, BankEntry
 from ..errors import LoramixError
 from .methods import COMPOSERS, Composer, LoraFactors, Rank, Term
@@ -58,12 +59,21 @@ class Plan:
         return specs
 
 
-def plan(bank: Bank, coefficients: dict[str, float], *, method: str = "exact", rank: Rank = None,
-         dtype: torch.dtype | None = None, allow_zero: bool = False, layers: dict[int, dict[str, float]] | None = None) -> Plan:
+@checked
+def plan(bank: Bank, coefficients: dict[str, Any], *, method: str = "exact", rank: Rank = None,
+         dtype: torch.dtype | str | None = None, allow_zero: bool = False,
+         layers: dict[int, dict[str, Any]] | None = None) -> Plan:
     """Check the request and fix the output's shape. `rank`: an int truncates (exact) to that rank; None is the
     bank's largest rank; 'full' keeps every singular value (all modules padded to one rank). All-zero coefficients
     are refused unless `allow_zero` (the output is then an adapter whose update is zero: the base model). `layers`
-    (layer index -> entry -> coefficient) replaces `coefficients` in the layers it names."""
+    (layer index -> entry -> coefficient) replaces `coefficients` in the layers it names. `dtype`: a torch dtype or
+    its name (float32, float16, bfloat16); default the bank's. Coefficients are checked below (finite numbers)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise LoramixError(f"dtype must be one of {', '.join(DTYPES)} (or a torch.dtype), got {dtype!r}")
+        dtype = DTYPES[dtype]
+    elif dtype is not None and dtype not in (*DTYPES.values(), torch.float64):
+        raise LoramixError(f"dtype must be one of {', '.join(DTYPES)} (or a torch.dtype), got {dtype}")
     cls = COMPOSERS.get(method)
     cls.validate(rank)
     every = [coefficients, *(layers or {}).values()]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWriter, cast_factors
+from ..arguments import checked
 from ..bank import Bank
 from ..progress import track
 from ..threads import threaded_map
@@ -107,14 +108,16 @@ def write_compositions(folders: Sequence[Path], bank: Bank, plans: Sequence[Plan
     return out
 
 
-def write_composition(folder: str | Path, bank: Bank, coefficients: dict[str, float], **kwargs: Any) -> Composition:
+@checked
+def write_composition(folder: str | Path, bank: Bank, coefficients: dict[str, Any], **kwargs: Any) -> Composition:
     """Compose the bank's adapters with `coefficients` and stream the result into FOLDER. Keyword arguments as
     `plan` (method, rank, dtype)."""
     p = plan(bank, coefficients, **kwargs)
     return write_compositions([Path(folder)], bank, [p], f"composing ({p.composer.name})")[0]
 
 
-def compose(bank: Bank, coefficients: dict[str, float], **kwargs: Any) -> Composition:
+@checked
+def compose(bank: Bank, coefficients: dict[str, Any], **kwargs: Any) -> Composition:
     """Compose the bank's adapters with `coefficients` (entry name -> weight; missing names weigh 0) in memory.
     Keyword arguments as `plan` (method, rank, dtype)."""
     p = plan(bank, coefficients, **kwargs)

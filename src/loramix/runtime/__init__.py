@@ -92,8 +92,11 @@ def choose_runtime(base: BaseModel, runtime: str = "auto") -> str:
 
 
 def gguf_identity(path: str | Path) -> str:
-    """What names a GGUF base in a cache key: llama.cpp, the file's name and size."""
-    return f"llama.cpp:{Path(path).name}:{Path(path).stat().st_size}"
+    """What names a GGUF base in a cache key: llama.cpp and the sha256 of the file's bytes (index.content_hash,
+    memoised by the file's identity), so two GGUFs of one name and size never share a key."""
+    from ..index import content_hash
+
+    return f"llama.cpp:{content_hash(path)}"
 
 
 def runtime_identity(base: str | None, runtime: str = "auto") -> str | None:
