@@ -105,9 +105,10 @@ def main() -> None:
     ):
         try:
             wall_t, peak_t, _ = run(LORAMIX + cmd + ["--runtime", "torch"], 1, stages_t)
-        except RuntimeError as e:
-            said = " ".join(str(e).split())[-300:]
-            rows.append((f"{label} (PyTorch)", "refused", "-", said))
+        except RuntimeError as e:  # a one-line refusal (exit 1), or a crash (killed: out of memory)
+            said = [line for line in str(e).splitlines() if line.startswith("error:")]
+            rows.append((f"{label} (PyTorch)", "refused" if said else "failed", "-",
+                         said[-1][:300] if said else f"no result ({str(e).splitlines()[0][:120]}; see dmesg)"))
             break
         note = "1 run"
         if stages_t:

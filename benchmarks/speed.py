@@ -49,7 +49,7 @@ def run(cmd: list[str], runs: int, stages: list[dict[str, float]] | None = None)
             walls.append(time.perf_counter() - start)
             status_lines = Path(peak.name).read_text().splitlines()
         if status != 0:
-            raise RuntimeError(f"{' '.join(cmd[3:])} failed: {err[-2000:]}")
+            raise RuntimeError(f"exit {status}: {' '.join(cmd[3:])} failed\n{err[-2000:]}")
         peaks.append(int(next(x for x in status_lines if x.startswith("VmHWM:")).split()[1]) / 1024)  # kB -> MiB
         if stages is not None:
             line = next(x for x in err.splitlines() if "seconds per stage: " in x).split("seconds per stage: ", 1)[1].strip()
