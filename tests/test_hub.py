@@ -149,9 +149,12 @@ LONG = "a-rather-long-organisation-name-here/smol-lora-" + "x" * 86  # a valid h
 def base_cache(hub_cache, tmp_path):
     """The Lots-of-LoRAs cache (Mistral adapters) plus model repos of SMOL adapters: good ones, a DoRA, one of other
     shapes, one whose entry name cannot be made safe, one of another base, and one with only a model card cached."""
+    smol = {f"model.layers.{i}.self_attn.{p}": (576 if p == "q_proj" else 192, 576) for i in range(2)
+            for p in ("q_proj", "k_proj", "v_proj")}  # SmolLM2-135M's shapes: loramix checks them against its config
     wide = {name: (2 * o, i) for name, (o, i) in TINY_SHAPES.items()}
-    repos = {"alice/smol-lora-animals": dict(base=SMOL, seed=20), "bob/Smol-LoRA-colors": dict(base=SMOL + "/", seed=21),
-             "carol/smol-dora": dict(base=SMOL, config_extra={"use_dora": True}), LONG: dict(base=SMOL),
+    repos = {"alice/smol-lora-animals": dict(base=SMOL, seed=20, shapes=smol),
+             "bob/Smol-LoRA-colors": dict(base=SMOL + "/", seed=21, shapes=smol),
+             "carol/smol-dora": dict(base=SMOL, config_extra={"use_dora": True}, shapes=smol), LONG: dict(base=SMOL, shapes=smol),
              "dave/smol-lora-wide": dict(base=SMOL, shapes=wide), "frank/smol-lora-other": dict(base="other/model")}
     for i, (repo, kw) in enumerate(repos.items()):
         ad = write_adapter(tmp_path / "src" / repo, **kw)
@@ -180,7 +183,7 @@ def test_pull_base_refuses_bad_adapters_pins_revisions_and_resumes(tmp_path, bas
                                 "at most 128; no path)"
     assert status["carol__smol-dora"].startswith("refused: carol__smol-dora: adapter_config.json: field 'use_dora' is set: DoRA")
     assert status["dave__smol-lora-wide"] == ("refused: dave__smol-lora-wide: module 'model.layers.0.self_attn.k_proj' is [32, 32] "
-                                              "([out, in]) but alice__smol-lora-animals has [16, 32]")
+                                              f"([out, in]) but base model '{SMOL}' has [192, 576]")
     bank = Bank(tmp_path / "bank")
     assert [e.name for e in bank.entries] == ["alice__smol-lora-animals", "bob__Smol-LoRA-colors"] and bank.base_model == SMOL
     assert not any(e.has_data for e in bank.entries)  # public adapters come without their data

@@ -22,10 +22,11 @@ from typing import Any, BinaryIO
 import torch
 from safetensors.torch import save_file
 
+from .arguments import checked
 from .errors import LoramixError
 from .files import read_json
 from .peft_config import (_COMPOSED, _METADATA, _PLAIN_INITS, _REFUSED_FIELDS, _UNKNOWN_FIELD, CONFIG_FILE,
-                          applied_by_peft, check_config, pattern_value, resolve_targets)
+                          applied_by_peft, check_config, pattern_value, prematch, resolve_targets)
 
 log = logging.getLogger("loramix")
 
@@ -172,6 +173,7 @@ class LoraModule:
 class LoraAdapter:
     """A PEFT LoRA adapter folder, validated on open; tensor data is read per module by `factors`."""
 
+    @checked
     def __init__(self, path: str | Path, name: str | None = None, *, allow_pickle: bool = False):
         """`allow_pickle`: also read an adapter_model.bin, with torch.load(weights_only=True); refused otherwise."""
         self.path = Path(path)
@@ -203,7 +205,7 @@ class LoraAdapter:
                 raise self._fail(f"{CONFIG_FILE}: field '{field_name}' is set: {_REFUSED_FIELDS.get(field_name, _UNKNOWN_FIELD)}")
         if config.get("bias", "none") != "none":
             raise self._fail(f"{CONFIG_FILE}: field 'bias' is {config['bias']!r}: bias training is not composed, only 'none'")
-        if config.get("init_lora_weights", True) not in _PLAIN_INITS:
+        if config.get("init_lora_weights") is not None and config["init_lora_weights"] not in _PLAIN_INITS:  # null: no init
             raise self._fail(f"{CONFIG_FILE}: field 'init_lora_weights' is {config['init_lora_weights']!r}: only adapters "
                              f"over unchanged base weights are composed ({', '.join(map(str, _PLAIN_INITS))}); convert it to a plain LoRA first")
         for field_name in ("r", "lora_alpha"):
@@ -224,7 +226,9 @@ class LoraAdapter:
                 except ValueError as e:
                     raise self._fail(f"{WEIGHTS_FILE}: unreadable safetensors file ({e})") from None
                 self._check_unchanged(os.fstat(f.fileno()))  # the header read is that version's
-            key = (json.dumps(self.config, sort_keys=True), header, st.st_size)
+            # the config as written, not sorted: rank_pattern / alpha_pattern keys are tried in their order (the
+            # first that matches wins), so two configs that differ only in that order are two layouts
+            key = (json.dumps(self.config), header, st.st_size)
             if key not in _LAYOUTS:
                 try:
                     spans = _safetensors_spans(header, st.st_size)
@@ -258,6 +262,7 @@ class LoraAdapter:
         keys: dict[str, dict[str, str]] = {}
         dtypes = set()
         skipped, selected = set(), {}
+        prematch(self.config, sorted({m["module"] for k in tensors if (m := _KEY.match(k))}))
         for key, (shape, dtype_name) in sorted(tensors.items()):
             m = _KEY.match(key)
             if not m and _KEY.match(TENSOR_PREFIX + key):
@@ -267,9 +272,11 @@ class LoraAdapter:
                 raise self._fail(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear module")
             module, which = m["module"], m["which"]
             if module not in selected:
-                base = self.base_modules  # PEFT ignores tensors of modules its base does not have
+                # PEFT ignores tensors of modules its base does not have, and lora_A / lora_B weights of a module
+                # whose LoRA layer has other tensors (an embedding's are lora_embedding_A / _B)
+                base = self.base_modules
                 selected[module] = (applied_by_peft(self.config, module, self.name, base.output_layer if base else "lm_head")
-                                    and (base is None or module in base.kinds))
+                                    and (base is None or base.kinds.get(module) == "linear"))
             if not selected[module]:
                 skipped.add(module)
                 continue
@@ -290,6 +297,12 @@ class LoraAdapter:
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
                 raise self._fail(f"{source}: module '{name}': lora_A {a} and lora_B {b} are not [r, in] and [out, r]")
             rank = a[0]
+            # against the base the config names (none named: the base is not known, whatever base_modules assumes)
+            named = self.base_modules is not None and cfg.get("base_model_name_or_path") is not None
+            base_shape = self.base_modules.shapes.get(name) if named else None
+            if base_shape is not None and (b[0], a[1]) != base_shape:  # PEFT refuses it (size mismatch)
+                raise self._fail(f"module '{name}' is [{b[0]}, {a[1]}] ([out, in]) but base model {self.base_model!r} "
+                                 f"has {list(base_shape)}")
             if rank == 0:
                 raise self._fail(f"{source}: module '{name}' has rank 0")
             cfg_rank = pattern_value(cfg.get("rank_pattern"), name, cfg["r"], f"{self.name}: {CONFIG_FILE}: field 'rank_pattern'")
@@ -298,6 +311,17 @@ class LoraAdapter:
             alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"], f"{self.name}: {CONFIG_FILE}: field 'alpha_pattern'")
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             modules[name] = LoraModule(name, rank, float(scale), a[1], b[0])
+        base = self.base_modules
+        # false, or null (set: PEFT then skips initialising): PEFT leaves the A and B of a layer without tensors random
+        bare_init = "init_lora_weights" in cfg and cfg["init_lora_weights"] in (False, None)
+        if bare_init and base is not None:
+            bare = sorted(n for n, kind in base.kinds.items() if kind is not None and n not in shapes
+                          and applied_by_peft(cfg, n, self.name, base.output_layer))
+            if bare:
+                raise self._fail(f"{CONFIG_FILE}: field 'init_lora_weights' is {json.dumps(cfg['init_lora_weights'])} and module "
+                                 f"'{bare[0]}', which PEFT puts a LoRA layer on, has no tensors: PEFT gives it a random "
+                                 f"update; set init_lora_weights to true (its update is then zero) or leave the module out "
+                                 f"of target_modules")
         # one stored dtype is kept; a mix is read as float32 (float64 if any tensor is float64)
         stored = _TORCH_DTYPES[dtypes.pop()] if len(dtypes) == 1 else (torch.float64 if "F64" in dtypes else torch.float32)
         return _Layout(modules, {n: (keys[n]["A"], keys[n]["B"]) for n in modules}, spans, stored, frozenset(skipped))
@@ -306,8 +330,8 @@ class LoraAdapter:
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B [out, r]) of one module, as stored (dtype unchanged), read from disk now."""
         key_a, key_b = self._tensor_keys[module]
-        if self._pickled is not None:
-            return self._pickled[key_a], self._pickled[key_b]
+        if self._pickled is not None:  # copies: a caller changing them in place must not change later reads
+            return self._pickled[key_a].clone(), self._pickled[key_b].clone()
         a, b = (torch.empty(self._spans[k][3], dtype=_TORCH_DTYPES[self._spans[k][2]]) for k in (key_a, key_b))
         self.read_into(module, a, b)
         return a, b
@@ -490,13 +514,32 @@ class SafetensorsWriter:
             self._file.close()
 
 
+@checked
 def save_adapter(folder: str | Path, config: dict[str, Any], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Write a PEFT adapter into `folder`: `factors` maps module name -> (A [r, in], B [out, r])."""
+    """Write a PEFT adapter into `folder`: `factors` maps module name -> (A [r, in], B [out, r]), float tensors of
+    shapes that fit together; `config` must be JSON (no NaN or Infinity, which PEFT's reader refuses)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for module, (a, b) in factors.items():
-        tensors[f"{TENSOR_PREFIX}{module}.lora_A.weight"] = a.contiguous()
-        tensors[f"{TENSOR_PREFIX}{module}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise LoramixError(f"save_adapter(): config is not JSON ({e})") from None
+    tensors, storages = {}, set()
+    for module, (a, b) in sorted(factors.items()):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or 0 in (*a.shape, *b.shape):
+            raise LoramixError(f"save_adapter(): module '{module}': A {list(a.shape)} and B {list(b.shape)} are not "
+                               "[r, in] and [out, r]")
+        if a.dtype not in _SAFETENSORS_DTYPES or b.dtype not in _SAFETENSORS_DTYPES:
+            raise LoramixError(f"save_adapter(): module '{module}': factors must be float32, float16, bfloat16 or "
+                               f"float64, got {a.dtype} and {b.dtype}")
+        for which, t in (("A", a), ("B", b)):
+            t = t.detach().cpu().contiguous()
+            if t.untyped_storage().data_ptr() in storages:  # safetensors refuses tensors that share memory
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[f"{TENSOR_PREFIX}{module}.lora_{which}.weight"] = t
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        (folder / CONFIG_FILE).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise LoramixError(f"{e.filename or folder}: {e.strerror or e}") from None

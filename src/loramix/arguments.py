@@ -24,6 +24,13 @@ from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 from .errors import LoramixError
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_SEED = 2**63 - 1  # seeds go to numpy (non-negative) and torch (at most 2**64 - 1), some plus a small offset
+
+
+def check_seed(where: str, seed: Any) -> None:
+    """Refuse a seed numpy's and torch's generators cannot both take (negative, or beyond MAX_SEED)."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+        raise LoramixError(f"{where}seed must be in [0, {MAX_SEED}], got {seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +48,14 @@ class Range:
         if self.high is not None and value > self.high:
             return f"must be at most {self.high:,}, got {value!r}"
         return None
+
+
+def finite(value: Any) -> bool:
+    """Whether a real number is finite: an integer beyond a float's range is not (math.isfinite would raise)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def matches(value: Any, hint: Any) -> bool:
@@ -65,7 +80,7 @@ def matches(value: Any, hint: Any) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_"
     if hint is float:
         return (isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
-                and math.isfinite(value))
+                and finite(value))
     if hint is str:
         return isinstance(value, str)
     if hint is Path or (isinstance(hint, type) and issubclass(hint, os.PathLike)):
@@ -135,7 +150,7 @@ def _ranges(hint: Any) -> list[Range]:
 def check_value(where: str, name: str, value: Any, hint: Any) -> None:
     """Refuse `value` for argument / field `name` of `where` unless it fits `hint` (and its Range)."""
     if not matches(value, hint):
-        if isinstance(value, float) and not math.isfinite(value) and matches(0.0, hint):
+        if isinstance(value, (int, float)) and not finite(value) and matches(0.0, hint):
             raise LoramixError(f"{where}: {name} must be finite, got {value}")
         raise LoramixError(f"{where}: {name} must be {describe(hint)}, got {_shown(value)}")
     for r in _ranges(hint):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -84,7 +85,7 @@ class Bank:
                     log.warning("%s: a link that leads to no folder, skipped", sub.name)
                 continue
             if (why := not_utf8(sub.name)) is not None:
-                raise LoramixError(f"{sub.name}: the entry's folder name is not UTF-8 text ({why}); rename it")
+                raise LoramixError(f"{sub.name}: the entry's folder name {_unreadable(sub.name, why, 'rename it')}")
             data = sub / DATA_FILE
             if os.path.lexists(data) and not data.is_file():
                 raise LoramixError(f"{sub.name}: {DATA_FILE} is not a regular file")
@@ -133,7 +134,7 @@ def check_bank_path(path: Path) -> None:
     folder (a file, a FIFO), and a path that is not UTF-8 text (a byte of a non-UTF-8 name, which Python decodes to a
     lone surrogate: file formats, the index's keys and llama.cpp all need the path as text)."""
     if (why := not_utf8(str(path.absolute()))) is not None:
-        raise LoramixError(f"{path}: the bank path is not UTF-8 text ({why}); rename the folder")
+        raise LoramixError(f"{path}: the bank path {_unreadable(str(path.absolute()), why, 'rename the folder')}")
     if os.path.lexists(path) and not path.is_dir():
         raise LoramixError(f"{path}: is {'a file' if path.is_file() else 'not a folder'}, not a bank folder (a bank is a "
                            "folder of adapter folders)")
@@ -147,6 +148,18 @@ def not_utf8(text: str) -> str | None:
         c = ord(text[e.start])
         return f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
     return None
+
+
+def _unreadable(text: str, why: str, fix: str) -> str:
+    """What is wrong with a path (or name) `text` that is not Unicode text here: bytes that are not UTF-8 (`why`:
+    `fix` them), or UTF-8 bytes that Python decoded in another file system encoding (the C / POSIX locale without
+    UTF-8 mode: every non-ASCII byte of a name becomes a lone surrogate), which the user's environment fixes."""
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return f"is not UTF-8 text ({why}); {fix}"
+    return (f"is UTF-8 text, but this Python reads file names as {sys.getfilesystemencoding()} (a C / POSIX locale): run "
+            "loramix with PYTHONUTF8=1 or a UTF-8 locale (LC_ALL=C.UTF-8)")
 
 
 def has_entries(path: Path) -> bool:

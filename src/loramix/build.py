@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import zlib
 from dataclasses import replace
@@ -54,7 +55,10 @@ def build_bank(
     train.jsonl, on `engine` (see loramix.engine; each entry is written as soon as it is trained). Returns
     task -> 'trained' or 'kept' (already built with these settings and data)."""
     suite_dir = resolve_suite(suite)
-    names = list(tasks) if tasks else [t for t in suite_tasks(suite_dir) if t not in exclude]
+    names = list(dict.fromkeys(tasks)) if tasks else [t for t in suite_tasks(suite_dir) if t not in exclude]
+    for t in names:  # a task is a folder of the suite, and its entry a folder of OUT: a name, never a path
+        if t in ("", ".", "..") or Path(t).name != t or "/" in t or (os.altsep or "/") in t:
+            raise LoramixError(f"{t!r} is not a task name (a folder of the suite {suite_dir}, named without a path)")
     missing = [t for t in names if not (suite_dir / t / "train.jsonl").is_file()]
     if missing:
         raise LoramixError(f"{suite_dir}: no task(s) {', '.join(missing)}")

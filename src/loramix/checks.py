@@ -8,6 +8,13 @@ import types
 from typing import Any, Union, get_args, get_origin
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond a float's range
+        return False
+
+
 def fits(value: Any, hint: Any) -> bool:
     """Whether a JSON value has the type `hint` (str, int, float: finite, bool, None, unions, dict, list)."""
     origin, args = get_origin(hint), get_args(hint)
@@ -20,7 +27,7 @@ def fits(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if hint is str:
         return isinstance(value, str)
     if origin is dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -183,9 +184,10 @@ def train(
     record = run(data, out_dir, config, base=base, force=force)
     losses = record["loss"]
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
+    mean = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "-"  # noqa: E731
     out.print(styled(
         "wrote ", (str(out_dir), "bold"), f": {len(losses)} steps in {record['seconds']:.0f} s on {record['device']}, "
-        f"loss {sum(head) / len(head):.3f} -> {sum(tail) / len(tail):.3f}"
+        f"loss {mean(head)} -> {mean(tail)}"
     ))
 
 
@@ -214,7 +216,7 @@ def eval_(
         base_model = base if base is not None else base_model_of(adapter) if adapter is not None else None
         refuse_target(predictions, force=True, folder=False, inputs={"the data": data, "the adapter": adapter,
                                                                     "the base model": base_paths(base_model)})
-    dataset = read_dataset(data)
+    dataset = read_dataset(data, split="test")  # a save_to_disk DatasetDict's test split, as evaluate() reads it
     result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       runtime=runtime)
     preds = result.pop("predictions")
@@ -496,6 +498,7 @@ def try_(
     """Answer prompts with the base model and with base + ADAPTER, one after the other, streaming the tokens."""
     from .evaluate import answer_streams
 
+    prompt = [_as_utf8(text, sys.getfilesystemencoding()) for text in prompt or []]  # argv, decoded as file names are
     with answer_streams(adapter, base, runtime, max_new_tokens) as stream:
         def answer(text: str) -> None:
             for label in ("base", "adapter"):
@@ -512,12 +515,22 @@ def try_(
         out.print("type a prompt (empty line or Ctrl-D to quit)", style="dim")
         while True:
             try:
-                text = input("> ")
+                text = _as_utf8(input("> "), getattr(sys.stdin, "encoding", None) or "utf-8")
             except EOFError:
                 break
             if not text.strip():
                 break
             answer(text)
+
+
+def _as_utf8(text: str, encoding: str) -> str:
+    """`text` as the UTF-8 text its bytes are, where Python decoded them as `encoding` (argv and stdin in a C / POSIX
+    locale without UTF-8 mode: each non-ASCII byte a lone surrogate); bytes that are not UTF-8 are left as they were
+    read (and refused as no text: prompts.prompt_ids)."""
+    try:
+        return text.encode(encoding, "surrogateescape").decode("utf-8")
+    except (UnicodeError, LookupError):
+        return text
 
 
 @app.command()
@@ -537,6 +550,10 @@ def _terminated(signum: int, frame: Any) -> None:
 def main() -> None:
     """The `loramix` command: errors are one line on stderr and exit status 1 (a traceback only with --debug)."""
     _DEBUG[0] = debug_from_env()
+    for stream in (sys.stdout, sys.stderr):  # a terminal that is not UTF-8 (LC_ALL=C): text it cannot show is escaped
+        if not (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").startswith("utf"):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
     signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over (see loramix/__init__.py)
     signal.signal(signal.SIGTERM, _terminated)  # `kill`: cleans up as Ctrl-C does (SIGKILL's leftovers: files.clear_leftovers)
     try:

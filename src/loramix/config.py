@@ -10,6 +10,7 @@ from functools import cache
 from typing import Any, get_type_hints
 
 from .adapter import DTYPES
+from .arguments import check_seed
 from .checks import fits
 from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
@@ -136,6 +137,10 @@ class GenerateConfig:
             except ValueError:
                 raise LoramixError(f"rank must be an integer or 'full', got {self.rank!r}") from None
         composer.validate(self.rank)
+        check_seed("", self.seed)
+        for name in ("model", "probes", "base"):  # "" would be read as the current folder
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise LoramixError(f"{name} must name a model or file, got an empty string (None: the default)")
         _at_least("top-k", self.top_k, 1)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise LoramixError(f"temperature must be positive and finite, got {self.temperature}")
@@ -200,7 +205,7 @@ def _check_type(name: str, value: object, hint: Any, annotation: str) -> None:
     allows; a float must be finite."""
     if fits(value, hint):
         return
-    if isinstance(value, float) and not math.isfinite(value) and fits(0.0, hint):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not fits(value, float) and fits(0.0, hint):
         raise LoramixError(f"{name.replace('_', '-')} must be finite, got {value}")
     raise LoramixError(f"{name.replace('_', '-')} must be {annotation.replace('|', 'or')}, got "
                        f"{type(value).__name__} {value!r}")

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .arguments import checked
+from .arguments import check_seed, checked
 from .errors import LoramixError
 from .files import naming, parse_json, read_json
 
@@ -57,6 +57,19 @@ class Dataset:
     definition: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse what no reader makes: samples that are not a list of Sample, a source that is not a string."""
+        if isinstance(self.samples, tuple):
+            self.samples = list(self.samples)
+        if not isinstance(self.samples, list) or not all(isinstance(s, Sample) for s in self.samples):
+            raise LoramixError(f"Dataset: samples must be a list of Sample(input, outputs), got {type(self.samples).__name__}"
+                               + (f" holding {type(next(s for s in self.samples if not isinstance(s, Sample))).__name__}"
+                                  if isinstance(self.samples, list) else ""))
+        if not isinstance(self.source, str):
+            raise LoramixError(f"Dataset: source must be a string, got {type(self.source).__name__}")
+        if self.definition is not None and not isinstance(self.definition, str):
+            raise LoramixError(f"Dataset: definition must be a string or None, got {type(self.definition).__name__}")
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -75,6 +88,7 @@ class Dataset:
         """At most `max_samples` samples, drawn without replacement by a seeded RNG, in their original order."""
         if max_samples is None or len(self.samples) <= max_samples:
             return self
+        check_seed("subsample(): ", seed)
         keep = np.sort(np.random.default_rng(seed).choice(len(self.samples), size=max_samples, replace=False))
         return Dataset([self.samples[i] for i in keep], self.source, self.definition, dict(self.metadata))
 
@@ -206,11 +220,13 @@ def _records_hf(path: Path, split: str) -> Iterable[tuple[str, Any]]:
             raise LoramixError(f"{path}: split '{split}' has no folder")
     if _checked_split(folder) == 0:
         return
-    try:
+    damaged = (ValueError, OSError, KeyError, TypeError, IndexError, AttributeError, RuntimeError)  # what datasets
+    try:  # and pyarrow raise on a damaged state.json (a number where a string belongs: AttributeError) or arrow file
         ds = datasets.Dataset.load_from_disk(str(folder))
-    except (ValueError, OSError, KeyError, TypeError, IndexError) as e:  # a damaged state.json / arrow file
-        raise LoramixError(f"{path}: not a readable save_to_disk folder ({str(e).splitlines()[0][:200]})") from None
-    for i, row in enumerate(ds):
+        rows = list(ds)
+    except damaged as e:
+        raise LoramixError(f"{path}: not a readable save_to_disk folder ({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
+    for i, row in enumerate(rows):
         yield f"{path}[{i}]", row
 
 

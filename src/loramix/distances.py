@@ -12,6 +12,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
+from .arguments import check_seed
 from .errors import LoramixError
 from .progress import track
 from .registry import Registry
@@ -366,9 +367,34 @@ def _workers(workers: int | None) -> int:
     return max(1, workers or len(os.sched_getaffinity(0)))
 
 
+def _checked(dist: Distance, sigs: Sequence[np.ndarray], seed: int, where: str) -> None:
+    """Refuse signatures `dist` cannot compare (one line naming `where`): token ids are non-empty 1-D arrays of
+    non-negative integers; point clouds non-empty 2-D arrays of finite numbers, all of one dimension."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise LoramixError(f"{where}(): seed must be int, got {type(seed).__name__} {seed!r}")
+    check_seed(f"{where}(): ", int(seed))
+    dims = set()
+    for i, x in enumerate(sigs):
+        what = f"{where}(): signature {i}"
+        if not isinstance(x, np.ndarray):
+            raise LoramixError(f"{what} must be a numpy array, got {type(x).__name__}")
+        if dist.kind == "tokens":
+            if x.ndim != 1 or x.dtype.kind not in "iu" or not x.size or (x.dtype.kind == "i" and x.min() < 0):
+                raise LoramixError(f"{what}: distance '{dist.name}' compares token ids, a non-empty 1-D array of "
+                                   f"non-negative integers; got {x.dtype} {list(x.shape)}")
+        else:
+            if x.ndim != 2 or x.dtype.kind not in "iuf" or not x.shape[0] or not np.isfinite(x).all():
+                raise LoramixError(f"{what}: distance '{dist.name}' compares point clouds, a 2-D array [n >= 1, d] of "
+                                   f"finite numbers; got {x.dtype} {list(x.shape)}")
+            dims.add(x.shape[1])
+    if len(dims) > 1:
+        raise LoramixError(f"{where}(): the point clouds have different dimensions {sorted(dims)}")
+
+
 def distance_row(name: str, query: np.ndarray, refs: Sequence[np.ndarray], seed: int = 0) -> np.ndarray:
     """d(query, refs[j]) for every j: float64 [len(refs)]."""
     dist = DISTANCES.get(name)
+    _checked(dist, [query, *refs], seed, "distance_row")
     with _one_blas_thread():
         if dist.batch is not None:  # blocks of references on threads (block by block, as one row would)
             batch, n = dist.batch, len(refs)
@@ -387,6 +413,7 @@ def distance_matrix(name: str, sigs: Sequence[np.ndarray], seed: int = 0, worker
     distances run their rows on `workers` threads (default: the CPUs this process may use), each BLAS call on one
     thread: the values do not depend on `workers`."""
     dist = DISTANCES.get(name)
+    _checked(dist, sigs, seed, "distance_matrix")
     n = len(sigs)
     out = np.zeros((n, n))
     with _one_blas_thread():

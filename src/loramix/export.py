@@ -18,7 +18,7 @@ import torch
 from .adapter import DTYPES, LoraAdapter, cast_factors
 from .arguments import checked
 from .errors import LoramixError
-from .files import atomic_dir, base_paths, naming, publish, refuse_target
+from .files import atomic_dir, base_paths, hidden_stem, naming, publish, refuse_target
 
 # transformers architecture -> (gguf architecture, whether q/k rows are permuted to llama.cpp's rope layout)
 GGUF_ARCHS = {
@@ -116,7 +116,7 @@ def export_gguf(
         writer.add_tensor(f"{target}.lora_b", b.numpy())
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".tmp")  # one per run
+    fd, name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{hidden_stem(out_file.name)}.", suffix=".tmp")  # one per run
     os.close(fd)
     tmp = Path(name)
     try:
@@ -166,7 +166,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     """Merge the adapter into its base model's weights (PEFT merge_and_unload) and save a safetensors model folder
     (config, weights, tokenizer) that transformers loads without PEFT: base + adapter, nothing else (weights the base
     ties to an adapted one are untied first: `_untie_adapted`)."""
-    from .models import load_model, load_tokenizer, with_adapter
+    from .models import load_model, load_tokenizer, quiet_loading, with_adapter
 
     adapter = LoraAdapter(adapter_dir)  # validated before a model is loaded
     name = base if base is not None else adapter.base_model
@@ -174,7 +174,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     model = load_model(name)
     _untie_adapted(model, adapter, name)
     merged = with_adapter(model, adapter.path, name).merge_and_unload()
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force) as tmp, quiet_loading():  # no transformers progress bar of its own
         merged.save_pretrained(tmp)
         load_tokenizer(name).save_pretrained(tmp)
     return Path(out_dir)

@@ -53,7 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{hidden_stem(path.name)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -65,6 +65,21 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_STEM_BYTES = 200  # of an output's name kept in the hidden temporary names beside it (a name has at most 255 bytes)
+
+
+def hidden_stem(name: str) -> str:
+    """`name` as the hidden temporary names of its writes carry it: itself when short enough that they fit the file
+    system's 255 bytes, else its first characters and a digest of the whole (an output named with 240 bytes is
+    written, not refused as 'File name too long' naming a temporary file)."""
+    if len(os.fsencode(name)) <= _STEM_BYTES:
+        return name
+    cut = name[:_STEM_BYTES]
+    while len(os.fsencode(cut)) > _STEM_BYTES - 13:
+        cut = cut[:-1]
+    return f"{cut}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
 
 
 def parse_json(text: str | bytes, what: str) -> Any:
@@ -216,7 +231,7 @@ _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[A-Za-z0-9_]+\.(?P<kind>tm
 
 def _owned_dir(out: Path, suffix: str) -> tuple[Path, list[int]]:
     """A fresh hidden folder beside `out` named by this process, and [an open descriptor holding its lock]."""
-    path = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}-", suffix=suffix))
+    path = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{hidden_stem(out.name)}.{os.getpid()}-", suffix=suffix))
     fd = _lock(path)
     return path, [fd] if fd is not None else []
 
@@ -265,7 +280,7 @@ def clear_leftovers(folder: Path, name: str | None = None) -> list[str]:
         return cleared
     for path in candidates:
         m = _LEFTOVER.fullmatch(path.name)
-        if not m or (name is not None and m["name"] != name) or path.is_symlink() or not path.is_dir():
+        if not m or (name is not None and m["name"] != hidden_stem(name)) or path.is_symlink() or not path.is_dir():
             continue
         if _alive(int(m["pid"])):
             continue
@@ -276,10 +291,11 @@ def clear_leftovers(folder: Path, name: str | None = None) -> list[str]:
         except OSError:  # gone already (another run cleared it)
             continue
         try:
-            kept = path / m["name"]
-            if m["kind"] == "old" and kept.is_dir() and not os.path.lexists(folder / m["name"]):
-                with contextlib.suppress(OSError):
-                    os.rename(kept, folder / m["name"])  # the output the dead run had moved aside, put back
+            # the output the dead run had moved aside (under its full name: the folder's name may be its stem), put back
+            with contextlib.suppress(OSError):
+                kept = [p for p in path.iterdir() if hidden_stem(p.name) == m["name"]] if m["kind"] == "old" else []
+                if len(kept) == 1 and kept[0].is_dir() and not os.path.lexists(folder / kept[0].name):
+                    os.rename(kept[0], folder / kept[0].name)
             shutil.rmtree(path, ignore_errors=True)
             cleared.append(path.name)
         finally:

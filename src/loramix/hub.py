@@ -18,6 +18,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
+
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, read_config
 from .bank import DATA_FILE, Bank, BankEntry, check_bank_path, check_entries, has_entries
 from .data import Sample, read_dataset, to_sample, write_jsonl
@@ -159,6 +161,7 @@ def _pull(out: Path, jobs: Sequence[tuple[str, Fetch]], what: str) -> dict[str, 
                     continue
                 adapter_dir, samples, source = fetch()
                 entry = BankEntry(name, LoraAdapter(adapter_dir, name=name), None)
+                check_weights(entry.adapter)
                 check_entries(accepted + [entry])  # before anything is written
                 _write_entry(out / name, adapter_dir, samples, source)
             except LoramixError as e:  # one bad adapter or dataset leaves the others to pull
@@ -255,6 +258,14 @@ def pull_base(out: str | Path, base: str, *, limit: int | None = None, filters: 
     return _pull(Path(out), [(n, partial(_base_adapter, r, n, base)) for r, n in names.items()], "adapter")
 
 
+def check_weights(adapter: LoraAdapter) -> None:
+    """Refuse an adapter whose weights hold a NaN or an Inf (read module by module): in a bank it would make every
+    composition that reads it fail, so it is refused before it is written (LoraAdapter checks only the header)."""
+    for module in sorted(adapter.modules):
+        if not all(bool(torch.isfinite(t).all()) for t in adapter.factors(module)):
+            raise LoramixError(f"{adapter.name}: module '{module}' has NaN or Inf weights")
+
+
 def add_adapter(bank: str | Path, source: str, data: str | Path, *, name: str | None = None, force: bool = False) -> Path:
     """Add an adapter (a local folder or a hub model id) with its training data (any format loramix reads) to a
     bank, as BANK/<name>/. The bank must stay valid (same base model, compatible shapes), else nothing is kept.
@@ -263,7 +274,7 @@ def add_adapter(bank: str | Path, source: str, data: str | Path, *, name: str | 
     bank = Path(bank)
     check_bank_path(bank)
     if Path(source).is_dir():  # checked before the bank folder is made (inside the adapter, it would change it)
-        entry = safe_entry_name(name or Path(source).name)
+        entry = safe_entry_name(name or Path(source).resolve().name)  # '.', 'x/..': the folder's own name
         refuse_target(bank / entry, force=True, inputs={"the adapter": source, "the data": data})
     with _bank_write(bank, wait=120.0):
         return _add_adapter(bank, source, data, name=name, force=force)
@@ -295,12 +306,13 @@ def _bank_write(bank: Path, *, wait: float):
 def _add_adapter(bank: Path, source: str, data: str | Path, *, name: str | None, force: bool) -> Path:
     local = Path(source)
     adapter_dir = local if local.is_dir() else _snapshot(source, allow=[CONFIG_FILE, WEIGHTS_FILE])
-    entry = safe_entry_name(name or (local.name if local.is_dir() else source.rsplit("/", 1)[-1]))
+    entry = safe_entry_name(name or (local.resolve().name if local.is_dir() else source.rsplit("/", 1)[-1]))
     if (bank / entry).exists() and not force:
         raise LoramixError(f"{bank / entry}: the bank already has an entry '{entry}' (use --force to replace it)")
     refuse_target(bank / entry, force=True, inputs={"the adapter": adapter_dir, "the data": data})
     dataset = read_dataset(data)
     new = BankEntry(entry, LoraAdapter(adapter_dir, name=entry), None)
+    check_weights(new.adapter)
     others = [e for e in Bank(bank).entries if e.name != entry] if has_entries(bank) else []
     check_entries(others + [new])  # before anything is written
     record = {"adapter": str(local.resolve()) if local.is_dir() else source, "data": str(data)}

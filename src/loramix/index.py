@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .adapter import WEIGHTS_FILE
+from .arguments import checked
 from .bank import Bank, BankEntry
 from .data import Dataset, Sample
 from .distances import aligned, distance_matrix, distance_row, get_distance
@@ -270,6 +271,7 @@ def base_identity(name: str | None) -> str | None:
 class BankIndex:
     """Cached signatures, distance matrices and trained operators of one bank's usable entries."""
 
+    @checked
     def __init__(self, bank: Bank):
         self.bank = bank
         self.dir = bank.index_dir
@@ -308,6 +310,7 @@ class BankIndex:
         spec = self.resolve(spec)
         return {e.name: fetch(self._signature_stem(spec, e), "npy") is not None for e in self.bank.usable}
 
+    @checked
     def signatures(self, spec: SignatureSpec, engine: str = "local") -> list[np.ndarray]:
         """Signatures of the bank's usable entries (in `bank.usable` order) from their train.jsonl, computing missing
         ones on `engine` and caching each as soon as it is known."""
@@ -412,6 +415,8 @@ class BankIndex:
         """How entries are signed under the option `mode` (ENTRY_SIGNATURES): 'data', 'probes' or 'mixed' (data where
         an entry has it, probe answers aligned onto the data distances elsewhere: `distances.aligned`). 'auto' is
         'data' when every entry has data, 'probes' when fewer than MIN_ALIGNED do, else 'mixed'."""
+        if mode not in ("auto", "data", "probes", "mixed"):
+            raise LoramixError(f"entry signatures must be one of auto, data, probes, mixed, got {mode!r}")
         if mode != "auto":
             return mode
         usable = len(self.bank.usable)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .arguments import checked
+from .arguments import check_seed
+from .arguments import finite as finite_number
 from .bank import Bank, BankEntry
 from .errors import LoramixError
 from .progress import track
@@ -27,8 +29,9 @@ from .registry import Registry
 
 def softmin(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """exp(-s / T) / sum exp(-s / T) over the finite entries of `scores` [n]; +inf entries get 0."""
-    if temperature <= 0:
-        raise LoramixError(f"temperature must be positive, got {temperature}")
+    if not (isinstance(temperature, (int, float, np.integer, np.floating)) and not isinstance(temperature, (bool, np.bool_))
+            and finite_number(temperature) and temperature > 0):
+        raise LoramixError(f"temperature must be positive and finite, got {temperature!r}")
     scores = np.asarray(scores, dtype=np.float64)
     finite = np.isfinite(scores)
     if not finite.any():
@@ -40,6 +43,8 @@ def softmin(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def keep_top_k(c: np.ndarray, k: int | None) -> np.ndarray:
     """The k largest coefficients renormalised to sum 1, the rest 0 (ties go to the lower index)."""
+    if k is not None and (isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer))):
+        raise LoramixError(f"top-k must be a whole number, got {type(k).__name__} {k!r}")
     if k is None or k >= np.count_nonzero(c):
         return c
     if k < 1:
@@ -204,10 +209,40 @@ class ScalarMLP(Operator):
         """The operator `to_bytes` wrote."""
         from safetensors.numpy import load
 
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: length, JSON header
-        op = cls(load(data))
-        op.history = json.loads((header.get("__metadata__") or {}).get("history", "[]"))
+        if not isinstance(data, (bytes, bytearray)):
+            raise LoramixError(f"{cls.__name__}.from_bytes(): expected bytes, got {type(data).__name__}")
+        try:
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: length, JSON header
+            op = cls(load(bytes(data)))
+            op.history = json.loads((header.get("__metadata__") or {}).get("history", "[]"))
+        except Exception as e:  # noqa: BLE001 - not bytes to_bytes wrote: JSON, safetensors or the MLP's shapes
+            raise LoramixError(f"{cls.__name__}.from_bytes(): not a fitted operator's bytes "
+                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
         return op
+
+
+def _fit_inputs(distances: Any, gram: Any, epochs: Any, lr: Any, seed: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, gram) as float64 [n, n] for Neural.fit, or one LoramixError: square matrices of one size, distances
+    finite or +inf off the diagonal, a finite Gram matrix; epochs a whole number >= 0, lr positive and finite."""
+    try:
+        d = np.array(distances, dtype=np.float64)
+        g = np.array(gram, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise LoramixError(f"Neural.fit(): distances and gram must be numbers ({e})") from None
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or g.shape != d.shape:
+        raise LoramixError(f"Neural.fit(): distances and gram must be square and of one size, got {list(d.shape)} and "
+                           f"{list(g.shape)}")
+    off = ~np.eye(len(d), dtype=bool)
+    if np.isnan(d[off]).any() or np.isneginf(d[off]).any() or not np.isfinite(g).all():
+        raise LoramixError("Neural.fit(): distances must be finite or +inf off the diagonal, and gram finite")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise LoramixError(f"Neural.fit(): epochs must be a whole number of at least 0, got {epochs!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not finite_number(lr) or lr <= 0:
+        raise LoramixError(f"Neural.fit(): lr must be a positive finite number, got {lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise LoramixError(f"Neural.fit(): seed must be int, got {seed!r}")
+    check_seed("Neural.fit(): ", int(seed))
+    return d, g
 
 
 @OPERATORS.register("neural")
@@ -224,10 +259,11 @@ class Neural(ScalarMLP):
         Full-batch Adam (the paper: lr 1e-3, 40 epochs). Returns self; `history` holds the loss per epoch."""
         import torch
 
+        distances, gram = _fit_inputs(distances, gram, epochs, lr, seed)
         n = len(distances)
         self._reset(n, seed)
         z = torch.as_tensor(_offdiagonal_z(distances))
-        g = torch.as_tensor(np.asarray(gram, dtype=np.float64))
+        g = torch.as_tensor(gram)
         g = g / g.diagonal().mean()
         eye = torch.eye(n, dtype=torch.float64)
         opt = torch.optim.Adam(self.mlp.parameters(), lr=lr)
@@ -297,9 +333,27 @@ class AnswerTrained(ScalarMLP):
         return self
 
 
+def _distance_row(distances: Any) -> np.ndarray:
+    """A distance row as float64 [n]: finite numbers or +inf (excluded); anything else refused in one line."""
+    if isinstance(distances, np.ndarray) and distances.dtype.kind not in "biuf":
+        raise LoramixError(f"coefficients(): distances must hold numbers, got an array of {distances.dtype}")
+    if not isinstance(distances, np.ndarray) and any(isinstance(x, (bool, np.bool_)) or not isinstance(
+            x, (int, float, np.integer, np.floating)) for x in distances):
+        raise LoramixError("coefficients(): distances must be numbers (+inf excludes an entry)")
+    try:
+        d = np.array(distances, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LoramixError(f"coefficients(): distances must be numbers ({e})") from None
+    if d.ndim != 1:
+        raise LoramixError(f"coefficients(): distances must be one row [n], got shape {list(d.shape)}")
+    if np.isnan(d).any() or np.isneginf(d).any():
+        raise LoramixError(f"coefficients(): distances must be finite or +inf (excluded), got {d[np.isnan(d) | np.isneginf(d)][0]}")
+    return d
+
+
 @checked
 def coefficients(
-    distances: np.ndarray | Sequence[float],
+    distances: np.ndarray | Sequence[Any],  # numbers, +inf excluding an entry (_distance_row)
     operator: str | Operator = "normalized",
     *,
     temperature: float = 1.0,
@@ -309,9 +363,10 @@ def coefficients(
     op = OPERATORS.get(operator)() if isinstance(operator, str) else operator
     if op.trainable and isinstance(operator, str):
         raise LoramixError(f"operator '{operator}' must be fitted on a bank first (Neural().fit or the bank index)")
-    return op.coefficients(distances, temperature, top_k)
+    return op.coefficients(_distance_row(distances), temperature, None if top_k is None else int(top_k))
 
 
+@checked
 def gram_matrix(bank: Bank, entries: Sequence[BankEntry], space: str = "updates") -> np.ndarray:
     """G[i, j] = <W_i, W_j> over all modules, float64 [n, n]. space='params': W is the flattened lora_A and
     lora_B tensors (the paper's); 'updates': W is the updates s B A (computed from r x r products)."""
@@ -326,6 +381,9 @@ def gram_matrix(bank: Bank, entries: Sequence[BankEntry], space: str = "updates"
         if not rows:
             continue
         factors = [e.adapter.factors(module) for _, e in rows]
+        for (_, e), (a, b) in zip(rows, factors):  # a NaN would make the whole matrix NaN, silently
+            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+                raise LoramixError(f"{e.name}: module '{module}' has NaN or Inf weights")
         idx = [i for i, _ in rows]
         if space == "params":
             flat = torch.stack([torch.cat([a.double().flatten(), b.double().flatten()]) for a, b in factors])

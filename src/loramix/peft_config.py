@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -67,7 +67,10 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float (not a bool; an integer beyond a float's range is not: PEFT's alpha / r overflows)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return abs(v) <= sys.float_info.max
+    return isinstance(v, float) and math.isfinite(v)
 
 
 def _names(v: Any) -> bool:
@@ -135,6 +138,11 @@ def match(expr: str, text: str, what: str, *, full: bool = True) -> dict[str, st
     (LoramixError naming `what`)."""
     pattern(expr, what)
     try:
+        if (expr, text, full) in _PREMATCHED:  # matched ahead in one child Python (`prematch`, off the main thread)
+            found = _PREMATCHED[(expr, text, full)]
+            if found == "timeout":
+                raise TimeoutError
+            return found
         return _match(expr, text, full)
     except TimeoutError:
         raise LoramixError(f"{what}: the regular expression {expr!r} takes more than {PATTERN_SECONDS} s to match "
@@ -187,6 +195,62 @@ def _match_in_child(expr: str, text: str, full: bool) -> dict[str, str] | None:
     if done.returncode:
         raise LoramixError(f"the regular expression {expr!r} could not be matched: {done.stderr.strip()[-200:]}")
     return json.loads(done.stdout)
+
+
+_PREMATCHED: dict[tuple[str, str, bool], Any] = {}  # (expr, text, full) -> groupdict, None, or "timeout"
+_CHILD_MANY = """import json, re, signal, sys
+class Expired(Exception):
+    pass
+def expire(*_):
+    raise Expired
+signal.signal(signal.SIGALRM, expire)
+out = []
+for expr, text, full in json.load(sys.stdin):
+    signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
+    try:
+        m = (re.fullmatch if full else re.match)(expr, text)
+        out.append(None if m is None else m.groupdict())
+    except Expired:
+        out.append("timeout")
+        break
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+json.dump(out, sys.stdout)"""
+
+
+def prematch(config: dict[str, Any], modules: Any) -> None:
+    """Off the main thread, where each bounded match would start a child Python of its own (`_match_in_child`): match
+    every regular expression of `config` that `applied_by_peft` and `pattern_value` use against every module name
+    in one child Python, each match bounded by PATTERN_SECONDS there, and keep the answers for `match`. Expressions
+    that do not compile are left to `match` (which refuses them)."""
+    if threading.current_thread() is threading.main_thread() or not hasattr(signal, "setitimer"):
+        return
+    exprs: list[tuple[str, bool]] = []
+    for field_name in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(field_name), str):
+            exprs.append((config[field_name], True))
+    layer_names = config.get("layers_pattern") or []
+    exprs += [(rf"(?:^|.*?\.){key}\.(?P<idx>\d+)\.", False) for key in ([layer_names] if isinstance(layer_names, str) else layer_names)]
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        exprs += [(rf"(.*\.)?({key})$", False) for key in (config.get(field_name) or {})]
+    todo = []
+    for expr, full in dict.fromkeys(exprs):
+        try:
+            pattern(expr, "")
+        except LoramixError:
+            continue
+        todo += [(expr, m, full) for m in modules if (expr, m, full) not in _PREMATCHED]
+    if not todo:
+        return
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", _CHILD_MANY, str(PATTERN_SECONDS)], input=json.dumps(todo),
+                              capture_output=True, text=True, timeout=PATTERN_SECONDS * len(todo) + 10.0)
+        answers = json.loads(done.stdout) if done.returncode == 0 else []
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        return  # `match` answers one at a time
+    if len(_PREMATCHED) > 1_000_000:
+        _PREMATCHED.clear()
+    _PREMATCHED.update(zip(todo, answers))
 
 
 def check_config(config: Any, name: str) -> dict[str, Any]:
@@ -283,6 +347,7 @@ class BaseModules:
     model_type: str
     output_layer: str
     kinds: dict[str, str | None]
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # linear modules' [out, in], as PEFT sizes A, B
 
 
 def resolve_targets(config: dict[str, Any], name: str) -> tuple[dict[str, Any], BaseModules | None]:
@@ -324,6 +389,7 @@ def _refused_on(config_json: str, name: str) -> str | None:
     config = json.loads(config_json)
     base = config.get("base_model_name_or_path")
     modules = base_modules(base)
+    prematch(config, list(modules.kinds))
     chosen = [n for n in modules.kinds if applied_by_peft(config, n, name, modules.output_layer)]
     if not chosen:
         return f"selects no module of base model {base!r}"
@@ -370,4 +436,7 @@ def _built(config: Any) -> BaseModules:
         m, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)) else None
         for n, m in model.named_modules() if n}
     output = next((n for n, m in model.named_modules() if m is head), "lm_head") if head is not None else "lm_head"
-    return BaseModules(config.model_type, output, kinds)
+    # [out, in] of each linear module: nn.Linear's weight is [out, in], transformers' Conv1D's [in, out]
+    shapes = {n: (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (m.weight.shape[1], m.weight.shape[0])
+              for n, m in model.named_modules() if n and kinds.get(n) == "linear"}
+    return BaseModules(config.model_type, output, kinds, shapes)

@@ -115,6 +115,13 @@ def _read_paths(config: GenerateConfig, bank: Path, data: str | Path | None, ope
             "the model": base_paths(config.model) if config.model is not None else None}
 
 
+def _refuse_empty_paths(where: str, **paths: Any) -> None:
+    """Refuse a path given as an empty string, which Path reads as the current folder."""
+    for name, value in paths.items():
+        if isinstance(value, str) and not value.strip():
+            raise LoramixError(f"{where}(): {name} is an empty path")
+
+
 @checked
 def generate(
     bank: str | Path | Bank,
@@ -130,6 +137,7 @@ def generate(
     loramix.json). Settings come from `config`, with keyword overrides (e.g. `top_k=8`). `allow_pickle`: see Bank.
     Every choice is checked against the bank before any signature is computed."""
     config = _configure(config, overrides)
+    _refuse_empty_paths("generate", bank=bank, data=data, out=out)
     seconds: dict[str, float] = {}
     stage = partial(_timed, seconds)
     with stage("open"):
@@ -384,6 +392,7 @@ def leave_one_out(
     loramix.json), in one pass over the bank's tensors: each module of every entry is read once, however many
     outputs use it. Returns the coefficient matrix [usable, weighted] (`meta.loo_coefficients`)."""
     config = _configure(config, overrides)
+    _refuse_empty_paths("leave_one_out", bank=bank, out=out)
     bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
     # OUT may exist: it holds one folder per entry
     refuse_target(out, force=True, inputs=_read_paths(config, bank.path, None, bank))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .checks import fits
+from .arguments import checked
 from .errors import LoramixError
 from .files import read_json
 from .signatures import SignatureSpec
@@ -176,6 +177,7 @@ _NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "
            "refine": RefineInfo, "check": CheckInfo, "check_plan": CheckPlan, "finetune": FinetuneInfo}
 
 
+@checked
 def read_report(adapter_dir: str | Path) -> Report:
     """The loramix.json of a generated adapter."""
     path = Path(adapter_dir) / REPORT_FILE

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from .arguments import check_fields
+from .arguments import check_fields, check_seed, checked
 from .data import Dataset
 from .errors import LoramixError
 from .registry import Registry
@@ -38,6 +38,10 @@ class SignatureSpec:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        for name in ("max_samples", "seed"):  # a numpy integer is the int it holds (the key is JSON)
+            if isinstance(getattr(self, name), np.integer):
+                object.__setattr__(self, name, int(getattr(self, name)))
+        check_seed("SignatureSpec: ", self.seed)
         if self.max_samples is not None and self.max_samples < 1:
             raise LoramixError(f"max-samples must be at least 1, got {self.max_samples}")
 
@@ -72,6 +76,7 @@ class Signer:
 SIGNATURES: Registry[type[Signer]] = Registry("signature")
 
 
+@checked
 def make_signer(spec: SignatureSpec) -> Signer:
     return SIGNATURES.get(spec.method)(spec)
 

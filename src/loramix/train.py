@@ -107,7 +107,7 @@ def train(
             elapsed = time.perf_counter() - start
             if step == max(config.warmup, 1):
                 total = min(total, max(step + 1, int(config.budget / (elapsed / step))))
-            if step >= total or elapsed > config.budget:
+            if step > 0 and (step >= total or elapsed > config.budget):  # at least one step, as --max-tokens
                 break
         batch = SharedBatch.of([encoded[i] for i in picked], pad).to(device)  # the shared prompt prefix runs once
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -3,11 +3,10 @@ without importing the training stack."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 from .adapter import DTYPES
-from .arguments import check_fields
+from .arguments import check_fields, check_seed, finite
 from .errors import LoramixError
 
 
@@ -45,7 +44,7 @@ class TrainConfig:
             return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
         def positive(x: object, allow_zero: bool = False) -> bool:
-            return (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            return (isinstance(x, (int, float)) and not isinstance(x, bool) and finite(x)
                     and (x > 0 or (allow_zero and x == 0)))
 
         checks = [
@@ -68,6 +67,7 @@ class TrainConfig:
             if not ok:
                 raise LoramixError(f"{name} must be {want}, got {value!r}")
         check_fields(self)
+        check_seed("TrainConfig: ", self.seed)
 
     def as_record(self) -> dict:
         """The settings as training.json records them (`budget` and `max_tokens` only when set, so older records

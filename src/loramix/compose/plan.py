@@ -3,7 +3,6 @@ method, every output module's rank and scale, the output dtype and adapter_confi
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from ..adapter import DTYPES, TENSOR_PREFIX, LoraModule, applied_by_peft, layer_of, lora_config
-from ..arguments import checked
+from ..arguments import checked, finite
 from ..bank import Bank, BankEntry
 from ..errors import LoramixError
 from .methods import COMPOSERS, Composer, LoraFactors, Rank, Term
@@ -74,6 +73,8 @@ def plan(bank: Bank, coefficients: dict[str, Any], *, method: str = "exact", ran
         dtype = DTYPES[dtype]
     elif dtype is not None and dtype not in (*DTYPES.values(), torch.float64):
         raise LoramixError(f"dtype must be one of {', '.join(DTYPES)} (or a torch.dtype), got {dtype}")
+    if isinstance(rank, np.integer):  # a numpy integer is the int it holds
+        rank = int(rank)
     cls = COMPOSERS.get(method)
     cls.validate(rank)
     every = [coefficients, *(layers or {}).values()]
@@ -82,8 +83,12 @@ def plan(bank: Bank, coefficients: dict[str, Any], *, method: str = "exact", ran
         raise LoramixError(f"coefficients name entries not in the bank: {', '.join(sorted(unknown))}")
     for c in every:
         for name, x in c.items():
-            if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)) or not math.isfinite(x):
+            if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.floating, np.integer)) or not finite(x):
                 raise LoramixError(f"the coefficient of '{name}' must be a finite number, got {x!r}")
+    # plain floats from here on: a numpy scalar would carry its own precision into the products
+    coefficients = {name: float(x) for name, x in coefficients.items()}
+    layers = {int(k): {name: float(x) for name, x in c.items()} for k, c in layers.items()} if layers is not None else None
+    every = [coefficients, *(layers or {}).values()]
     active = [e for e in bank.entries if any(c.get(e.name, 0.0) != 0.0 for c in every)]
     if not active and not allow_zero:
         raise LoramixError("every coefficient is zero: nothing to compose")
