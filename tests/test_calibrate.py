@@ -52,6 +52,11 @@ def test_calibration_scores_every_candidate_on_held_out_entries(tiny_bank, tiny_
     # cached with the bank index: the same object back without the model
     again = calibrate(tiny_bank, cfg, examples=4, candidates=GRID)
     assert again.loss == cal.loss and again.best == cal.best
+    # more examples than any entry has: what is used is recorded, and two such requests are one calibration
+    most = max(len(e.dataset()) for e in tiny_bank.usable)
+    beyond = calibrate(tiny_bank, cfg, examples=most + 100, candidates=GRID, model=model, tokenizer=tok)
+    assert beyond.examples == most
+    assert calibrate(tiny_bank, cfg, examples=most + 500, candidates=GRID).loss == beyond.loss
     assert cal.select([0, 1]) == GRID[int(np.argmin(cal.ratios()[[0, 1]].mean(0)))]
 
 

@@ -139,6 +139,7 @@ def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int
     entries = bank.usable
     if len(entries) < 3:
         raise LoramixError(f"{bank.path}: calibration needs at least 3 bank entries with data, found {len(entries)}")
+    examples = min(examples, max(len(e.dataset()) for e in entries))  # what is used: recorded, and compared
     stem = index.dir / "calibration" / _key(index, config, candidates)
     cached = _read(stem)
     if cached is not None and cached.examples == examples and not force:

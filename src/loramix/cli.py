@@ -60,9 +60,10 @@ def _cli_type(f: dataclasses.Field) -> Any:
     return Optional[args[0]] if args else hint
 
 
-def config_options(names: Sequence[str] | None = None):
+def config_options(names: Sequence[str] | None = None, derive: Any = None):
     """Decorator: the command gains one option per GenerateConfig field (`names`, default every method field),
-    with the field's flag, default and help text, and receives them as `config: GenerateConfig`."""
+    with the field's flag, default and help text, and receives them as `config: GenerateConfig`. `derive(fields,
+    kwargs)`: more GenerateConfig fields, from those and the command's other options."""
     chosen = [f for f in dataclasses.fields(GenerateConfig) if (f.name in names if names else True)]
 
     def wrap(fn):
@@ -78,7 +79,8 @@ def config_options(names: Sequence[str] | None = None):
 
         @functools.wraps(fn)
         def command(**kwargs):
-            config = GenerateConfig(**{f.name: kwargs.pop(f.name) for f in chosen})
+            values = {f.name: kwargs.pop(f.name) for f in chosen}
+            config = GenerateConfig(**values, **(derive(values, kwargs) if derive else {}))
             return fn(config=config, **kwargs)
 
         command.__signature__ = sig.replace(parameters=params)
@@ -202,6 +204,7 @@ def eval_(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (rougeL, exact_match, contains, n, ...)."),
     predictions: Optional[Path] = typer.Option(None, help="Also write each input, prediction and references as JSONL here."),
     runtime: RuntimeOpt = "auto",
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Greedy generation on DATA, scored with ROUGE-L, exact match and containment (best over references)."""
     import json
@@ -218,7 +221,7 @@ def eval_(
                                                                     "the base model": base_paths(base_model)})
     dataset = read_dataset(data, split="test")  # a save_to_disk DatasetDict's test split, as evaluate() reads it
     result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      runtime=runtime)
+                      runtime=runtime, allow_pickle=allow_pickle)
     preds = result.pop("predictions")
     if predictions is not None:
         write_predictions(predictions, dataset, preds)
@@ -253,8 +256,21 @@ def bank_build(
     out.print(styled("bank ", (str(out_dir), "bold"), f": {len(status)} entries, {trained} trained, {len(status) - trained} kept"))
 
 
+def _index_distance(values: dict, kwargs: dict) -> dict:
+    """`bank index`'s distance: --distance when given, else (no distance is computed) the default, or the first
+    distance for the kind of --signature where the default compares another (`--signature unigram` alone)."""
+    if kwargs.get("distance"):
+        return {"distance": kwargs["distance"]}
+    from .distances import DISTANCES
+    from .signatures import SIGNATURES
+
+    kind = SIGNATURES.get(values["signature"]).kind
+    return {} if DISTANCES.get(D.distance).kind == kind else {
+        "distance": next(n for n in DISTANCES.names() if DISTANCES.get(n).kind == kind)}
+
+
 @bank_app.command("index")
-@config_options(["signature", "model", "max_samples", "seed", "entry_signatures", "probes"])
+@config_options(["signature", "model", "max_samples", "seed", "entry_signatures", "probes"], derive=_index_distance)
 def bank_index(
     bank: Path = typer.Argument(..., help="Bank folder."),
     distance: Optional[str] = typer.Option(None, help="Also compute the bank's distance matrix for this distance."),
@@ -494,12 +510,13 @@ def try_(
     base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's own); a GGUF file runs on llama.cpp."),
     max_new_tokens: int = typer.Option(64, min=1, max=MAX_ANSWER_TOKENS, help="Longest answer (tokens)."),
     runtime: RuntimeOpt = "auto",
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """Answer prompts with the base model and with base + ADAPTER, one after the other, streaming the tokens."""
     from .evaluate import answer_streams
 
     prompt = [_as_utf8(text, sys.getfilesystemencoding()) for text in prompt or []]  # argv, decoded as file names are
-    with answer_streams(adapter, base, runtime, max_new_tokens) as stream:
+    with answer_streams(adapter, base, runtime, max_new_tokens, allow_pickle=allow_pickle) as stream:
         def answer(text: str) -> None:
             for label in ("base", "adapter"):
                 out.print(styled((f"{label}:", "bold"), " "), end="")

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Iterator, Sequence
 
 import torch
 
-from .adapter import LoraAdapter, base_model_of
+from .adapter import PICKLE_FILE, WEIGHTS_FILE, LoraAdapter, base_model_of
+from .errors import LoramixError
 from .arguments import Range, checked
 from .files import atomic_write_bytes, naming
 from .data import Dataset, Sample, read_dataset
@@ -101,7 +102,8 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
 
 
 @contextmanager
-def answer_streams(adapter: str | Path, base: str | None, runtime: str = "auto", max_new_tokens: int = 64) -> Iterator[Any]:
+def answer_streams(adapter: str | Path, base: str | None, runtime: str = "auto", max_new_tokens: int = 64, *,
+                   allow_pickle: bool = False) -> Iterator[Any]:
     """A function `stream(text, with_adapter) -> iterator of text pieces`: the greedy answer to `text` (a user turn in
     the chat template) of the base (`with_adapter` False) or base + `adapter`, as its tokens come, on `runtime`
     (runtime.choose_runtime). The base is loaded once for the block."""
@@ -113,13 +115,13 @@ def answer_streams(adapter: str | Path, base: str | None, runtime: str = "auto",
     if choose_runtime(resolve_base(base), runtime) == "llama.cpp":
         from .runtime.llamacpp import Lora, gguf_lora, open_base
 
-        with gguf_lora(adapter, base) as path, open_base(base) as engine:
+        with gguf_lora(adapter, base, allow_pickle=allow_pickle) as path, open_base(base) as engine:
             yield lambda text, with_adapter: engine.stream(text, lora=Lora(path) if with_adapter else None,
                                                            max_new_tokens=max_new_tokens)
         return
     from transformers import TextIteratorStreamer
 
-    model, tokenizer = load_for_eval(base, adapter)
+    model, tokenizer = load_for_eval(base, adapter, allow_pickle=allow_pickle)
 
     def stream(text: str, with_adapter: bool) -> Iterator[str]:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -173,16 +175,36 @@ def write_predictions(path: str | Path, dataset: Dataset, predictions: list[str]
         atomic_write_bytes(target.resolve() if target.is_symlink() else target, text.encode("utf-8"))
 
 
-def load_for_eval(base: str | None, adapter: str | Path | None = None) -> tuple[Any, Any]:
+def refuse_pickle(adapter: str | Path | None, allow_pickle: bool) -> None:
+    """PEFT reads an adapter's adapter_model.bin (a pickle) where it has no adapter_model.safetensors: as every reader of
+    loramix, only with `allow_pickle` (--allow-pickle)."""
+    folder = Path(adapter) if adapter is not None else None
+    if folder is not None and not allow_pickle and (folder / PICKLE_FILE).is_file() and not (folder / WEIGHTS_FILE).is_file():
+        raise LoramixError(f"{folder.name or folder}: {PICKLE_FILE} is a pickle and is not loaded by default (--allow-pickle "
+                           "loads it with weights_only=True)")
+
+
+def load_for_eval(base: str | None, adapter: str | Path | None = None, *, allow_pickle: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer): the base, with the PEFT adapter loaded on top when given (any adapter PEFT loads, even
-    one loramix cannot compose). `base` None means the adapter's own base model, else the default base."""
+    one loramix cannot compose; a pickled one only with `allow_pickle`, and then as plain tensors). `base` None means
+    the adapter's own base model, else the default base."""
+    import pickle
+    import warnings
+
+    refuse_pickle(adapter, allow_pickle)
     if base is None and adapter is not None:
         base = base_model_of(adapter)
     tokenizer = load_tokenizer(base)
     tokenizer.padding_side = "left"
     model = load_model(base)
     if adapter is not None:
-        model = with_adapter(model, adapter, base).eval()
+        try:
+            with warnings.catch_warnings():  # the weights-only unpickler's notes on the pickle protocol
+                warnings.simplefilter("ignore", UserWarning)
+                model = with_adapter(model, adapter, base).eval()
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused what is not plain tensors
+            why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+            raise LoramixError(f"{Path(adapter).name}: {PICKLE_FILE}: not loadable as plain tensors ({why})") from None
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model, tokenizer
@@ -224,12 +246,16 @@ def evaluate(
     model: Any = None,
     tokenizer: Any = None,
     runtime: str = "auto",
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Generate for the first `limit` records of `data` and score them. Pass `model` / `tokenizer` to reuse
     a loaded model; otherwise the base (and adapter) are loaded on `runtime` (runtime.choose_runtime: 'auto' runs a
     GGUF base on llama.cpp, the adapter applied as a GGUF LoRA). Returns rougeL, exact_match, contains, n,
-    seconds, the runtime and the predictions."""
+    seconds, the runtime and the predictions. `allow_pickle`: also load an adapter_model.bin (weights only)."""
     from .runtime import choose_runtime, resolve_base
+
+    if model is None:
+        refuse_pickle(adapter, allow_pickle)
 
     dataset = data if isinstance(data, Dataset) else read_dataset(data, split="test")
     if limit is not None:
@@ -239,10 +265,10 @@ def evaluate(
     kind = "torch" if model is not None else choose_runtime(resolve_base(base), runtime)
     inputs = [s.input for s in dataset]
     if kind == "llama.cpp":
-        predictions, seconds = _answers_llamacpp(base, adapter, inputs, max_new_tokens)
+        predictions, seconds = _answers_llamacpp(base, adapter, inputs, max_new_tokens, allow_pickle)
     else:
         if model is None:
-            model, tokenizer = load_for_eval(base, adapter)
+            model, tokenizer = load_for_eval(base, adapter, allow_pickle=allow_pickle)
         start = time.perf_counter()
         predictions = generate_answers(model, tokenizer, inputs, batch_size=batch_size, max_new_tokens=max_new_tokens)
         seconds = time.perf_counter() - start
@@ -255,12 +281,13 @@ def evaluate(
     return result
 
 
-def _answers_llamacpp(base: str | None, adapter: str | Path | None, inputs: list[str], max_new_tokens: int) -> tuple[list[str], float]:
+def _answers_llamacpp(base: str | None, adapter: str | Path | None, inputs: list[str], max_new_tokens: int,
+                      allow_pickle: bool = False) -> tuple[list[str], float]:
     """Greedy answers of `base` on llama.cpp (+ `adapter`, written as a GGUF LoRA for the block), and the seconds
     generation took."""
     from .runtime.llamacpp import Lora, gguf_lora, open_base
 
-    with gguf_lora(adapter, base) if adapter is not None else nullcontext() as path, open_base(base) as engine:
+    with gguf_lora(adapter, base, allow_pickle=allow_pickle) if adapter is not None else nullcontext() as path, open_base(base) as engine:
         start = time.perf_counter()
         answers = engine.answers(inputs, lora=Lora(path) if path else None, max_new_tokens=max_new_tokens)
         return answers, time.perf_counter() - start

@@ -127,6 +127,11 @@ def refuse_target(out: str | Path, *, force: bool = False, folder: bool = True, 
             else:
                 continue
             raise LoramixError(f"{out}: {how} {what} {path}, which this command reads; write the output elsewhere")
+    for parent in out.absolute().parents:  # the nearest that exists must be a folder (else mkdir says 'File exists')
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise LoramixError(f"{out}: {parent} is a file, not a folder, so nothing can be written inside it")
+            break
 
 
 def _as_paths(value: Any) -> list[Path]:
@@ -183,12 +188,20 @@ def base_paths(name: str | Path | None) -> list[Path]:
         return []
 
 
+# What loramix writes that says what an adapter is and how it was made: replaced together, never carried over from
+# the output a --force run replaces (`train --force` over a composed adapter must not keep its loramix.json).
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "loramix.json",
+                           "training.json"})
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `out`; on success rename it to `out`, on failure delete it.
 
     An existing `out` is refused unless `force`; then it is replaced once the new folder is complete, and only the
-    files the new folder writes are replaced: anything else in `out` is carried over (hard-linked) unchanged.
+    files the new folder writes are replaced: anything else in `out` is carried over (hard-linked) unchanged, but the
+    files that describe an adapter (ADAPTER_FILES: a loramix.json or training.json of the adapter replaced would
+    describe the new one wrongly).
     """
     out = Path(out).absolute()  # '.' or 'x/..' name no folder of their own to write beside
     refuse_target(out, force=force)
@@ -205,7 +218,7 @@ def atomic_dir(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         publish(tmp)
         if out.exists() and force:
             for item in out.iterdir():
-                if not (tmp / item.name).exists():
+                if not (tmp / item.name).exists() and item.name not in ADAPTER_FILES:
                     _link_copy(item, tmp / item.name)
             old, held_old = _owned_dir(out, ".old")
             held += held_old

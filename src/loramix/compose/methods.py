@@ -266,6 +266,12 @@ class Exact(Composer):
         qt_a = torch.cat([f[0] for f in qrs])  # Q_a^T [R, in]
         qt_b = torch.cat([f[2] for f in qrs])  # Q_b^T [R, out]
         core = torch.block_diag(*[(t.coefficient * t.scale) * (r_b @ r_a.T) for t, (_, r_a, _, r_b) in zip(terms, qrs)])
+        if not bool(torch.isfinite(core).all()):  # finite factors, a coefficient too large for `work`
+            if work == torch.float32:
+                return None  # retried in float64
+            raise LoramixError(f"module '{ref.name}': the weighted sum of the entries' updates overflows float64 "
+                               "(a coefficient or --scale too large)")
+
         def basis(qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
             return _cholesky_basis(qt, len(terms)) if work == torch.float32 else _eigen_basis(qt)
 

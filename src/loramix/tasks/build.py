@@ -55,6 +55,11 @@ def build_suite(out: str | Path, only: Sequence[str] | None = None, seed: int = 
     names = list(only) if only else TASKS.names()
     for name in names:
         TASKS.get(name)  # unknown names fail before anything is built
+    from ..bank import has_entries
+
+    if out.is_file() or has_entries(out):
+        raise LoramixError(f"{out}: " + ("is a file" if out.is_file() else "is a bank (it holds adapter entries)")
+                           + ": a suite is written to a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     report = SuiteReport(out)
     for name in track(names, "building tasks", total=len(names)):
