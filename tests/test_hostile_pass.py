@@ -7,9 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from helpers import make_bank, run_cli, topic_records, write_jsonl
 
