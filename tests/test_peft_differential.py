@@ -150,23 +150,3 @@ def test_the_known_differences_from_peft_are_gone(tmp_path, tiny_base, base_mode
     write(tmp_path / "ad", {**BASE_CONFIG, "rank_pattern": {}, "alpha_pattern": {}, **change}, modules, tiny_base,
           base_model.config.vocab_size)
     assert same_as_peft(tmp_path / "ad", base_model) == outcome
-
-
-def test_the_base_modules_are_built_once_and_kept(tiny_base, monkeypatch):
-    """The base's modules (a meta model built from its config) are kept in LORAMIX_HOME: a later process reads them
-    back, equal, without building the model again."""
-    from loramix import peft_config
-    from loramix.paths import loramix_home
-
-    peft_config.base_modules.cache_clear()
-    first = peft_config.base_modules(str(tiny_base))
-    assert first is not None and first.kinds["model.layers.0.self_attn.q_proj"] == "linear"
-    assert any((loramix_home() / "base-modules").glob("*.json"))
-
-    def no_build(config):
-        raise AssertionError("built again")
-
-    monkeypatch.setattr(peft_config, "_build", no_build)
-    peft_config.base_modules.cache_clear()
-    assert peft_config.base_modules(str(tiny_base)) == first
-    peft_config.base_modules.cache_clear()

@@ -422,34 +422,6 @@ def base_modules(base: str | None) -> BaseModules | None:
 
 
 def _built(config: Any) -> BaseModules:
-    """BaseModules of the model `config` describes, kept in $LORAMIX_HOME/base-modules under the sha256 of the config
-    and transformers' version (building even a meta model costs seconds: once per base, not once per process)."""
-    import hashlib
-
-    import transformers
-
-    from .files import atomic_write_bytes
-    from .paths import loramix_home
-
-    key = hashlib.sha256(f"{transformers.__version__}\n{config.to_json_string()}".encode()).hexdigest()[:32]
-    file = loramix_home() / "base-modules" / f"{key}.json"
-    try:
-        kept = json.loads(file.read_text(encoding="utf-8"))
-        return BaseModules(kept["model_type"], kept["output_layer"], kept["kinds"],
-                           {n: tuple(v) for n, v in kept["shapes"].items()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    built = _build(config)
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(file, json.dumps({"model_type": built.model_type, "output_layer": built.output_layer,
-                                             "kinds": built.kinds, "shapes": built.shapes}).encode())
-    except OSError:  # a read-only home: built again next time
-        pass
-    return built
-
-
-def _build(config: Any) -> BaseModules:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
