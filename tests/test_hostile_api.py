@@ -88,13 +88,18 @@ def test_an_integer_beyond_a_float_in_the_config_is_one_line(tmp_path, field, va
     _one_line(lambda: LoraAdapter(folder), f"ad: adapter_config.json: field '{field}' must be")
 
 
-def test_lora_adapter_checks_its_arguments(tmp_path):
-    folder = tmp_path / "pickled"
+def _pickled_adapter(folder: Path) -> Path:
+    """An adapter folder whose weights are only an adapter_model.bin (q_proj of layer 0, rank 4, all ones)."""
     folder.mkdir()
     torch.save({f"base_model.model.{Q0}.lora_A.weight": torch.ones(4, 32),
                 f"base_model.model.{Q0}.lora_B.weight": torch.ones(32, 4)}, folder / "adapter_model.bin")
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
                                                             "target_modules": ["q_proj"]}))
+    return folder
+
+
+def test_lora_adapter_checks_its_arguments(tmp_path):
+    folder = _pickled_adapter(tmp_path / "pickled")
     _one_line(lambda: LoraAdapter(folder, allow_pickle="no"), "LoraAdapter\\(\\): allow_pickle must be bool, got str 'no'")
     _one_line(lambda: LoraAdapter(123), "LoraAdapter\\(\\): path must be")
 
@@ -230,12 +235,7 @@ def test_keep_top_k_refuses_a_k_that_is_no_whole_number():
 
 
 def test_factors_of_a_pickled_adapter_are_copies(tmp_path):
-    folder = tmp_path / "pickled"
-    folder.mkdir()
-    torch.save({f"base_model.model.{Q0}.lora_A.weight": torch.ones(4, 32),
-                f"base_model.model.{Q0}.lora_B.weight": torch.ones(32, 4)}, folder / "adapter_model.bin")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                            "target_modules": ["q_proj"]}))
+    folder = _pickled_adapter(tmp_path / "pickled")
     adapter = LoraAdapter(folder, allow_pickle=True)
     a, _ = adapter.factors(Q0)
     a.mul_(0)
