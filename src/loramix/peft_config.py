@@ -180,21 +180,17 @@ def _match(expr: str, text: str, full: bool) -> dict[str, str] | None:
     return None if m is None else m.groupdict()
 
 
-_CHILD = """import json, re, sys
-expr, text, full = json.load(sys.stdin)
-m = (re.fullmatch if full else re.match)(expr, text)
-json.dump(None if m is None else m.groupdict(), sys.stdout)"""
-
-
 def _match_in_child(expr: str, text: str, full: bool) -> dict[str, str] | None:
+    """One bounded match in a child Python (`_in_child`)."""
     try:
-        done = subprocess.run([sys.executable, "-I", "-c", _CHILD], input=json.dumps([expr, text, full]),
-                              capture_output=True, text=True, timeout=PATTERN_SECONDS + 2.0)  # + a Python's start
+        answer = _in_child([(expr, text, full)], PATTERN_SECONDS + 2.0)[0]  # + a Python's start
     except subprocess.TimeoutExpired:
         raise TimeoutError from None
-    if done.returncode:
-        raise LoramixError(f"the regular expression {expr!r} could not be matched: {done.stderr.strip()[-200:]}")
-    return json.loads(done.stdout)
+    except (IndexError, ValueError, OSError) as e:
+        raise LoramixError(f"the regular expression {expr!r} could not be matched: {e}") from None
+    if answer == "timeout":
+        raise TimeoutError
+    return answer
 
 
 _PREMATCHED: dict[tuple[str, str, bool], Any] = {}  # (expr, text, full) -> groupdict, None, or "timeout"
@@ -216,6 +212,16 @@ for expr, text, full in json.load(sys.stdin):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
 json.dump(out, sys.stdout)"""
+
+
+def _in_child(todo: list[tuple[str, str, bool]], seconds: float) -> list[Any]:
+    """The answers (groupdict, None, or "timeout", after which none follow) to the matches `todo` ((expr, text,
+    full) each), run in a child Python where SIGALRM bounds each by PATTERN_SECONDS; the child by `seconds`."""
+    done = subprocess.run([sys.executable, "-I", "-c", _CHILD_MANY, str(PATTERN_SECONDS)], input=json.dumps(todo),
+                          capture_output=True, text=True, timeout=seconds)
+    if done.returncode:
+        raise OSError(done.stderr.strip()[-200:])
+    return json.loads(done.stdout)
 
 
 def prematch(config: dict[str, Any], modules: Any) -> None:
@@ -243,9 +249,7 @@ def prematch(config: dict[str, Any], modules: Any) -> None:
     if not todo:
         return
     try:
-        done = subprocess.run([sys.executable, "-I", "-c", _CHILD_MANY, str(PATTERN_SECONDS)], input=json.dumps(todo),
-                              capture_output=True, text=True, timeout=PATTERN_SECONDS * len(todo) + 10.0)
-        answers = json.loads(done.stdout) if done.returncode == 0 else []
+        answers = _in_child(todo, PATTERN_SECONDS * len(todo) + 10.0)
     except (subprocess.TimeoutExpired, ValueError, OSError):
         return  # `match` answers one at a time
     if len(_PREMATCHED) > 1_000_000:
