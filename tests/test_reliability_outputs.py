@@ -275,11 +275,15 @@ from loramix.export import export_gguf, export_merged
 from loramix.train import train
 from loramix.train_config import TrainConfig
 torch.set_num_threads(1)
-bank, data, base, out = sys.argv[1:5]
+bank, mixed, data, base, out = sys.argv[1:6]
 out = Path(out)
 generate(bank, data, out / "default", max_samples=8)  # the default: --check auto on the base
 generate(bank, data, out / "finetune", max_samples=8, refine=4, refine_method="finetune", refine_steps=2)
 generate(bank, data, out / "search", max_samples=8, refine=4, refine_method="gradient", refine_steps=2)
+generate(bank, data, out / "nevergrad", max_samples=8, refine=4, refine_method="nevergrad", refine_steps=4)
+generate(bank, data, out / "check-loss", max_samples=8, check=4, check_criterion="loss", check_tops=3)
+generate(mixed, data, out / "mixed", max_samples=8, check=0)  # two entries signed by their probe answers
+generate(mixed, data, out / "probes", max_samples=8, check=0, entry_signatures="probes")  # every entry by its answers
 train(data, out / "train", TrainConfig(steps=3, batch_size=2, rank=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), base=base)
 export_merged(out / "train", out / "merged", base=base)
 export_gguf(out / "default", out / "default.gguf", base=base)
@@ -288,12 +292,15 @@ export_gguf(out / "default", out / "default.gguf", base=base)
 
 def test_reruns_are_byte_identical_under_any_hash_seed(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", n=4, base=str(tiny_base))
+    mixed = make_bank(tmp_path / "mixed", n=4, base=str(tiny_base), mixed=True)
+    for name in ("task_animals", "task_colors"):
+        (mixed / name / "train.jsonl").unlink()
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 16))
     procs = {}
     for seed in ("1", "2"):  # side by side, one thread each
         env = {**os.environ, "PYTHONHASHSEED": seed, "LORAMIX_PROGRESS": "0", "OMP_NUM_THREADS": "1",
                "LORAMIX_HOME": str(tmp_path / "home")}
-        procs[seed] = subprocess.Popen([sys.executable, "-c", RERUN, str(bank), str(data), str(tiny_base),
+        procs[seed] = subprocess.Popen([sys.executable, "-c", RERUN, str(bank), str(mixed), str(data), str(tiny_base),
                                         str(tmp_path / f"run{seed}")], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     runs = []
@@ -304,7 +311,8 @@ def test_reruns_are_byte_identical_under_any_hash_seed(tmp_path, tiny_base):
         runs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
     assert runs[0].keys() == runs[1].keys()
     assert {"default/loramix.json", "finetune/adapter_config.json", "train/training.json", "merged/model.safetensors",
-            "search/loramix.json", "default.gguf"} <= runs[0].keys()
+            "search/loramix.json", "default.gguf", "nevergrad/loramix.json", "check-loss/loramix.json",
+            "mixed/adapter_model.safetensors", "probes/loramix.json"} <= runs[0].keys()
     different = [name for name in runs[0] if runs[0][name] != runs[1][name]]
     assert different == []
     config = json.loads(runs[0]["train/adapter_config.json"])
