@@ -56,7 +56,7 @@ def main() -> None:
     from loramix import Bank, generate
     from loramix.data import read_dataset
     from loramix.export import export_gguf
-    from loramix.models import load_model, load_tokenizer
+    from loramix.runtime.pytorch import load_model, load_tokenizer
     from loramix.paths import DEFAULT_SUITE
     from loramix.prompts import prompt_ids
 

@@ -2,8 +2,8 @@
 forward passes only, on the task's test records (first `--limit`) and on `--check` of its training examples.
 
 A candidate is a weight vector over the bank's entries (the task's own entry always 0, but for `trained`), applied
-exactly by forward hooks (refine.MixedLoRA), so nothing is composed, written or generated. Scores per candidate:
-answer loss, token accuracy and teacher-forced exact match (refine.AnswerScores; exact match is what greedy
+exactly by forward hooks (runtime.pytorch.MixedLoRA), so nothing is composed, written or generated. Scores per candidate:
+answer loss, token accuracy and teacher-forced exact match (runtime.scores.AnswerScores; exact match is what greedy
 decoding reproduces). Selectors then pick one candidate per task from a pool by a criterion on the *training*
 examples, as `generate --check` would, and are reported on the *test* records. This screens levers in minutes
 where `make bench-quality` (generation, ROUGE-L) takes hours; the headline table stays quality.py's.
@@ -77,7 +77,7 @@ def score_task(runner: dict, t: int, coefs: dict[str, np.ndarray], limit: int, c
     """{candidate: {'test': [loss, accuracy, exact], 'check': [...]}} for task t."""
     import torch
 
-    from loramix.refine import answer_scores_fn
+    from loramix.runtime.pytorch import answer_scores_fn
 
     bank, model, tok, mixed, suite = runner["bank"], runner["model"], runner["tok"], runner["mixed"], runner["suite"]
     name = bank.usable[t].name
@@ -215,8 +215,8 @@ def main() -> None:
     p.add_argument("--spread", type=int, default=1, help="every K-th task only")
     args = p.parse_args()
 
-    from loramix.models import load_model, load_tokenizer
-    from loramix.refine import MixedLoRA
+    from loramix.runtime.pytorch import load_model, load_tokenizer
+    from loramix.runtime.pytorch import MixedLoRA
 
     bank = Bank(args.bank)
     index = BankIndex(bank)

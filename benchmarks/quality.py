@@ -33,9 +33,11 @@ from loramix import Bank, BankIndex, GenerateConfig, compose, save_adapter  # no
 from loramix.engine import RayEngine, get_engine  # noqa: E402
 from loramix.files import atomic_write_bytes  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
-from loramix.evaluate import generate_answers, load_for_eval, merged_adapter, score  # noqa: E402
+from loramix.evaluate import load_for_eval, merged_adapter  # noqa: E402
+from loramix.runtime.pytorch import generate_answers  # noqa: E402
+from loramix.runtime.scores import score  # noqa: E402
 from loramix.meta import loo_coefficients  # noqa: E402
-from loramix.refine import GENERATING  # noqa: E402
+from loramix.runtime.scores import CRITERIA  # noqa: E402
 from loramix.operators import OPERATORS  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
 from loramix.probes import MAX_NEW_TOKENS, ProbeSet  # noqa: E402
@@ -64,7 +66,7 @@ class Setting:
     checked: bool = False  # the scale (0: the base) of lowest answer loss on 16 of the task's training examples
     check_singles: int = 0  # checked: the top entries alone among the candidates
     check_tops: int = 0  # checked: the composition kept to its top 2..N entries among the candidates
-    check_criterion: str = "loss"  # checked: how candidates are ranked (loramix.refine.CRITERIA)
+    check_criterion: str = "loss"  # checked: how candidates are ranked (loramix.runtime.scores.CRITERIA)
     check_examples: int = 16  # checked: the training examples the check scores candidates on
     keep_exact: float | None = None  # finetune: checked on its own training examples first; the candidate kept untrained
     # when it reproduces at least this fraction of them exactly (teacher-forced), else the composition trained
@@ -144,7 +146,7 @@ def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
     return [
         replace(io, name=f"{io.name}-calibrated", calibrated=True),
         replace(default, name=default.name.replace("-checked", "-calibrated-checked"), group="lever", calibrated=True),
-        *(checked(io, k, crit, tops=t) for k, t in pools for crit in CRITERION_SUFFIX if crit not in GENERATING or k <= 4),
+        *(checked(io, k, crit, tops=t) for k, t in pools for crit in CRITERION_SUFFIX if not CRITERIA.get(crit).generates or k <= 4),
         *(checked(io, 4, crit, examples=32) for crit in ("accuracy", "exact")),
         *(checked(plain, k, crit) for k in (0, 4, CHECK_SINGLES) for crit in ("loss", "accuracy")),
         plain,
@@ -476,11 +478,11 @@ class Runner:
         refined `layers` are scaled, and the check's examples are drawn from the others; `on_refined`: the check runs
         on the refinement's own examples instead (choosing where training starts)."""
         from loramix.check import check, check_candidates, scaled_layers
-        from loramix.refine import CRITERIA, AnswerScores
+        from loramix.runtime.scores import AnswerScores
 
         coefficients = {n: float(x) for n, x in zip(self.names, c) if x != 0}
         # a generating criterion decodes every candidate's answers: only s's own candidates are checked
-        generates = s.check_criterion in GENERATING
+        generates = CRITERIA.get(s.check_criterion).generates
         singles, tops = (s.check_singles, s.check_tops) if generates else (CHECK_SINGLES, CHECK_TOPS)
         memo = self.memo(task, c, Setting("check", "lever", compose=s.compose), layers).with_suffix(
             (f".check-generated-singles{singles}-tops{tops}" if generates else f".check-tops{CHECK_TOPS}")
@@ -503,7 +505,7 @@ class Runner:
             atomic_write_bytes(memo, json.dumps(record).encode())
         scores = {k: AnswerScores(*v) for k, v in record["scores"].items()}
         pool = check_candidates(coefficients, singles=s.check_singles, tops=s.check_tops)
-        chosen = min(pool, key=lambda k: CRITERIA[s.check_criterion](scores[k]))
+        chosen = min(pool, key=lambda k: CRITERIA.get(s.check_criterion).key(scores[k]))
         weights = pool[chosen]
         out = np.array([weights.get(n, 0.0) for n in self.names])
         share = len(pool) / len(scores)
@@ -632,8 +634,9 @@ class Runner:
         examples, then scored with the check's untrained candidates on 16 examples training did not see; the
         candidate s's criterion prefers is evaluated. The trained adapter's scores are kept on disk per task; its
         evaluation is the `generate --refine 16` record's when there is one (the same seeded training)."""
-        from loramix.models import load_model
-        from loramix.refine import CRITERIA, AnswerScores, answer_scores_fn
+        from loramix.runtime.pytorch import load_model
+        from loramix.runtime.pytorch import answer_scores_fn
+        from loramix.runtime.scores import AnswerScores
 
         name = FINETUNE16.format(tail=s.warm_start.split("/", 1)[1])
         ref = self.cached(name, task)
@@ -663,7 +666,7 @@ class Runner:
             trained = {"cpu_seconds": scoring, "scores": [scores.loss, scores.accuracy, scores.exact]}
             atomic_write_bytes(memo, json.dumps(trained).encode())
         _, checked = self.check(task, s, c, refined=s.examples)
-        rank = CRITERIA[s.check_criterion]
+        rank = CRITERIA.get(s.check_criterion).key
         pool = {"trained": AnswerScores(*trained["scores"]),
                 **{k: AnswerScores(*checked["scores"][k]) for k in checked["pool"]}}
         chosen = min(pool, key=lambda k: rank(pool[k]))

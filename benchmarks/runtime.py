@@ -152,7 +152,7 @@ def main() -> None:
 def torch_dtype_name(gguf: Path) -> str:
     """The dtype loramix loads `gguf` in on PyTorch on this machine now (runtime.torch_dtype), or 'refused'."""
     from loramix.errors import LoramixError
-    from loramix.models import load_config
+    from loramix.runtime.pytorch import load_config
     from loramix.runtime import torch_dtype
 
     try:

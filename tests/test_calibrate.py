@@ -17,9 +17,10 @@ from loramix.config import GenerateConfig
 from loramix.errors import LoramixError
 from loramix.index import BankIndex
 from loramix.meta import loo_coefficients
-from loramix.models import load_model, load_tokenizer
+from loramix.runtime.pytorch import load_model, load_tokenizer
 from loramix.operators import AnswerTrained, BankFit, coefficients
-from loramix.refine import AnswerScores, MixedLoRA, answer_loss_fn
+from loramix.runtime.pytorch import MixedLoRA, answer_loss_fn
+from loramix.runtime.scores import AnswerScores
 
 GRID = [Candidate(t, k, s) for t in (0.5, 1.0) for k in (None, 2) for s in (1.0, 2.0)]
 
@@ -132,27 +133,28 @@ def test_check_candidates_keep_the_top_entries_at_the_compositions_total_weight(
 
 
 def test_exact_criterion_ranks_whole_answers_then_accuracy_then_loss():
-    from loramix.refine import CRITERIA
+    from loramix.runtime.scores import CRITERIA
 
     scores = {"base": AnswerScores(1.0, 0.9, 0.25), "x1": AnswerScores(2.0, 0.5, 0.5), "x2": AnswerScores(0.5, 0.6, 0.5)}
-    assert min(scores, key=lambda k: CRITERIA["exact"](scores[k])) == "x2"
-    assert min(scores, key=lambda k: CRITERIA["accuracy"](scores[k])) == "base"
-    assert min(scores, key=lambda k: CRITERIA["loss"](scores[k])) == "x2"
+    assert min(scores, key=lambda k: CRITERIA.get("exact").key(scores[k])) == "x2"
+    assert min(scores, key=lambda k: CRITERIA.get("accuracy").key(scores[k])) == "base"
+    assert min(scores, key=lambda k: CRITERIA.get("loss").key(scores[k])) == "x2"
     with pytest.raises(LoramixError, match="check-tops"):
         GenerateConfig(check_tops=-1)
 
 
 def test_rouge_criterion_scores_each_candidates_greedy_answers(tiny_bank, tiny_base, tmp_path, monkeypatch):
     from loramix import read_dataset
-    from loramix.evaluate import generate_answers, score
-    from loramix.refine import CRITERIA
+    from loramix.runtime.pytorch import generate_answers
+    from loramix.runtime.scores import score
+    from loramix.runtime.scores import CRITERIA
 
     model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
     ds = read_dataset(write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12)))
     coefs = {e.name: 0.2 for e in tiny_bank.usable}
     res = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 30.0), singles=1, criterion="rouge", model=model, tokenizer=tok)
     assert all(0 <= v.rouge <= 1 for v in res.scores.values())
-    assert res.chosen == min(res.scores, key=lambda k: CRITERIA["rouge"](res.scores[k]))
+    assert res.chosen == min(res.scores, key=lambda k: CRITERIA.get("rouge").key(res.scores[k]))
     # the base's score is `loramix evaluate`'s ROUGE-L of its greedy answers, cut at twice the longest reference
     # (end-of-turn included) and 4 tokens more
     held = ds.subsample(4, 0).samples
@@ -164,7 +166,7 @@ def test_rouge_criterion_scores_each_candidates_greedy_answers(tiny_bank, tiny_b
                                              tokenizer=tok).scores.values())
     ranked = {"base": AnswerScores(1.0, 0.9, 0.5, 0.2), "x1": AnswerScores(2.0, 0.5, 0.0, 0.6),
               "x2": AnswerScores(0.5, 0.6, 0.0, 0.6)}
-    assert min(ranked, key=lambda k: CRITERIA["rouge"](ranked[k])) == "x2"  # ties on ROUGE-L go to accuracy
+    assert min(ranked, key=lambda k: CRITERIA.get("rouge").key(ranked[k])) == "x2"  # ties on ROUGE-L go to accuracy
     monkeypatch.setenv("LORAMIX_PROGRESS", "1")  # the check's bar, with no generation bar inside it
     generate(tiny_bank, ds, tmp_path / "rouge", max_samples=8, check=4, check_singles=1, check_criterion="rouge")
     chk = read_report(tmp_path / "rouge").check

@@ -17,7 +17,7 @@ def test_default_base_converts_from_the_gguf(tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loramix.models import DEFAULT_BASE, default_base_path, load_tokenizer, resolve_base
+    from loramix.runtime.pytorch import DEFAULT_BASE, default_base_path, load_tokenizer, resolve_base
     from loramix.prompts import prompt_ids
 
     monkeypatch.setenv("LORAMIX_HOME", str(tmp_path))

@@ -5,6 +5,7 @@ an exception of another kind."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,154 @@ def test_bank_index_and_read_report_check_their_arguments():
                          (lambda: index.mode("DATA"), "got 'DATA'"), (lambda: read_report(None), "adapter_dir must be")]:
         with pytest.raises(LoramixError, match=needle):
             call()
+
+
+# -- a third hostile pass over the Python API ----------------------------------------------------------------------
+
+def _peft_and_merged(tmp_path, base_model, module: str, out_f: int, in_f: int, **config):
+    """(PEFT's logits, merged_adapter's logits, the base's logits after the block) for a rank-4 adapter on `module`."""
+    import copy
+    import warnings
+
+    from peft import PeftModel
+
+    from loramix.evaluate import merged_adapter
+
+    base_model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(4, in_f, generator=g) * 0.3,
+               f"base_model.model.{module}.lora_B.weight": torch.randn(out_f, 4, generator=g) * 0.3},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+        "target_modules": [module.rsplit(".", 1)[-1]], "base_model_name_or_path": str(tmp_path / "base"), **config}))
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = base_model(ids).logits
+        peft = PeftModel.from_pretrained(copy.deepcopy(base_model), str(folder))(ids).logits
+        with merged_adapter(base_model, folder) as merged:
+            got = merged(ids).logits
+        after = base_model(ids).logits
+    assert torch.equal(before, after)  # the base is itself again after the block
+    return peft, got, before
+
+
+def test_merged_adapter_on_tied_embeddings_changes_only_the_output_layer(tmp_path):
+    """merged_adapter added an lm_head update into the weight lm_head shares with the input embeddings (SmolLM2's
+    tie): logits off PEFT's by up to 2 where PEFT's largest was 0.9."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    peft, got, before = _peft_and_merged(tmp_path, model, "lm_head", 64, 32)
+    assert (peft - before).abs().max() > 0.1
+    torch.testing.assert_close(got, peft, atol=1e-5, rtol=1e-5)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+
+
+@pytest.mark.parametrize("module,out_f", [("transformer.h.0.attn.c_proj", 32), ("transformer.h.0.attn.c_attn", 96)])
+def test_merged_adapter_on_conv1d_modules_is_what_peft_applies(tmp_path, module, out_f):
+    """GPT-2's Conv1D holds its weight as [in, out]: the update was added untransposed (wrong on a square module,
+    a raw RuntimeError on c_attn)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    peft, got, before = _peft_and_merged(tmp_path, model, module, out_f, 32, fan_in_fan_out=True)
+    assert (peft - before).abs().max() > 0.05
+    torch.testing.assert_close(got, peft, atol=1e-5, rtol=1e-5)
+
+
+def test_a_composition_is_never_written_into_the_bank_it_reads(tmp_path):
+    """write_composition into a bank entry's folder truncated that entry's weights to zeros before failing."""
+    from loramix.compose import write_composition
+
+    root = make_bank(tmp_path / "bank", n=2)
+    weights = root / "task_animals" / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    bank = loramix.Bank(root)
+    for folder in (root / "task_animals", root / "new", root):
+        _one_line(lambda: write_composition(folder, bank, {"task_animals": 0.5, "task_colors": 0.5}), "lies inside bank")
+    assert weights.read_bytes() == before and not (root / "new").exists()
+
+
+def test_safetensors_headers_are_read_as_safetensors_reads_them(tmp_path):
+    """A header opening with a UTF-8 byte-order mark (safetensors refuses it) was read; `"__metadata__": null`
+    (safetensors reads it as no metadata) was refused."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    k = f"base_model.model.{Q0}.lora_"
+    data = torch.randn(4, 32).numpy().tobytes() + torch.randn(32, 4).numpy().tobytes()
+    spans = {k + "A.weight": {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 512]},
+             k + "B.weight": {"dtype": "F32", "shape": [32, 4], "data_offsets": [512, 1024]}}
+    for name, head in (("bom", b"\xef\xbb\xbf" + json.dumps(spans).encode()),
+                       ("null", json.dumps({"__metadata__": None, **spans}).encode())):
+        folder = tmp_path / name
+        folder.mkdir()
+        head += b" " * (-len(head) % 8)
+        (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + data)
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                                "target_modules": ["q_proj"]}))
+    _one_line(lambda: LoraAdapter(tmp_path / "bom"), "Unexpected UTF-8 BOM")
+    assert set(LoraAdapter(tmp_path / "null").modules) == {Q0}
+    assert len(load_file(tmp_path / "null" / "adapter_model.safetensors")) == 2
+
+
+def test_scores_and_predictions_take_one_answer_per_record(tmp_path):
+    """score('bd', two records) scored each character as a prediction (a perfect score); one prediction for two
+    records scored one; write_predictions wrote one line for two records, or over the data file itself."""
+    from loramix.data import Dataset, Sample, read_dataset
+    from loramix.evaluate import write_predictions
+    from loramix.runtime.scores import score
+
+    data = write_jsonl(tmp_path / "test.jsonl", [{"input": "a", "output": "b"}, {"input": "c", "output": "d"}])
+    ds = read_dataset(data)
+    _one_line(lambda: score("bd", ds), "a list of strings")
+    _one_line(lambda: score(["b"], ds), "1 prediction")
+    _one_line(lambda: score([], Dataset([Sample("a", ("b",))], "x").samples[:0]), "at least one")
+    assert score(["b", "x"], ds)["rougeL"] == 0.5
+    original = data.read_bytes()
+    _one_line(lambda: write_predictions(data, ds, ["b"]), "1 prediction")
+    _one_line(lambda: write_predictions(data, ds, ["b", "d"]), "is the data")
+    assert data.read_bytes() == original
+    write_predictions(tmp_path / "p.jsonl", ds, ["b", "d"])
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda ds: ds.subsample(-1, 0), "max_samples must be at least 0"),
+    (lambda ds: ds.subsample(1.5, 0), "max_samples must be int"),
+    (lambda ds: ds.subsample(True, 0), "max_samples must be int"),
+    (lambda ds: ds.subsample(1, "x"), "seed must be int"),
+    (lambda ds: ds.subsample(5, -1), "seed must be in"),
+    (lambda ds: __import__("loramix.probes").probes.ProbeSet(max_samples=-3), "max_samples must be at least 1"),
+    (lambda ds: __import__("loramix.probes").probes.ProbeSet(max_samples="4"), "max_samples must be int"),
+    (lambda ds: __import__("loramix.distances").distances.aligned(np.ones(2), np.ones(1)), "two rows of one length"),
+    (lambda ds: __import__("loramix.check").check.check_candidates({"a": 1.0}, singles="x"), "singles must be int"),
+    (lambda ds: __import__("loramix.check").check.check_candidates({"a": 1.0}, scales=(-1,)), "must be positive"),
+    (lambda ds: loramix.distance_row("kl", np.array([2**63], dtype=np.uint64), [np.array([1, 2])]), "exceeds"),
+    (lambda ds: loramix.distance_row("kl", np.array([10**12]), [np.array([1, 2])]), "exceeds"),
+    (lambda ds: __import__("loramix.runtime.scores").runtime.scores.normalize(None), "text must be str"),
+    (lambda ds: TrainConfig(device="tpu"), "must be a torch device"),
+    (lambda ds: TrainConfig(device="meta"), "no such device"),
+    (lambda ds: TrainConfig(device="cuda:99"), "no such device"),
+])
+def test_public_helpers_refuse_bad_arguments_in_one_line(call, match):
+    """Each raised a raw exception (IndexError, OverflowError, a 7 TiB MemoryError, AssertionError in train ...) or
+    made a negated check candidate."""
+    from loramix.data import Dataset, Sample
+
+    _one_line(lambda: call(Dataset([Sample("a", ("b",)), Sample("c", ("d",))], "x")), match)
+
+
+def test_evaluate_refuses_no_records_and_a_model_without_its_tokenizer(tmp_path):
+    from loramix.data import Dataset
+    from loramix.evaluate import evaluate
+
+    _one_line(lambda: evaluate(Dataset([], "empty")), "no records to evaluate")
+    _one_line(lambda: evaluate(Dataset([], "empty"), model=object()), "model and tokenizer together")

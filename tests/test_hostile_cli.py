@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from loramix.cli import app
 from loramix.errors import LoramixError
-from loramix.models import load_model, load_tokenizer
+from loramix.runtime.pytorch import load_model, load_tokenizer
 from loramix.train_config import TrainConfig
 
 

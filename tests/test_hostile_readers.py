@@ -310,7 +310,7 @@ def test_csv_rows_that_do_not_fit_the_header_are_refused(tmp_path, text, want):
 def test_empty_texts_run_on_a_base_without_template_or_bos(tmp_path, tiny_base):
     """The tiny base's tokenizer adds nothing to an empty text: the prompt is then its bos/eos token alone."""
     from loramix.evaluate import evaluate
-    from loramix.models import load_tokenizer
+    from loramix.runtime.pytorch import load_tokenizer
     from loramix.prompts import prompt_ids
     from loramix.train import train
     from loramix.train_config import TrainConfig
@@ -348,8 +348,8 @@ def test_gguf_f16_keeps_unbalanced_factors_and_refuses_what_it_cannot_hold(tmp_p
 
 def test_prompts_longer_than_the_context_are_cut_for_generation(tiny_base):
     """The tiny base has 128 positions: a 50,000-word prompt is cut from the left, as training cuts it."""
-    from loramix.evaluate import generate_answers
-    from loramix.models import load_model, load_tokenizer
+    from loramix.runtime.pytorch import generate_answers
+    from loramix.runtime.pytorch import load_model, load_tokenizer
     from loramix.prompts import prompt_room
 
     model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
@@ -414,7 +414,7 @@ def test_a_hand_edited_report_of_the_wrong_types_is_refused(tmp_path, field, val
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(tiny_base):
-    from loramix.models import load_tokenizer
+    from loramix.runtime.pytorch import load_tokenizer
     from loramix.prompts import prompt_ids
 
     with pytest.raises(LoramixError, match=r"the prompt is not UTF-8 text \(byte 0: a lone surrogate U\+DCFF\)"):

@@ -92,8 +92,8 @@ def test_lora_scales_change_without_reloading(engine, entry_gguf):
 def test_scores_agree_with_pytorch_on_the_same_weights(engine, entry_gguf):
     """Teacher-forced loss and accuracy on llama.cpp (Q4_1 weights) within a few percent of PyTorch on the same weights
     dequantized, for the base and with an entry's LoRA; ROUGE-L of the greedy answers computed as PyTorch's."""
-    from loramix.models import load_model, load_tokenizer
-    from loramix.refine import answer_scores_fn
+    from loramix.runtime.pytorch import load_model, load_tokenizer
+    from loramix.runtime.pytorch import answer_scores_fn
     from loramix.runtime.llamacpp import Lora
 
     samples = read_dataset(DEFAULT_SUITE / "numbers_french" / "train.jsonl").samples[:8]
@@ -135,7 +135,7 @@ def test_check_auto_fits_its_budget_or_says_why(tmp_path):
 def test_plan_check_prefers_forward_passes_then_fewer_candidates_to_fewer_examples():
     from loramix.check import Speed, plan_check
     from loramix.data import Dataset
-    from loramix.models import load_tokenizer
+    from loramix.runtime.pytorch import load_tokenizer
 
     held = read_dataset(DEFAULT_SUITE / TASK / "train.jsonl")
     tok = load_tokenizer(None)
@@ -156,7 +156,7 @@ def test_plan_check_prefers_forward_passes_then_fewer_candidates_to_fewer_exampl
 def test_eval_and_try_on_llamacpp(tmp_path, capsys, monkeypatch):
     """eval and try run a GGUF base (the default's shipped GGUF, or a copy named by path) with an adapter as a GGUF
     LoRA; text with markup is printed as it is."""
-    from loramix.models import default_gguf
+    from loramix.runtime.pytorch import default_gguf
 
     entry = loramix.Bank("default").entry("numbers_french").adapter.path
     test = DEFAULT_SUITE / "numbers_french" / "test.jsonl"

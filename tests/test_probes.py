@@ -18,7 +18,7 @@ from loramix.errors import LoramixError
 from loramix.index import BankIndex
 from loramix.meta import loo_coefficients
 from loramix.pipeline import leave_one_out
-from loramix.models import load_model, load_tokenizer
+from loramix.runtime.pytorch import load_model, load_tokenizer
 from loramix.probes import DEFAULT_PROBES, ProbeSet, answer_probes
 
 

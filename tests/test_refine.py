@@ -6,7 +6,8 @@ import torch
 from helpers import make_bank, topic_records, write_jsonl
 
 from loramix import Bank, compose, generate, read_dataset, read_report
-from loramix.refine import MixedLoRA, RefineConfig, refine
+from loramix.refine import RefineConfig, refine
+from loramix.runtime.pytorch import MixedLoRA
 
 
 def peft_logits(base_dir, comp, tmp_path, ids):
@@ -82,7 +83,7 @@ def test_check_scales_every_layer_of_a_per_layer_composition(tmp_path, tiny_base
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loramix.check import check
-    from loramix.refine import answer_scores_fn
+    from loramix.runtime.pytorch import answer_scores_fn
 
     bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
     names = [e.name for e in bank.entries]
@@ -133,7 +134,8 @@ def test_a_gradient_search_spends_one_forward_pass_a_step_and_returns_the_best_p
     evaluated), and the loss reported for the returned weights is theirs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loramix.refine import answer_loss_fn, search_weights
+    from loramix.refine import search_weights
+    from loramix.runtime.pytorch import answer_loss_fn
 
     bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
     samples = read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 10))).samples[:4]
@@ -192,7 +194,7 @@ def test_generate_with_refine_records_the_search(tmp_path, tiny_base):
     assert report.coefficients != r.meta_coefficients
     generate(bank, data, tmp_path / "layers", refine=4, refine_method="gradient", top_k=3, max_samples=8, rank="full",
              check=0)
-    assert read_report(tmp_path / "layers").refine.layers is not None  # per layer by default (README, Quality)
+    assert read_report(tmp_path / "layers").refine.layers is not None  # per layer by default (README, What each stage offers)
 
 
 @pytest.mark.parametrize("n", [1, 6])
@@ -200,9 +202,9 @@ def test_shared_prefix_scores_equal_the_plain_ones(tiny_base, n):
     """Loss, token accuracy and exact match through the shared-prefix cache equal those of the plain batch (one
     sample included: its prefix must stop before the answer's preceding token)."""
     from loramix.data import Dataset, Sample
-    from loramix.models import load_model, load_tokenizer
+    from loramix.runtime.pytorch import load_model, load_tokenizer
     from loramix.prompts import answer_batch, encode
-    from loramix.refine import answer_loss_fn, answer_scores_fn
+    from loramix.runtime.pytorch import answer_loss_fn, answer_scores_fn
 
     model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
     samples = [Sample(r["input"], tuple(r["output"])) for r in topic_records("animals", n)]
@@ -222,9 +224,9 @@ def test_shared_prefix_scores_equal_the_plain_ones(tiny_base, n):
 def test_answer_scores_count_a_reproduced_answer_as_exact(tiny_base):
     """A sample whose answer is the model's own greedy continuation (ending where the model ends it) scores 1."""
     from loramix.data import Sample
-    from loramix.models import load_model, load_tokenizer
+    from loramix.runtime.pytorch import load_model, load_tokenizer
     from loramix.prompts import end_of_turn_id, prompt_ids
-    from loramix.refine import answer_scores_fn
+    from loramix.runtime.pytorch import answer_scores_fn
 
     model, tok = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
     prompt = prompt_ids(tok, "Name an animal.")

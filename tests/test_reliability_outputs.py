@@ -171,7 +171,7 @@ def _damaged(tiny_base: Path, tmp_path: Path, name: str) -> Path:
 
 
 def test_base_whose_config_declares_more_layers_is_refused(tmp_path, tiny_base):
-    from loramix.models import load_model
+    from loramix.runtime.pytorch import load_model
 
     folder = _damaged(tiny_base, tmp_path, "more-layers")
     config = json.loads((folder / "config.json").read_text())

@@ -12,8 +12,9 @@ from loramix import Bank, read_dataset
 from loramix.build import build_bank
 from loramix.cli import app
 from loramix.errors import LoramixError
-from loramix.evaluate import Scorer, evaluate, normalize
-from loramix.models import load_tokenizer
+from loramix.evaluate import evaluate
+from loramix.runtime.scores import Scorer, normalize
+from loramix.runtime.pytorch import load_tokenizer
 from loramix.prompts import SharedBatch, answer_batch, encode
 from loramix.train import TrainConfig, train
 
@@ -39,7 +40,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(tmp_path, tiny_b
     every row whole."""
     from peft import LoraConfig, get_peft_model
 
-    from loramix.models import load_model
+    from loramix.runtime.pytorch import load_model
 
     tok = load_tokenizer(str(tiny_base))
     torch.manual_seed(0)
@@ -81,7 +82,7 @@ def test_base_dtype_float32_when_it_fits_else_native_bfloat16(tiny_base, monkeyp
     """The base loads in float32 when it fits in the memory available, in bfloat16 when only that fits and the CPU
     runs it natively, and is refused in one line naming both estimates otherwise (decided before any load)."""
     from loramix.errors import LoramixError
-    from loramix.models import load_config, load_model
+    from loramix.runtime.pytorch import load_config, load_model
     from loramix.runtime import memory
 
     params = memory.parameter_count(load_config(str(tiny_base)))
@@ -184,7 +185,8 @@ def test_cli_train_and_eval_json(tmp_path, tiny_base):
 
 
 def test_shared_prefix_generation_equals_one_by_one(tiny_base):
-    from loramix.evaluate import generate_answers, load_for_eval
+    from loramix.evaluate import load_for_eval
+    from loramix.runtime.pytorch import generate_answers
     from loramix.prompts import common_prefix
 
     assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1

@@ -71,12 +71,13 @@ def _safetensors_spans(header: bytes, size: int) -> dict[str, Span]:
     Data is then read with plain file reads, not safetensors' memory map: mapped pages count in the reading
     process's resident memory, so a bank composed through open maps would grow it by the bank's size."""
     try:
-        entries = json.loads(header)
+        entries = json.loads(header.decode("utf-8"))  # text: a byte-order mark is refused, as safetensors refuses it
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"header is not JSON: {e}") from None
     if not isinstance(entries, dict):
         raise ValueError("header is not a JSON object")
-    meta = entries.pop("__metadata__", {})
+    meta = entries.pop("__metadata__", None)
+    meta = {} if meta is None else meta  # null: no metadata, as safetensors reads it
     if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise ValueError("__metadata__ is not an object of strings")
     base, spans = 8 + len(header), {}

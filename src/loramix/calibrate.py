@@ -3,7 +3,7 @@
 A candidate is (temperature, top_k, scale): the operator's coefficients at that temperature and top-k, multiplied
 by `scale`, the composed update's global scale (scale 0 is the base model). Its loss on a task is the answer-token
 cross-entropy (nats per token) of the task's examples under the base model plus that update, applied exactly by
-forward hooks (refine.MixedLoRA): nothing is composed or written.
+forward hooks (runtime.pytorch.MixedLoRA): nothing is composed or written.
 
 - `calibrate(bank, config)`: the bank's own leave-one-out. Each usable entry is held out in turn, its coefficients
   predicted from the others, and every candidate scored on `examples` of the entry's own training samples (which
@@ -29,7 +29,7 @@ from .errors import LoramixError
 from .index import BankIndex, fetch, store
 from .meta import loo_coefficients
 from .progress import track
-from .refine import MixedLoRA, answer_loss_fn
+from .runtime.pytorch import MixedLoRA, answer_loss_fn
 
 # The default grid: 12 candidates, 13 forward passes per bank entry (about 3 minutes for the 47-entry default bank on
 # 2 cores with 8 examples each; 40 candidates with top-k 5 and 16 examples took over half an hour).
@@ -118,7 +118,7 @@ def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidat
 
 
 def _load_base(bank: Bank, model: Any, tokenizer: Any) -> tuple[Any, Any]:
-    from .models import load_model, load_tokenizer
+    from .runtime.pytorch import load_model, load_tokenizer
 
     if model is None:
         model, tokenizer = load_model(bank.base_model), load_tokenizer(bank.base_model)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 
+from .arguments import Range, checked
 from .bank import Bank
 from .calibrate import _load_base
 from .data import Dataset
@@ -19,7 +20,8 @@ from .errors import LoramixError
 from .progress import track
 from .runtime.memory import available_bytes
 from .report import CheckPlan
-from .refine import CRITERIA, GENERATING, AnswerScores, MixedLoRA, answer_scores_fn
+from .runtime.pytorch import MixedLoRA, answer_scores_fn
+from .runtime.scores import CRITERIA, AnswerScores
 
 log = logging.getLogger("loramix")
 
@@ -31,12 +33,17 @@ def scale_label(s: float) -> str:
     return f"x{s:g}"
 
 
+@checked
 def check_candidates(coefficients: dict[str, float], scales: Sequence[float] = CHECK_SCALES,
-                     singles: int = 0, tops: int = 0) -> dict[str, dict[str, float]]:
+                     singles: Annotated[int, Range(0, None)] = 0,
+                     tops: Annotated[int, Range(0, None)] = 0) -> dict[str, dict[str, float]]:
     """The compositions `check` compares, label -> coefficients (every name of `coefficients`), in order of preference
     on ties: 'base' (all 0), 'x<s>' the composition scaled by s for each non-zero scale (ascending), 'top<k>' for
     k = 2..`tops` the composition restricted to its k largest coefficients and rescaled to its total weight, and
     'entry:<name>' each of the `singles` largest coefficients' entries alone at weight 1."""
+    if any(s < 0 for s in scales):
+        raise LoramixError(f"check_candidates(): scales must be positive (the base, scale 0, is always a candidate), "
+                           f"got {list(scales)}")
     zero = dict.fromkeys(coefficients, 0.0)
     out = {"base": zero}
     for s in sorted(x for x in scales if x != 0):
@@ -63,7 +70,7 @@ def scaled_layers(label: str, layers: dict[int, dict[str, float]] | None,
 
 @dataclass
 class CheckResult:
-    """The held-out check: each candidate's teacher-forced scores (refine.AnswerScores) on `examples` held-out samples,
+    """The held-out check: each candidate's teacher-forced scores (runtime.scores.AnswerScores) on `examples` held-out samples,
     the label `chosen` by `criterion`, its coefficients and, when a per-layer composition was scaled, its per-layer
     weights (layer -> entry -> weight)."""
 
@@ -90,7 +97,7 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
     (`model`, loaded unless given) the bank's factors are mixed exactly; with `engine` (a runtime.llamacpp.LlamaCpp)
     the candidates are compositions at output rank `rank`, written as GGUF LoRAs (runtime.candidates)."""
     if criterion not in CRITERIA:
-        raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA)})")
+        raise LoramixError(f"unknown check criterion '{criterion}' (choose from {', '.join(CRITERIA.names())})")
     candidates = check_candidates(coefficients, scales, singles, tops)
     samples = dataset.subsample(examples, seed).samples
     scaled = {scale_label(s): s for s in scales if s != 0}
@@ -101,7 +108,7 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
         with candidate_loras(bank, coefficients, candidates, scaled, engine, method=method, rank=rank,
                              layers=layers) as loras:
             for label in track(candidates, f"checking ({len(samples)} held-out examples, llama.cpp)", total=len(candidates)):
-                scores[label] = engine.scores(samples, lora=loras[label], generate=criterion in GENERATING)
+                scores[label] = engine.scores(samples, lora=loras[label], generate=CRITERIA.get(criterion).generates)
         return _chosen(len(samples), criterion, scores, candidates, layers, scales)
     model, tokenizer = _load_base(bank, model, tokenizer)
     names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
@@ -121,7 +128,7 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
 
     scores = {}
     try:
-        fn = answer_scores_fn(model, tokenizer, samples, generate=criterion in GENERATING)
+        fn = answer_scores_fn(model, tokenizer, samples, generate=CRITERIA.get(criterion).generates)
         for label in track(candidates, f"checking ({len(samples)} held-out examples)", total=len(candidates)):
             mixed.weights = weights(label)
             scores[label] = fn()
@@ -157,7 +164,7 @@ def _check_composed(bank: Bank, coefficients: dict[str, float], candidates: dict
         for i, folder in enumerate(folders):
             (links / f"c{i}").symlink_to(folder.resolve(), target_is_directory=True)
         files = Bank(links, allow_pickle=bank.allow_pickle)
-        fn = answer_scores_fn(model, tokenizer, samples, generate=criterion in GENERATING)
+        fn = answer_scores_fn(model, tokenizer, samples, generate=CRITERIA.get(criterion).generates)
         scores = {}
         for label in track(candidates, f"checking ({len(samples)} held-out examples)", total=len(candidates)):
             if label not in made:  # the base
@@ -176,7 +183,7 @@ def _check_composed(bank: Bank, coefficients: dict[str, float], candidates: dict
 def _chosen(examples: int, criterion: str, scores: dict[str, AnswerScores], candidates: dict[str, dict[str, float]],
             layers: dict[int, dict[str, float]] | None, scales: Sequence[float]) -> CheckResult:
     """The CheckResult of `scores`: the candidate `criterion` ranks first (the earliest on ties)."""
-    rank = CRITERIA[criterion]
+    rank = CRITERIA.get(criterion).key
     chosen = min(scores, key=lambda label: rank(scores[label]))
     return CheckResult(examples, criterion, scores, chosen, candidates[chosen], scaled_layers(chosen, layers, scales))
 
@@ -222,14 +229,14 @@ def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, cr
     counts = [examples]
     while counts[-1] // 2 >= MIN_EXAMPLES:
         counts.append(counts[-1] // 2)
-    cheaper = FALLBACK_CRITERION if criterion in GENERATING else criterion
+    cheaper = FALLBACK_CRITERION if CRITERIA.get(criterion).generates else criterion
     pools = list(dict.fromkeys([(singles, tuple(scales)), (0, tuple(scales)), (0, (1.0,))]))
     forms = [(criterion, examples, *pools[0])]
     forms += [(cheaper, n, *pool) for n in counts for pool in pools if (cheaper, n, *pool) != forms[0]]
     tried = []
     for crit, n, single, pool in forms:
         candidates = 1 + len([s for s in pool if s != 0]) + max(0, tops - 1) + single
-        estimate = candidates * speed.seconds(held.subsample(n, seed).samples, tokenizer, crit in GENERATING)
+        estimate = candidates * speed.seconds(held.subsample(n, seed).samples, tokenizer, CRITERIA.get(crit).generates)
         tried.append(estimate)
         if estimate > budget:
             continue

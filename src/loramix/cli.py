@@ -209,7 +209,7 @@ def eval_(
     """Greedy generation on DATA, scored with ROUGE-L, exact match and containment (best over references)."""
     import json
 
-    from .data import read_dataset
+    from .data import Dataset, read_dataset
     from .evaluate import evaluate, write_predictions
 
     from .adapter import base_model_of
@@ -220,7 +220,8 @@ def eval_(
         refuse_target(predictions, force=True, folder=False, inputs={"the data": data, "the adapter": adapter,
                                                                     "the base model": base_paths(base_model)})
     dataset = read_dataset(data, split="test")  # a save_to_disk DatasetDict's test split, as evaluate() reads it
-    result = evaluate(dataset, base=base, adapter=adapter, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+    dataset = Dataset(dataset.samples[:limit], dataset.source, dataset.definition)  # the records predicted
+    result = evaluate(dataset, base=base, adapter=adapter, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       runtime=runtime, allow_pickle=allow_pickle)
     preds = result.pop("predictions")
     if predictions is not None:

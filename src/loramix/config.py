@@ -16,7 +16,8 @@ from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
 from .errors import LoramixError
 from .operators import OPERATORS
-from .refine import CRITERIA, SEARCHES
+from .refine import SEARCHES
+from .runtime.scores import CRITERIA
 from .probes import ProbeSet
 from .runtime import RUNTIMES
 from .signatures import SIGNATURES, SignatureSpec
@@ -75,7 +76,7 @@ class GenerateConfig:
     scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
     calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
-                               "on the 53 leave-one-out tasks it lowered ROUGE-L (README, Quality).")
+                               "on the 53 leave-one-out tasks it lowered ROUGE-L (docs/benchmarks.md, bench-quality).")
     dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
     check: int | str | None = option("auto", "Hold out this many examples of DATA and keep, of the base model, the composed "
                                      "update at scales 0.5 to 2, its top entries (--check-tops) and the top entries "
@@ -163,7 +164,7 @@ class GenerateConfig:
         _at_least("check-singles", self.check_singles, 0)
         _at_least("check-tops", self.check_tops, 0)
         if self.check_criterion not in CRITERIA:
-            raise LoramixError(f"--check-criterion must be one of {', '.join(CRITERIA)}, got {self.check_criterion!r}")
+            raise LoramixError(f"--check-criterion must be one of {', '.join(CRITERIA.names())}, got {self.check_criterion!r}")
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise LoramixError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         _at_least("refine", self.refine, 0)

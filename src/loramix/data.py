@@ -9,11 +9,11 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Annotated, Any, Iterable, Iterator
 
 import numpy as np
 
-from .arguments import check_seed, checked
+from .arguments import Range, check_seed, checked
 from .errors import LoramixError
 from .files import naming, parse_json, read_json
 
@@ -84,11 +84,12 @@ class Dataset:
             h.update(b"\n")
         return h.hexdigest()
 
-    def subsample(self, max_samples: int | None, seed: int) -> "Dataset":
+    @checked
+    def subsample(self, max_samples: Annotated[int, Range(0, None)] | None, seed: int) -> "Dataset":
         """At most `max_samples` samples, drawn without replacement by a seeded RNG, in their original order."""
+        check_seed("Dataset.subsample(): ", seed)
         if max_samples is None or len(self.samples) <= max_samples:
             return self
-        check_seed("subsample(): ", seed)
         keep = np.sort(np.random.default_rng(seed).choice(len(self.samples), size=max_samples, replace=False))
         return Dataset([self.samples[i] for i in keep], self.source, self.definition, dict(self.metadata))
 

@@ -78,6 +78,7 @@ def register_batched(name: str, prepare: Callable[[np.ndarray], Prepared], revis
 
 # -- token-id unigrams, as the paper's code ---------------------------------------------------------------
 _EPS = 1e-10  # added to every histogram bin, not renormalised (as the paper's code)
+MAX_TOKEN_ID = 2**24 - 1  # token ids beyond every tokenizer's vocabulary (the largest hold about 2**18)
 
 
 def _histograms(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -382,6 +383,9 @@ def _checked(dist: Distance, sigs: Sequence[np.ndarray], seed: int, where: str) 
             if x.ndim != 1 or x.dtype.kind not in "iu" or not x.size or (x.dtype.kind == "i" and x.min() < 0):
                 raise LoramixError(f"{what}: distance '{dist.name}' compares token ids, a non-empty 1-D array of "
                                    f"non-negative integers; got {x.dtype} {list(x.shape)}")
+            if int(x.max()) > MAX_TOKEN_ID:  # its histogram would hold a bin per id up to it
+                raise LoramixError(f"{what}: token id {int(x.max())} exceeds {MAX_TOKEN_ID:,}, beyond any tokenizer's "
+                                   "vocabulary")
         else:
             if x.ndim != 2 or x.dtype.kind not in "iuf" or not x.shape[0] or not np.isfinite(x).all():
                 raise LoramixError(f"{what}: distance '{dist.name}' compares point clouds, a 2-D array [n >= 1, d] of "
@@ -441,6 +445,9 @@ def aligned(d_probes: np.ndarray, d_data: np.ndarray) -> np.ndarray:
     whose probe distance says nothing about its data distance gets the data entries' mean). Needs 2 entries with both
     (`BankIndex.mode` asks for 3); +inf stays +inf."""
     d_probes, d_data = np.asarray(d_probes, dtype=np.float64), np.asarray(d_data, dtype=np.float64)
+    if d_probes.ndim != 1 or d_probes.shape != d_data.shape:
+        raise LoramixError(f"aligned(): the probe and data distances must be two rows of one length, got "
+                           f"{list(d_probes.shape)} and {list(d_data.shape)}")
     both = np.isfinite(d_data) & np.isfinite(d_probes)
     if both.sum() < 2:
         raise LoramixError(f"aligning probe distances needs at least 2 entries with data, found {int(both.sum())}")

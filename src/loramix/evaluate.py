@@ -5,14 +5,10 @@ references as Natural-Instructions does: ROUGE-L (rouge-score, Porter-stemmed), 
 from __future__ import annotations
 
 import json
-import re
-import string
 import time
-import unicodedata
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator
 
 import torch
 
@@ -20,85 +16,14 @@ from .adapter import PICKLE_FILE, WEIGHTS_FILE, LoraAdapter, base_model_of
 from .errors import LoramixError
 from .arguments import Range, checked
 from .files import atomic_write_bytes, naming
-from .data import Dataset, Sample, read_dataset
-from .models import load_model, load_tokenizer, with_adapter
-from .progress import track
-from .prompts import common_prefix, end_of_turn_id, left_padded, pad_id, prefix_cache, prompt_ids, prompt_room
+from .data import Dataset, read_dataset
+from .runtime import MAX_ANSWER_TOKENS, MAX_NEW_TOKENS
+from .runtime.pytorch import generate_answers, load_model, load_tokenizer, with_adapter
+from .runtime.scores import score
+from .prompts import end_of_turn_id, prompt_ids, prompt_room
 
 
-MAX_NEW_TOKENS = 48  # the longest answer evaluation generates (tokens)
-MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try may generate: beyond the context of the bases loramix serves
 MAX_BATCH = 4096  # the most prompts generated together
-
-
-def normalize(text: str) -> str:
-    """SQuAD-style answer normalisation: lowercase, no punctuation, no articles (a, an, the), single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-class _Tokenizer:
-    """rouge-score's default tokenisation (lowercase, Porter stemming of tokens longer than 3 characters),
-    except that letters outside ASCII and symbols are kept as tokens: 'élève' or an emoji is not dropped."""
-
-    def __init__(self) -> None:
-        from nltk.stem import porter
-
-        self._stemmer = porter.PorterStemmer()
-
-    def tokenize(self, text: str) -> list[str]:
-        tokens = re.findall(r"\w+|[^\w\s]", unicodedata.normalize("NFC", text.lower()))
-        tokens = [t for t in tokens if t.isalnum() or unicodedata.category(t[0]).startswith("S")]
-        return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
-
-
-@dataclass
-class Scorer:
-    """Scores one prediction against its references: (rougeL F1, exact match 0/1, contains 0/1), best of refs."""
-
-    def __post_init__(self) -> None:
-        from rouge_score import rouge_scorer
-
-        self._rouge = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
-
-    def __call__(self, prediction: str, references: tuple[str, ...]) -> tuple[float, float, float]:
-        pred = normalize(prediction)
-        refs = [normalize(ref) for ref in references]
-        rouge = max(self._rouge.score(ref, prediction)["rougeL"].fmeasure for ref in references)
-        exact = float(any(pred == ref for ref in refs))
-        contains = float(any(ref and ref in pred for ref in refs))
-        return rouge, exact, contains
-
-
-def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_size: int = 32, max_new_tokens: int = MAX_NEW_TOKENS,
-                     progress: bool = True) -> list[str]:
-    """Greedy answers to `inputs` (each a user turn in the chat template), batched, longest prompts first, with a
-    progress bar unless `progress` is False (a caller's own bar). Returns the decoded answers in input order.
-
-    The prompts of a batch share a prefix (system turn, task definition): it is run once and its key/value
-    cache reused by every row, laid out as [prefix][padding][own tokens] with the padding masked out, so
-    positions stay contiguous and the answers equal those of unbatched generation."""
-    eot, pad = end_of_turn_id(tokenizer), pad_id(tokenizer)
-    device = next(model.parameters()).device
-    room = prompt_room(model, max_new_tokens)  # a longer prompt is cut from the left, as training cuts it
-    encoded = [prompt_ids(tokenizer, text, room) for text in inputs]
-    order = sorted(range(len(inputs)), key=lambda i: -len(encoded[i]))
-    answers: list[str] = [""] * len(inputs)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with torch.inference_mode():
-        for batch in track(batches, "generating", total=len(batches)) if progress else batches:
-            seqs = [encoded[i] for i in batch]
-            p = common_prefix(seqs)
-            ids, mask = left_padded(seqs, pad, p)
-            cache = prefix_cache(model, ids[:1, :p].to(device), len(batch))
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=eot, pad_token_id=pad, **cache,
-            )
-            for row in range(len(batch)):
-                answers[batch[row]] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
-    return answers
 
 
 @contextmanager
@@ -148,23 +73,14 @@ def answer_streams(adapter: str | Path, base: str | None, runtime: str = "auto",
     yield stream
 
 
-def score(predictions: list[str], dataset: Dataset | Sequence[Sample]) -> dict[str, float]:
-    """Mean rougeL, exact_match and contains over the records (a Dataset or its samples), and n."""
-    scorer = Scorer()
-    rows = [scorer(p, s.outputs) for p, s in zip(predictions, dataset)]
-    n = len(rows)
-    return {
-        "rougeL": sum(r[0] for r in rows) / n,
-        "exact_match": sum(r[1] for r in rows) / n,
-        "contains": sum(r[2] for r in rows) / n,
-        "n": n,
-    }
-
-
 def write_predictions(path: str | Path, dataset: Dataset, predictions: list[str]) -> None:
     """One JSON line per prediction: the record's input, the prediction and its references, in dataset order. A file
     is replaced whole (atomic_write_bytes: a file it was a hard link of keeps its bytes); a FIFO or a device
-    (/dev/stdout) is written to."""
+    (/dev/stdout) is written to. The path may not be the dataset's own file; one prediction per record."""
+    if isinstance(predictions, (str, bytes)) or len(predictions) != len(dataset):
+        raise LoramixError(f"{path}: {len(predictions)} prediction(s) for {len(dataset)} record(s); one per record")
+    if dataset.source and Path(path).exists() and Path(dataset.source).exists() and Path(path).samefile(dataset.source):
+        raise LoramixError(f"{path}: is the data {dataset.source}, which the predictions are of; write them elsewhere")
     text = "".join(json.dumps({"input": s.input, "prediction": p, "references": list(s.outputs)}, ensure_ascii=False) + "\n"
                    for s, p in zip(dataset, predictions))
     target = Path(path)
@@ -212,26 +128,40 @@ def load_for_eval(base: str | None, adapter: str | Path | None = None, *, allow_
 
 @contextmanager
 def merged_adapter(model: Any, adapter: str | Path | LoraAdapter | None) -> Iterator[Any]:
-    """Add an adapter's updates scale * B @ A to a plain transformers model's linear weights for the duration of
-    the block (no adapter: the model unchanged); the original weights are restored after. Generation then runs
+    """A plain transformers model whose adapted modules hold base + adapter (scale * B @ A; transposed for
+    transformers' Conv1D, whose weight is [in, out]) for the duration of the block (no adapter: the model unchanged).
+    Each adapted module gets a new weight, so a weight it shares with another module (tied input and output
+    embeddings) is not changed there; the original weights, ties included, are put back after. Generation then runs
     at the base model's speed, without LoRA layers' extra work per token."""
     if adapter is None:
         yield model
         return
+    from transformers.pytorch_utils import Conv1D
+
     adapter = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
-    saved: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.nn.Parameter] = {}
     try:
         with torch.no_grad():
-            for name, module in adapter.modules.items():
-                weight = model.get_submodule(name).weight
+            for name, lora in sorted(adapter.modules.items()):
+                try:
+                    module = model.get_submodule(name)
+                except AttributeError:
+                    raise LoramixError(f"{adapter.name}: module '{name}' is not in the base model") from None
                 a, b = adapter.factors(name)
-                saved[name] = weight.detach().clone()
-                weight.add_((module.scale * (b.double() @ a.double())).to(device=weight.device, dtype=weight.dtype))
+                delta = lora.scale * (b.double() @ a.double())  # [out, in]
+                weight = module.weight
+                if isinstance(module, Conv1D):
+                    delta = delta.T
+                if tuple(delta.shape) != tuple(weight.shape):
+                    raise LoramixError(f"{adapter.name}: module '{name}' has weight {list(weight.shape)} in the base "
+                                       f"model, the adapter's update {list(delta.shape)}")
+                saved[name] = weight
+                module.weight = torch.nn.Parameter(weight.detach() + delta.to(device=weight.device, dtype=weight.dtype),
+                                                   requires_grad=False)
         yield model
     finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                model.get_submodule(name).weight.copy_(original)
+        for name, original in saved.items():
+            model.get_submodule(name).weight = original
 
 
 @checked
@@ -256,10 +186,14 @@ def evaluate(
 
     if model is None:
         refuse_pickle(adapter, allow_pickle)
+    if (model is None) != (tokenizer is None):
+        raise LoramixError("evaluate(): pass model and tokenizer together (or neither: the base is loaded)")
 
     dataset = data if isinstance(data, Dataset) else read_dataset(data, split="test")
     if limit is not None:
         dataset = Dataset(dataset.samples[:limit], dataset.source, dataset.definition)
+    if not len(dataset):
+        raise LoramixError(f"{dataset.source}: no records to evaluate")
     if base is None and adapter is not None:
         base = base_model_of(adapter)  # what load_for_eval loads, and what the result names
     kind = "torch" if model is not None else choose_runtime(resolve_base(base), runtime)

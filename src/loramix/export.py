@@ -35,7 +35,7 @@ def _base_config(adapter: LoraAdapter, base: str | None) -> Any:
     model built on the meta device)."""
     from transformers import AutoModelForCausalLM
 
-    from .models import load_config, quiet_loading
+    from .runtime.pytorch import load_config, quiet_loading
 
     name = base if base is not None else adapter.base_model
     config = load_config(name)
@@ -166,7 +166,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, *, base: str | N
     """Merge the adapter into its base model's weights (PEFT merge_and_unload) and save a safetensors model folder
     (config, weights, tokenizer) that transformers loads without PEFT: base + adapter, nothing else (weights the base
     ties to an adapted one are untied first: `_untie_adapted`)."""
-    from .models import load_model, load_tokenizer, quiet_loading, with_adapter
+    from .runtime.pytorch import load_model, load_tokenizer, quiet_loading, with_adapter
 
     adapter = LoraAdapter(adapter_dir)  # validated before a model is loaded
     name = base if base is not None else adapter.base_model

@@ -167,7 +167,7 @@ def base_paths(name: str | Path | None) -> list[Path]:
     file as given; for the default (None, 'default', its hub id) its converted folder in LORAMIX_HOME and the GGUF its
     package ships; for a hub id ('owner/repo', 'owner/repo/file.gguf') its folder in the local hub cache. Nothing is
     downloaded or converted."""
-    from .models import DEFAULT_BASE, default_gguf
+    from .runtime.pytorch import DEFAULT_BASE, default_gguf
     from .paths import loramix_home
 
     if name in (None, "default", DEFAULT_BASE):

@@ -250,7 +250,7 @@ def model_identity(name: str | None) -> str | None:
 def base_identity(name: str | None) -> str | None:
     """`model_identity` of a base as the user names it: the default base by the GGUF its package ships (its
     transformers folder is converted from it), a hub GGUF 'owner/repo/file.gguf' by the cached file's sha256."""
-    from .models import DEFAULT_BASE, default_gguf
+    from .runtime.pytorch import DEFAULT_BASE, default_gguf
     from .runtime import is_gguf_name
 
     if name in (None, "default", DEFAULT_BASE):

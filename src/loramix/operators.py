@@ -284,7 +284,7 @@ class AnswerTrained(ScalarMLP):
     `normalized`. Trained on the bank's own leave-one-out: each entry t in turn (shuffled, one Adam step each, for
     `epochs` passes) gets the composition of the others at weights softmin(z_t + g(z_t)), and g follows the gradient
     of t's answer loss ratio to the base model (answer-token cross-entropy of `examples` of t's training samples; the
-    update applied exactly by forward hooks, refine.MixedLoRA). Loads the bank's base model; minutes on a CPU."""
+    update applied exactly by forward hooks, runtime.pytorch.MixedLoRA). Loads the bank's base model; minutes on a CPU."""
 
     examples = 8
     epochs = 3
@@ -298,7 +298,7 @@ class AnswerTrained(ScalarMLP):
 
         from .calibrate import _load_base
         from .progress import bar
-        from .refine import MixedLoRA, answer_loss_fn
+        from .runtime.pytorch import MixedLoRA, answer_loss_fn
 
         n = len(data.entries)
         self._reset(n, seed)

@@ -407,7 +407,7 @@ def _refused_on(config_json: str, name: str) -> str | None:
 def base_modules(base: str | None) -> BaseModules | None:
     """The BaseModules of base model `base`, from its config found without a download, the model built on the meta
     device; None where there is no such config."""
-    from .models import DEFAULT_BASE, load_config
+    from .runtime.pytorch import DEFAULT_BASE, load_config
 
     try:
         if base in (None, "default", DEFAULT_BASE) or Path(str(base)).expanduser().exists():
@@ -430,7 +430,7 @@ def _built(config: Any) -> BaseModules:
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from .models import quiet_loading
+    from .runtime.pytorch import quiet_loading
 
     with torch.device("meta"), quiet_loading():
         model = AutoModelForCausalLM.from_config(config)

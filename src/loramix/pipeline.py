@@ -80,7 +80,7 @@ def _base_for(index: BankIndex, config: GenerateConfig) -> tuple[Any, Any, Any]:
     that cannot be loaded is reported at once. The check (and the probe answers of entries without data) run on
     `engine` (runtime.llamacpp.LlamaCpp) when the runtime is llama.cpp, else on the PyTorch model, which --refine always
     needs; None where unused (PyTorch probe answers load the base themselves, only when not cached)."""
-    from .models import load_model, load_tokenizer
+    from .runtime.pytorch import load_model, load_tokenizer
     from .runtime import choose_runtime, resolve_base
 
     base = config.base if config.base is not None else index.bank.base_model

@@ -17,8 +17,9 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from .arguments import Range, check_fields, check_seed
 from .data import Dataset, Sample, read_dataset
 from .errors import LoramixError
 
@@ -33,9 +34,13 @@ class ProbeSet:
     """The prompts every entry answers: the inputs of the dataset file `path` (None: the shipped default set), at
     most `max_samples` of them drawn with `seed` (as signatures draw their samples)."""
 
-    path: str | None = None
-    max_samples: int | None = 128
+    path: str | Path | None = None
+    max_samples: Annotated[int, Range(1, None)] | None = 128
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_seed("ProbeSet: ", self.seed)
 
     @cached_property
     def prompts(self) -> list[str]:
@@ -59,8 +64,7 @@ def answer_probes(model: Any, tokenizer: Any, bank: Any, entry: Any, prompts: li
     samples. `model`: the bank's base model, unchanged on return (the entry is attached by forward hooks)."""
     import torch
 
-    from .evaluate import generate_answers
-    from .refine import MixedLoRA
+    from .runtime.pytorch import MixedLoRA, generate_answers
 
     mixed = MixedLoRA(model, bank, [entry])
     try:
@@ -96,7 +100,7 @@ def open_answerer(base: str | None, runtime: str = "auto") -> Any:
         from .runtime.llamacpp import open_base
 
         return partial(answer_probes_llamacpp, open_base(base))
-    from .models import load_model, load_tokenizer
+    from .runtime.pytorch import load_model, load_tokenizer
 
     model = load_model(base)
     return partial(answer_probes, model.to("cuda") if torch.cuda.is_available() else model, load_tokenizer(base))

@@ -16,15 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .adapter import layer_of
 from .bank import Bank, BankEntry
-from .compose import COMPOSERS
-from .compose.methods import LoraFactors
 from .data import Dataset
 from .arguments import check_fields
 from .errors import LoramixError
-from .evaluate import MAX_NEW_TOKENS, generate_answers, score
 from .progress import track
+from .runtime.pytorch import MixedLoRA, answer_loss_fn, bank_layers
 from .registry import Registry
 
 
@@ -64,117 +61,6 @@ class RefineResult:
     seconds: float
     history: list[float] = field(default_factory=list)
     layers: dict[int, dict[str, float]] | None = None
-
-
-def bank_layers(bank: Bank) -> list[int]:
-    """The layer indices of the bank's modules, sorted: the rows of per-layer weights [layers, k]."""
-    return sorted({layer_of(m) for m in bank.shapes})
-
-
-class MixedLoRA:
-    """Attaches k bank LoRAs to a base model through forward hooks: each adapted linear module's output gains the
-    composition method's mix of them (Composer.mix: sum_i w_i s_i B_i (A_i x) for 'exact'; LoraHub's A-and-B
-    average for 'paper'). `weights` is a tensor that the hooks read at every call (differentiable): [k], one weight
-    per entry, or [len(layers), k], one per layer and entry (`layers`: the modules' layer indices, `layer_of`)."""
-
-    def __init__(self, model: Any, bank: Bank, entries: Sequence[BankEntry], method: str = "exact"):
-        self.composer = COMPOSERS.get(method)()
-        if not self.composer.refinable:
-            raise LoramixError(f"composition '{method}' cannot be refined")
-        self.composer.check(entries)
-        self.model = model
-        self.weights = torch.zeros(len(entries), dtype=torch.float32)
-        self.layers = bank_layers(bank)
-        self._hooks = []
-        for name in sorted(bank.shapes):
-            parts = [(i, e.adapter.modules[name], LoraFactors.stored(e, name)) for i, e in enumerate(entries)
-                     if name in e.adapter.modules]
-            if not parts:
-                continue
-            a = torch.cat([f.a.float() for _, _, f in parts])  # [R, in]
-            b = torch.cat([m.scale * f.b.float() for _, m, f in parts], dim=1)  # [out, R]
-            owner = torch.cat([torch.full((m.rank,), i) for i, m, _ in parts])  # entry of each rank-1 piece
-            module = model.get_submodule(name)
-            device = module.weight.device  # the bank's factors beside the module they adapt (CPU or a GPU)
-            group = self.layers.index(layer_of(name))
-            self._hooks.append(module.register_forward_hook(
-                self._hook(a.to(device), b.to(device), owner.to(device), len(parts), group)))
-
-    def _hook(self, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor, k: int, group: int):
-        def add(module: Any, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            w = (self.weights if self.weights.dim() == 1 else self.weights[group]).to(a.device)
-            delta = self.composer.mix(inputs[0].to(a.dtype), a, b, w[owner], k)
-            return output + delta.to(output.dtype)
-
-        return add
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
-def _shared_batch(tokenizer: Any, samples: Sequence, max_length: int = 256):
-    """The samples encoded as one SharedBatch (their shared prompt prefix, the system turn and task definition, runs
-    once per forward pass)."""
-    from .prompts import SharedBatch, encode, pad_id
-
-    return SharedBatch.of(encode(tokenizer, samples, max_length), pad_id(tokenizer))
-
-
-def answer_loss_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256):
-    """A function of no arguments returning the mean answer-token cross-entropy (nats per token, a differentiable
-    scalar tensor) of `model` on `samples`."""
-    batch = _shared_batch(tokenizer, samples, max_length)
-    return lambda: batch.loss(model)
-
-
-@dataclass(frozen=True)
-class AnswerScores:
-    """Scores of a model on labelled samples. Teacher-forced: `loss`, the mean answer-token cross-entropy (nats per
-    token); `accuracy`, the fraction of answer tokens (end-of-turn included) that are the model's most likely next
-    token given the reference before them; `exact`, the fraction of samples whose every answer token is, i.e. that
-    greedy decoding reproduces exactly (up to ties). Generated (only when asked for: it decodes every sample):
-    `rouge`, the mean ROUGE-L F1 of the greedy answers against the references, as `loramix evaluate` scores them."""
-
-    loss: float
-    accuracy: float
-    exact: float
-    rouge: float | None = None
-
-
-# How a choice among candidates ranks their AnswerScores (the smallest key wins).
-CRITERIA = {
-    "loss": lambda s: s.loss,
-    "accuracy": lambda s: (-s.accuracy, s.loss),
-    "exact": lambda s: (-s.exact, -s.accuracy, s.loss),
-    "rouge": lambda s: (-s.rouge, -s.accuracy, s.loss),
-}
-GENERATING = frozenset({"rouge"})  # the criteria that need greedy answers (AnswerScores.rouge)
-
-
-def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: int = 256, generate: bool = False):
-    """A function of no arguments returning the AnswerScores of `model` on `samples`: one forward pass (no grad) and,
-    with `generate`, greedy answers to every sample scored by ROUGE-L."""
-    batch = _shared_batch(tokenizer, samples, max_length)
-    targets = batch.targets
-    real = targets != -100
-    # answers may run to twice the longest reference (its end-of-turn included) and 4 tokens more, at most as long as
-    # `loramix evaluate` lets them: an answer that long has lost most of its ROUGE-L already
-    longest = min(MAX_NEW_TOKENS, 2 * int(real.sum(1).max()) + 4)
-
-    def scores() -> AnswerScores:
-        with torch.no_grad():
-            out = batch.logits(model).float()
-            loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
-            hit = (out.argmax(-1) == targets) | ~real
-        accuracy = float(hit[real].float().mean()) if real.any() else 0.0
-        rouge = None
-        if generate:
-            answers = generate_answers(model, tokenizer, [s.input for s in samples], max_new_tokens=longest, progress=False)
-            rouge = score(answers, samples)["rougeL"]
-        return AnswerScores(float(loss), accuracy, float(hit.all(1).float().mean()), rouge)
-
-    return scores
 
 
 SEARCHES: Registry = Registry("refine method")
@@ -289,7 +175,7 @@ def refine(
     """Refine `coefficients` (from a meta-operator) on `cfg.examples` samples drawn from `dataset` (seeded): the
     top_k entries' weights are searched, the others set to 0; `method` is the composition method whose mix is
     searched (Composer.mix). Loads the bank's base model unless given."""
-    from .models import load_model, load_tokenizer
+    from .runtime.pytorch import load_model, load_tokenizer
 
     if cfg.examples < 1:
         raise LoramixError(f"--refine needs at least 1 example, got {cfg.examples}")

@@ -90,7 +90,7 @@ class UnigramSigner(Signer):
     needs_base = True
 
     def compute(self, dataset: Dataset) -> np.ndarray:
-        from .models import load_tokenizer
+        from .runtime.pytorch import load_tokenizer
 
         tokenizer = load_tokenizer(self.spec.model)
         ids = tokenizer([s.input + s.output for s in dataset])["input_ids"]
@@ -164,7 +164,7 @@ class _Encoder:
     sentence-transformers."""
 
     def __init__(self, name: str):
-        from .models import loading
+        from .runtime.pytorch import loading
 
         path = Path(_embedder_path(name))
         self._st = self._bert = None
@@ -212,7 +212,7 @@ class _Encoder:
 def _sentence_transformer(path: Path):
     from sentence_transformers import SentenceTransformer
 
-    from .models import quiet_loading
+    from .runtime.pytorch import quiet_loading
 
     with quiet_loading():
         return SentenceTransformer(str(path), device="cpu")
@@ -221,7 +221,7 @@ def _sentence_transformer(path: Path):
 def _transformers_encoder(folder: Path):
     from transformers import AutoModel, AutoTokenizer
 
-    from .models import quiet_loading
+    from .runtime.pytorch import quiet_loading
 
     with quiet_loading():
         return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
@@ -375,7 +375,7 @@ class HiddenSigner(Signer):
     def compute(self, dataset: Dataset) -> np.ndarray:
         import torch
 
-        from .models import load_model, load_tokenizer
+        from .runtime.pytorch import load_model, load_tokenizer
         from .prompts import pad_id
 
         tokenizer = load_tokenizer(self.spec.model)

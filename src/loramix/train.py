@@ -17,7 +17,7 @@ from .arguments import checked
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import atomic_dir, base_paths, refuse_target
-from .models import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
+from .runtime.pytorch import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
 from .progress import track
 from .runtime.memory import bf16_native
 from .prompts import SharedBatch, encode, pad_id

@@ -68,6 +68,8 @@ class TrainConfig:
                 raise LoramixError(f"{name} must be {want}, got {value!r}")
         check_fields(self)
         check_seed("TrainConfig: ", self.seed)
+        if self.device is not None:
+            _check_device(self.device)
 
     def as_record(self) -> dict:
         """The settings as training.json records them (`budget` and `max_tokens` only when set, so older records
@@ -90,8 +92,25 @@ def bank_config(*, steps: int = 150, rank: int = 6, save_dtype: str = "float16")
 BANK_TRAINING = bank_config()
 
 # `generate --refine N`'s fine-tune of the composed adapter (--refine-method finetune): the bank's recipe for fewer
-# steps, with a warmup to match; chosen on the leave-one-out benchmark (README, Quality: on all 53 tasks 16 steps
+# steps, with a warmup to match; chosen on the leave-one-out benchmark (docs/benchmarks.md, bench-quality: on all 53 tasks 16 steps
 # closed 75.4% of the gap, 10 steps 73.8%, 24 steps 73.1%). At most 8000 token positions: a CPU thread runs about
 # 210 a second, so that tasks with long examples (16 steps of news articles are 15,000 positions) stay within a
 # minute; most tasks' 16 steps are 2,000-5,400.
 REFINE_TRAINING = replace(BANK_TRAINING, steps=16, warmup=2, max_tokens=8000)
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device this machine cannot train on: not a torch device, a kind without weights (meta), or an
+    accelerator that is absent (cuda:N beyond the GPUs present, mps off a Mac)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LoramixError(f"--device must be a torch device such as cpu, cuda or cuda:0, got {name!r}") from None
+    present = {"cpu": lambda: True,
+               "cuda": lambda: torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+               "mps": lambda: torch.backends.mps.is_available()}
+    if device.type not in present or not present[device.type]():
+        raise LoramixError(f"--device {name!r}: no such device on this machine (cpu, or a GPU it has)")
+

