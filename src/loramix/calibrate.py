@@ -29,7 +29,7 @@ from .errors import LoramixError
 from .index import BankIndex, fetch, store
 from .meta import loo_coefficients
 from .progress import track
-from .runtime.pytorch import MixedLoRA, answer_loss_fn
+from .runtime.pytorch import MixedLoRA, answer_loss_fn, frozen_base
 
 # The default grid: 12 candidates, 13 forward passes per bank entry (about 3 minutes for the 47-entry default bank on
 # 2 cores with 8 examples each; 40 candidates with top-k 5 and 16 examples took over half an hour).
@@ -117,16 +117,6 @@ def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidat
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_base(bank: Bank, model: Any, tokenizer: Any) -> tuple[Any, Any]:
-    from .runtime.pytorch import load_model, load_tokenizer
-
-    if model is None:
-        model, tokenizer = load_model(bank.base_model), load_tokenizer(bank.base_model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tokenizer
-
-
 def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int = EXAMPLES,
               candidates: Sequence[Candidate] | None = None, model: Any = None, tokenizer: Any = None,
               force: bool = False) -> Calibration:
@@ -145,7 +135,7 @@ def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int
     if cached is not None and cached.examples == examples and not force:
         return cached
     start = time.process_time()
-    model, tokenizer = _load_base(bank, model, tokenizer)
+    model, tokenizer = frozen_base(bank.base_model, model, tokenizer)
     coefs = {(c.temperature, c.top_k): loo_coefficients(index, replace(config, temperature=c.temperature, top_k=c.top_k))
              for c in candidates}
     weighted = index.weighted(config.entry_signatures)  # the coefficients' columns

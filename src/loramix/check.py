@@ -14,13 +14,12 @@ import torch
 
 from .arguments import Range, checked
 from .bank import Bank
-from .calibrate import _load_base
 from .data import Dataset
 from .errors import LoramixError
 from .progress import track
 from .runtime.memory import available_bytes
 from .report import CheckPlan
-from .runtime.pytorch import MixedLoRA, answer_scores_fn
+from .runtime.pytorch import MixedLoRA, answer_scores_fn, frozen_base
 from .runtime.scores import CRITERIA, AnswerScores
 
 log = logging.getLogger("loramix")
@@ -110,7 +109,7 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
             for label in track(candidates, f"checking ({len(samples)} held-out examples, llama.cpp)", total=len(candidates)):
                 scores[label] = engine.scores(samples, lora=loras[label], generate=CRITERIA.get(criterion).generates)
         return _chosen(len(samples), criterion, scores, candidates, layers, scales)
-    model, tokenizer = _load_base(bank, model, tokenizer)
+    model, tokenizer = frozen_base(bank.base_model, model, tokenizer)
     names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
     if mix_bytes(bank, names) > available_bytes() // 2:  # the exact mix would not fit beside the base: files instead
         return _check_composed(bank, coefficients, candidates, scaled, samples, criterion, layers, scales, model,

@@ -296,9 +296,8 @@ class AnswerTrained(ScalarMLP):
     def fit_bank(self, data: BankFit, *, seed: int = 0) -> "AnswerTrained":
         import torch
 
-        from .calibrate import _load_base
         from .progress import bar
-        from .runtime.pytorch import MixedLoRA, answer_loss_fn
+        from .runtime.pytorch import MixedLoRA, answer_loss_fn, frozen_base
 
         n = len(data.entries)
         self._reset(n, seed)
@@ -306,7 +305,7 @@ class AnswerTrained(ScalarMLP):
         torch.nn.init.zeros_(last.weight)
         torch.nn.init.zeros_(last.bias)
         z = torch.as_tensor(_offdiagonal_z(data.distances))
-        model, tokenizer = _load_base(data.bank, None, None)  # frozen
+        model, tokenizer = frozen_base(data.bank.base_model)
         losses = [answer_loss_fn(model, tokenizer, e.dataset().subsample(self.examples, seed).samples) for e in data.entries]
         mixed = MixedLoRA(model, data.bank, data.entries, data.compose)
         opt = torch.optim.Adam(self.mlp.parameters(), lr=self.lr)

@@ -153,6 +153,16 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
     return model.eval()
 
 
+def frozen_base(base: str | None, model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of the base `base` (loaded unless given), its parameters frozen: the base a check, a
+    calibration, a weight search or an operator's fit runs with LoRA factors attached (MixedLoRA)."""
+    if model is None:
+        model, tokenizer = load_model(base), load_tokenizer(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
 def _check_loaded(base: str | None, info: dict[str, Any], causal_lm: bool) -> None:
     """Refuse a base whose checkpoint does not hold what its config declares: weights missing (transformers would
     initialise them at random, e.g. a config declaring more layers than the checkpoint holds: every run another model),
