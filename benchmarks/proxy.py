@@ -2,7 +2,7 @@
 forward passes only, on the task's test records (first `--limit`) and on `--check` of its training examples.
 
 A candidate is a weight vector over the bank's entries (the task's own entry always 0, but for `trained`), applied
-exactly by forward hooks (runtime.pytorch.MixedLoRA), so nothing is composed, written or generated. Scores per candidate:
+exactly by forward hooks (runtime.lora.MixedLoRA), so nothing is composed, written or generated. Scores per candidate:
 answer loss, token accuracy and teacher-forced exact match (runtime.scores.AnswerScores; exact match is what greedy
 decoding reproduces). Selectors then pick one candidate per task from a pool by a criterion on the *training*
 examples, as `generate --check` would, and are reported on the *test* records. This screens levers in minutes
@@ -216,7 +216,7 @@ def main() -> None:
     args = p.parse_args()
 
     from loramix.runtime.pytorch import load_model, load_tokenizer
-    from loramix.runtime.pytorch import MixedLoRA
+    from loramix.runtime.lora import MixedLoRA
 
     bank = Bank(args.bank)
     index = BankIndex(bank)

@@ -153,7 +153,7 @@ def torch_dtype_name(gguf: Path) -> str:
     """The dtype loramix loads `gguf` in on PyTorch on this machine now (runtime.torch_dtype), or 'refused'."""
     from loramix.errors import LoramixError
     from loramix.runtime.pytorch import load_config
-    from loramix.runtime import torch_dtype
+    from loramix.runtime.memory import torch_dtype
 
     try:
         return str(torch_dtype(load_config(str(gguf)), "base", extra=gguf.stat().st_size)).removeprefix("torch.")

@@ -58,7 +58,7 @@ def write(out: Path, shapes: Shapes = MISTRAL_7B, *, architecture: str = "llama"
     """Write the synthetic GGUF base to `out` (`architecture` is what the header names: tests name an unknown one)."""
     import gguf
 
-    from loramix.runtime.pytorch import default_gguf
+    from loramix.runtime import default_gguf
 
     reader = gguf.GGUFReader(str(default_gguf()))
     field = lambda key: reader.get_field(key).contents()  # noqa: E731

@@ -19,7 +19,8 @@ from loramix.index import BankIndex
 from loramix.meta import loo_coefficients
 from loramix.runtime.pytorch import load_model, load_tokenizer
 from loramix.operators import AnswerTrained, BankFit, coefficients
-from loramix.runtime.pytorch import MixedLoRA, answer_loss_fn
+from loramix.runtime.lora import MixedLoRA
+from loramix.runtime.pytorch import answer_loss_fn
 from loramix.runtime.scores import AnswerScores
 
 GRID = [Candidate(t, k, s) for t in (0.5, 1.0) for k in (None, 2) for s in (1.0, 2.0)]
@@ -246,7 +247,7 @@ def test_answer_trained_operator_starts_at_normalized_and_lowers_the_banks_answe
 def test_a_stored_calibration_of_another_form_is_not_used(tmp_path):
     """A file that passes its HMAC but holds what this version does not read (an older form) counts as none."""
     from loramix.calibrate import _key, grid
-    from loramix.index import store
+    from loramix.store import store
 
     bank = Bank(make_bank(tmp_path / "bank", n=3))
     index = BankIndex(bank)

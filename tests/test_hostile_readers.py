@@ -205,7 +205,8 @@ def test_an_index_made_with_another_key_is_not_believed(tmp_path, monkeypatch):
     forged file fails this user's HMAC, is deleted and recomputed."""
     import numpy as np
 
-    from loramix.index import BankIndex, _npy, store
+    from loramix.index import BankIndex, _npy
+    from loramix.store import store
     from loramix.signatures import SignatureSpec
 
     root = make_bank(tmp_path / "bank", n=3)
@@ -424,7 +425,7 @@ def test_a_prompt_that_is_not_utf8_is_one_line(tiny_base):
 def test_the_index_key_must_be_a_regular_file(tmp_path, monkeypatch):
     import os
 
-    from loramix.index import index_key
+    from loramix.store import index_key
 
     monkeypatch.setenv("LORAMIX_HOME", str(tmp_path))
     os.mkfifo(tmp_path / "index.key")

@@ -133,7 +133,8 @@ def test_check_auto_fits_its_budget_or_says_why(tmp_path):
 
 
 def test_plan_check_prefers_forward_passes_then_fewer_candidates_to_fewer_examples():
-    from loramix.check import Speed, plan_check
+    from loramix.check import plan_check
+    from loramix.runtime import Speed
     from loramix.data import Dataset
     from loramix.runtime.pytorch import load_tokenizer
 
@@ -156,7 +157,7 @@ def test_plan_check_prefers_forward_passes_then_fewer_candidates_to_fewer_exampl
 def test_eval_and_try_on_llamacpp(tmp_path, capsys, monkeypatch):
     """eval and try run a GGUF base (the default's shipped GGUF, or a copy named by path) with an adapter as a GGUF
     LoRA; text with markup is printed as it is."""
-    from loramix.runtime.pytorch import default_gguf
+    from loramix.runtime import default_gguf
 
     entry = loramix.Bank("default").entry("numbers_french").adapter.path
     test = DEFAULT_SUITE / "numbers_french" / "test.jsonl"

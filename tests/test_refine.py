@@ -7,7 +7,7 @@ from helpers import make_bank, topic_records, write_jsonl
 
 from loramix import Bank, compose, generate, read_dataset, read_report
 from loramix.refine import RefineConfig, refine
-from loramix.runtime.pytorch import MixedLoRA
+from loramix.runtime.lora import MixedLoRA
 
 
 def peft_logits(base_dir, comp, tmp_path, ids):

@@ -84,26 +84,26 @@ def test_probe_answers_are_keyed_by_content_not_size_and_mtime(tmp_path, monkeyp
 
 
 def test_adapter_hash_and_content_hash(tmp_path, monkeypatch):
-    from loramix import index
+    from loramix import store
 
     monkeypatch.setenv("LORAMIX_HOME", str(tmp_path / "home"))
     root = _twin_entries(tmp_path / "bank")
-    assert index.adapter_hash(root / "entry00") != index.adapter_hash(root / "entry01")
+    assert store.adapter_hash(root / "entry00") != store.adapter_hash(root / "entry01")
     # memoised by identity (path, inode, size, mtime, ctime): a rewrite of the same size with its mtime restored is
     # still seen (ctime), even when the memo is trusted at once
-    monkeypatch.setattr(index, "_RACY_NS", -(10**19))
-    monkeypatch.setattr(index, "_HASHES", {})
+    monkeypatch.setattr(store, "_RACY_NS", -(10**19))
+    monkeypatch.setattr(store, "_HASHES", {})
     f = tmp_path / "f.bin"
     f.write_bytes(b"a" * 64)
     os.utime(f, ns=(10**18, 10**18))
-    assert index.content_hash(f) == hashlib.sha256(b"a" * 64).hexdigest()
+    assert store.content_hash(f) == hashlib.sha256(b"a" * 64).hexdigest()
     assert list((tmp_path / "home" / "hashes").glob("*/*.json"))  # kept across runs, under the index key's HMAC
     time.sleep(0.05)
     f.write_bytes(b"b" * 64)
     os.utime(f, ns=(10**18, 10**18))
-    assert index.content_hash(f) == hashlib.sha256(b"b" * 64).hexdigest()
-    monkeypatch.setattr(index, "_HASHES", {})  # a new process: the stored memo answers, for this version only
-    assert index.content_hash(f) == hashlib.sha256(b"b" * 64).hexdigest()
+    assert store.content_hash(f) == hashlib.sha256(b"b" * 64).hexdigest()
+    monkeypatch.setattr(store, "_HASHES", {})  # a new process: the stored memo answers, for this version only
+    assert store.content_hash(f) == hashlib.sha256(b"b" * 64).hexdigest()
 
 
 def test_calibration_and_gguf_keys_follow_content(tmp_path, monkeypatch):

@@ -165,7 +165,7 @@ def test_predictions_replace_a_file_whole_never_writing_through_a_hard_link(tmp_
 def test_base_paths_name_the_local_files_a_base_is_read_from(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from loramix.files import base_paths
+    from loramix.runtime import base_paths
 
     monkeypatch.setenv("LORAMIX_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

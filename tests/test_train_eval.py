@@ -104,7 +104,7 @@ def test_base_dtype_float32_when_it_fits_else_native_bfloat16(tiny_base, monkeyp
 
 def test_bf16_autocast_only_where_it_is_native(tmp_path, tiny_base):
     """bf16 is used where the device computes it natively (oneDNN's test on a CPU) and training.json says which."""
-    from loramix.runtime import bf16_native
+    from loramix.runtime.memory import bf16_native
 
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert bf16_native(torch.device("cpu")) == native

@@ -24,14 +24,12 @@ from safetensors.torch import save_file
 
 from .arguments import checked
 from .errors import LoramixError
-from .files import read_json
+from .files import PICKLE_FILE, WEIGHTS_FILE, read_json
 from .peft_config import (_COMPOSED, _METADATA, _PLAIN_INITS, _REFUSED_FIELDS, _UNKNOWN_FIELD, CONFIG_FILE,
                           applied_by_peft, check_config, pattern_value, prematch, resolve_targets)
 
 log = logging.getLogger("loramix")
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
 TENSOR_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")  # what PEFT loads
 

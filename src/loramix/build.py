@@ -13,7 +13,8 @@ from typing import Sequence
 from .data import read_dataset
 from .errors import LoramixError
 from .engine import get_engine
-from .files import atomic_dir, atomic_write_bytes, base_paths, read_json, refuse_target
+from .files import atomic_dir, atomic_write_bytes, read_json, refuse_target
+from .runtime import base_paths
 from .paths import resolve_suite
 from .train import TRAINING_FILE, train
 from .train_config import BANK_TRAINING, TrainConfig
@@ -37,7 +38,7 @@ def _is_built(dest: Path, config: TrainConfig, fingerprint: str, base_identity: 
         (dest / "adapter_model.safetensors").is_file()
         and record.get("config") == config.as_record()
         and record.get("data", {}).get("fingerprint") == fingerprint
-        and record.get("base_identity") == base_identity  # the same base, by content (index.base_identity)
+        and record.get("base_identity") == base_identity  # the same base, by content (runtime.base_identity)
     )
 
 
@@ -66,7 +67,7 @@ def build_bank(
     # OUT may exist (resumable), but not be or lie inside what the build reads
     refuse_target(out, force=True, inputs={"the suite": suite_dir, "the base model": base_paths(base)})
     status, jobs = {}, []
-    from .index import base_identity
+    from .runtime import base_identity
 
     identity = base_identity(base)
     for task in names:

@@ -3,7 +3,7 @@
 A candidate is (temperature, top_k, scale): the operator's coefficients at that temperature and top-k, multiplied
 by `scale`, the composed update's global scale (scale 0 is the base model). Its loss on a task is the answer-token
 cross-entropy (nats per token) of the task's examples under the base model plus that update, applied exactly by
-forward hooks (runtime.pytorch.MixedLoRA): nothing is composed or written.
+forward hooks (runtime.lora.MixedLoRA): nothing is composed or written.
 
 - `calibrate(bank, config)`: the bank's own leave-one-out. Each usable entry is held out in turn, its coefficients
   predicted from the others, and every candidate scored on `examples` of the entry's own training samples (which
@@ -26,10 +26,12 @@ import torch
 from .bank import Bank
 from .config import GenerateConfig
 from .errors import LoramixError
-from .index import BankIndex, fetch, store
+from .index import BankIndex
+from .store import fetch, store
 from .meta import loo_coefficients
 from .progress import track
-from .runtime.pytorch import MixedLoRA, answer_loss_fn, frozen_base
+from .runtime.lora import MixedLoRA
+from .runtime.pytorch import answer_loss_fn, frozen_base
 
 # The default grid: 12 candidates, 13 forward passes per bank entry (about 3 minutes for the 47-entry default bank on
 # 2 cores with 8 examples each; 40 candidates with top-k 5 and 16 examples took over half an hour).
@@ -107,7 +109,8 @@ def _setting(config: GenerateConfig) -> dict[str, Any]:
 def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidate]) -> str:
     """Changes with the setting, the grid, the signatures' model and the base model (by content: `index.spec_key`,
     `base_identity`) and every entry it weights (its data's sha256, its adapter files' sha256: `adapter_hash`)."""
-    from .index import adapter_hash, base_identity
+    from .runtime import base_identity
+    from .store import adapter_hash
 
     entries = [f"{e.name}:{e.data_hash if e.has_data else '-'}:{adapter_hash(e.adapter.path)}"
                for e in index.weighted(config.entry_signatures)]

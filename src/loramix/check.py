@@ -19,7 +19,9 @@ from .errors import LoramixError
 from .progress import track
 from .runtime.memory import available_bytes
 from .report import CheckPlan
-from .runtime.pytorch import MixedLoRA, answer_scores_fn, frozen_base
+from .runtime import Speed
+from .runtime.lora import MixedLoRA
+from .runtime.pytorch import answer_scores_fn, frozen_base
 from .runtime.scores import CRITERIA, AnswerScores
 
 log = logging.getLogger("loramix")
@@ -192,30 +194,6 @@ FALLBACK_CRITERION = "accuracy"  # forward passes only: token accuracy, then los
 MIN_EXAMPLES = 4
 
 
-@dataclass(frozen=True)
-class Speed:
-    """A runtime's measured speed on this machine: prompt tokens per second (a batch's teacher-forced pass), and
-    seconds per greedy decoding step of one sequence."""
-
-    tokens_per_second: float
-    seconds_per_step: float
-
-    def seconds(self, samples: Sequence, tokenizer: Any, generate: bool) -> float:
-        """Estimated seconds to score one candidate on `samples`: their prompt and answer tokens at the prompt rate
-        (the shared prefix once), and with `generate` greedy steps up to the longest answer allowed, each step a
-        batch of len(samples) tokens costing at least one sequence's step."""
-        from .prompts import common_prefix, encode
-
-        items = encode(tokenizer, samples, 256)
-        seqs = [seq for seq, _ in items]
-        tokens = sum(len(s) for s in seqs) - (len(seqs) - 1) * common_prefix(seqs)
-        cost = tokens / self.tokens_per_second
-        if generate:
-            steps = min(48, 2 * max(n for _, n in items) + 4)
-            cost += steps * max(self.seconds_per_step, len(samples) / self.tokens_per_second)
-        return cost
-
-
 def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, criterion: str, singles: int,
                tops: int, scales: Sequence[float], budget: float, seed: int = 0) -> CheckPlan:
     """The first form of the check on `held` (the held-out examples, drawn as `check` draws them: subsample(n, seed))
@@ -250,21 +228,3 @@ def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, cr
                      f"even its cheapest form was estimated at {min(tried):.0f} s, over --check-budget {budget:g} s "
                      f"(prompt {speed.tokens_per_second:.1f} tokens/s, {speed.seconds_per_step:.2f} s a decoding step)",
                      round(min(tried), 1))
-
-
-def torch_speed(model: Any, tokenizer: Any, sample: Any) -> Speed:
-    """The PyTorch base's Speed, measured on one example: its prompt and answer in one forward pass, then one decoding
-    step from that pass's cache."""
-    import time
-
-    from .prompts import encode
-
-    seq, _ = encode(tokenizer, [sample], 256)[0]
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(input_ids=torch.tensor([seq]), use_cache=True)
-        middle = time.perf_counter()
-        key = "cache" if "cache" in out else "past_key_values"
-        model(input_ids=torch.tensor([[seq[-1]]]), **{key: out[key]})
-        end = time.perf_counter()
-    return Speed(len(seq) / max(middle - start, 1e-6), end - middle)

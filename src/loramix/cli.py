@@ -213,7 +213,8 @@ def eval_(
     from .evaluate import evaluate, write_predictions
 
     from .adapter import base_model_of
-    from .files import base_paths, refuse_target
+    from .files import refuse_target
+    from .runtime import base_paths
 
     if predictions is not None:  # replaced if it exists, unless it is what this command reads
         base_model = base if base is not None else base_model_of(adapter) if adapter is not None else None

@@ -15,3 +15,17 @@ def debug_from_env() -> bool:
     import os
 
     return os.environ.get("LORAMIX_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a hub request raises: HTTP errors, and the transport's own (requests' are OSErrors, httpx's are not)."""
+    import sys
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (HfHubHTTPError, OSError, *(m.HTTPError for m in map(sys.modules.get, ("httpx", "httpx2")) if m))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of what `e` says (its type when it says nothing)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -18,7 +18,8 @@ import torch
 from .adapter import DTYPES, LoraAdapter, cast_factors
 from .arguments import checked
 from .errors import LoramixError
-from .files import atomic_dir, base_paths, hidden_stem, naming, publish, refuse_target
+from .files import atomic_dir, hidden_stem, naming, publish, refuse_target
+from .runtime import base_paths
 
 # transformers architecture -> (gguf architecture, whether q/k rows are permuted to llama.cpp's rope layout)
 GGUF_ARCHS = {

@@ -162,31 +162,9 @@ def _links_into(out: Path, source: Path) -> bool:
     return False
 
 
-def base_paths(name: str | Path | None) -> list[Path]:
-    """The local files and folders the base model `name` is read from (for `refuse_target`): a local folder or GGUF
-    file as given; for the default (None, 'default', its hub id) its converted folder in LORAMIX_HOME and the GGUF its
-    package ships; for a hub id ('owner/repo', 'owner/repo/file.gguf') its folder in the local hub cache. Nothing is
-    downloaded or converted."""
-    from .runtime.pytorch import DEFAULT_BASE, default_gguf
-    from .paths import loramix_home
-
-    if name in (None, "default", DEFAULT_BASE):
-        # where models.default_base_path converts it (without converting it here)
-        return [loramix_home() / "models" / DEFAULT_BASE.rsplit("/", 1)[-1], *filter(None, [default_gguf(required=False)])]
-    local = Path(name).expanduser()
-    if os.path.lexists(local):
-        return [local]
-    parts = str(name).split("/")
-    if len(parts) < 2 or not all(parts[:2]):
-        return []
-    try:
-        from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
-
-        return [Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id="/".join(parts[:2]), repo_type="model")]
-    except (ImportError, ValueError):
-        return []
-
+CONFIG_FILE = "adapter_config.json"  # a PEFT adapter folder's files
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
 
 # What loramix writes that says what an adapter is and how it was made: replaced together, never carried over from
 # the output a --force run replaces (`train --force` over a composed adapter must not keep its loramix.json).

@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import shutil
-import sys
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, read_config
 from .bank import DATA_FILE, Bank, BankEntry, check_bank_path, check_entries, has_entries
 from .data import Sample, read_dataset, to_sample, write_jsonl
-from .errors import LoramixError
+from .errors import LoramixError, first_line, hub_errors
 from .files import atomic_dir, clear_leftovers, locked_folder, read_json, refuse_target
 from .progress import track
 from .registry import Registry
@@ -47,25 +46,14 @@ def safe_entry_name(name: str) -> str:
     return name
 
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    """What a hub request raises: HTTP errors, and the transport's own (requests' are OSErrors, httpx's are not)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    return (HfHubHTTPError, OSError, *(m.HTTPError for m in map(sys.modules.get, ("httpx", "httpx2")) if m))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]
-
-
 def _snapshot(repo_id: str, repo_type: str = "model", allow: Sequence[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=list(allow) if allow else None))
-    except (LocalEntryNotFoundError, ValueError, *_hub_errors()) as e:  # ValueError: an invalid repo id
-        raise LoramixError(f"{repo_id}: cannot download ({_first_line(e)})") from None
+    except (LocalEntryNotFoundError, ValueError, *hub_errors()) as e:  # ValueError: an invalid repo id
+        raise LoramixError(f"{repo_id}: cannot download ({first_line(e)})") from None
 
 
 def _cached_repos(repo_type: str) -> list:
@@ -101,8 +89,8 @@ def lots_of_loras_datasets() -> dict[str, str]:
     else:
         try:
             ids = [d.id for d in HfApi().list_datasets(author=LOTS_OF_LORAS)]
-        except _hub_errors() as e:
-            raise LoramixError(f"cannot list the {LOTS_OF_LORAS} datasets on the hub ({_first_line(e)})") from None
+        except hub_errors() as e:
+            raise LoramixError(f"cannot list the {LOTS_OF_LORAS} datasets on the hub ({first_line(e)})") from None
     out = {}
     for repo_id in ids:
         owner, _, name = repo_id.partition("/")
@@ -226,8 +214,8 @@ def base_model_adapters(base: str, *, filters: Sequence[str] | None = None, limi
 
     try:
         return list(islice((r for r in listing() if all(f in r.lower() for f in wanted)), limit))
-    except _hub_errors() as e:
-        raise LoramixError(f"cannot list the adapters of {base} ({_first_line(e)})") from None
+    except hub_errors() as e:
+        raise LoramixError(f"cannot list the adapters of {base} ({first_line(e)})") from None
 
 
 def _base_adapter(repo: str, name: str, base: str) -> tuple[Path, None, dict[str, Any]]:

@@ -284,7 +284,7 @@ class AnswerTrained(ScalarMLP):
     `normalized`. Trained on the bank's own leave-one-out: each entry t in turn (shuffled, one Adam step each, for
     `epochs` passes) gets the composition of the others at weights softmin(z_t + g(z_t)), and g follows the gradient
     of t's answer loss ratio to the base model (answer-token cross-entropy of `examples` of t's training samples; the
-    update applied exactly by forward hooks, runtime.pytorch.MixedLoRA). Loads the bank's base model; minutes on a CPU."""
+    update applied exactly by forward hooks, runtime.lora.MixedLoRA). Loads the bank's base model; minutes on a CPU."""
 
     examples = 8
     epochs = 3
@@ -297,7 +297,8 @@ class AnswerTrained(ScalarMLP):
         import torch
 
         from .progress import bar
-        from .runtime.pytorch import MixedLoRA, answer_loss_fn, frozen_base
+        from .runtime.lora import MixedLoRA
+        from .runtime.pytorch import answer_loss_fn, frozen_base
 
         n = len(data.entries)
         self._reset(n, seed)

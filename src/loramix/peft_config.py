@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import LoramixError
+from .files import CONFIG_FILE
 
-CONFIG_FILE = "adapter_config.json"
 # PEFT's TaskType values: PeftConfig refuses any other task_type
 TASK_TYPES = frozenset({"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
 ALL_LINEAR = "all-linear"

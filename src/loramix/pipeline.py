@@ -21,13 +21,14 @@ from .compose import COMPOSERS, Composition, plan, write_compositions
 from .config import FINETUNE, GenerateConfig
 from .data import Dataset, read_dataset
 from .errors import LoramixError
-from .files import atomic_dir, base_paths, refuse_target
+from .files import atomic_dir, refuse_target
+from .runtime import base_paths, pytorch
 from .index import BankIndex
 from .meta import loo_coefficients, operator_for
 from .operators import OPERATORS
 from .paths import resolve_bank
 from .calibrate import cached_calibration
-from .check import CHECK_SCALES, check, plan_check, torch_speed
+from .check import CHECK_SCALES, check, plan_check
 from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, FinetuneInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
@@ -252,7 +253,7 @@ def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: An
     if not config.check_auto:
         return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, list(CHECK_SCALES), "as asked")
     sample = held.subsample(1, config.seed + 1).samples[0]
-    speed = engine.speed(sample) if engine is not None else torch_speed(model, tokenizer, sample)
+    speed = engine.speed(sample) if engine is not None else pytorch.speed(model, tokenizer, sample)
     plan = plan_check(held, engine.tokenizer if engine is not None else tokenizer, speed, examples=config.check_examples,
                       criterion=config.check_criterion, singles=config.check_singles, tops=config.check_tops,
                       scales=CHECK_SCALES, budget=config.check_budget, seed=config.seed + 1)

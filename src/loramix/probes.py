@@ -64,7 +64,8 @@ def answer_probes(model: Any, tokenizer: Any, bank: Any, entry: Any, prompts: li
     samples. `model`: the bank's base model, unchanged on return (the entry is attached by forward hooks)."""
     import torch
 
-    from .runtime.pytorch import MixedLoRA, generate_answers
+    from .runtime.lora import MixedLoRA
+    from .runtime.pytorch import generate_answers
 
     mixed = MixedLoRA(model, bank, [entry])
     try:

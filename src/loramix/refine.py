@@ -21,7 +21,8 @@ from .data import Dataset
 from .arguments import check_fields
 from .errors import LoramixError
 from .progress import track
-from .runtime.pytorch import MixedLoRA, answer_loss_fn, bank_layers
+from .runtime.lora import MixedLoRA, bank_layers
+from .runtime.pytorch import answer_loss_fn
 from .registry import Registry
 
 

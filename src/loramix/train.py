@@ -16,7 +16,8 @@ from .adapter import DTYPES
 from .arguments import checked
 from .data import Dataset, read_dataset
 from .errors import LoramixError
-from .files import atomic_dir, base_paths, refuse_target
+from .files import atomic_dir, refuse_target
+from .runtime import base_paths
 from .runtime.pytorch import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
 from .progress import track
 from .runtime.memory import bf16_native
@@ -151,7 +152,7 @@ UNWRITTEN = ("seconds",)  # in the record train returns, not in training.json: i
 
 
 def _base_identity(base: str | None) -> str | None:
-    from .index import base_identity
+    from .runtime import base_identity
 
     return base_identity(base)
 

