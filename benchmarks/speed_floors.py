@@ -101,7 +101,8 @@ def composition_steps(bank_path: Path) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from loramix import Bank
-    from loramix.compose.methods import Exact, LoraFactors, Term, Workspace
+    from loramix.compose.base import LoraFactors, Term, Workspace
+    from loramix.compose.exact import Exact
 
     bank = Bank(bank_path)
     module = next(m for m in sorted(bank.shapes) if m.endswith("q_proj"))

@@ -206,7 +206,7 @@ def test_safetensors_writer_checks_shapes_and_completeness(tmp_path):
 def test_randomized_truncation_for_large_stacked_rank(mixed, monkeypatch):
     import importlib
 
-    comp_mod = importlib.import_module("loramix.compose.methods")  # the package attribute `compose` is the function
+    comp_mod = importlib.import_module("loramix.compose.exact")  # the package attribute `compose` is the function
 
     b, c = mixed
     exact = compose(b, c, rank=3)
@@ -224,7 +224,7 @@ def test_float32_factorisation_for_large_stacks(mixed, monkeypatch):
     import importlib
 
     b, c = mixed
-    monkeypatch.setattr(importlib.import_module("loramix.compose.methods"), "EXACT_FLOAT64_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(importlib.import_module("loramix.compose.exact"), "EXACT_FLOAT64_MAX_ELEMENTS", 0)
     comp = compose(b, c, rank="full")
     for m in b.shapes:
         assert rel(composed_delta(comp, m), dense_sum(b, c, m)) <= 1e-5
@@ -370,7 +370,7 @@ def test_float32_stacks_take_the_cholesky_path_unless_ill_conditioned(monkeypatc
 
     from loramix.adapter import LoraModule
 
-    comp_mod = importlib.import_module("loramix.compose.methods")
+    comp_mod = importlib.import_module("loramix.compose.exact")
     monkeypatch.setattr(comp_mod, "EXACT_FLOAT64_MAX_ELEMENTS", 0)
     calls = {"cholesky": [], "eigen": 0}
     cholesky, eigen = comp_mod._cholesky_basis, comp_mod._eigen_basis
@@ -436,7 +436,7 @@ def test_randomized_truncation_is_near_optimal_and_thread_independent(monkeypatc
 
     from loramix.adapter import LoraModule
 
-    comp_mod = importlib.import_module("loramix.compose.methods")
+    comp_mod = importlib.import_module("loramix.compose.exact")
     terms = _decaying_terms(96, 40, 8)  # stacked rank 320, a range of 4 + 16 = 20 columns out of 96
     ref = LoraModule("m", 8, 0.5, 96, 96)
     want = _dense_terms(terms)
@@ -471,7 +471,7 @@ def test_randomized_path_reads_the_bank_and_names_an_entry_with_non_finite_weigh
 
     from loramix.compose import LoraFactors, Term
 
-    comp_mod = importlib.import_module("loramix.compose.methods")
+    comp_mod = importlib.import_module("loramix.compose.exact")
     monkeypatch.setattr(comp_mod, "EXACT_MAX_STACKED_RANK", 4)  # every module of the bank goes randomized
     calls = []
     randomized = comp_mod.Exact._randomized

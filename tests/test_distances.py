@@ -92,7 +92,7 @@ def test_gaussian_w2_scaled_covariance():
 
 
 def test_w2_sinkhorn_beyond_exact_limit(monkeypatch):
-    import loramix.distances as d
+    import loramix.distances.clouds as d
 
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) + 1
@@ -106,7 +106,7 @@ def test_w2_of_equal_sizes_is_the_network_simplex_value(n, d):
     """Clouds of one size take an optimal assignment; POT's network simplex on the same costs agrees."""
     import ot
 
-    from loramix.distances import w2
+    from loramix.distances.clouds import w2
 
     rng = np.random.default_rng(n)
     x, y = rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 0.3
@@ -125,7 +125,7 @@ def test_row_and_matrix(clouds):
 
 
 def test_sliced_matrix_fast_path_equals_pairwise():
-    from loramix.distances import _sliced_matrix
+    from loramix.distances.clouds import _sliced_matrix
 
     rng = np.random.default_rng(4)
     sigs = [rng.normal(size=(20, 6)) + i * 0.3 for i in range(5)]
@@ -196,7 +196,7 @@ def test_batched_matrix_is_the_pairwise_values_whatever_the_thread_count(name):
     """Matrices of the batched distances (blocks of references in one product, rows on threads): equal to the pair
     function, their rows equal to distance_row, and the same bytes on 1 or 3 threads; clouds of several sizes, more
     of them than a block holds."""
-    from loramix.distances import _BLOCK
+    from loramix.distances.core import _BLOCK
 
     rng = np.random.default_rng(6)
     sigs = [rng.normal(size=(int(rng.choice([6, 6, 6, 9])), 5)) + 0.2 * i for i in range(_BLOCK + 9)]
@@ -216,7 +216,7 @@ def test_batched_matrix_is_the_pairwise_values_whatever_the_thread_count(name):
 def test_batched_blocks_are_bounded_by_points_and_extras_by_size(name, monkeypatch):
     """Large clouds: a block holds at most _BLOCK_POINTS points (one cloud at least) and a matrix keeps no extras
     beyond _KEEP_EXTRA (recomputed per block instead); the values are the same."""
-    import loramix.distances as d
+    import loramix.distances.core as d
 
     rng = np.random.default_rng(7)
     sigs = [rng.normal(size=(int(n), 4)) + 0.1 * i for i, n in enumerate(rng.integers(5, 14, size=12))]

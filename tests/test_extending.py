@@ -13,7 +13,7 @@ from peft.utils import load_peft_weights
 
 from loramix import (COMPOSERS, DISTANCES, OPERATORS, SIGNATURES, Bank, BankIndex, GenerateConfig, LoramixError,
                      SignatureSpec, generate, read_report)
-from loramix.compose.methods import Composer, ModuleResult, Shape, stacked_ranks
+from loramix.compose.base import Composer, ModuleResult, Shape, stacked_ranks
 from loramix.distances import register_distance
 from loramix.operators import Operator, softmin
 from loramix.signatures import Signer

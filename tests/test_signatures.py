@@ -92,7 +92,7 @@ def test_other_sentence_transformers_models_keep_their_vectors(tmp_path, change,
 def test_embed_separates_topics():
     signer = make_signer(SignatureSpec("embed").resolved(None))
     a, a2, b = signer(dataset("fruits")), signer(Dataset(dataset("fruits", 24).samples[12:], "f2")), signer(dataset("tools"))
-    from loramix.distances import w2
+    from loramix.distances.clouds import w2
 
     assert w2(a, a2) < w2(a, b)
 
@@ -127,7 +127,7 @@ def test_embed_io_puts_input_and_output_embeddings_side_by_side():
 
 def test_embed_io_tells_a_mapping_from_its_inverse():
     """Same topic, opposite direction: plain embed sees the same texts, embed-io does not."""
-    from loramix.distances import w2
+    from loramix.distances.clouds import w2
 
     ds = dataset("fruits", 12)
     flipped = Dataset([Sample(s.output, (s.input,)) for s in ds], "flipped")

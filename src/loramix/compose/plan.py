@@ -14,7 +14,7 @@ from ..adapter import DTYPES, TENSOR_PREFIX, LoraModule, applied_by_peft, layer_
 from ..arguments import checked, finite
 from ..bank import Bank, BankEntry
 from ..errors import LoramixError
-from .methods import COMPOSERS, Composer, LoraFactors, Rank, Term
+from .base import COMPOSERS, Composer, LoraFactors, Rank, Term
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..bank import Bank
 from ..errors import LoramixError
 from ..progress import track
 from ..threads import threaded_map
-from .methods import LoraFactors, ModuleResult, Workspace
+from .base import LoraFactors, ModuleResult, Workspace
 from .plan import Plan, plan
 
 

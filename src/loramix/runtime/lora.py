@@ -25,7 +25,7 @@ class MixedLoRA:
         import torch
 
         from ..compose import COMPOSERS
-        from ..compose.methods import LoraFactors
+        from ..compose.base import LoraFactors
 
         self.composer = COMPOSERS.get(method)()
         if not self.composer.refinable:
