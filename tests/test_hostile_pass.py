@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import make_bank, run_cli, topic_records, write_jsonl
 
 from loramix.paths import DEFAULT_SUITE
@@ -256,3 +258,161 @@ def test_tasks_build_refuses_a_bank_as_its_output(tmp_path, capsys, monkeypatch)
     code, _, err = run_cli(["tasks", "build", "--out", str(bank), "--only", "numbers_roman"], capsys, monkeypatch)
     assert code == 1 and err.count("\n") == 1 and "is a bank" in err, err
     assert sorted(p.name for p in bank.iterdir()) == before
+
+
+# -- a third hostile pass over the command line ----------------------------------------------------------------------
+
+def _huge_array_gguf(path):
+    """51 bytes of GGUF header declaring one key whose array holds 2**60 uint32 values."""
+    import struct
+
+    kv = struct.pack("<Q", 3) + b"abc" + struct.pack("<I", 9) + struct.pack("<I", 4) + struct.pack("<Q", 2**60)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv)
+    return path
+
+
+def test_a_gguf_header_that_declares_more_than_its_file_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    """A 51-byte GGUF declaring an array of 2**60 items as --base hung `eval` and `generate` on llama.cpp (gguf's
+    reader walked the array: gigabytes of memory, killed at 150 s); a truncated GGUF on PyTorch gave a struct error."""
+    import time
+
+    from loramix.errors import LoramixError
+    from loramix.runtime import check_base_gguf, default_gguf
+
+    huge = _huge_array_gguf(tmp_path / "huge.gguf")
+    start = time.monotonic()
+    with pytest.raises(LoramixError, match="not a readable GGUF file.*runs past the end of the file"):
+        check_base_gguf(huge)
+    data = write_jsonl(tmp_path / "t.jsonl", topic_records("animals", 2))
+    for runtime in ("llama.cpp", "torch"):
+        code, _, err = run_cli(["eval", "--data", str(data), "--base", str(huge), "--runtime", runtime, "--limit", "1"],
+                               capsys, monkeypatch)
+        assert code == 1 and err.count("\n") == 1 and "not a readable GGUF file" in err, err
+    assert time.monotonic() - start < 30
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(default_gguf().read_bytes()[:1_000_000])
+    with pytest.raises(LoramixError, match="not a readable GGUF file"):
+        check_base_gguf(truncated)
+    whole = tmp_path / "whole.gguf"
+    whole.write_bytes(default_gguf().read_bytes()[:-1])  # the header whole, the last tensor one byte short
+    with pytest.raises(LoramixError, match="tensors' data ends at byte"):
+        check_base_gguf(whole)
+    check_base_gguf(default_gguf())
+
+
+def test_a_gguf_lora_as_base_is_named_so_on_pytorch_too(tmp_path, tiny_base, capsys, monkeypatch):
+    """On PyTorch (export gguf, export merged, train, eval --runtime torch) a GGUF LoRA given as --base was blamed on
+    an invented [4096, 4096] shape, 291 missing weights or a tokenizer 'None'."""
+    from loramix.export import export_gguf
+
+    bank = make_bank(tmp_path / "bank", n=1, base=str(tiny_base))
+    lora = export_gguf(bank / "task_animals", tmp_path / "lora.gguf", base=str(tiny_base))
+    data = write_jsonl(tmp_path / "t.jsonl", topic_records("animals", 4))
+    for args in (["export", "merged", "--adapter", str(bank / "task_animals"), "--out", str(tmp_path / "m")],
+                 ["train", "--data", str(data), "--out", str(tmp_path / "t"), "--steps", "1"],
+                 ["eval", "--data", str(data), "--runtime", "torch", "--limit", "1"]):
+        code, _, err = run_cli([*args, "--base", str(lora)], capsys, monkeypatch)
+        assert code == 1 and err.count("\n") == 1 and "is a GGUF adapter (lora), not a base model" in err, (args, err)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "t").exists()
+
+
+def test_empty_and_non_utf8_paths_on_the_command_line_are_refused(tmp_path, tiny_base, capsys, monkeypatch):
+    """`--out ""` (an unset shell variable) was the current folder: `bank loo BANK --out ""` wrote its adapters there
+    and `bank add "" ADAPTER` made it a bank; a --out or --adapter that is not UTF-8 crashed train, eval, try and
+    export merged with 'unexpected SafetensorError (a loramix bug)'."""
+    bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("animals", 8))
+    monkeypatch.chdir((tmp_path / "here").mkdir() or tmp_path / "here")
+    for args, name in ((["bank", "loo", str(bank), "--out", ""], "--out"),
+                       (["bank", "add", "", str(bank / "task_animals")], "BANK"),
+                       (["generate", "--bank", "", "--data", str(data), "--out", "x"], "--bank"),
+                       (["eval", "--data", str(data), "--adapter", " "], "--adapter")):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 1 and err.strip() == f"error: {name}: an empty path (an unset shell variable?)", (args, err)
+    bad = str(tmp_path / "out") + "\udcfe"  # the byte 0xfe of a name, as Python decodes argv
+    for args in (["train", "--data", str(data), "--base", str(tiny_base), "--out", bad, "--steps", "1"],
+                 ["export", "merged", "--adapter", bad, "--out", str(tmp_path / "m")]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 1 and err.count("\n") == 1 and "the path is not UTF-8 text (byte 0xfe); rename it" in err, err
+    assert list((tmp_path / "here").iterdir()) == []
+
+
+def test_train_names_a_target_module_peft_cannot_adapt_in_one_readable_line(tmp_path, tiny_base, capsys, monkeypatch):
+    """`train --target-modules mlp` said only 'Target module LlamaMLP(' (the first line of PEFT's module repr)."""
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("animals", 8))
+    code, _, err = run_cli(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "a"),
+                            "--steps", "1", "--target-modules", "mlp"], capsys, monkeypatch)
+    assert code == 1 and err.count("\n") == 1 and "Target module LlamaMLP is not supported" in err, err
+
+
+def test_the_check_estimate_counts_scoring_many_references():
+    """`--check auto` ran 5 min 50 s against a 120 s budget on records of 2000 references each: ROUGE-L against every
+    reference was not in the estimate."""
+    from loramix.data import Sample
+    from loramix.runtime import Speed, scoring_seconds
+
+    class Tok:
+        chat_template = None
+
+    few = [Sample(f"give me fruits {i}", ("apple pear fig " * 8,)) for i in range(4)]
+    many = [Sample(s.input, s.outputs * 2000) for s in few]
+    assert scoring_seconds(many) > 300 * scoring_seconds(few) > 0
+    assert Speed(1e9, 0.0).seconds  # (the model's part is measured elsewhere: test_llamacpp's plan tests)
+
+
+def test_environment_switches_and_a_dangling_home(tmp_path, monkeypatch):
+    """LORAMIX_PROGRESS=off / False turned progress bars on; a LORAMIX_HOME that is a dangling link said 'File
+    exists'."""
+    from loramix import progress
+    from loramix.errors import LoramixError
+    from loramix.paths import loramix_home
+
+    for value, on in (("off", False), ("False", False), ("NO", False), ("", False), ("On", True), ("1", True)):
+        monkeypatch.setenv("LORAMIX_PROGRESS", value)
+        assert progress.enabled() is on, value
+    (tmp_path / "home").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setenv("LORAMIX_HOME", str(tmp_path / "home"))
+    with pytest.raises(LoramixError, match="is a link to .*nowhere, which does not exist"):
+        loramix_home()
+
+
+def test_stdout_that_cannot_be_written_is_named(tmp_path, tiny_base):
+    """`generate ... > /dev/full` wrote the adapter, then failed with 'No space left on device' naming nothing."""
+    bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("animals", 8))
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([*LORAMIX, "generate", "--bank", str(bank), "--data", str(data), "--out", str(tmp_path / "o"),
+                              "--check", "0"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+                             env={**os.environ, "LORAMIX_PROGRESS": "0", "LORAMIX_HOME": str(tmp_path / "home")})
+    assert run.returncode == 1 and "standard output" in run.stderr and "unexpected" not in run.stderr, run.stderr
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_bank_readers_skip_pycache_and_refuse_a_config_peft_cannot_read(tmp_path):
+    """A __pycache__ folder in a bank's root made every command refuse the bank; an adapter_config.json opening with
+    a UTF-8 byte-order mark was composed, though PEFT cannot load it."""
+    import loramix
+    from loramix.errors import LoramixError
+
+    root = make_bank(tmp_path / "bank", n=2)
+    (root / "__pycache__").mkdir()
+    assert [e.name for e in loramix.Bank(root).entries] == ["task_animals", "task_colors"]
+    config = root / "task_colors" / "adapter_config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    with pytest.raises(LoramixError, match="task_colors: adapter_config.json begins with a UTF-8 byte-order mark"):
+        loramix.Bank(root)
+
+
+def test_a_damaged_default_base_names_its_folder_and_the_fix(tmp_path, monkeypatch):
+    """A damaged converted default base in LORAMIX_HOME/models failed every later run with 'cannot load base model
+    None: SafetensorError', naming neither the folder nor how to convert it again."""
+    from loramix.errors import LoramixError
+    from loramix.runtime import default_base_folder
+    from loramix.runtime.pytorch import load_model
+
+    monkeypatch.setenv("LORAMIX_HOME", str(tmp_path / "home"))
+    folder = default_base_folder()
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(LoramixError, match=f"converted once to {folder}; remove that folder and it is converted again"):
+        load_model(None)

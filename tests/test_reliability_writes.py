@@ -357,7 +357,7 @@ def test_a_bank_path_that_is_not_utf8_is_named_not_its_first_entry(tmp_path, cap
         Bank(bank)
     assert str(e.value).startswith(f"{bank}: the bank path is not UTF-8 text (byte 0xff)")
     code, _, err = run_cli(["bank", "list", str(bank)], capsys, monkeypatch)
-    line = one_line(code, err, "bank\\xff: the bank path is not UTF-8 text")
+    line = one_line(code, err, "bank\\xff: the path is not UTF-8 text")  # refused as an argument, before the bank is read
     assert "task_animals" not in line
     good = make_bank(tmp_path / "good", n=2)
     os.rename(good / "task_colors", Path(os.fsdecode(bytes(good) + b"/task_\xfe")))

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from .arguments import checked
 from .errors import LoramixError
-from .files import PICKLE_FILE, WEIGHTS_FILE, read_json
+from .files import PICKLE_FILE, WEIGHTS_FILE, parse_json
 from .peft_config import (_COMPOSED, _METADATA, _PLAIN_INITS, _REFUSED_FIELDS, _UNKNOWN_FIELD, CONFIG_FILE,
                           applied_by_peft, check_config, pattern_value, prematch, resolve_targets)
 
@@ -149,7 +149,11 @@ def read_config(folder: str | Path, name: str | None = None) -> dict[str, Any]:
     if not file.is_file():
         raise LoramixError(f"{name}: {CONFIG_FILE} is not a regular file" if os.path.lexists(file) else
                            f"{name}: no {CONFIG_FILE} in {folder}")
-    return check_config(read_json(file, f"{name}: {CONFIG_FILE}"), name)
+    raw = file.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # PEFT reads it as UTF-8 text, where json refuses a byte-order mark
+        raise LoramixError(f"{name}: {CONFIG_FILE} begins with a UTF-8 byte-order mark, which PEFT cannot read; save it "
+                           "without one")
+    return check_config(parse_json(raw, f"{name}: {CONFIG_FILE}"), name)
 
 
 def base_model_of(folder: str | Path) -> str | None:

@@ -79,13 +79,13 @@ class Bank:
         if not self.path.is_dir():
             raise LoramixError(f"{self.path}: bank folder not found")
         self.entries: list[BankEntry] = []
-        for sub in sorted(p for p in self.path.iterdir() if not p.name.startswith(".")):
+        for sub in sorted(p for p in self.path.iterdir() if not skipped(p.name)):
             if not sub.is_dir():
                 if sub.is_symlink():  # dangling, or a loop
                     log.warning("%s: a link that leads to no folder, skipped", sub.name)
                 continue
             if (why := not_utf8(sub.name)) is not None:
-                raise LoramixError(f"{sub.name}: the entry's folder name {_unreadable(sub.name, why, 'rename it')}")
+                raise LoramixError(f"{sub.name}: the entry's folder name {unreadable(sub.name, why, 'rename it')}")
             data = sub / DATA_FILE
             if os.path.lexists(data) and not data.is_file():
                 raise LoramixError(f"{sub.name}: {DATA_FILE} is not a regular file")
@@ -129,12 +129,17 @@ class Bank:
         raise LoramixError(f"{self.path}: no entry named '{name}'")
 
 
+def skipped(name: str) -> bool:
+    """Whether a bank's folder `name` is no entry: hidden (.loramix, an editor's .git) or Python's __pycache__."""
+    return name.startswith(".") or name == "__pycache__"
+
+
 def check_bank_path(path: Path) -> None:
     """Refuse, naming the bank path, what is no bank folder whatever it holds: a path that exists and is not a
     folder (a file, a FIFO), and a path that is not UTF-8 text (a byte of a non-UTF-8 name, which Python decodes to a
     lone surrogate: file formats, the index's keys and llama.cpp all need the path as text)."""
     if (why := not_utf8(str(path.absolute()))) is not None:
-        raise LoramixError(f"{path}: the bank path {_unreadable(str(path.absolute()), why, 'rename the folder')}")
+        raise LoramixError(f"{path}: the bank path {unreadable(str(path.absolute()), why, 'rename the folder')}")
     if os.path.lexists(path) and not path.is_dir():
         raise LoramixError(f"{path}: is {'a file' if path.is_file() else 'not a folder'}, not a bank folder (a bank is a "
                            "folder of adapter folders)")
@@ -150,7 +155,7 @@ def not_utf8(text: str) -> str | None:
     return None
 
 
-def _unreadable(text: str, why: str, fix: str) -> str:
+def unreadable(text: str, why: str, fix: str) -> str:
     """What is wrong with a path (or name) `text` that is not Unicode text here: bytes that are not UTF-8 (`why`:
     `fix` them), or UTF-8 bytes that Python decoded in another file system encoding (the C / POSIX locale without
     UTF-8 mode: every non-ASCII byte of a name becomes a lone surrogate), which the user's environment fixes."""
@@ -167,7 +172,7 @@ def has_entries(path: Path) -> bool:
     reads it: hidden folders (a run's temporary output, the index) are not entries."""
     from .adapter import CONFIG_FILE
 
-    return path.is_dir() and any(not p.name.startswith(".") and os.path.lexists(p / CONFIG_FILE) for p in path.iterdir())
+    return path.is_dir() and any(not skipped(p.name) and os.path.lexists(p / CONFIG_FILE) for p in path.iterdir())
 
 
 def check_entries(entries: Sequence[BankEntry]) -> tuple[str | None, dict[str, tuple[int, int]]]:

@@ -566,6 +566,31 @@ def _terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signal.SIGTERM)
 
 
+def _check_path_arguments(command: Any) -> None:
+    """Every path argument and option of every command refuses, in one line, what names no file loramix can use: an
+    empty string (an unset shell variable: the parser would read it as the current folder) and a path that is not
+    UTF-8 text (file formats, the index's keys and llama.cpp need paths as text)."""
+    from .bank import not_utf8, unreadable
+
+    for param in command.params:
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        if Path not in (annotation, *typing.get_args(annotation)) or "process_value" in vars(param):
+            continue
+
+        def process_value(ctx: Any, value: Any, param: Any = param, process: Any = param.process_value) -> Any:
+            name = param.opts[0] if param.opts and param.opts[0].startswith("-") else param.name.upper()
+            for text in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(text, str) and not text.strip():
+                    raise LoramixError(f"{name}: an empty path (an unset shell variable?)")
+                if isinstance(text, str) and (why := not_utf8(text)) is not None:
+                    raise LoramixError(f"{name} {text}: the path {unreadable(text, why, 'rename it')}")
+            return process(ctx, value)
+
+        param.process_value = process_value
+    for sub in getattr(command, "commands", {}).values():
+        _check_path_arguments(sub)
+
+
 def main() -> None:
     """The `loramix` command: errors are one line on stderr and exit status 1 (a traceback only with --debug)."""
     _DEBUG[0] = debug_from_env()
@@ -576,7 +601,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over (see loramix/__init__.py)
     signal.signal(signal.SIGTERM, _terminated)  # `kill`: cleans up as Ctrl-C does (SIGKILL's leftovers: files.clear_leftovers)
     try:
-        app()
+        command = typer.main.get_command(app)
+        _check_path_arguments(command)
+        command()
     except (LoramixError, OSError) as e:
         if _DEBUG[0]:
             raise

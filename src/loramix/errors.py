@@ -10,11 +10,21 @@ class LoramixError(Exception):
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
-def debug_from_env() -> bool:
-    """Whether LORAMIX_DEBUG asks for tracebacks: only 1, true or yes (any case); 0, false, no or empty do not."""
+def env_flag(name: str) -> bool | None:
+    """The environment variable `name` as a switch, in any case: 1, true, yes, on -> True; 0, false, no, off or
+    empty -> False; unset or anything else -> None (the default)."""
     import os
 
-    return os.environ.get("LORAMIX_DEBUG", "").strip().lower() in ("1", "true", "yes")
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return True if value in ("1", "true", "yes", "on") else False if value in ("0", "false", "no", "off", "") else None
+
+
+def debug_from_env() -> bool:
+    """Whether LORAMIX_DEBUG asks for tracebacks (env_flag; off by default)."""
+    return bool(env_flag("LORAMIX_DEBUG"))
 
 
 def hub_errors() -> tuple[type[BaseException], ...]:

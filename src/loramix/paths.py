@@ -27,6 +27,9 @@ def loramix_home() -> Path:
 
 
 def _folder(path: Path, what: str) -> Path:
+    if path.is_symlink() and not path.exists():
+        raise LoramixError(f"{what} {path} is a link to {os.readlink(path)}, which does not exist: set LORAMIX_HOME to a "
+                           "folder (or create the link's target)")
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             where = "is a file" if p == path else f"lies under {p}, which is a file"

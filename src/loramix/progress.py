@@ -5,18 +5,19 @@ Off when stderr is not a terminal and LORAMIX_PROGRESS is unset; LORAMIX_PROGRES
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from .errors import env_flag
 
 T = TypeVar("T")
 
 
 def enabled() -> bool:
-    env = os.environ.get("LORAMIX_PROGRESS")
-    if env is not None:
-        return env not in ("0", "false", "no", "")
-    return sys.stderr.isatty()
+    """LORAMIX_PROGRESS as a switch (errors.env_flag: 1 / true / on, 0 / false / off, any case), else whether stderr
+    is a terminal."""
+    env = env_flag("LORAMIX_PROGRESS")
+    return sys.stderr.isatty() if env is None else env
 
 
 @contextlib.contextmanager

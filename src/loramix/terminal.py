@@ -35,6 +35,15 @@ class SafeConsole(Console):
     titles, messages) are cleaned before they are measured and wrapped, Text objects before they are rendered, and,
     last, every segment but the console's own control codes."""
 
+    def _check_buffer(self) -> None:
+        """Write what is buffered; a stream that refuses it (a full disk, /dev/full, a closed pipe) is named in the
+        error, which otherwise names no file."""
+        try:
+            super()._check_buffer()
+        except OSError as e:
+            where = "standard error" if self.stderr else "standard output"
+            raise OSError(e.errno, e.strerror, f"{where} (what the command wrote to files was written)") from None
+
     def render_str(self, text: str, **kwargs) -> Text:
         return super().render_str(sanitize(text), **kwargs)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,7 +68,8 @@ def train(
             with quiet_loading():
                 model = get_peft_model(model, lora)
         except ValueError as e:  # e.g. no module of the base matches --target-modules
-            raise LoramixError(f"--target-modules {','.join(config.target_modules)}: {str(e).splitlines()[0][:300]}") from None
+            why = re.sub(r"(\w+)\(\n.*?\n\)", r"\1", str(e), flags=re.DOTALL)  # a module's repr: its class name
+            raise LoramixError(f"--target-modules {','.join(config.target_modules)}: {' '.join(why.split())[:300]}") from None
     else:
         model = with_adapter(model, init, base, is_trainable=True)
         if all(not bool(p.any()) for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n):

@@ -14,7 +14,9 @@ base named by the user resolved to what that engine loads, and its memory checke
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -68,7 +70,25 @@ class Speed:
         if generate:
             steps = min(48, 2 * max(n for _, n in items) + 4)
             cost += steps * max(self.seconds_per_step, len(samples) / self.tokens_per_second)
+            cost += scoring_seconds(samples)
         return cost
+
+
+def scoring_seconds(samples: Sequence) -> float:
+    """Seconds ROUGE-L takes to score one answer per sample against all of its references (`.outputs`): timed on up
+    to 8 references of up to 4 samples (the first reference scored against them), scaled to every reference. Data
+    with thousands of references a record spends more time here than in the model."""
+    import time
+
+    from .scores import Scorer
+
+    scorer, timed = Scorer(), 0
+    start = time.perf_counter()
+    for sample in list(samples)[:4]:
+        references = tuple(sample.outputs[:8])
+        scorer(references[0], references)
+        timed += len(references)
+    return (time.perf_counter() - start) / max(timed, 1) * sum(len(s.outputs) for s in samples)
 
 
 def is_gguf_name(name: str | None) -> bool:
@@ -105,6 +125,107 @@ def _hub_gguf(repo_id: str, filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename))
     except (LocalEntryNotFoundError, ValueError, *hub_errors()) as e:
         raise LoramixError(f"{repo_id}/{filename}: cannot download the base model's GGUF ({first_line(e)})") from None
+
+
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_keys(path: str | Path) -> dict[str, str]:
+    """The string-valued keys of the GGUF file `path`'s header, once the whole header and its tensors' extents are
+    checked against the file's size: every length before it is read (a header that declares an array of 2**60 items
+    is refused at once, never walked), and every tensor's data inside the file (a truncated file is refused).
+    ValueError naming what is wrong."""
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    found: dict[str, str] = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+
+        def take(n: int) -> bytes:
+            if n < 0 or n > size - f.tell():
+                raise ValueError(f"a length of {n} bytes at byte {f.tell()} runs past the end of the file ({size} bytes)")
+            return f.read(n)
+
+        def number(fmt: str) -> int:
+            return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
+
+        def value(kind: int) -> Any:
+            if kind in _GGUF_SCALARS:
+                return take(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                return take(number("Q")).decode("utf-8", "replace")
+            if kind != _GGUF_ARRAY:
+                raise ValueError(f"unknown value type {kind}")
+            inner, count = number("I"), number("Q")
+            if inner in _GGUF_SCALARS:
+                return take(count * _GGUF_SCALARS[inner])
+            if inner != _GGUF_STRING:
+                raise ValueError(f"an array of value type {inner}")
+            if count * 8 > size - f.tell():
+                raise ValueError(f"an array of {count} strings runs past the end of the file")
+            for _ in range(count):
+                take(number("Q"))
+            return None
+
+        if take(4) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        if number("I") not in (2, 3):
+            raise ValueError("an unknown GGUF version")
+        tensors, kvs = number("Q"), number("Q")
+        alignment = 32
+        for _ in range(kvs):
+            key = take(number("Q")).decode("utf-8", "replace")
+            kind = number("I")
+            got = value(kind)
+            if isinstance(got, str):
+                found[key] = got
+            elif key == "general.alignment" and kind == 4:
+                alignment = max(1, struct.unpack("<I", got)[0])
+        if tensors * 24 > size - f.tell():
+            raise ValueError(f"{tensors} tensors run past the end of the file")
+        end = 0
+        for _ in range(tensors):
+            take(number("Q"))  # name
+            dims = number("I")
+            if dims > 8:
+                raise ValueError(f"a tensor of {dims} dimensions")
+            count = math.prod(number("Q") for _ in range(dims))
+            kind, offset = number("I"), number("Q")
+            try:
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise ValueError(f"a tensor of unknown type {kind}") from None
+            end = max(end, offset + -(-count // block) * block_bytes)
+        start = -(-f.tell() // alignment) * alignment
+        if start + end > size:
+            raise ValueError(f"its tensors' data ends at byte {start + end}, the file at byte {size}")
+    return found
+
+
+def check_base_gguf(path: str | Path) -> None:
+    """Refuse, in one line, a GGUF file that is no base model: unreadable or truncated, a LoRA adapter, or naming no
+    architecture (its header read by `gguf_keys`, bounded by the file's size; once per version of the file)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise LoramixError(f"{path}: {e.strerror}") from None
+    _check_base_gguf(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_base_gguf(path: str, *identity: int) -> None:
+    try:
+        keys = gguf_keys(path)
+    except (ValueError, OSError) as e:
+        raise LoramixError(f"{path}: not a readable GGUF file, truncated or damaged ({e})") from None
+    if keys.get("general.type") == "adapter":
+        kind = keys.get("adapter.type", "lora")
+        raise LoramixError(f"{path}: is a GGUF adapter ({kind}), not a base model")
+    if not keys.get("general.architecture"):
+        raise LoramixError(f"{path}: the GGUF names no architecture (general.architecture): not a base model")
 
 
 def choose_runtime(base: BaseModel, runtime: str = "auto") -> str:
@@ -173,16 +294,21 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def default_base_folder() -> Path:
+    """Where the default base is converted to a transformers folder (runtime.pytorch.default_base_path), converted or
+    not."""
+    from ..paths import loramix_home
+
+    return loramix_home() / "models" / DEFAULT_BASE.rsplit("/", 1)[-1]
+
+
 def base_paths(name: str | Path | None) -> list[Path]:
     """The local files and folders the base model `name` is read from (for `refuse_target`): a local folder or GGUF
     file as given; for the default (None, 'default', its hub id) its converted folder in LORAMIX_HOME and the GGUF its
     package ships; for a hub id ('owner/repo', 'owner/repo/file.gguf') its folder in the local hub cache. Nothing is
     downloaded or converted."""
-    from ..paths import loramix_home
-
     if name in (None, "default", DEFAULT_BASE):
-        # where pytorch.default_base_path converts it (without converting it here)
-        return [loramix_home() / "models" / DEFAULT_BASE.rsplit("/", 1)[-1], *filter(None, [default_gguf(required=False)])]
+        return [default_base_folder(), *filter(None, [default_gguf(required=False)])]
     local = Path(name).expanduser()
     if os.path.lexists(local):
         return [local]

@@ -59,26 +59,12 @@ def _why() -> str:
 
 
 def _refuse_base_gguf(path: Path) -> None:
-    """Why llama.cpp could not load `path` as a base model, in one line, from its header (gguf.GGUFReader, memory-mapped,
-    no weights read; seconds for a large vocabulary, so read only after a failed load): unreadable or truncated, a LoRA
-    adapter, no architecture; else llama.cpp's own last error."""
-    import gguf
+    """Why llama.cpp could not load `path` as a base model, in one line: what its header says (runtime.check_base_gguf:
+    unreadable or truncated, a LoRA adapter, no architecture), else llama.cpp's own last error."""
+    from . import check_base_gguf, gguf_keys
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
-        raise LoramixError(f"{path}: not a readable GGUF file, truncated or damaged ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
-
-    def value(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
-
-    kind = value("general.type")
-    if kind == "adapter":
-        raise LoramixError(f"{path}: is a GGUF adapter ({value('adapter.type') or 'LoRA'}), not a base model")
-    arch = value("general.architecture")
-    if not arch:
-        raise LoramixError(f"{path}: the GGUF names no architecture (general.architecture): not a base model")
+    check_base_gguf(path)
+    arch = gguf_keys(path)["general.architecture"]
     raise LoramixError(f"{path}: llama.cpp cannot load this base model (architecture {arch}: {_why()})")
 
 

