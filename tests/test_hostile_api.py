@@ -462,3 +462,55 @@ def test_evaluate_refuses_no_records_and_a_model_without_its_tokenizer(tmp_path)
 
     _one_line(lambda: evaluate(Dataset([], "empty")), "no records to evaluate")
     _one_line(lambda: evaluate(Dataset([], "empty"), model=object()), "model and tokenizer together")
+
+
+# -- a fourth hostile pass ------------------------------------------------------------------------------------------
+
+def test_export_gguf_refuses_a_lora_on_a_tied_output_layer(tmp_path):
+    """On a base that ties its output layer to its input embeddings (SmolLM2, the default), a GGUF has no output
+    weight: `export gguf` wrote output.weight.lora_a/b anyway (exit 0) and llama.cpp refused the file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loramix.export import export_gguf
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.randn(4, 32),
+               "base_model.model.lm_head.lora_B.weight": torch.randn(64, 4)}, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+        "target_modules": ["lm_head"], "base_model_name_or_path": str(tmp_path / "base")}))
+    _one_line(lambda: export_gguf(folder, tmp_path / "a.gguf"), "'lm_head' is the output layer, which base model .* ties")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda b, ds: __import__("loramix.calibrate").calibrate.calibrate(b, examples=0), "examples must be at least 1"),
+    (lambda b, ds: __import__("loramix.calibrate").calibrate.calibrate(b, examples="2"), "examples must be int"),
+    (lambda b, ds: __import__("loramix.check").check.check(b, {"task_animals": 1.0}, ds, examples=0), "at least 1"),
+    (lambda b, ds: __import__("loramix.hub").hub.pull_base("/nonexistent/x", None), "base must be str"),
+    (lambda b, ds: __import__("loramix.hub").hub.pull_base("/nonexistent/x", "o/m", limit=0), "limit must be at least 1"),
+    (lambda b, ds: __import__("loramix.hub").hub.base_model_adapters("o/m", filters="good"), "filters must be"),
+    (lambda b, ds: __import__("loramix.tasks.build").tasks.build.build_suite(5), "out must be str or Path"),
+    (lambda b, ds: __import__("loramix.build").build.build_bank("default", "/nonexistent/x", tasks="numbers_roman"),
+     "tasks must be"),
+])
+def test_more_public_functions_refuse_bad_arguments(tmp_path, call, match):
+    """calibrate() and check() with examples=0 raised min() of an empty sequence; build_bank(tasks='numbers_roman')
+    read the string as one-letter tasks; base_model_adapters(filters='good') as the letters g, o, o, d."""
+    from loramix.data import read_dataset
+
+    bank = loramix.Bank(make_bank(tmp_path / "bank", n=2))
+    _one_line(lambda: call(bank, read_dataset(write_jsonl(tmp_path / "d.jsonl", topic_records("animals", 4)))), match)
+
+
+def test_probes_unused_or_not_utf8_are_said(tmp_path, caplog):
+    """`generate --probes FILE` on a bank whose entries all have data ignored FILE silently (even a missing one)."""
+    from loramix.config import GenerateConfig
+
+    _one_line(lambda: GenerateConfig(probes="p\udcfe"), "probes p\\\\udcfe: is not UTF-8 text|probes p.*not UTF-8 text")
+    bank = make_bank(tmp_path / "bank", n=3)
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("animals", 8))
+    loramix.generate(bank, data, tmp_path / "o", check=0, probes=str(tmp_path / "missing.jsonl"), signature="embed")
+    assert any("is not used: every entry is signed by its training data" in r.getMessage() for r in caplog.records)

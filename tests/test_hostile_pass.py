@@ -416,3 +416,13 @@ def test_a_damaged_default_base_names_its_folder_and_the_fix(tmp_path, monkeypat
     (folder / "model.safetensors").write_bytes(b"damaged")
     with pytest.raises(LoramixError, match=f"converted once to {folder}; remove that folder and it is converted again"):
         load_model(None)
+
+
+def test_try_with_standard_input_closed_ends_quietly(tmp_path, tiny_base):
+    """`loramix try --adapter A <&-` failed with 'unexpected RuntimeError: input(): lost sys.stdin'."""
+    bank = make_bank(tmp_path / "bank", n=1, base=str(tiny_base))
+    command = " ".join([sys.executable, "-c", "'from loramix.cli import main; main()'", "try", "--adapter",
+                        str(bank / "task_animals"), "--base", str(tiny_base), "--max-new-tokens", "2", "<&-"])
+    run = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LORAMIX_PROGRESS": "0", "LORAMIX_HOME": str(tmp_path / "home")})
+    assert run.returncode == 0 and "unexpected" not in run.stderr, run.stderr

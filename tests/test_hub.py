@@ -289,3 +289,18 @@ def test_lists_a_base_models_adapters_online(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_pull_base_refuses_two_repos_that_name_one_entry(tmp_path, hub_cache):
+    """'a/b__c' and 'a__b/c' both make the entry name 'a__b__c': the second was reported 'kept' and never pulled."""
+    smol = {f"model.layers.{i}.self_attn.{p}": (576 if p == "q_proj" else 192, 576) for i in range(2)
+            for p in ("q_proj", "k_proj", "v_proj")}
+    for i, repo in enumerate(("a/b__c", "a__b/c", "zz/good")):
+        ad = write_adapter(tmp_path / "src" / repo, base=SMOL, seed=30 + i, shapes=smol)
+        cache_repo(hub_cache, "model", repo, {n: (ad / n).read_bytes() for n in ("adapter_config.json",
+                                                                                "adapter_model.safetensors")}, f"{400 + i:040x}")
+    status = pull_base(tmp_path / "bank", SMOL)
+    assert status["zz__good"] == "pulled"
+    assert status["a/b__c"] == "refused: its entry name a__b__c is also that of a__b/c"
+    assert status["a__b/c"] == "refused: its entry name a__b__c is also that of a/b__c"
+    assert [e.name for e in Bank(tmp_path / "bank").entries] == ["zz__good"]

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from .arguments import checked
 from .data import read_dataset
 from .errors import LoramixError
 from .engine import get_engine
@@ -42,6 +43,7 @@ def _is_built(dest: Path, config: TrainConfig, fingerprint: str, base_identity: 
     )
 
 
+@checked
 def build_bank(
     suite: str | Path,
     out: str | Path,

@@ -18,11 +18,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import torch
 
+from .arguments import Range, checked
 from .bank import Bank
 from .config import GenerateConfig
 from .errors import LoramixError
@@ -120,7 +121,8 @@ def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidat
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: int = EXAMPLES,
+@checked
+def calibrate(bank: Bank, config: GenerateConfig | None = None, *, examples: Annotated[int, Range(1, None)] = EXAMPLES,
               candidates: Sequence[Candidate] | None = None, model: Any = None, tokenizer: Any = None,
               force: bool = False) -> Calibration:
     """The bank's leave-one-out losses for every candidate under `config`'s signature, distance, operator and

@@ -87,7 +87,8 @@ class CheckResult:
         return self.chosen != "base"
 
 
-def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: int = 16, method: str = "exact",
+@checked
+def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: Annotated[int, Range(1, None)] = 16, method: str = "exact",
           scales: Sequence[float] = CHECK_SCALES, singles: int = 0, tops: int = 0, criterion: str = "loss", seed: int = 0,
           layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None,
           engine: Any = None, rank: Any = None) -> CheckResult:

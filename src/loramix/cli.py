@@ -532,7 +532,7 @@ def try_(
                 answer(text)
             return
         out.print("type a prompt (empty line or Ctrl-D to quit)", style="dim")
-        while True:
+        while sys.stdin is not None:  # None: started with standard input closed (<&-), nothing to read
             try:
                 text = _as_utf8(input("> "), getattr(sys.stdin, "encoding", None) or "utf-8")
             except EOFError:

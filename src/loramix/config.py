@@ -11,6 +11,7 @@ from typing import Any, get_type_hints
 
 from .adapter import DTYPES
 from .arguments import check_seed
+from .bank import not_utf8, unreadable
 from .checks import fits
 from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
@@ -142,6 +143,8 @@ class GenerateConfig:
         for name in ("model", "probes", "base"):  # "" would be read as the current folder
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise LoramixError(f"{name} must name a model or file, got an empty string (None: the default)")
+            if getattr(self, name) is not None and (why := not_utf8(getattr(self, name))) is not None:
+                raise LoramixError(f"{name} {getattr(self, name)}: {unreadable(getattr(self, name), why, 'rename it')}")
         _at_least("top-k", self.top_k, 1)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise LoramixError(f"temperature must be positive and finite, got {self.temperature}")

@@ -56,6 +56,11 @@ def _base_config(adapter: LoraAdapter, base: str | None) -> Any:
         if shape != (spec.out_features, spec.in_features):
             raise LoramixError(f"{adapter.name}: module '{module}' is [{spec.out_features}, {spec.in_features}] ([out, in]) "
                                f"but base model {name!r} has {list(shape)}")
+        tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+        if tied and model.get_output_embeddings() is model.get_submodule(module):
+            raise LoramixError(f"{adapter.name}: module '{module}' is the output layer, which base model {name!r} ties to "
+                               "its input embeddings: a GGUF of this base has no output weight for llama.cpp to apply "
+                               "the LoRA to (PyTorch runs it: --runtime torch)")
     return config
 
 

@@ -15,11 +15,12 @@ import shutil
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Annotated, Any, Callable, Iterable, Sequence
 
 import torch
 
 from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, read_config
+from .arguments import Range, checked
 from .bank import DATA_FILE, Bank, BankEntry, check_bank_path, check_entries, has_entries
 from .data import Sample, read_dataset, to_sample, write_jsonl
 from .errors import LoramixError, first_line, hub_errors
@@ -197,7 +198,9 @@ def pull_lots_of_loras(out: str | Path, *, limit: int | None = None, tasks: Sequ
     return _pull(Path(out), jobs, "task")
 
 
-def base_model_adapters(base: str, *, filters: Sequence[str] | None = None, limit: int | None = None) -> list[str]:
+@checked
+def base_model_adapters(base: str, *, filters: Sequence[str] | None = None,
+                        limit: Annotated[int, Range(1, None)] | None = None) -> list[str]:
     """Repo ids of the adapters of the model `base` whose ids contain every one of `filters` (case-insensitive), at
     most `limit`: the hub's listing under the tag base_model:adapter:<base>, most downloaded first (the hub's order),
     or, with HF_HUB_OFFLINE=1, the cached model repos whose cached adapter_config.json names `base`, sorted by id."""
@@ -230,7 +233,9 @@ def _base_adapter(repo: str, name: str, base: str) -> tuple[Path, None, dict[str
                                "listing": ADAPTER_TAG.format(base=base)}
 
 
-def pull_base(out: str | Path, base: str, *, limit: int | None = None, filters: Sequence[str] | None = None) -> dict[str, str]:
+@checked
+def pull_base(out: str | Path, base: str, *, limit: Annotated[int, Range(1, None)] | None = None,
+              filters: Sequence[str] | None = None) -> dict[str, str]:
     """Download the public LoRA adapters of the model `base` (`base_model_adapters`: at most `limit` tried, after
     `filters`) into the bank OUT, one entry per adapter repo, named `<owner>__<name>`, without training data.
     Resumable: entries already there are kept. Returns entry -> 'pulled', 'kept' or 'refused: <reason>'."""
@@ -243,7 +248,19 @@ def pull_base(out: str | Path, base: str, *, limit: int | None = None, filters: 
         raise LoramixError(f"no adapters of {base} found{' matching ' + ', '.join(map(repr, filters)) if filters else ''} "
                            "(offline: none in the local hub cache)")
     names = {r: r.replace("/", "__") for r in repos}
-    return _pull(Path(out), [(n, partial(_base_adapter, r, n, base)) for r, n in names.items()], "adapter")
+    clashes: dict[str, str] = {}  # repo -> why it gets no entry: its name is another repo's ('a/b__c', 'a__b/c')
+    for repo, name in names.items():
+        others = [r for r, n in names.items() if n == name and r != repo]
+        source = Path(out) / name / SOURCE_FILE
+        held = read_json(source).get("adapter") if source.is_file() else None
+        if others or (held is not None and held != repo):
+            clashes[repo] = f"refused: its entry name {name} is also that of {', '.join(others) or held}"
+    jobs = [(n, partial(_base_adapter, r, n, base)) for r, n in names.items() if r not in clashes]
+    for repo, why in clashes.items():
+        log.warning("refused %s: %s", repo, why.removeprefix("refused: "))
+    if not jobs:
+        raise LoramixError(f"{out}: every adapter was refused ({'; '.join(clashes.values())})")
+    return {**_pull(Path(out), jobs, "adapter"), **clashes}
 
 
 def check_weights(adapter: LoraAdapter) -> None:

@@ -65,6 +65,9 @@ def _check_bank(index: BankIndex, config: GenerateConfig, spec: SignatureSpec) -
     if not bank.usable and config.entry_signatures == "data":
         raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted with "
                            "--entry-signatures data ('auto' signs them by their answers to probe prompts)")
+    if config.probes is not None and index.mode(config.entry_signatures) == "data":
+        log.warning("--probes %s is not used: every entry is signed by its training data (--entry-signatures %s)",
+                    config.probes, config.entry_signatures)
     if index.mode(config.entry_signatures) != "data" and bank.base_model is None:
         raise LoramixError(f"{bank.path}: --entry-signatures {config.entry_signatures} signs entries by their answers to "
                            "probe prompts, which needs the base model, and the bank names none")

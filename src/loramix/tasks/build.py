@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..arguments import checked
 from ..data import write_jsonl
 from ..errors import LoramixError
 from ..progress import track
@@ -47,6 +48,7 @@ class SuiteReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+@checked
 def build_suite(out: str | Path, only: Sequence[str] | None = None, seed: int = 0) -> SuiteReport:
     """Build every registered task (or those named in `only`) whose sources are installed into OUT, and write
     OUT/suite.json, keeping the entries of tasks built there before that this call did not rebuild. Returns
