@@ -286,7 +286,7 @@ def test_refine_beyond_the_dataset_uses_and_reports_what_there_is(tmp_path, tiny
 def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
     """A zero update gets no gradient, so the base model's adapter is replaced by a freshly trained LoRA."""
     from loramix import GenerateConfig
-    from loramix.pipeline import finetune
+    from loramix.refine import finetune
 
     bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
     comp = compose(bank, {e.name: 1 / 3 for e in bank.entries})
@@ -344,12 +344,12 @@ def test_refine_too_slow_for_this_cpu_is_refused_before_it_starts(tmp_path, tiny
     """--refine whose estimated time (a step's batch timed on the base, times the steps) exceeds the limit without
     --budget, or whose one step exceeds --budget, is refused in one line before anything is written;
     within both it runs."""
-    import loramix.pipeline as pipeline
+    import loramix.refine as refine_module
     from loramix.errors import LoramixError
 
     bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 12))
-    monkeypatch.setattr(pipeline, "REFINE_LIMIT", 1e-9)
+    monkeypatch.setattr(refine_module, "REFINE_LIMIT", 1e-9)
     with pytest.raises(LoramixError, match=rf"--refine 4 \(--refine-method {method}, 2 steps of about .* s\) on the "
                                            r"bank's base model: about .* s on this CPU: --budget SECONDS caps it"):
         generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, check=0, max_samples=8)
@@ -357,7 +357,7 @@ def test_refine_too_slow_for_this_cpu_is_refused_before_it_starts(tmp_path, tiny
         generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, refine_budget=1e-9,
                  check=0, max_samples=8)
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(pipeline, "REFINE_LIMIT", 600.0)
+    monkeypatch.setattr(refine_module, "REFINE_LIMIT", 600.0)
     generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, check=0, max_samples=8)
     assert (tmp_path / "out" / "loramix.json").is_file()
 

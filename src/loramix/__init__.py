@@ -23,11 +23,11 @@ if os.path.basename(sys.argv[0] if sys.argv else "") == "loramix" and signal.get
 
 from .adapter import LoraAdapter, save_adapter
 from .bank import Bank, BankEntry
-from .compose import COMPOSERS, Composition, compose
+from .compose import COMPOSERS, Composition, compose, gram_matrix
 from .data import Dataset, Sample, read_dataset
 from .distances import DISTANCES, distance_matrix, distance_row
 from .errors import LoramixError
-from .operators import OPERATORS, Neural, coefficients, gram_matrix, softmin
+from .operators import OPERATORS, Neural, coefficients, softmin
 from .report import Report, read_report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__

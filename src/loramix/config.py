@@ -17,7 +17,7 @@ from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
 from .errors import LoramixError
 from .operators import OPERATORS
-from .refine import SEARCHES
+from .refine import FINETUNE, SEARCHES
 from .runtime.scores import CRITERIA
 from .probes import ProbeSet
 from .runtime import RUNTIMES
@@ -27,7 +27,6 @@ from .train_config import REFINE_TRAINING
 DTYPE_NAMES = tuple(DTYPES)  # the output dtypes generate writes
 CHECK_EXAMPLES = 16  # --check's default without --refine
 ENTRY_SIGNATURES = ("auto", "data", "probes")  # how bank entries are signed (BankIndex.mode)
-FINETUNE = "finetune"  # the refine method that trains the composed adapter (the others search weights: refine.SEARCHES)
 
 
 def _names(registry) -> str:

@@ -19,6 +19,7 @@ from .arguments import checked
 from .bank import Bank
 from .compose import COMPOSERS, Composition, plan, write_compositions
 from .config import FINETUNE, GenerateConfig
+from .refine import finetune, refuse_slow_refine
 from .data import Dataset, read_dataset
 from .errors import LoramixError
 from .files import atomic_dir, refuse_target
@@ -29,7 +30,7 @@ from .operators import OPERATORS
 from .paths import resolve_bank
 from .calibrate import cached_calibration
 from .check import CHECK_SCALES, check, plan_check
-from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, FinetuneInfo, RefineInfo, Report
+from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, RefineInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
 
@@ -189,7 +190,7 @@ def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateC
         log.warning("--refine %d: %s has %d examples; all of them are used", config.refine, dataset.source, len(dataset))
     tuning = bool(config.refine) and config.refine_method == FINETUNE  # else a weight search, before the check
     if config.refine:
-        _refuse_slow_refine(config, refine_samples, model, tokenizer)
+        refuse_slow_refine(config, refine_samples, model, tokenizer)
     if config.refine and not tuning:
         from .refine import RefineConfig, refine
 
@@ -265,42 +266,6 @@ def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: An
     return plan
 
 
-REFINE_LIMIT = 600.0  # seconds --refine may be estimated to take without --budget (generate's own target)
-
-
-def _refuse_slow_refine(config: GenerateConfig, samples: Dataset, model: Any, tokenizer: Any) -> None:
-    """Refuse, before it starts, a --refine estimated to take more than REFINE_LIMIT seconds (without --budget)
-    or whose one step exceeds --budget. Estimate: one forward pass of a step's batch timed on the base (the
-    first 8 examples for --refine-method finetune, all of them for a weight search), a step with a backward pass
-    counted as three, times the steps (finetune: those within --refine-max-tokens)."""
-    import torch
-
-    from .prompts import SharedBatch, encode, pad_id
-    from .refine import RefineConfig
-    from .train_config import REFINE_TRAINING
-
-    tuning = config.refine_method == FINETUNE
-    items = encode(tokenizer, samples.samples, REFINE_TRAINING.max_length)
-    batch = SharedBatch.of(items[: REFINE_TRAINING.batch_size] if tuning else items, pad_id(tokenizer))
-    with torch.inference_mode():
-        model(input_ids=batch.rest[:1, :4])  # first-call set-up, not counted
-        start = time.perf_counter()
-        batch.loss(model)
-        forward = time.perf_counter() - start
-    steps = config.refine_steps or (REFINE_TRAINING.steps if tuning else RefineConfig.steps)
-    if tuning and config.refine_max_tokens:
-        steps = min(steps, max(1, config.refine_max_tokens // batch.tokens))
-    step = forward * (3 if tuning or config.refine_method == "gradient" else 1)
-    base = f"base model {config.base}" if config.base is not None else "the bank's base model"
-    what = (f"--refine {config.refine} (--refine-method {config.refine_method}, {steps} steps of about {step:.1f} s) "
-            f"on {base}: about {steps * step:.0f} s on this CPU")
-    if config.refine_budget is None and steps * step > REFINE_LIMIT:
-        raise LoramixError(f"{what}: --budget SECONDS caps it, --refine 0 skips it")
-    if config.refine_budget is not None and step > config.refine_budget:
-        raise LoramixError(f"{what}: one step is more than --budget {config.refine_budget:g}")
-    log.info("%s", what)
-
-
 # generate's stages, in order: opening the bank and the dataset (and checking them), loading the base model (--check,
 # --refine), the dataset's signature (with the encoder's load), distances to the entries (reading their cached
 # signatures), coefficients, a weight search, the held-out check, composing and writing, fine-tuning.
@@ -315,35 +280,6 @@ def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def finetune(folder: Path, bank: Bank, samples: Dataset, config: GenerateConfig, *, from_composition: bool,
-             model: Any = None, tokenizer: Any = None) -> FinetuneInfo:
-    """Train the adapter in `folder` on `samples` (REFINE_TRAINING, its steps, budget and token limit as `config` says,
-    seeded) and put the trained PEFT files in its place: from its factors, or from a fresh LoRA when it is the base
-    model's zero update (whose factors get no gradient). Saved in the dtype the composition was written in. `model`,
-    `tokenizer`: the base, already loaded (the model gains the LoRA layers)."""
-    import os
-    import tempfile
-
-    from safetensors import safe_open
-
-    from .adapter import CONFIG_FILE, WEIGHTS_FILE
-    from .train import train
-    from .train_config import REFINE_TRAINING
-
-    with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
-        dtype = f.get_tensor(next(iter(f.keys()))).dtype
-    cfg = replace(REFINE_TRAINING, steps=config.refine_steps or REFINE_TRAINING.steps, budget=config.refine_budget,
-                  max_tokens=config.refine_max_tokens or None, seed=config.seed,
-                  save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None,
-                       model=model, tokenizer=tokenizer)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            os.replace(Path(tmp) / "tuned" / name, folder / name)
-    return FinetuneInfo(len(samples), config.refine_budget, from_composition, len(record["loss"]), record["loss"][0],
-                        record["loss"][-1], cfg.max_tokens, seconds=record["seconds"])
 
 
 def _report(

@@ -8,9 +8,11 @@ meta-operator's coefficients and stopped by a step count or a time budget."""
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +26,10 @@ from .progress import track
 from .runtime.lora import MixedLoRA, bank_layers
 from .runtime.pytorch import answer_loss_fn
 from .registry import Registry
+from .report import FinetuneInfo
+
+log = logging.getLogger("loramix")
+FINETUNE = "finetune"  # the refine method that trains the composed adapter (the others search weights: SEARCHES)
 
 
 @dataclass
@@ -198,3 +204,67 @@ def refine(
     refined = {**zero, **{n: float(x) for n, x in zip(ranked, np.ravel(w))}}
     return RefineResult(refined, initial, final, len(history), time.perf_counter() - start, [round(h, 5) for h in history],
                         layers)
+
+
+REFINE_LIMIT = 600.0  # seconds --refine may be estimated to take without --budget (generate's own target)
+
+
+def refuse_slow_refine(config: Any, samples: Dataset, model: Any, tokenizer: Any) -> None:
+    """Refuse, before it starts, the --refine of `config` (a GenerateConfig) estimated to take more than REFINE_LIMIT seconds (without --budget)
+    or whose one step exceeds --budget. Estimate: one forward pass of a step's batch timed on the base (the
+    first 8 examples for --refine-method finetune, all of them for a weight search), a step with a backward pass
+    counted as three, times the steps (finetune: those within --refine-max-tokens)."""
+    from .prompts import SharedBatch, encode, pad_id
+    from .train_config import REFINE_TRAINING
+
+    tuning = config.refine_method == FINETUNE
+    items = encode(tokenizer, samples.samples, REFINE_TRAINING.max_length)
+    batch = SharedBatch.of(items[: REFINE_TRAINING.batch_size] if tuning else items, pad_id(tokenizer))
+    with torch.inference_mode():
+        model(input_ids=batch.rest[:1, :4])  # first-call set-up, not counted
+        start = time.perf_counter()
+        batch.loss(model)
+        forward = time.perf_counter() - start
+    steps = config.refine_steps or (REFINE_TRAINING.steps if tuning else RefineConfig.steps)
+    if tuning and config.refine_max_tokens:
+        steps = min(steps, max(1, config.refine_max_tokens // batch.tokens))
+    step = forward * (3 if tuning or config.refine_method == "gradient" else 1)
+    base = f"base model {config.base}" if config.base is not None else "the bank's base model"
+    what = (f"--refine {config.refine} (--refine-method {config.refine_method}, {steps} steps of about {step:.1f} s) "
+            f"on {base}: about {steps * step:.0f} s on this CPU")
+    if config.refine_budget is None and steps * step > REFINE_LIMIT:
+        raise LoramixError(f"{what}: --budget SECONDS caps it, --refine 0 skips it")
+    if config.refine_budget is not None and step > config.refine_budget:
+        raise LoramixError(f"{what}: one step is more than --budget {config.refine_budget:g}")
+    log.info("%s", what)
+
+
+def finetune(folder: Path, bank: Bank, samples: Dataset, config: Any, *, from_composition: bool,
+             model: Any = None, tokenizer: Any = None) -> FinetuneInfo:
+    """--refine-method finetune: train the adapter in `folder` on `samples` (REFINE_TRAINING, its steps, budget and
+    token limit as `config`, a GenerateConfig, says,
+    seeded) and put the trained PEFT files in its place: from its factors, or from a fresh LoRA when it is the base
+    model's zero update (whose factors get no gradient). Saved in the dtype the composition was written in. `model`,
+    `tokenizer`: the base, already loaded (the model gains the LoRA layers)."""
+    import os
+    import tempfile
+
+    from safetensors import safe_open
+
+    from .adapter import DTYPES
+    from .files import CONFIG_FILE, WEIGHTS_FILE
+    from .train import train
+    from .train_config import REFINE_TRAINING
+
+    with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
+        dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    cfg = replace(REFINE_TRAINING, steps=config.refine_steps or REFINE_TRAINING.steps, budget=config.refine_budget,
+                  max_tokens=config.refine_max_tokens or None, seed=config.seed,
+                  save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None,
+                       model=model, tokenizer=tokenizer)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(Path(tmp) / "tuned" / name, folder / name)
+    return FinetuneInfo(len(samples), config.refine_budget, from_composition, len(record["loss"]), record["loss"][0],
+                        record["loss"][-1], cfg.max_tokens, seconds=record["seconds"])
