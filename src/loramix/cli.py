@@ -125,10 +125,8 @@ def generate(
     from .pipeline import generate as run
 
     result = run(bank, data, out_dir, config, force=force, allow_pickle=allow_pickle)
-    table = Table(title=f"top entries of {len(result.coefficients)}", show_edge=False)
-    table.add_column("bank entry")
-    table.add_column("coefficient", justify="right")
-    table.add_column(f"distance ({config.distance})", justify="right")
+    table = _table(f"top entries of {len(result.coefficients)}", ["bank entry"],
+                   ["coefficient", f"distance ({config.distance})"])
     for name, c in result.top(show):
         table.add_row(name, f"{c:.4f}", f"{result.distances[name]:.4g}")
     out.print(table)
@@ -230,9 +228,8 @@ def eval_(
     if json_out:
         print(json.dumps(result))
         return
-    table = Table(title=f"{data} ({result['n']} records, {result['seconds']:.0f} s)", show_edge=False)
-    for col in ("model", "ROUGE-L", "exact match", "contains"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    table = _table(f"{data} ({result['n']} records, {result['seconds']:.0f} s)", ["model"],
+                   ["ROUGE-L", "exact match", "contains"])
     table.add_row(str(adapter or "base"), f"{result['rougeL']:.4f}", f"{result['exact_match']:.4f}", f"{result['contains']:.4f}")
     out.print(table)
 
@@ -421,9 +418,8 @@ def bank_list(
 
     b = Bank(bank, allow_pickle=allow_pickle)
     status = BankIndex(b).status(SignatureSpec(signature, model, max_samples, seed))
-    table = Table(title=f"{b.path}  base model: {b.base_model or 'unknown'}  entries: {len(b.entries)}")
-    for col in ("entry", "rank", "scale", "target modules", "samples", f"signature ({signature})"):
-        table.add_column(col, justify="right" if col in ("rank", "scale", "samples") else "left")
+    table = _table(f"{b.path}  base model: {b.base_model or 'unknown'}  entries: {len(b.entries)}", ["entry"],
+                   ["rank", "scale"], ["target modules"], ["samples"], [f"signature ({signature})"], edge=True)
     for e in b.entries:
         ranks = sorted({m.rank for m in e.adapter.modules.values()})
         scales = sorted({round(m.scale, 4) for m in e.adapter.modules.values()})
@@ -431,6 +427,16 @@ def bank_list(
         samples = "-" if e.samples is None else str(e.samples)
         table.add_row(e.name, "/".join(map(str, ranks)), "/".join(f"{s:g}" for s in scales), ",".join(e.adapter.target_modules), samples, sig)
     out.print(table)
+
+
+def _table(title: str, *columns: Sequence[str], edge: bool = False) -> Table:
+    """A table titled `title` whose columns are the groups `columns` in order, left-justified (text) and
+    right-justified (numbers) by turns: the first group left, the second right, and so on."""
+    table = Table(title=title, show_edge=edge)
+    for i, group in enumerate(columns):
+        for col in group:
+            table.add_column(col, justify="right" if i % 2 else "left")
+    return table
 
 
 tasks_app = typer.Typer(help="Build the task suite (one bank LoRA per task) from real data installed offline.", no_args_is_help=True)
@@ -447,9 +453,8 @@ def tasks_build(
     from .tasks import build_suite
 
     report = build_suite(out_dir, only=only, seed=seed)
-    table = Table(title=f"{out_dir}: {len(report.built)} tasks built, {len(report.skipped)} skipped", show_edge=False)
-    for col in ("task", "family", "train", "valid", "test"):
-        table.add_column(col, justify="left" if col in ("task", "family") else "right")
+    table = _table(f"{out_dir}: {len(report.built)} tasks built, {len(report.skipped)} skipped", ["task", "family"],
+                   ["train", "valid", "test"])
     for e in report.built:
         table.add_row(e["name"], e["family"], *(str(e["counts"][s]) for s in ("train", "valid", "test")))
     out.print(table)  # skipped tasks were logged as warnings
@@ -462,9 +467,7 @@ def tasks_list() -> None:
     """Show the registered tasks: family, definition, and whether their sources are installed."""
     from .tasks import SUITE, TASKS
 
-    table = Table(title=f"{len(SUITE)} tasks", show_edge=False)
-    for col in ("task", "family", "definition", "sources"):
-        table.add_column(col)
+    table = _table(f"{len(SUITE)} tasks", ["task", "family", "definition", "sources"])
     for name in SUITE:
         spec = TASKS.get(name)
         missing = spec.missing()
