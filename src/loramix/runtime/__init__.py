@@ -60,7 +60,8 @@ class Speed:
     def seconds(self, samples: Sequence, tokenizer: Any, generate: bool) -> float:
         """Estimated seconds to score one candidate on `samples`: their prompt and answer tokens at the prompt rate
         (the shared prefix once), and with `generate` greedy steps up to the longest answer allowed, each step a
-        batch of len(samples) tokens costing at least one sequence's step."""
+        batch of len(samples) tokens costing at least one sequence's step, and ROUGE-L of the answers against every
+        reference (`scoring_seconds`)."""
         from ..prompts import common_prefix, encode
 
         items = encode(tokenizer, samples, 256)
@@ -68,7 +69,7 @@ class Speed:
         tokens = sum(len(s) for s in seqs) - (len(seqs) - 1) * common_prefix(seqs)
         cost = tokens / self.tokens_per_second
         if generate:
-            steps = min(48, 2 * max(n for _, n in items) + 4)
+            steps = min(MAX_NEW_TOKENS, 2 * max(n for _, n in items) + 4)
             cost += steps * max(self.seconds_per_step, len(samples) / self.tokens_per_second)
             cost += scoring_seconds(samples)
         return cost
