@@ -206,18 +206,19 @@ def gguf_keys(path: str | Path) -> dict[str, str]:
     return found
 
 
-def check_base_gguf(path: str | Path) -> None:
-    """Refuse, in one line, a GGUF file that is no base model: unreadable or truncated, a LoRA adapter, or naming no
-    architecture (its header read by `gguf_keys`, bounded by the file's size; once per version of the file)."""
+def check_base_gguf(path: str | Path) -> str:
+    """The architecture a GGUF base model names (general.architecture); refused, in one line, a file that is no base
+    model: unreadable or truncated, a LoRA adapter, or naming no architecture (its header read by `gguf_keys`, bounded
+    by the file's size; once per version of the file)."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise LoramixError(f"{path}: {e.strerror}") from None
-    _check_base_gguf(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return _check_base_gguf(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 @functools.lru_cache(maxsize=16)
-def _check_base_gguf(path: str, *identity: int) -> None:
+def _check_base_gguf(path: str, *identity: int) -> str:
     try:
         keys = gguf_keys(path)
     except (ValueError, OSError) as e:
@@ -227,6 +228,7 @@ def _check_base_gguf(path: str, *identity: int) -> None:
         raise LoramixError(f"{path}: is a GGUF adapter ({kind}), not a base model")
     if not keys.get("general.architecture"):
         raise LoramixError(f"{path}: the GGUF names no architecture (general.architecture): not a base model")
+    return keys["general.architecture"]
 
 
 def choose_runtime(base: BaseModel, runtime: str = "auto") -> str:

@@ -61,10 +61,9 @@ def _why() -> str:
 def _refuse_base_gguf(path: Path) -> None:
     """Why llama.cpp could not load `path` as a base model, in one line: what its header says (runtime.check_base_gguf:
     unreadable or truncated, a LoRA adapter, no architecture), else llama.cpp's own last error."""
-    from . import check_base_gguf, gguf_keys
+    from . import check_base_gguf
 
-    check_base_gguf(path)
-    arch = gguf_keys(path)["general.architecture"]
+    arch = check_base_gguf(path)  # the header read once: its refusals first
     raise LoramixError(f"{path}: llama.cpp cannot load this base model (architecture {arch}: {_why()})")
 
 
