@@ -144,7 +144,7 @@ def test_the_safetensors_layout_check_agrees_with_safetensors(tmp_path, raw):
     opens, with the same tensor spans."""
     from safetensors import SafetensorError, safe_open
 
-    from loramix.adapter import _read_safetensors_header, _safetensors_spans
+    from loramix.adapter.safetensors import _read_safetensors_header, _safetensors_spans
 
     file = fresh(tmp_path) / "w.safetensors"
     file.write_bytes(raw)

@@ -283,7 +283,7 @@ def test_an_adapter_opened_off_the_main_thread_reads_alike_and_quickly(tmp_path,
     every module in one child, not one child per match (which took seconds per adapter, minutes on a large base)."""
     import time
 
-    import loramix.peft_config as pc
+    import loramix.adapter.patterns as pc
 
     config = {"target_modules": r".*\.(q|v)_proj", "exclude_modules": r".*\.1\.self_attn\.v_proj",
               "rank_pattern": {f"zz{i}": 4 for i in range(8)}, "alpha_pattern": {"q_proj": 2, Q0: 64, r"layers\.1\..*": 3},

@@ -452,7 +452,7 @@ def test_index_files_and_folders_swapped_are_recomputed(tmp_path):
 
 
 def test_pattern_keys_are_bounded_and_compiled_once(tmp_path):
-    from loramix.peft_config import MAX_PATTERN_KEYS
+    from loramix.adapter.patterns import MAX_PATTERN_KEYS
 
     folder = write_adapter(tmp_path / "ad")
     _config(folder, rank_pattern={f"zz{i}": 4 for i in range(MAX_PATTERN_KEYS + 1)})

@@ -1,31 +1,30 @@
-"""adapter_config.json as PEFT reads it: the fields loramix understands and their types, the modules PEFT puts a
-LoRA layer on (`applied_by_peft`: target_modules, exclude_modules, layers_to_transform; PEFT's default targets for
-the base's architecture when target_modules is null; all-linear without the output layer), and each module's rank
-and alpha (`pattern_value`). Patterns are matched with Python's `re`, as PEFT matches them, each match bounded in
-time. Tested against PEFT itself (tests/test_peft_differential.py)."""
+"""adapter_config.json as PEFT reads it: the fields loramix understands and their types (`check_config`,
+`read_config`), the modules PEFT puts a LoRA layer on (`applied_by_peft`: target_modules, exclude_modules,
+layers_to_transform; PEFT's default targets for the base's architecture when target_modules is null; all-linear
+without the output layer: `resolve_targets`, `base_modules`), the name of a module's tensors and layer. Patterns are
+matched by patterns.py. Tested against PEFT itself (tests/test_peft_differential.py)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
-import signal
-import subprocess
 import sys
-import threading
-import time
-import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LoramixError
-from .files import CONFIG_FILE
+from ..errors import LoramixError
+from ..files import CONFIG_FILE, parse_json
+from .patterns import MAX_PATTERN_KEYS, match, pattern, prematch
 
 # PEFT's TaskType values: PeftConfig refuses any other task_type
 TASK_TYPES = frozenset({"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
 ALL_LINEAR = "all-linear"
+# PEFT's tensors are named TENSOR_PREFIX + module + '.lora_A.weight' (or B)
+TENSOR_PREFIX = "base_model.model."
 
 # The adapter_config.json fields loramix understands (PEFT 0.22's LoraConfig and PeftConfig, and older). Any other
 # field is refused when set (not null, false, 0 or empty): it may change the update beyond scale * B @ A.
@@ -108,153 +107,6 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "peft_version": (lambda v: isinstance(v, str), "a string"),
     "lora_dropout": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
 }
-# User regular expressions (rank_pattern keys, target_modules and the like) are matched as PEFT matches them, with
-# Python's `re`, each match bounded by this many seconds: a pattern that backtracks catastrophically is refused
-# instead of hanging. The bound never changes what matches: only whether an answer comes in time.
-PATTERN_SECONDS = 0.5
-
-
-MAX_PATTERN_KEYS = 10_000  # rank_pattern / alpha_pattern keys: one per module of the largest models, with room
-
-
-def pattern(expr: str, what: str) -> re.Pattern:
-    """`expr` compiled with Python's `re` (as PEFT compiles it), or a LoramixError naming `what`."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # re's "possible nested set" for a POSIX-like class
-            return _compiled(expr)
-    except (re.error, TypeError, ValueError, RecursionError, OverflowError, MemoryError) as e:
-        raise LoramixError(f"{what}: {expr!r} is not a valid regular expression ({str(e).splitlines()[0][:200]})") from None
-
-
-@lru_cache(maxsize=4 * MAX_PATTERN_KEYS)
-def _compiled(expr: str) -> re.Pattern:
-    return re.compile(expr)  # re's own cache holds 512: a bank's patterns are compiled once here
-
-
-def match(expr: str, text: str, what: str, *, full: bool = True) -> dict[str, str] | None:
-    """`expr` matched against `text` with `re` (whole, or from its start when not `full`): the match's named groups
-    (a dict, empty when it has none), or None. Bounded by PATTERN_SECONDS: a pattern that takes longer is refused
-    (LoramixError naming `what`)."""
-    pattern(expr, what)
-    try:
-        if (expr, text, full) in _PREMATCHED:  # matched ahead in one child Python (`prematch`, off the main thread)
-            found = _PREMATCHED[(expr, text, full)]
-            if found == "timeout":
-                raise TimeoutError
-            return found
-        return _match(expr, text, full)
-    except TimeoutError:
-        raise LoramixError(f"{what}: the regular expression {expr!r} takes more than {PATTERN_SECONDS} s to match "
-                           f"'{text}' (catastrophic backtracking); simplify it") from None
-
-
-class _Expired(Exception):
-    pass
-
-
-@lru_cache(maxsize=65_536)
-def _match(expr: str, text: str, full: bool) -> dict[str, str] | None:
-    """The bounded match of `match` (memoised: a bank's entries share their configs). In the main thread, `re`
-    runs here and SIGALRM interrupts it (re checks for signals while it backtracks), an outer timer re-armed after;
-    elsewhere (no signals there) it runs in a child Python whose time is bounded."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        return _match_in_child(expr, text, full)
-
-    def expire(*_: Any) -> None:
-        raise _Expired
-
-    compiled = _compiled(expr)
-    previous = signal.signal(signal.SIGALRM, expire)
-    start = time.monotonic()
-    outer, _ = signal.setitimer(signal.ITIMER_REAL, PATTERN_SECONDS)
-    try:
-        m = (compiled.fullmatch if full else compiled.match)(text)
-    except _Expired:
-        raise TimeoutError from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer:  # a timer of the caller's (e.g. a test's time limit): what was left of it
-            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
-    return None if m is None else m.groupdict()
-
-
-def _match_in_child(expr: str, text: str, full: bool) -> dict[str, str] | None:
-    """One bounded match in a child Python (`_in_child`)."""
-    try:
-        answer = _in_child([(expr, text, full)], PATTERN_SECONDS + 2.0)[0]  # + a Python's start
-    except subprocess.TimeoutExpired:
-        raise TimeoutError from None
-    except (IndexError, ValueError, OSError) as e:
-        raise LoramixError(f"the regular expression {expr!r} could not be matched: {e}") from None
-    if answer == "timeout":
-        raise TimeoutError
-    return answer
-
-
-_PREMATCHED: dict[tuple[str, str, bool], Any] = {}  # (expr, text, full) -> groupdict, None, or "timeout"
-_CHILD_MANY = """import json, re, signal, sys
-class Expired(Exception):
-    pass
-def expire(*_):
-    raise Expired
-signal.signal(signal.SIGALRM, expire)
-out = []
-for expr, text, full in json.load(sys.stdin):
-    signal.setitimer(signal.ITIMER_REAL, float(sys.argv[1]))
-    try:
-        m = (re.fullmatch if full else re.match)(expr, text)
-        out.append(None if m is None else m.groupdict())
-    except Expired:
-        out.append("timeout")
-        break
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-json.dump(out, sys.stdout)"""
-
-
-def _in_child(todo: list[tuple[str, str, bool]], seconds: float) -> list[Any]:
-    """The answers (groupdict, None, or "timeout", after which none follow) to the matches `todo` ((expr, text,
-    full) each), run in a child Python where SIGALRM bounds each by PATTERN_SECONDS; the child by `seconds`."""
-    done = subprocess.run([sys.executable, "-I", "-c", _CHILD_MANY, str(PATTERN_SECONDS)], input=json.dumps(todo),
-                          capture_output=True, text=True, timeout=seconds)
-    if done.returncode:
-        raise OSError(done.stderr.strip()[-200:])
-    return json.loads(done.stdout)
-
-
-def prematch(config: dict[str, Any], modules: Any) -> None:
-    """Off the main thread, where each bounded match would start a child Python of its own (`_match_in_child`): match
-    every regular expression of `config` that `applied_by_peft` and `pattern_value` use against every module name
-    in one child Python, each match bounded by PATTERN_SECONDS there, and keep the answers for `match`. Expressions
-    that do not compile are left to `match` (which refuses them)."""
-    if threading.current_thread() is threading.main_thread() or not hasattr(signal, "setitimer"):
-        return
-    exprs: list[tuple[str, bool]] = []
-    for field_name in ("target_modules", "exclude_modules"):
-        if isinstance(config.get(field_name), str):
-            exprs.append((config[field_name], True))
-    layer_names = config.get("layers_pattern") or []
-    exprs += [(rf"(?:^|.*?\.){key}\.(?P<idx>\d+)\.", False) for key in ([layer_names] if isinstance(layer_names, str) else layer_names)]
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        exprs += [(rf"(.*\.)?({key})$", False) for key in (config.get(field_name) or {})]
-    todo = []
-    for expr, full in dict.fromkeys(exprs):
-        try:
-            pattern(expr, "")
-        except LoramixError:
-            continue
-        todo += [(expr, m, full) for m in modules if (expr, m, full) not in _PREMATCHED]
-    if not todo:
-        return
-    try:
-        answers = _in_child(todo, PATTERN_SECONDS * len(todo) + 10.0)
-    except (subprocess.TimeoutExpired, ValueError, OSError):
-        return  # `match` answers one at a time
-    if len(_PREMATCHED) > 1_000_000:
-        _PREMATCHED.clear()
-    _PREMATCHED.update(zip(todo, answers))
 
 
 def check_config(config: Any, name: str) -> dict[str, Any]:
@@ -286,14 +138,6 @@ def check_config(config: Any, name: str) -> dict[str, Any]:
         raise LoramixError(f"{name}: {CONFIG_FILE}: field 'layers_pattern' is set without 'layers_to_transform': "
                            "PEFT refuses this config")
     return config
-
-
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any, what: str = "rank_pattern") -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key `k` with re.match(rf"(.*\\.)?({k})$", module)."""
-    for key, value in (patterns or {}).items():
-        if match(rf"(.*\.)?({key})$", module, what, full=False) is not None:
-            return value
-    return default
 
 
 def applied_by_peft(config: dict[str, Any], module: str, name: str, output_layer: str = "lm_head") -> bool:
@@ -407,7 +251,7 @@ def _refused_on(config_json: str, name: str) -> str | None:
 def base_modules(base: str | None) -> BaseModules | None:
     """The BaseModules of base model `base`, from its config found without a download, the model built on the meta
     device; None where there is no such config."""
-    from .runtime.pytorch import DEFAULT_BASE, load_config
+    from ..runtime.pytorch import DEFAULT_BASE, load_config
 
     try:
         if base in (None, "default", DEFAULT_BASE) or Path(str(base)).expanduser().exists():
@@ -430,7 +274,7 @@ def _built(config: Any) -> BaseModules:
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from .runtime.pytorch import quiet_loading
+    from ..runtime.pytorch import quiet_loading
 
     with torch.device("meta"), quiet_loading():
         model = AutoModelForCausalLM.from_config(config)
@@ -444,3 +288,31 @@ def _built(config: Any) -> BaseModules:
     shapes = {n: (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (m.weight.shape[1], m.weight.shape[0])
               for n, m in model.named_modules() if n and kinds.get(n) == "linear"}
     return BaseModules(config.model_type, output, kinds, shapes)
+
+
+def layer_of(module: str) -> int:
+    """The layer index of a module name (its first dotted integer: model.layers.3.self_attn.q_proj -> 3; -1 if none)."""
+    m = re.search(r"\.(\d+)(\.|$)", module)
+    return int(m.group(1)) if m else -1
+
+
+def read_config(folder: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The adapter_config.json of an adapter folder: a JSON object whose understood fields are type-checked
+    (`check_config`); whether loramix can compose it is not. Errors name `name` (default: the folder's name)."""
+    folder = Path(folder)
+    name = name or folder.name
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise LoramixError(f"{name}: {CONFIG_FILE} is not a regular file" if os.path.lexists(file) else
+                           f"{name}: no {CONFIG_FILE} in {folder}")
+    raw = file.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # PEFT reads it as UTF-8 text, where json refuses a byte-order mark
+        raise LoramixError(f"{name}: {CONFIG_FILE} begins with a UTF-8 byte-order mark, which PEFT cannot read; save it "
+                           "without one")
+    return check_config(parse_json(raw, f"{name}: {CONFIG_FILE}"), name)
+
+
+def base_model_of(folder: str | Path) -> str | None:
+    """The base model an adapter folder's config names (base_model_name_or_path); the adapter is not validated
+    otherwise (PEFT loads adapters that loramix cannot compose)."""
+    return read_config(folder).get("base_model_name_or_path")
