@@ -26,7 +26,7 @@ os.environ.setdefault("LORAMIX_PROGRESS", "0")
 from loramix import Bank, BankIndex, GenerateConfig  # noqa: E402
 from loramix.data import read_dataset  # noqa: E402
 from loramix.files import atomic_write_bytes  # noqa: E402
-from loramix.meta import loo_coefficients  # noqa: E402
+from loramix.bank_operator import loo_coefficients  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

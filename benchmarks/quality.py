@@ -36,7 +36,7 @@ from loramix.data import read_dataset  # noqa: E402
 from loramix.evaluate import load_for_eval, merged_adapter  # noqa: E402
 from loramix.runtime.pytorch import generate_answers  # noqa: E402
 from loramix.runtime.scores import score  # noqa: E402
-from loramix.meta import loo_coefficients  # noqa: E402
+from loramix.bank_operator import loo_coefficients  # noqa: E402
 from loramix.runtime.scores import CRITERIA  # noqa: E402
 from loramix.operators import OPERATORS  # noqa: E402
 from loramix.paths import resolve_suite  # noqa: E402
@@ -501,7 +501,7 @@ class Runner:
                         criterion=s.check_criterion if generates else "loss", layers=layers, model=self.model,
                         tokenizer=self.tokenizer)
             record = {"cpu_seconds": time.process_time() - cpu, "scores": {
-                k: [v.loss, v.accuracy, v.exact] + ([v.rouge] if generates else []) for k, v in res.scores.items()}}
+                k: [v["loss"], v["accuracy"], v["exact"]] + ([v["rouge"]] if generates else []) for k, v in res.candidates.items()}}
             atomic_write_bytes(memo, json.dumps(record).encode())
         scores = {k: AnswerScores(*v) for k, v in record["scores"].items()}
         pool = check_candidates(coefficients, singles=s.check_singles, tops=s.check_tops)
@@ -572,7 +572,7 @@ class Runner:
             r = refine(self.bank, dict(zip(self.names, map(float, c))), train, cfg, model=self.model, tokenizer=self.tokenizer)
             out = np.array([r.coefficients[n] for n in self.names])
             first, last, history = r.initial_loss, r.loss, r.history
-            layers = r.layers
+            layers = r.layer_weights()
         record = {"cpu_seconds": time.process_time() - cpu, "initial_loss": first, "loss": last, "steps": len(history)}
         if s.warm_start != "lorahub" and layers:
             record["layers"] = {str(k): {n: w for n, w in v.items() if w} for k, v in layers.items()}

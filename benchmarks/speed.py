@@ -272,7 +272,7 @@ def main() -> None:
 
     # leave-one-out for every entry, top-k 16, adapters written
     from loramix.config import GenerateConfig
-    from loramix.meta import loo_coefficients
+    from loramix.bank_operator import loo_coefficients
 
     cfg = GenerateConfig(top_k=16, rank=16, max_samples=100)
     seconds, _ = timed(lambda: loo_coefficients(index, cfg), args.runs)

@@ -155,7 +155,7 @@ def main() -> None:
     from synthetic_bank import default_dir, records
 
     from loramix import Bank, BankIndex, Dataset, GenerateConfig, Sample, make_signer
-    from loramix.meta import loo_coefficients, operator_for
+    from loramix.bank_operator import loo_coefficients, operator_for
 
     bank = default_dir(args.n)
     if not (bank / ".loramix").is_dir():

@@ -16,7 +16,7 @@ from loramix.cli import app
 from loramix.config import GenerateConfig
 from loramix.errors import LoramixError
 from loramix.index import BankIndex
-from loramix.meta import loo_coefficients
+from loramix.bank_operator import loo_coefficients
 from loramix.runtime.pytorch import load_model, load_tokenizer
 from loramix.operators import AnswerTrained, BankFit, coefficients
 from loramix.runtime.lora import MixedLoRA
@@ -89,9 +89,9 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
     coefs = {e.name: 0.1 + 0.1 * i for i, e in enumerate(tiny_bank.usable)}
     res = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 30.0), singles=2, model=model, tokenizer=tok)
     top = sorted(coefs, key=coefs.get)[::-1][:2]
-    assert list(res.scores) == ["base", "x1", "x30", *(f"entry:{n}" for n in top)]
-    assert res.chosen == min(res.scores, key=lambda k: res.scores[k].loss)
-    assert len({v.loss for v in res.scores.values()}) == len(res.scores)  # every candidate changes the loss
+    assert list(res.candidates) == ["base", "x1", "x30", *(f"entry:{n}" for n in top)]
+    assert res.chosen == min(res.candidates, key=lambda k: res.candidates[k]["loss"])
+    assert len({v["loss"] for v in res.candidates.values()}) == len(res.candidates)  # every candidate changes the loss
     expect = {"base": dict.fromkeys(coefs, 0.0), "x1": coefs, "x30": {n: 30 * c for n, c in coefs.items()},
               **{f"entry:{n}": {**dict.fromkeys(coefs, 0.0), n: 1.0} for n in top}}
     assert res.coefficients == pytest.approx(expect[res.chosen])
@@ -102,12 +102,12 @@ def test_check_keeps_the_candidate_of_lowest_held_out_loss(tiny_bank, tiny_base,
                          (f"entry:{top[0]}", [float(e.name == top[0]) for e in tiny_bank.usable])]:
             mixed.weights = torch.tensor(w)
             with torch.no_grad():
-                assert float(answer_loss_fn(model, tok, ds.subsample(4, 0).samples)()) == pytest.approx(res.scores[label].loss, rel=1e-5)
+                assert float(answer_loss_fn(model, tok, ds.subsample(4, 0).samples)()) == pytest.approx(res.candidates[label]["loss"], rel=1e-5)
     finally:
         mixed.remove()
     by_accuracy = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 30.0), singles=2, criterion="accuracy",
                         model=model, tokenizer=tok)
-    assert by_accuracy.chosen == min(by_accuracy.scores, key=lambda k: (-by_accuracy.scores[k].accuracy, by_accuracy.scores[k].loss))
+    assert by_accuracy.chosen == min(by_accuracy.candidates, key=lambda k: (-by_accuracy.candidates[k]["accuracy"], by_accuracy.candidates[k]["loss"]))
     with pytest.raises(LoramixError, match="unknown check criterion"):
         check(tiny_bank, coefs, ds, examples=4, criterion="vibes", model=model, tokenizer=tok)
 
@@ -140,7 +140,7 @@ def test_exact_criterion_ranks_whole_answers_then_accuracy_then_loss():
     assert min(scores, key=lambda k: CRITERIA.get("exact").key(scores[k])) == "x2"
     assert min(scores, key=lambda k: CRITERIA.get("accuracy").key(scores[k])) == "base"
     assert min(scores, key=lambda k: CRITERIA.get("loss").key(scores[k])) == "x2"
-    with pytest.raises(LoramixError, match="check-tops"):
+    with pytest.raises(LoramixError, match="check_tops"):
         GenerateConfig(check_tops=-1)
 
 
@@ -154,17 +154,17 @@ def test_rouge_criterion_scores_each_candidates_greedy_answers(tiny_bank, tiny_b
     ds = read_dataset(write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 12)))
     coefs = {e.name: 0.2 for e in tiny_bank.usable}
     res = check(tiny_bank, coefs, ds, examples=4, scales=(1.0, 30.0), singles=1, criterion="rouge", model=model, tokenizer=tok)
-    assert all(0 <= v.rouge <= 1 for v in res.scores.values())
-    assert res.chosen == min(res.scores, key=lambda k: CRITERIA.get("rouge").key(res.scores[k]))
+    assert all(0 <= v["rouge"] <= 1 for v in res.candidates.values())
+    assert res.chosen == min(res.candidates, key=lambda k: CRITERIA.get("rouge").key(AnswerScores(**res.candidates[k])))
     # the base's score is `loramix evaluate`'s ROUGE-L of its greedy answers, cut at twice the longest reference
     # (end-of-turn included) and 4 tokens more
     held = ds.subsample(4, 0).samples
     cap = 2 * max(len(tok(s.output, add_special_tokens=False)["input_ids"]) + 1 for s in held) + 4
     answers = generate_answers(model, tok, [s.input for s in held], max_new_tokens=min(48, cap))
-    assert res.scores["base"].rouge == pytest.approx(score(answers, type(ds)(held, ds.source))["rougeL"])
+    assert res.candidates["base"]["rouge"] == pytest.approx(score(answers, type(ds)(held, ds.source))["rougeL"])
     # the teacher-forced criteria do not generate
-    assert all(v.rouge is None for v in check(tiny_bank, coefs, ds, examples=4, scales=(1.0,), model=model,
-                                             tokenizer=tok).scores.values())
+    assert all("rouge" not in v for v in check(tiny_bank, coefs, ds, examples=4, scales=(1.0,), model=model,
+                                               tokenizer=tok).candidates.values())
     ranked = {"base": AnswerScores(1.0, 0.9, 0.5, 0.2), "x1": AnswerScores(2.0, 0.5, 0.0, 0.6),
               "x2": AnswerScores(0.5, 0.6, 0.0, 0.6)}
     assert min(ranked, key=lambda k: CRITERIA.get("rouge").key(ranked[k])) == "x2"  # ties on ROUGE-L go to accuracy
@@ -189,11 +189,12 @@ def test_generate_with_check_records_it_and_writes_the_base_when_nothing_beats_i
     assert all(set(v) == {"loss", "accuracy", "exact"} and 0 <= v["exact"] <= 1 for v in chk.candidates.values())
     assert report.scale == pytest.approx(sum(report.coefficients.values()))
     import loramix.pipeline
-    from loramix.check import CheckResult
+    from loramix.report import CheckInfo
 
     zero = {e.name: 0.0 for e in tiny_bank.usable}
-    monkeypatch.setattr(loramix.pipeline, "check", lambda *a, **k: CheckResult(
-        4, "loss", {"base": AnswerScores(1.0, 0.5, 0.0), "x1": AnswerScores(2.0, 0.4, 0.0)}, "base", zero))
+    monkeypatch.setattr(loramix.pipeline, "check", lambda *a, **k: CheckInfo(
+        4, "loss", {"base": {"loss": 1.0, "accuracy": 0.5, "exact": 0.0}, "x1": {"loss": 2.0, "accuracy": 0.4, "exact": 0.0}},
+        "base", False, coefficients=zero))
     runner = CliRunner()
     out = runner.invoke(app, ["generate", "--bank", str(tiny_bank.path), "--data", str(data), "--out", str(tmp_path / "base"),
                               "--max-samples", "8", "--check", "4"])

@@ -14,9 +14,13 @@ from peft.utils import load_peft_weights
 from loramix import (COMPOSERS, DISTANCES, OPERATORS, SIGNATURES, Bank, BankIndex, GenerateConfig, LoramixError,
                      SignatureSpec, generate, read_report)
 from loramix.compose.base import Composer, ModuleResult, Shape, stacked_ranks
-from loramix.distances import register_distance
+from loramix.data import Dataset, Sample
+from loramix.distances import distance_row, register_distance
 from loramix.operators import Operator, softmin
-from loramix.signatures import Signer
+from loramix.refine import REFINE_METHODS, RefineMethod
+from loramix.runtime.scores import CRITERIA, Criterion, register_criterion
+from loramix.signatures import Signer, make_signer
+from loramix.signing import SIGNING_MODES, SigningMode
 
 TOY_BANK_SIZE = 5
 
@@ -24,7 +28,7 @@ TOY_BANK_SIZE = 5
 @pytest.fixture
 def registries(monkeypatch):
     """Every registry restored after the test: variants registered inside it do not leak."""
-    for reg in (SIGNATURES, DISTANCES, OPERATORS, COMPOSERS):
+    for reg in (SIGNATURES, DISTANCES, OPERATORS, COMPOSERS, CRITERIA, REFINE_METHODS, SIGNING_MODES):
         monkeypatch.setattr(reg, "_items", dict(reg._items))
 
 
@@ -151,6 +155,76 @@ def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_pat
     generate(bank_dir, data, tmp_path / "again", signature="toy-lengths", distance="toy-mean", operator="toy-trained",
              compose="toy-stack", max_samples=8, check=0)
     assert trained.fits == 1  # the trained operator is cached with the bank index, found through its registry
+
+
+def register_later_toys():
+    """A check criterion, a refine method (a weight search) and an entry-signing mode, each registered in one place."""
+    register_criterion(Criterion("toy-worst-loss", lambda s: -s.loss, help="the largest answer loss (a toy)"))
+
+    @REFINE_METHODS.register("toy-halve")
+    class Halve(RefineMethod):
+        """Tries the start and the start halved; keeps the lower objective."""
+
+        name = "toy-halve"
+        steps = 2
+
+        def search(self, mixed, objective, w0, cfg, deadline):
+            history = [float(objective(torch.tensor(w, dtype=torch.float32))) for w in (w0, w0 / 2)]
+            best = int(np.argmin(history))
+            return (w0, w0 / 2)[best], history[best], history
+
+    @SIGNING_MODES.register("toy-names")
+    class Names(SigningMode):
+        """Every entry signed by a one-sample dataset of its name (no data, no base model)."""
+
+        name = "toy-names"
+        probes = False
+
+        def sigs(self, index, spec):
+            signer = make_signer(spec)
+            return [signer(Dataset([Sample(e.name, (e.name,))], e.name)) for e in index.bank.entries]
+
+        def row(self, index, spec, distance, user, seed, probe_sigs):
+            return distance_row(distance, user, self.sigs(index, spec), seed)
+
+        def matrix(self, index, spec, distance, seed, data, cross):
+            usable = [index.bank.entries.index(e) for e in index.bank.usable]
+            sigs = self.sigs(index, spec)
+            return np.stack([distance_row(distance, sigs[i], sigs, seed) for i in usable])
+
+
+def test_toy_criterion_refine_method_and_signing_mode_run_generate_end_to_end(registries, tmp_path, tiny_base):
+    register_toys()
+    register_later_toys()
+    bank_dir = make_bank(tmp_path / "bank", n=TOY_BANK_SIZE, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 12))
+    out = tmp_path / "out"
+    result = generate(bank_dir, data, out, signature="toy-lengths", distance="toy-mean", entry_signatures="toy-names",
+                      refine=4, refine_method="toy-halve", check=4, check_criterion="toy-worst-loss", check_singles=1,
+                      max_samples=8, top_k=3, refine_per_layer=False)
+    report = read_report(out)
+    assert report.entry_signatures == "toy-names" and report.probed == [] and report.excluded == []
+    bank = Bank(bank_dir)
+    signer = make_signer(SignatureSpec("toy-lengths", max_samples=8))
+    names = [signer(Dataset([Sample(e.name, (e.name,))], e.name)) for e in bank.entries]
+    from loramix.data import read_dataset
+
+    want = distance_row("toy-mean", signer(read_dataset(data)), names)
+    assert np.allclose([report.distances[e.name] for e in bank.entries], want)  # the toy mode's distances
+    assert report.refine.method == "toy-halve" and report.refine.steps == 2
+    r = report.refine
+    assert r.loss == pytest.approx(min(r.history), abs=1e-5)
+    top = sorted(r.meta_coefficients, key=lambda n: -r.meta_coefficients[n])[:3]  # top_k=3 searched, the rest 0
+    factor = 0.5 if r.history[1] < r.history[0] else 1.0
+    assert r.coefficients == pytest.approx({n: factor * w if n in top else 0.0 for n, w in r.meta_coefficients.items()})
+    check = report.check
+    assert check.criterion == "toy-worst-loss"
+    assert check.chosen == max(check.candidates, key=lambda k: check.candidates[k]["loss"])  # the toy's choice
+    from loramix.check import check_candidates
+
+    assert result.coefficients == pytest.approx(check_candidates(r.coefficients, singles=1)[check.chosen])
+    # each toy is a choice of the CLI too, in its option's help
+    assert GenerateConfig(entry_signatures="toy-names", refine_method="toy-halve", check_criterion="toy-worst-loss")
 
 
 def test_refining_a_method_that_cannot_be_mixed_is_refused(registries, tmp_path):

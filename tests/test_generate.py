@@ -51,8 +51,10 @@ def test_generate_full_rank_matches_coefficients_in_peft(tmp_path, tiny_base, mi
     assert sum(report.coefficients.values()) == pytest.approx(1.0)
     assert all(c >= 0 for c in report.coefficients.values())
     written = json.loads((out / "loramix.json").read_text())
-    for key in ("signature", "distance", "operator", "compose", "rank", "energy", "bank", "loramix_version"):
+    for key in ("signature", "config", "rank", "energy", "bank", "loramix_version"):
         assert key in written
+    assert {"distance", "operator", "compose", "check", "refine"} <= set(written["config"])  # the settings it ran with
+    assert written["config"]["rank"] == "full" and report.config.rank == "full"
     assert report.loramix_version == loramix.__version__
     # the task closest in meaning gets the largest weight
     assert result.top(1)[0][0] == "task_fruits"

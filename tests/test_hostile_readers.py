@@ -342,7 +342,7 @@ def test_gguf_f16_keeps_unbalanced_factors_and_refuses_what_it_cannot_hold(tmp_p
     assert np.isfinite(a).all() and np.isfinite(b).all()
     assert np.linalg.norm(8 / 4 * (b @ a) - want) / np.linalg.norm(want) < 2e-3
     save_file({k: v * 1e4 for k, v in tensors.items()}, folder / "adapter_model.safetensors")
-    with pytest.raises(LoramixError, match=r"update reaches .* beyond torch.float16's range .* choose another --dtype"):
+    with pytest.raises(LoramixError, match=r"update reaches .* beyond torch.float16's range .* choose another dtype"):
         export_gguf(folder, tmp_path / "b.gguf", base=str(tiny_base), dtype="f16")
     assert not (tmp_path / "b.gguf").exists()
 
@@ -400,7 +400,8 @@ def test_leave_one_out_needs_two_entries(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("coefficients", {"task_animals": float("nan")}), ("coefficients", [1]),
-                                         ("rank", "x"), ("top_k", [1]), ("temperature", True)])
+                                         ("rank", "x"), ("config.top_k", [1]), ("config.temperature", True),
+                                         ("config.temperature", -1.0)])
 def test_a_hand_edited_report_of_the_wrong_types_is_refused(tmp_path, field, value):
     from loramix import generate, read_report
 
@@ -408,9 +409,10 @@ def test_a_hand_edited_report_of_the_wrong_types_is_refused(tmp_path, field, val
              tmp_path / "out", check=0)
     path = tmp_path / "out" / "loramix.json"
     raw = json.loads(path.read_text())
-    raw[field] = value
+    part, _, key = field.rpartition(".")
+    (raw[part] if part else raw)[key] = value
     path.write_text(json.dumps(raw))
-    with pytest.raises(LoramixError, match=f"loramix.json: field '{field}' must be"):
+    with pytest.raises(LoramixError, match=f"loramix.json: field '{field}' must be|loramix.json: field '{part}': {key} must be"):
         read_report(tmp_path / "out")
 
 

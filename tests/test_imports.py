@@ -84,7 +84,7 @@ def test_no_import_cycle_in_the_package():
 
 def test_only_the_runtime_loads_a_base_model():
     """transformers' model classes (from_pretrained of a model) appear only in runtime/ and for the sentence encoder
-    (signatures, which loads all-MiniLM, not a base)."""
+    (encoder.py, which loads all-MiniLM, not a base)."""
     import re
     from pathlib import Path
 
@@ -93,4 +93,4 @@ def test_only_the_runtime_loads_a_base_model():
     root = Path(loramix.__file__).parent
     loaders = re.compile(r"\b(AutoModel\w*|PeftModel|\w+ForCausalLM)\.from_pretrained\(")
     found = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if loaders.search(p.read_text(encoding="utf-8")))
-    assert found and all(f.startswith("runtime/") or f == "signatures.py" for f in found), found
+    assert found and all(f.startswith("runtime/") or f == "encoder.py" for f in found), found

@@ -16,7 +16,7 @@ from loramix.data import Dataset, read_dataset
 from loramix.distances import aligned
 from loramix.errors import LoramixError
 from loramix.index import BankIndex
-from loramix.meta import loo_coefficients
+from loramix.bank_operator import loo_coefficients
 from loramix.pipeline import leave_one_out
 from loramix.runtime.pytorch import load_model, load_tokenizer
 from loramix.probes import DEFAULT_PROBES, ProbeSet, answer_probes
@@ -83,13 +83,13 @@ def test_answer_probes_runs_the_entry_and_leaves_the_base_unchanged(tmp_path, ti
 
 def test_mode_follows_how_many_entries_have_data(tmp_path):
     root = make_bank(tmp_path / "bank", n=4)
-    assert BankIndex(Bank(root)).mode("auto") == "data"
+    assert BankIndex(Bank(root)).mode("auto").name == "data"
     (root / "task_animals" / "train.jsonl").unlink()
-    assert BankIndex(Bank(root)).mode("auto") == "mixed"
+    assert BankIndex(Bank(root)).mode("auto").name == "mixed"
     (root / "task_colors" / "train.jsonl").unlink()
     index = BankIndex(Bank(root))
-    assert index.mode("auto") == "probes"  # two entries with data are too few to align on
-    assert index.mode("data") == "data" and [e.name for e in index.weighted("data")] == ["task_fruits", "task_numbers"]
+    assert index.mode("auto").name == "probes"  # two entries with data are too few to align on
+    assert index.mode("data").name == "data" and [e.name for e in index.weighted("data")] == ["task_fruits", "task_numbers"]
     assert len(index.weighted("auto")) == 4
 
 

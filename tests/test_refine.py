@@ -96,9 +96,9 @@ def test_check_scales_every_layer_of_a_per_layer_composition(tmp_path, tiny_base
     hooked.weights = 2 * torch.tensor([[layers[i][n] for n in names] for i in (0, 1)], dtype=torch.float32)
     want = answer_scores_fn(model, tok, data.subsample(4, 0).samples)()
     hooked.remove()
-    assert res.scores["x2"].loss == pytest.approx(want.loss, rel=1e-5)
+    assert res.candidates["x2"]["loss"] == pytest.approx(want.loss, rel=1e-5)
     flat = check(bank, mean, data, examples=4, scales=(2.0,), model=model, tokenizer=tok)
-    assert flat.scores["x2"].loss != pytest.approx(want.loss, rel=1e-5)  # the mean weights are another composition
+    assert flat.candidates["x2"]["loss"] != pytest.approx(want.loss, rel=1e-5)  # the mean weights are another composition
     if res.chosen == "x2":
         assert res.layers == {i: {n: 2 * w for n, w in row.items()} for i, row in layers.items()}
     else:
@@ -280,13 +280,15 @@ def test_refine_beyond_the_dataset_uses_and_reports_what_there_is(tmp_path, tiny
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 6))
     generate(bank, data, tmp_path / "out", refine=1000, refine_steps=1, max_samples=8)
     assert read_report(tmp_path / "out").finetune.examples == 6
-    assert "--refine 1000" in caplog.text and "has 6 examples; all of them are used" in caplog.text
+    assert "refine 1000" in caplog.text and "has 6 examples; all of them are used" in caplog.text
 
 
 def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
     """A zero update gets no gradient, so the base model's adapter is replaced by a freshly trained LoRA."""
     from loramix import GenerateConfig
-    from loramix.refine import finetune
+    from loramix.refine import REFINE_METHODS
+
+    finetune = REFINE_METHODS.get("finetune")().train
 
     bank = Bank(make_bank(tmp_path / "bank", n=3, base=str(tiny_base)))
     comp = compose(bank, {e.name: 1 / 3 for e in bank.entries})
@@ -304,9 +306,9 @@ def test_finetune_from_scratch_when_the_base_was_kept(tmp_path, tiny_base):
 @pytest.mark.parametrize("kw,message", [
     ({"refine": -1}, "refine must be at least 0"),
     ({"refine": 4, "refine_budget": 0.0}, "positive number of seconds"),
-    ({"refine": 4, "refine_steps": 0}, "refine-steps must be at least 1"),
-    ({"refine": 4, "refine_max_tokens": -1}, "refine-max-tokens must be at least 0"),
-    ({"refine": 4, "refine_method": "nope"}, "unknown refine method 'nope'; choose from finetune, gradient"),
+    ({"refine": 4, "refine_steps": 0}, "refine_steps must be at least 1"),
+    ({"refine": 4, "refine_max_tokens": -1}, "refine_max_tokens must be at least 0"),
+    ({"refine": 4, "refine_method": "nope"}, "unknown refine method 'nope'; choose one of: finetune, gradient"),
 ])
 def test_refine_options_are_validated(kw, message):
     from loramix import GenerateConfig
@@ -350,10 +352,10 @@ def test_refine_too_slow_for_this_cpu_is_refused_before_it_starts(tmp_path, tiny
     bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 12))
     monkeypatch.setattr(refine_module, "REFINE_LIMIT", 1e-9)
-    with pytest.raises(LoramixError, match=rf"--refine 4 \(--refine-method {method}, 2 steps of about .* s\) on the "
-                                           r"bank's base model: about .* s on this CPU: --budget SECONDS caps it"):
+    with pytest.raises(LoramixError, match=rf"refine=4 \(refine_method={method}, 2 steps of about .* s\) on the "
+                                           r"bank's base model: about .* s on this CPU: refine_budget=SECONDS caps it"):
         generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, check=0, max_samples=8)
-    with pytest.raises(LoramixError, match="one step is more than --budget 1e-09"):
+    with pytest.raises(LoramixError, match="one step is more than refine_budget=1e-09"):
         generate(bank, data, tmp_path / "out", refine=4, refine_method=method, refine_steps=2, refine_budget=1e-9,
                  check=0, max_samples=8)
     assert not (tmp_path / "out").exists()
@@ -376,7 +378,7 @@ def test_check_scores_adapter_files_when_the_exact_mix_would_not_fit(tmp_path, t
     exact = check(bank, weights, data, **kw)
     monkeypatch.setattr(check_module, "available_bytes", lambda: 1)
     composed = check(bank, weights, data, **kw)
-    assert set(composed.scores) == set(exact.scores) and len(exact.scores) >= 7
-    for label, score in exact.scores.items():
-        assert composed.scores[label].loss == pytest.approx(score.loss, rel=1e-4), label
+    assert set(composed.candidates) == set(exact.candidates) and len(exact.candidates) >= 7
+    for label, score in exact.candidates.items():
+        assert composed.candidates[label]["loss"] == pytest.approx(score["loss"], rel=1e-4), label
     assert composed.chosen == exact.chosen

@@ -158,7 +158,7 @@ def test_compose_takes_a_dtype_by_name_and_refuses_others(tmp_path):
     (lambda p: read_dataset(p / "x.jsonl", with_definition="no"), r"with_definition must be bool, got str 'no'"),
     (lambda p: TrainConfig(bf16="no"), r"^TrainConfig: bf16 must be bool, got str 'no'$"),
     (lambda p: TrainConfig(seed="1"), r"^TrainConfig: seed must be int, got str '1'$"),
-    (lambda p: TrainConfig(steps="3"), r"^--steps must be a whole number"),
+    (lambda p: TrainConfig(steps="3"), r"^steps must be a whole number"),
     (lambda p: SignatureSpec(max_samples=2.5), r"^SignatureSpec: max_samples must be int or None, got float 2.5$"),
     (lambda p: __import__("loramix.refine").refine.RefineConfig(per_layer="yes"), r"RefineConfig: per_layer must be bool"),
     (lambda p: __import__("loramix.evaluate").evaluate.evaluate(p / "x.jsonl", batch_size=0),
@@ -272,7 +272,7 @@ def test_train_refuses_a_rank_above_the_modules_before_allocating(tmp_path, tiny
     from loramix.train import train
 
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 4))
-    with pytest.raises(LoramixError, match=r"^--rank 100000000 is more than the modules --target-modules q_proj,k_proj,"
+    with pytest.raises(LoramixError, match=r"^rank=100000000 is more than the modules target_modules=q_proj,k_proj,"
                                            r"v_proj selects can hold \(at most 32: min\(in, out\)\)"):
         train(data, tmp_path / "out", TrainConfig(rank=100_000_000, steps=1), base=str(tiny_base))
     assert not (tmp_path / "out").exists()

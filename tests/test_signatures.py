@@ -38,11 +38,11 @@ def test_the_default_encoder_gives_sentence_transformers_vectors_without_importi
     """all-MiniLM-L6-v2 runs as plain torch (no sentence-transformers, no transformers) with the same vectors."""
     from sentence_transformers import SentenceTransformer
 
-    from loramix.signatures import _embedder_path, _Encoder
+    from loramix.encoder import Encoder, embedder_path
 
-    encoder = _Encoder(DEFAULT_EMBED_MODEL)
+    encoder = Encoder(DEFAULT_EMBED_MODEL)
     assert encoder._st is None and encoder._bert is not None  # plain torch
-    want = SentenceTransformer(_embedder_path(DEFAULT_EMBED_MODEL), device="cpu").encode(
+    want = SentenceTransformer(embedder_path(DEFAULT_EMBED_MODEL), device="cpu").encode(
         TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     np.testing.assert_allclose(encoder(TEXTS), want, atol=1e-6)
     code = ("import sys; from loramix import make_signer, SignatureSpec, Dataset, Sample; "
@@ -61,17 +61,17 @@ def test_the_default_encoder_gives_sentence_transformers_vectors_without_importi
     ("dense", False),
 ])
 def test_other_sentence_transformers_models_keep_their_vectors(tmp_path, change, plain):
-    """A copy of the default model with another pooling or a Dense layer: run on transformers alone when _Encoder can
+    """A copy of the default model with another pooling or a Dense layer: run on transformers alone when Encoder can
     compute it, through sentence-transformers otherwise, and the vectors are sentence-transformers' either way."""
     import json
     import shutil
 
     from sentence_transformers import SentenceTransformer
 
-    from loramix.signatures import _embedder_path, _Encoder
+    from loramix.encoder import Encoder, embedder_path
 
     folder = tmp_path / "model"
-    shutil.copytree(_embedder_path(DEFAULT_EMBED_MODEL), folder)
+    shutil.copytree(embedder_path(DEFAULT_EMBED_MODEL), folder)
     if change == "dense":
         from sentence_transformers.models import Dense
 
@@ -82,7 +82,7 @@ def test_other_sentence_transformers_models_keep_their_vectors(tmp_path, change,
     else:
         pooling = folder / "1_Pooling" / "config.json"
         pooling.write_text(json.dumps({**json.loads(pooling.read_text()), **change}))
-    encoder = _Encoder(str(folder))
+    encoder = Encoder(str(folder))
     assert (encoder._st is None) == plain
     want = SentenceTransformer(str(folder), device="cpu").encode(
         TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
@@ -142,12 +142,12 @@ def test_a_transformer_that_is_not_plain_bert_runs_through_transformers(tmp_path
 
     from sentence_transformers import SentenceTransformer
 
-    from loramix.signatures import _embedder_path, _Encoder
+    from loramix.encoder import Encoder, embedder_path
 
     folder = tmp_path / "model"
-    shutil.copytree(_embedder_path(DEFAULT_EMBED_MODEL), folder)
+    shutil.copytree(embedder_path(DEFAULT_EMBED_MODEL), folder)
     (folder / "tokenizer.json").unlink()
-    encoder = _Encoder(str(folder))
+    encoder = Encoder(str(folder))
     assert encoder._st is None and encoder._bert is None
     want = SentenceTransformer(str(folder), device="cpu").encode(
         TEXTS, batch_size=len(TEXTS), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
@@ -165,10 +165,10 @@ def test_a_damaged_embedding_model_is_one_line_naming_the_file(tmp_path, damage,
     import shutil
 
     from loramix import LoramixError
-    from loramix.signatures import _embedder_path, _Encoder
+    from loramix.encoder import Encoder, embedder_path
 
     folder = tmp_path / "model"
-    shutil.copytree(_embedder_path(DEFAULT_EMBED_MODEL), folder)
+    shutil.copytree(embedder_path(DEFAULT_EMBED_MODEL), folder)
     if damage == "weights":
         (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
     elif damage == "tokenizer":
@@ -178,5 +178,5 @@ def test_a_damaged_embedding_model_is_one_line_naming_the_file(tmp_path, damage,
         config["hidden_size"] = 256 if damage == "heads" else 240
         (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoramixError, match=f"cannot load embedding model .*{message}") as e:
-        _Encoder(str(folder))
+        Encoder(str(folder))
     assert "\n" not in str(e.value)

@@ -244,7 +244,7 @@ def test_train_max_tokens_keeps_the_first_steps_that_fit(tmp_path, tiny_base):
     assert len(first["loss"]) == 3 and first["loss"] == again["loss"]
     assert first["config"]["max_tokens"] == limit and "max_tokens" not in TINY.as_record()
     assert len(train(data, tmp_path / "c", replace(TINY, max_tokens=1), base=str(tiny_base))["loss"]) == 1
-    with pytest.raises(LoramixError, match="--max-tokens must be a positive whole number"):
+    with pytest.raises(LoramixError, match="max_tokens must be a positive whole number"):
         train(data, tmp_path / "d", replace(TINY, max_tokens=0), base=str(tiny_base))
 
 
@@ -255,6 +255,6 @@ def test_train_refuses_a_budget_that_is_not_positive(tmp_path, tiny_base, budget
     from loramix.errors import LoramixError
 
     data = write_jsonl(tmp_path / "train.jsonl", topic_records("fruits", 8))
-    with pytest.raises(LoramixError, match="--budget must be a positive number"):
+    with pytest.raises(LoramixError, match="budget must be a positive number"):
         train(data, tmp_path / "ad", replace(TINY, budget=budget), base=str(tiny_base))
     assert not (tmp_path / "ad").exists()

@@ -29,7 +29,7 @@ from .config import GenerateConfig
 from .errors import LoramixError
 from .index import BankIndex
 from .store import fetch, store
-from .meta import loo_coefficients
+from .bank_operator import loo_coefficients
 from .progress import track
 from .runtime.lora import MixedLoRA
 from .runtime.pytorch import answer_loss_fn, frozen_base

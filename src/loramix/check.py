@@ -7,7 +7,7 @@ the candidates are written as GGUF LoRAs (runtime.candidates)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Annotated, Any, Sequence
 
 import torch
@@ -18,10 +18,10 @@ from .data import Dataset
 from .errors import LoramixError
 from .progress import track
 from .runtime.memory import available_bytes
-from .report import CheckPlan
+from .report import CheckInfo, CheckPlan
 from .runtime import Speed
 from .runtime.lora import MixedLoRA
-from .runtime.pytorch import answer_scores_fn, frozen_base
+from .runtime.pytorch import answer_scores_fn, frozen_base, speed
 from .runtime.scores import CRITERIA, AnswerScores
 
 log = logging.getLogger("loramix")
@@ -69,29 +69,11 @@ def scaled_layers(label: str, layers: dict[int, dict[str, float]] | None,
     return {layer: {n: scaled[label] * w for n, w in row.items()} for layer, row in layers.items()}
 
 
-@dataclass
-class CheckResult:
-    """The held-out check: each candidate's teacher-forced scores (runtime.scores.AnswerScores) on `examples` held-out samples,
-    the label `chosen` by `criterion`, its coefficients and, when a per-layer composition was scaled, its per-layer
-    weights (layer -> entry -> weight)."""
-
-    examples: int
-    criterion: str
-    scores: dict[str, AnswerScores]
-    chosen: str
-    coefficients: dict[str, float]
-    layers: dict[int, dict[str, float]] | None = None
-
-    @property
-    def beats_base(self) -> bool:
-        return self.chosen != "base"
-
-
 @checked
 def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examples: Annotated[int, Range(1, None)] = 16, method: str = "exact",
           scales: Sequence[float] = CHECK_SCALES, singles: int = 0, tops: int = 0, criterion: str = "loss", seed: int = 0,
           layers: dict[int, dict[str, float]] | None = None, model: Any = None, tokenizer: Any = None,
-          engine: Any = None, rank: Any = None) -> CheckResult:
+          engine: Any = None, rank: Any = None) -> CheckInfo:
     """Score every `check_candidates` composition of `coefficients` (the base model included) on `examples` samples of
     `dataset` (seeded) by teacher-forced answer scores; keep the best by `criterion` (CRITERIA; ties go to the
     earlier candidate: the base, then smaller scales). With `layers` (a per-layer composition, `coefficients` being
@@ -111,7 +93,7 @@ def check(bank: Bank, coefficients: dict[str, float], dataset: Dataset, *, examp
                              layers=layers) as loras:
             for label in track(candidates, f"checking ({len(samples)} held-out examples, llama.cpp)", total=len(candidates)):
                 scores[label] = engine.scores(samples, lora=loras[label], generate=CRITERIA.get(criterion).generates)
-        return _chosen(len(samples), criterion, scores, candidates, layers, scales)
+        return _chosen(len(samples), criterion, scores, candidates, layers, scales, "llama.cpp")
     model, tokenizer = frozen_base(bank.base_model, model, tokenizer)
     names = [n for n in coefficients if any(c[n] != 0 for c in candidates.values())]
     if mix_bytes(bank, names) > available_bytes() // 2:  # the exact mix would not fit beside the base: files instead
@@ -146,7 +128,7 @@ def mix_bytes(bank: Bank, names: Sequence[str]) -> int:
 
 def _check_composed(bank: Bank, coefficients: dict[str, float], candidates: dict[str, dict[str, float]],
                     scaled: dict[str, float], samples: list, criterion: str, layers: Any, scales: Sequence[float],
-                    model: Any, tokenizer: Any, method: str, rank: Any) -> CheckResult:
+                    model: Any, tokenizer: Any, method: str, rank: Any) -> CheckInfo:
     """The PyTorch check with each candidate an adapter file (runtime.candidates.composed_candidates, as llama.cpp
     scores them: the truncated composition at its scales, an entry alone, a top-k composition) in a temporary bank
     whose entries are mixed one at a time: for a bank whose factors mixed exactly would not fit in memory."""
@@ -183,11 +165,13 @@ def _check_composed(bank: Bank, coefficients: dict[str, float], candidates: dict
 
 
 def _chosen(examples: int, criterion: str, scores: dict[str, AnswerScores], candidates: dict[str, dict[str, float]],
-            layers: dict[int, dict[str, float]] | None, scales: Sequence[float]) -> CheckResult:
-    """The CheckResult of `scores`: the candidate `criterion` ranks first (the earliest on ties)."""
+            layers: dict[int, dict[str, float]] | None, scales: Sequence[float], runtime: str = "torch") -> CheckInfo:
+    """The CheckInfo of `scores`: the candidate `criterion` ranks first (the earliest on ties)."""
     rank = CRITERIA.get(criterion).key
     chosen = min(scores, key=lambda label: rank(scores[label]))
-    return CheckResult(examples, criterion, scores, chosen, candidates[chosen], scaled_layers(chosen, layers, scales))
+    measured = {k: {m: x for m, x in asdict(v).items() if x is not None} for k, v in scores.items()}
+    return CheckInfo(examples, criterion, measured, chosen, chosen != "base", runtime, candidates[chosen],
+                     scaled_layers(chosen, layers, scales))
 
 
 # --check auto: the forms tried in order until one's estimated time fits the budget (criterion None: as configured)
@@ -229,3 +213,18 @@ def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, cr
                      f"even its cheapest form was estimated at {min(tried):.0f} s, over --check-budget {budget:g} s "
                      f"(prompt {speed.tokens_per_second:.1f} tokens/s, {speed.seconds_per_step:.2f} s a decoding step)",
                      round(min(tried), 1))
+
+
+def check_plan(config: Any, held: Dataset, model: Any, tokenizer: Any, engine: Any) -> CheckPlan:
+    """The check `config` (a GenerateConfig) asks for on `held`: `check` N as asked; 'auto' planned from the runtime's
+    speed, measured on one held-out example, to fit `check_budget` (plan_check)."""
+    if not config.check_auto:
+        return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, list(CHECK_SCALES), "as asked")
+    sample = held.subsample(1, config.seed + 1).samples[0]
+    measured = engine.speed(sample) if engine is not None else speed(model, tokenizer, sample)
+    plan = plan_check(held, engine.tokenizer if engine is not None else tokenizer, measured, examples=config.check_examples,
+                      criterion=config.check_criterion, singles=config.check_singles, tops=config.check_tops,
+                      scales=CHECK_SCALES, budget=config.check_budget, seed=config.seed + 1)
+    if plan.mode != "full":
+        log.warning("held-out check %s: %s", plan.mode, plan.why)
+    return plan

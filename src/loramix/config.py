@@ -1,6 +1,7 @@
-"""`generate`'s configuration: the single source of truth for its choices. Each field carries its help text
-(the CLI's options are generated from it) and is validated in `__post_init__` against the registries, so an
-invalid choice is refused when the configuration is made, before any work is done."""
+"""`generate`'s configuration: the single source of truth for its choices. Fields are grouped by the stage they
+configure (STAGES, in the order the data flows) and each carries its help text and CLI flag (the CLI's options, in one
+panel per stage, are generated from it); each stage's fields are validated in `__post_init__` against the
+registries, so an invalid choice is refused when the configuration is made, before any work is done."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from .bank import not_utf8, unreadable
 from .checks import fits
 from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .operators import OPERATORS
-from .refine import FINETUNE, SEARCHES
+from .refine import REFINE_METHODS
 from .runtime.scores import CRITERIA
 from .probes import ProbeSet
 from .runtime import RUNTIMES
 from .signatures import SIGNATURES, SignatureSpec
+from .signing import signing_names
 from .train_config import REFINE_TRAINING
 
 DTYPE_NAMES = tuple(DTYPES)  # the output dtypes generate writes
 CHECK_EXAMPLES = 16  # --check's default without --refine
-ENTRY_SIGNATURES = ("auto", "data", "probes")  # how bank entries are signed (BankIndex.mode)
+# The stages a GenerateConfig field configures, in the order the data flows (each field's metadata["stage"]).
+STAGES = ("signature", "distance", "coefficients", "composition", "base model", "check", "refine")
 
 
 def _names(registry) -> str:
@@ -43,10 +46,17 @@ def _distance_help() -> str:
     return "; ".join(groups)
 
 
-def option(default, help: str, *, flag: str | None = None, method: bool = True):
-    """A configuration field: its default, help text, CLI flag (default --<name>) and whether it is one of the
-    method options that `generate` and `bank loo` share (`method`)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "method": method})
+def option(default, help: str, *, stage: str, flag: str | None = None, method: bool = True):
+    """A configuration field: its default, help text, the stage it configures (STAGES), CLI flag (default --<name>)
+    and whether it is one of the method options that `generate` and `bank loo` share (`method`)."""
+    assert stage in STAGES, stage
+    return field(default=default, metadata={"help": help, "stage": stage, "flag": flag, "method": method})
+
+
+def flag(name: str) -> str:
+    """The CLI flag of the GenerateConfig field `name` (--<name with dashes> unless it declares another)."""
+    f = GenerateConfig.__dataclass_fields__.get(name)
+    return (f.metadata["flag"] if f is not None else None) or "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -54,30 +64,30 @@ class GenerateConfig:
     """Every choice `generate` makes (see each field's help). Validated on creation; `dataclasses.replace`
     re-validates."""
 
-    signature: str = option(SignatureSpec.method, f"Dataset signature: {_names(SIGNATURES)}.")
-    distance: str = option("gaussian-w2", f"Distance between signatures: {_distance_help()}.")
-    operator: str = option("normalized", f"Meta-operator: {_names(OPERATORS)}.")
+    signature: str = option(SignatureSpec.method, f"Dataset signature: {_names(SIGNATURES)}.", stage="signature")
+    distance: str = option("gaussian-w2", f"Distance between signatures: {_distance_help()}.", stage="distance")
+    operator: str = option("normalized", f"Meta-operator: {_names(OPERATORS)}.", stage="coefficients")
     compose: str = option("exact", f"Composition: {_names(COMPOSERS)} (exact: the sum of updates; paper: A and B "
-                          "averaged).")
-    rank: int | str | None = option(None, "Output rank: an integer, or 'full'. Default: the bank's largest rank.")
-    top_k: int | None = option(None, "Keep only the k largest coefficients.")
-    temperature: float = option(1.0, "Softmin temperature (larger: flatter weights).")
-    seed: int = option(0, "Seed for subsampling, sliced projections and MMD draws.")
-    max_samples: int | None = option(SignatureSpec.max_samples, "At most this many samples per dataset for signatures.")
-    model: str | None = option(None, "Embedding model (embed) or base model (unigram, hidden) override.")
+                          "averaged).", stage="composition")
+    rank: int | str | None = option(None, "Output rank: an integer, or 'full'. Default: the bank's largest rank.", stage="composition")
+    top_k: int | None = option(None, "Keep only the k largest coefficients.", stage="coefficients")
+    temperature: float = option(1.0, "Softmin temperature (larger: flatter weights).", stage="coefficients")
+    seed: int = option(0, "Seed for subsampling, sliced projections and MMD draws.", stage="signature")
+    max_samples: int | None = option(SignatureSpec.max_samples, "At most this many samples per dataset for signatures.", stage="signature")
+    model: str | None = option(None, "Embedding model (embed) or base model (unigram, hidden) override.", stage="signature")
     entry_signatures: str = option("auto", "How bank entries are signed: 'data' (their train.jsonl; entries without it "
                                    "get no weight), 'probes' (every entry by its greedy answers to probe prompts, "
                                    "--probes: no bank data used), 'auto' (train.jsonl where an entry has one, its probe "
                                    "answers elsewhere, their distances aligned onto the data distances' scale; 'data' "
                                    "when every entry has data). Probe answers run the base model once per bank and "
-                                   "are cached.")
+                                   "are cached.", stage="signature")
     probes: str | None = option(None, "The probe prompts entries without data answer: a dataset file, its inputs. "
-                                "Default: the 48 everyday prompts shipped with loramix.")
-    scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.")
+                                "Default: the 48 everyday prompts shipped with loramix.", stage="signature")
+    scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.", stage="coefficients")
     calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
-                               "on the 53 leave-one-out tasks it lowered ROUGE-L (docs/benchmarks.md, bench-quality).")
-    dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False)
+                               "on the 53 leave-one-out tasks it lowered ROUGE-L (docs/benchmarks.md, bench-quality).", stage="coefficients")
+    dtype: str | None = option(None, f"Output dtype: {', '.join(DTYPE_NAMES)} (default: the bank's).", method=False, stage="composition")
     check: int | str | None = option("auto", "Hold out this many examples of DATA and keep, of the base model, the composed "
                                      "update at scales 0.5 to 2, its top entries (--check-tops) and the top entries "
                                      "alone (--check-singles), the one the held-out examples prefer (--check-criterion). "
@@ -87,99 +97,114 @@ class GenerateConfig:
                                      "trains on the examples a check would hold out), when the check's time, estimated "
                                      "from the base's measured speed, fits --check-budget; else a cheaper form that fits "
                                      "(forward-only, fewer examples, no single entries) or none; loramix.json says "
-                                     "which and why.", method=False)
+                                     "which and why.", method=False, stage="check")
     check_budget: float = option(120.0, "Seconds the held-out check's forward passes and answers may take with --check "
                                  "auto (estimated before it runs, from the base's measured speed; composing its "
-                                 "candidates comes on top: about 35 s for 500 entries of a 7B model).", method=False)
+                                 "candidates comes on top: about 35 s for 500 entries of a 7B model).", method=False, stage="check")
     base: str | None = option(None, "Base model the check (and --refine) run: default the bank's. A GGUF file (a path, "
-                              "or owner/repo/file.gguf from the hub) runs on llama.cpp.", method=False)
+                              "or owner/repo/file.gguf from the hub) runs on llama.cpp.", method=False, stage="base model")
     runtime: str = option("auto", "What runs the base model for the check: auto (llama.cpp for a GGUF base, else "
                           "PyTorch), torch, llama.cpp (a GGUF base; the default base's shipped GGUF). --refine "
-                          "always trains on PyTorch.", method=False)
-    check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False)
+                          "always trains on PyTorch.", method=False, stage="base model")
+    check_singles: int = option(4, "With --check: also try each of the top this-many entries alone.", method=False, stage="check")
     check_tops: int = option(0, "With --check: also try the composition kept to its top 2, ..., this-many entries "
-                             "(rescaled to its total weight).", method=False)
+                             "(rescaled to its total weight).", method=False, stage="check")
     check_criterion: str = option("rouge", "With --check: rank candidates by 'loss' (answer loss), 'accuracy' "
                                   "(teacher-forced token accuracy, then loss), 'exact' (examples whose whole answer "
                                   "is the most likely continuation, then accuracy, then loss) or 'rouge' (ROUGE-L of "
                                   "each candidate's greedy answers, then accuracy, then loss; about twice the CPU).",
-                                  method=False)
+                                  method=False, stage="check")
     refine: int = option(0, "Refine the adapter on this many examples of DATA, as --refine-method says (loads the base "
-                         "model).", method=False)
-    refine_method: str = option(FINETUNE, f"How --refine uses its examples: {FINETUNE} (train the composed adapter's own "
+                         "model).", method=False, stage="refine")
+    refine_method: str = option("finetune", "How --refine uses its examples: finetune (train the composed adapter's own "
                                 "LoRA factors, from the composition, with `loramix train`'s optimizer; from scratch when a "
-                                f"check kept the base), or a search of the top entries' weights: {_names(SEARCHES)} "
-                                "(gradient: by backpropagation).", method=False)
-    refine_steps: int | None = option(None, f"Optimizer steps (--refine-method {FINETUNE}: batches of 8) or loss "
-                                      f"evaluations (weight searches) of --refine. Default: {FINETUNE} "
-                                      f"{REFINE_TRAINING.steps}, the searches 40.", method=False)
+                                "check kept the base), or a search of the top entries' weights: gradient (by "
+                                f"backpropagation), nevergrad. Registered: {_names(REFINE_METHODS)}.", method=False, stage="refine")
+    refine_steps: int | None = option(None, "Optimizer steps (--refine-method finetune: batches of 8) or loss "
+                                      "evaluations (weight searches) of --refine. Default: finetune "
+                                      f"{REFINE_TRAINING.steps}, the searches 40.", method=False, stage="refine")
     refine_budget: float | None = option(None, "Seconds --refine may take at most (no step starts that would end past "
                                          "them); default: no limit but --refine-steps (a --refine estimated past 600 s is refused before it starts).",
-                                         flag="--budget", method=False)
-    refine_max_tokens: int = option(REFINE_TRAINING.max_tokens, f"Token positions --refine-method {FINETUNE} may run at "
+                                         flag="--budget", method=False, stage="refine")
+    refine_max_tokens: int = option(REFINE_TRAINING.max_tokens, "Token positions --refine-method finetune may run at "
                                     "most: its steps cut to the first whose tokens fit (the shared prompt prefix "
                                     "counted once; deterministic, unlike --budget; a CPU thread runs about 210 a "
-                                    "second); 0: no limit.", method=False)
+                                    "second); 0: no limit.", method=False, stage="refine")
     refine_per_layer: bool = option(True, "With a weight search (--refine-method gradient, nevergrad): one weight per "
                                     "entry and layer (the layers composed apart); --no-refine-per-layer: one weight "
-                                    "per entry.", method=False)
+                                    "per entry.", method=False, stage="refine")
 
     def __post_init__(self) -> None:
         hints = _field_types()
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name], f.type)
-        kind = SIGNATURES.get(self.signature).kind
-        get_distance(self.distance, kind)
+        for name in ("model", "probes", "base"):  # "" would be read as the current folder
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise LoramixError(f"{setting(name)} must name a model or file, got an empty string (None: the default)")
+            if getattr(self, name) is not None and (why := not_utf8(getattr(self, name))) is not None:
+                raise LoramixError(f"{setting(name)} {getattr(self, name)}: {unreadable(getattr(self, name), why, 'rename it')}")
+        self._check_signature()
+        get_distance(self.distance, SIGNATURES.get(self.signature).kind)
+        self._check_coefficients()
+        self._check_composition()
+        if self.runtime not in RUNTIMES:
+            raise LoramixError(f"{setting('runtime')} must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        self._check_check()
+        self._check_refine()
+
+    def _check_signature(self) -> None:
+        SIGNATURES.get(self.signature)
+        check_seed("", self.seed)
+        _at_least("max_samples", self.max_samples, 1)
+        if self.entry_signatures not in signing_names():
+            raise LoramixError(f"{setting('entry_signatures')} must be one of {', '.join(signing_names())}, got "
+                               f"{self.entry_signatures!r}")
+
+    def _check_coefficients(self) -> None:
         OPERATORS.get(self.operator)
+        _at_least("top_k", self.top_k, 1)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise LoramixError(f"{setting('temperature')} must be positive and finite, got {self.temperature}")
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise LoramixError(f"{setting('scale')} must be positive and finite, got {self.scale}")
+
+    def _check_composition(self) -> None:
         composer = COMPOSERS.get(self.compose)
         if isinstance(self.rank, str) and self.rank != "full":
             try:
                 self.rank = int(self.rank)
             except ValueError:
-                raise LoramixError(f"rank must be an integer or 'full', got {self.rank!r}") from None
+                raise LoramixError(f"{setting('rank')} must be an integer or 'full', got {self.rank!r}") from None
         composer.validate(self.rank)
-        check_seed("", self.seed)
-        for name in ("model", "probes", "base"):  # "" would be read as the current folder
-            if getattr(self, name) is not None and not getattr(self, name).strip():
-                raise LoramixError(f"{name} must name a model or file, got an empty string (None: the default)")
-            if getattr(self, name) is not None and (why := not_utf8(getattr(self, name))) is not None:
-                raise LoramixError(f"{name} {getattr(self, name)}: {unreadable(getattr(self, name), why, 'rename it')}")
-        _at_least("top-k", self.top_k, 1)
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise LoramixError(f"temperature must be positive and finite, got {self.temperature}")
-        _at_least("max-samples", self.max_samples, 1)
-        if self.entry_signatures not in ENTRY_SIGNATURES:
-            raise LoramixError(f"--entry-signatures must be one of {', '.join(ENTRY_SIGNATURES)}, got {self.entry_signatures!r}")
-        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
-            raise LoramixError(f"scale must be positive and finite, got {self.scale}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise LoramixError(f"{setting('dtype')} must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+
+    def _check_check(self) -> None:
         if self.check is not None and self.check != "auto":
             if isinstance(self.check, str):
                 try:
                     self.check = int(self.check)
                 except ValueError:
-                    raise LoramixError(f"check must be an integer or 'auto', got {self.check!r}") from None
+                    raise LoramixError(f"{setting('check')} must be an integer or 'auto', got {self.check!r}") from None
             _at_least("check", self.check, 0)
         if not (math.isfinite(self.check_budget) and self.check_budget > 0):
-            raise LoramixError(f"--check-budget must be a positive number of seconds, got {self.check_budget}")
-        if self.runtime not in RUNTIMES:
-            raise LoramixError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        _at_least("check-singles", self.check_singles, 0)
-        _at_least("check-tops", self.check_tops, 0)
+            raise LoramixError(f"{setting('check_budget')} must be a positive number of seconds, got {self.check_budget}")
+        _at_least("check_singles", self.check_singles, 0)
+        _at_least("check_tops", self.check_tops, 0)
         if self.check_criterion not in CRITERIA:
-            raise LoramixError(f"--check-criterion must be one of {', '.join(CRITERIA.names())}, got {self.check_criterion!r}")
-        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise LoramixError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+            raise LoramixError(f"{setting('check_criterion')} must be one of {', '.join(CRITERIA.names())}, got "
+                               f"{self.check_criterion!r}")
+
+    def _check_refine(self) -> None:
         _at_least("refine", self.refine, 0)
-        if self.refine_method != FINETUNE:
-            if self.refine_method not in SEARCHES.names():
-                raise LoramixError(f"unknown refine method {self.refine_method!r}; choose from {FINETUNE}, {_names(SEARCHES)}")
-            if self.refine and not composer.refinable:
-                raise LoramixError(f"composition '{self.compose}' cannot be refined by a weight search (--refine-method "
-                                   f"{self.refine_method}); --refine-method {FINETUNE} can")
-        _at_least("refine-steps", self.refine_steps, 1)
-        _at_least("refine-max-tokens", self.refine_max_tokens, 0)
+        method = REFINE_METHODS.get(self.refine_method)
+        if self.refine and method.searches and not COMPOSERS.get(self.compose).refinable:
+            raise LoramixError(f"composition '{self.compose}' cannot be refined by a weight search ({setting('refine_method')} "
+                               f"{self.refine_method}); a refine method that trains the adapter (finetune) can")
+        _at_least("refine_steps", self.refine_steps, 1)
+        _at_least("refine_max_tokens", self.refine_max_tokens, 0)
         if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget > 0):
-            raise LoramixError(f"--budget must be a positive number of seconds, got {self.refine_budget}")
+            raise LoramixError(f"{setting('refine_budget')} must be a positive number of seconds, got {self.refine_budget}")
 
     @property
     def check_auto(self) -> bool:
@@ -209,14 +234,14 @@ def _check_type(name: str, value: object, hint: Any, annotation: str) -> None:
     if fits(value, hint):
         return
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not fits(value, float) and fits(0.0, hint):
-        raise LoramixError(f"{name.replace('_', '-')} must be finite, got {value}")
-    raise LoramixError(f"{name.replace('_', '-')} must be {annotation.replace('|', 'or')}, got "
+        raise LoramixError(f"{setting(name)} must be finite, got {value}")
+    raise LoramixError(f"{setting(name)} must be {annotation.replace('|', 'or')}, got "
                        f"{type(value).__name__} {value!r}")
 
 
 def _at_least(name: str, value: int | None, low: int) -> None:
     if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-        raise LoramixError(f"{name} must be at least {low}, got {value}")
+        raise LoramixError(f"{setting(name)} must be at least {low}, got {value}")
 
 
 def method_fields() -> list:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .progress import bar, track
 from .registry import Registry
 
@@ -91,7 +91,7 @@ class RayEngine(Engine):
         try:
             import ray
         except ImportError:
-            raise LoramixError("--engine ray needs Ray: pip install 'loramix[ray]'") from None
+            raise LoramixError(f"{setting('engine', 'ray')} needs Ray: pip install 'loramix[ray]'") from None
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=False,
                      include_dashboard=False, configure_logging=False)

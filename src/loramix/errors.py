@@ -1,13 +1,36 @@
 """The one exception loramix raises for bad inputs: its message is a single line naming what and where."""
 
+import re
+from typing import Any, Callable
+
+_SETTING = re.compile("\x1f([A-Za-z_][A-Za-z0-9_]*)(?:\x1e([^\x1f]*))?\x1f")
+_UNSET = object()
+
+
+def setting(name: str, value: Any = _UNSET) -> str:
+    """A setting named in an error message, with an optional value: the library's message reads `name` (`name=value`),
+    the CLI's the option that sets it (`--name value`, a switch without its value True: `LoramixError.render`)."""
+    return f"\x1f{name}\x1f" if value is _UNSET else f"\x1f{name}\x1e{value}\x1f"
+
 
 class LoramixError(Exception):
     """A user-facing error: a one-line message naming the file, entry or field and what is wrong. Line breaks that
     a quoted name or value brings in (a tensor name, a CSV header, a path) are shown escaped, as \\n, so the
-    message stays one line."""
+    message stays one line. Settings are named in the library's terms (`setting`); `render` names them as another
+    interface (the CLI's flags) does."""
 
     def __init__(self, message: str = "") -> None:
-        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+        self.template = str(message).replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(self.render(lambda name: name, "="))
+
+    def render(self, name_of: Callable[[str], str], between: str = " ") -> str:
+        """The message with each setting named by `name_of(setting)`, a value joined by `between` (a switch's True
+        left out where `between` is not '=')."""
+        def named(m: re.Match) -> str:
+            shown = m[2] is not None and not (m[2] == "True" and between != "=")
+            return name_of(m[1]) + (between + m[2] if shown else "")
+
+        return _SETTING.sub(named, self.template)
 
 
 def env_flag(name: str) -> bool | None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Iterator
 import torch
 
 from .adapter import PICKLE_FILE, WEIGHTS_FILE, LoraAdapter, base_model_of
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .arguments import Range, checked
 from .files import atomic_write_bytes, naming
 from .data import Dataset, read_dataset
@@ -96,8 +96,8 @@ def refuse_pickle(adapter: str | Path | None, allow_pickle: bool) -> None:
     loramix, only with `allow_pickle` (--allow-pickle)."""
     folder = Path(adapter) if adapter is not None else None
     if folder is not None and not allow_pickle and (folder / PICKLE_FILE).is_file() and not (folder / WEIGHTS_FILE).is_file():
-        raise LoramixError(f"{folder.name or folder}: {PICKLE_FILE} is a pickle and is not loaded by default (--allow-pickle "
-                           "loads it with weights_only=True)")
+        raise LoramixError(f"{folder.name or folder}: {PICKLE_FILE} is a pickle and is not loaded by default "
+                           f"({setting('allow_pickle')} loads it with weights_only=True)")
 
 
 def load_for_eval(base: str | None, adapter: str | Path | None = None, *, allow_pickle: bool = False) -> tuple[Any, Any]:

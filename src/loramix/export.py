@@ -17,7 +17,7 @@ import torch
 
 from .adapter import DTYPES, LoraAdapter, cast_factors
 from .arguments import checked
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .files import atomic_dir, hidden_stem, naming, publish, refuse_target
 from .runtime import base_paths
 
@@ -60,7 +60,7 @@ def _base_config(adapter: LoraAdapter, base: str | None) -> Any:
         if tied and model.get_output_embeddings() is model.get_submodule(module):
             raise LoramixError(f"{adapter.name}: module '{module}' is the output layer, which base model {name!r} ties to "
                                "its input embeddings: a GGUF of this base has no output weight for llama.cpp to apply "
-                               "the LoRA to (PyTorch runs it: --runtime torch)")
+                               f"the LoRA to (PyTorch runs it: {setting('runtime', 'torch')})")
     return config
 
 
@@ -117,7 +117,7 @@ def export_gguf(
             b = rope_permute(b, heads)
         elif permute and module.endswith("k_proj"):
             b = rope_permute(b, kv_heads)
-        a, b = cast_factors(module, a, b, alpha / spec.rank, tensor_dtype, "--dtype (f32)")
+        a, b = cast_factors(module, a, b, alpha / spec.rank, tensor_dtype, f"{setting('dtype')} (f32)")
         writer.add_tensor(f"{target}.lora_a", a.numpy())
         writer.add_tensor(f"{target}.lora_b", b.numpy())
     out_file = Path(out_file)

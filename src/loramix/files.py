@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import LoramixError
+from .errors import LoramixError, setting
 
 
 def _umask() -> int:
@@ -109,7 +109,7 @@ def refuse_target(out: str | Path, *, force: bool = False, folder: bool = True, 
     input file counts as that input. Call it before long work, so the user learns at once; it writes nothing."""
     out = Path(out)
     if out.exists() and not force:
-        raise LoramixError(f"{out}: already exists (use --force to replace it)")
+        raise LoramixError(f"{out}: already exists (use {setting('force', True)} to replace it)")
     if out.exists() and out.is_dir() != folder:
         raise LoramixError(f"{out}: exists and is {'not ' if folder else ''}a folder")
     where = out.resolve()

@@ -23,7 +23,7 @@ from .adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, read_config
 from .arguments import Range, checked
 from .bank import DATA_FILE, Bank, BankEntry, check_bank_path, check_entries, has_entries
 from .data import Sample, read_dataset, to_sample, write_jsonl
-from .errors import LoramixError, first_line, hub_errors
+from .errors import LoramixError, setting, first_line, hub_errors
 from .files import atomic_dir, clear_leftovers, locked_folder, read_json, refuse_target
 from .progress import track
 from .registry import Registry
@@ -313,7 +313,7 @@ def _add_adapter(bank: Path, source: str, data: str | Path, *, name: str | None,
     adapter_dir = local if local.is_dir() else _snapshot(source, allow=[CONFIG_FILE, WEIGHTS_FILE])
     entry = safe_entry_name(name or (local.resolve().name if local.is_dir() else source.rsplit("/", 1)[-1]))
     if (bank / entry).exists() and not force:
-        raise LoramixError(f"{bank / entry}: the bank already has an entry '{entry}' (use --force to replace it)")
+        raise LoramixError(f"{bank / entry}: the bank already has an entry '{entry}' (use {setting('force', True)} to replace it)")
     refuse_target(bank / entry, force=True, inputs={"the adapter": adapter_dir, "the data": data})
     dataset = read_dataset(data)
     new = BankEntry(entry, LoraAdapter(adapter_dir, name=entry), None)

@@ -22,7 +22,7 @@ import numpy as np
 from .arguments import checked
 from .bank import Bank, BankEntry
 from .data import Dataset, Sample
-from .distances import aligned, distance_matrix, distance_row, get_distance
+from .distances import distance_matrix, distance_row, get_distance
 from .errors import LoramixError
 from .operators import BankFit, Operator, trainable_operator
 from .engine import get_engine
@@ -30,8 +30,7 @@ from .runtime import base_identity
 from .store import _digest, adapter_hash, fetch, listing, model_identity, store, stored_versions
 from .probes import ProbeSet
 from .signatures import SignatureSpec, make_signer
-
-MIN_ALIGNED = 3  # entries with data a mixed bank needs to align its probe distances onto its data distances
+from .signing import SigningMode, signing_mode
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -85,7 +84,8 @@ class BankIndex:
         """The cache key of signatures of `spec` (resolved): its settings and code version (`SignatureSpec.key`) and
         the content of the model that computes them (the base: `base_identity`; an embedder: `model_identity` of the
         folder it loads), so a model replaced under the same name or path never reuses another's signatures."""
-        from .signatures import SIGNATURES, _embedder_path
+        from .encoder import embedder_path
+        from .signatures import SIGNATURES
 
         if spec not in self._spec_keys:
             if spec.model is None:
@@ -93,7 +93,7 @@ class BankIndex:
             elif SIGNATURES.get(spec.method).needs_base:
                 ident = base_identity(spec.model)
             else:
-                ident = model_identity(_embedder_path(spec.model))
+                ident = model_identity(embedder_path(spec.model))
             self._spec_keys[spec] = f"{spec.key()}-{_digest([str(ident)])[:12]}"
         return self._spec_keys[spec]
 
@@ -206,47 +206,29 @@ class BankIndex:
                 store(self.dir, stem, made.read_bytes(), "gguf")
         return stored_versions(stem, "gguf")[0]
 
-    def mode(self, mode: str) -> str:
-        """How entries are signed under the option `mode` (ENTRY_SIGNATURES): 'data', 'probes' or 'mixed' (data where
-        an entry has it, probe answers aligned onto the data distances elsewhere: `distances.aligned`). 'auto' is
-        'data' when every entry has data, 'probes' when fewer than MIN_ALIGNED do, else 'mixed'."""
-        if mode not in ("auto", "data", "probes", "mixed"):
-            raise LoramixError(f"entry signatures must be one of auto, data, probes, mixed, got {mode!r}")
-        if mode != "auto":
-            return mode
-        usable = len(self.bank.usable)
-        return "data" if usable == len(self.bank.entries) else "probes" if usable < MIN_ALIGNED else "mixed"
+    def mode(self, name: str) -> SigningMode:
+        """The entry-signing mode `name` names for this bank (`signing.signing_mode`: 'auto' chooses one)."""
+        return signing_mode(self.bank, name)
 
     def weighted(self, mode: str) -> list[BankEntry]:
-        """The entries that get coefficients under `mode`: those with data ('data'), else every entry."""
-        return self.bank.usable if self.mode(mode) == "data" else self.bank.entries
+        """The entries that get coefficients under `mode`."""
+        return self.mode(mode).weighted(self.bank)
 
     def distance_row(self, spec: SignatureSpec, distance: str, user: np.ndarray, mode: str, probes: ProbeSet,
                      seed: int = 0, *, model: Any = None, tokenizer: Any = None, base: Any = None,
                      base_name: str | None = None) -> np.ndarray:
-        """d(user signature, entry) over `weighted(mode)`, float64 [n]; probe answers from `model` (PyTorch) or `base`
-        (llama.cpp), the base `base_name` (default the bank's), as probe_datasets."""
-        mode = self.mode(mode)
-        d_data = distance_row(distance, user, self.signatures(spec), seed) if mode != "probes" else None
-        if mode == "data":
-            return d_data
-        d_probes = distance_row(distance, user, self.probe_signatures(spec, probes, model=model, tokenizer=tokenizer,
-                                                                      base=base, base_name=base_name), seed)
-        return d_probes if mode == "probes" else aligned(d_probes, self._spread(d_data))
-
-    def _spread(self, d_usable: np.ndarray) -> np.ndarray:
-        """A row over the usable entries laid out over every entry, NaN for those without data."""
-        row = np.full(len(self.bank.entries), np.nan)
-        row[[self.bank.entries.index(e) for e in self.bank.usable]] = d_usable
-        return row
+        """d(user signature, entry) over `weighted(mode)`, float64 [n] (SigningMode.row); probe answers, where the mode
+        uses them, from `model` (PyTorch) or `base` (llama.cpp), the base `base_name` (default the bank's), as
+        probe_datasets."""
+        return self.mode(mode).row(self, spec, distance, user, seed, partial(
+            self.probe_signatures, spec, probes, model=model, tokenizer=tokenizer, base=base, base_name=base_name))
 
     def distance_matrix(self, spec: SignatureSpec, distance: str, seed: int = 0, mode: str = "data",
                         probes: ProbeSet | None = None, base_name: str | None = None, runtime: str = "auto") -> np.ndarray:
-        """D[i, j] = distance(usable entry i's data, entry j of `weighted(mode)`), float64 [usable, weighted]: for
-        'data', between the usable entries' data ([n, n]); for 'probes' and 'mixed', to entry j's probe answers (aligned
-        onto the data distances in 'mixed', row by row, as `distance_row`). Cached."""
-        spec = self.resolve(spec)
-        mode = self.mode(mode)
+        """D[i, j] = distance(usable entry i's data, entry j of `weighted(mode)`), float64 [usable, weighted]
+        (SigningMode.matrix, from the usable entries' data matrix and, where the mode uses them, the matrix to every
+        entry's probe answers). Both cached."""
+        spec, signing = self.resolve(spec), self.mode(mode)
         revision = get_distance(distance, make_signer(spec).kind).revision
         key = _digest([e.data_hash for e in self.bank.usable])
         stem = self.dir / "distances" / f"{self.spec_key(spec)}.{distance}-r{revision}.{seed}.{key}"
@@ -254,22 +236,22 @@ class BankIndex:
         if data is None or data.shape != (len(self.bank.usable),) * 2:
             data = distance_matrix(distance, self.signatures(spec), seed)
             store(self.dir, stem, _npy(data), "npy")
-        if mode == "data":
-            return data
-        assert probes is not None, "probes and mixed matrices need a probe set"
-        answers = self.probe_datasets(probes, base_name=base_name, runtime=runtime)
-        name = base_name if base_name is not None else self.bank.base_model
-        pkey = self._probes_key(probes, None, None, name, runtime)
-        pstem = stem.with_name(f"{stem.name}.{pkey}.{_digest([d.fingerprint() for d in answers])}")
-        cross = self.array(pstem)
-        if cross is None or cross.shape != (len(self.bank.usable), len(self.bank.entries)):
-            columns = self._answers_signed(spec, answers)
-            cross = np.stack([distance_row(distance, s, columns, seed) for s in self.signatures(spec)])
-            store(self.dir, pstem, _npy(cross), "npy")
-        if mode == "probes":
-            return cross
-        own = np.eye(len(data), dtype=bool)  # a row's own entry: left out of its alignment
-        return np.stack([aligned(p, self._spread(np.where(o, np.inf, d))) for p, d, o in zip(cross, data, own)])
+
+        def cross() -> np.ndarray:  # [usable, entries]: the usable entries' data to every entry's probe answers
+            if probes is None:
+                raise LoramixError("distance_matrix(): a mode that signs entries by probe answers needs `probes`")
+            answers = self.probe_datasets(probes, base_name=base_name, runtime=runtime)
+            name = base_name if base_name is not None else self.bank.base_model
+            pkey = self._probes_key(probes, None, None, name, runtime)
+            pstem = stem.with_name(f"{stem.name}.{pkey}.{_digest([d.fingerprint() for d in answers])}")
+            matrix = self.array(pstem)
+            if matrix is None or matrix.shape != (len(self.bank.usable), len(self.bank.entries)):
+                columns = self._answers_signed(spec, answers)
+                matrix = np.stack([distance_row(distance, s, columns, seed) for s in self.signatures(spec)])
+                store(self.dir, pstem, _npy(matrix), "npy")
+            return matrix
+
+        return signing.matrix(self, spec, distance, seed, data, cross)
 
     def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, compose: str, seed: int = 0) -> Operator:
         """The trainable operator `name` fitted on this bank (every usable entry) for composition `compose`, cached."""

@@ -7,8 +7,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
-from functools import partial
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -18,19 +17,19 @@ from .adapter import DTYPES
 from .arguments import checked
 from .bank import Bank
 from .compose import COMPOSERS, Composition, plan, write_compositions
-from .config import FINETUNE, GenerateConfig
-from .refine import finetune, refuse_slow_refine
+from .config import GenerateConfig
+from .refine import REFINE_METHODS, RefineConfig, RefineInfo, refine, refuse_slow_refine
 from .data import Dataset, read_dataset
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .files import atomic_dir, refuse_target
-from .runtime import base_paths, pytorch
+from .runtime import base_paths
 from .index import BankIndex
-from .meta import loo_coefficients, operator_for
+from .bank_operator import loo_coefficients, operator_for
 from .operators import OPERATORS
 from .paths import resolve_bank
 from .calibrate import cached_calibration
-from .check import CHECK_SCALES, check, plan_check
-from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, RefineInfo, Report
+from .check import check, check_plan
+from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, Report
 from .signatures import SIGNATURES, SignatureSpec, make_signer
 from .version import __version__
 
@@ -63,17 +62,19 @@ def _configure(config: GenerateConfig | None, overrides: dict[str, Any]) -> Gene
 def _check_bank(index: BankIndex, config: GenerateConfig, spec: SignatureSpec) -> None:
     """Refuse what this bank cannot do with `config` before any signature is computed."""
     bank = index.bank
-    if not bank.usable and config.entry_signatures == "data":
+    mode = index.mode(config.entry_signatures)
+    if not mode.weighted(bank):
         raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted with "
-                           "--entry-signatures data ('auto' signs them by their answers to probe prompts)")
-    if config.probes is not None and index.mode(config.entry_signatures) == "data":
-        log.warning("--probes %s is not used: every entry is signed by its training data (--entry-signatures %s)",
+                           f"{setting('entry_signatures', config.entry_signatures)} ('auto' signs them by their answers to "
+                           "probe prompts)")
+    if config.probes is not None and not mode.probes:
+        log.warning("the probe file %s is not used: every entry is signed by its training data (entry signatures %s)",
                     config.probes, config.entry_signatures)
-    if index.mode(config.entry_signatures) != "data" and bank.base_model is None:
-        raise LoramixError(f"{bank.path}: --entry-signatures {config.entry_signatures} signs entries by their answers to "
-                           "probe prompts, which needs the base model, and the bank names none")
+    if mode.probes and bank.base_model is None:
+        raise LoramixError(f"{bank.path}: {setting('entry_signatures', config.entry_signatures)} signs entries by their "
+                           "answers to probe prompts, which needs the base model, and the bank names none")
     if SIGNATURES.get(spec.method).needs_base and spec.model is None:
-        raise LoramixError(f"signature '{spec.method}' needs the base model: the bank names none, pass model=... (--model)")
+        raise LoramixError(f"signature '{spec.method}' needs the base model: the bank names none, pass {setting('model')}")
     operator = OPERATORS.get(config.operator)
     if operator.trainable and len(bank.usable) < operator.min_entries:
         raise LoramixError(f"operator '{config.operator}' needs at least {operator.min_entries} bank entries with data to fit")
@@ -89,7 +90,7 @@ def _base_for(index: BankIndex, config: GenerateConfig) -> tuple[Any, Any, Any]:
     from .runtime import choose_runtime, resolve_base
 
     base = config.base if config.base is not None else index.bank.base_model
-    probing = index.mode(config.entry_signatures) != "data"
+    probing = index.mode(config.entry_signatures).probes
     if not (config.refine or config.check_examples or (probing and (config.base is not None or config.runtime != "auto"))):
         return None, None, None
     model = tokenizer = engine = None
@@ -104,10 +105,10 @@ def _base_for(index: BankIndex, config: GenerateConfig) -> tuple[Any, Any, Any]:
     except LoramixError as e:
         if engine is not None:
             engine.close()
-        why = "--refine runs the base model" if config.refine else (
-            f"the held-out check (--check {config.check_examples}) runs the base model; --check 0 skips it"
-            if config.check_examples else "the entries without data answer probe prompts on the base model")
-        raise LoramixError(f"{e} ({why})") from None
+        why = f"{setting('refine', config.refine)} runs the base model" if config.refine else (
+            f"the held-out check ({setting('check', config.check_examples)}) runs the base model; {setting('check', 0)} "
+            "skips it" if config.check_examples else "the entries without data answer probe prompts on the base model")
+        raise LoramixError(f"{e.template} ({why})") from None
     return model, tokenizer, engine
 
 
@@ -143,127 +144,167 @@ def generate(
     Every choice is checked against the bank before any signature is computed."""
     config = _configure(config, overrides)
     _refuse_empty_paths("generate", bank=bank, data=data, out=out)
-    seconds: dict[str, float] = {}
-    stage = partial(_timed, seconds)
-    with stage("open"):
-        refuse_target(out, force=force, inputs=_read_paths(config, bank.path if isinstance(bank, Bank) else resolve_bank(bank),
-                                                           None if isinstance(data, Dataset) else data))
-        bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
-        if config.base is None:  # the bank's base, known once it is open
-            refuse_target(out, force=True, inputs={"the base model": base_paths(bank.base_model)})
-        dataset = data if isinstance(data, Dataset) else read_dataset(data)
-        if not len(dataset):
-            raise LoramixError(f"{dataset.source}: the dataset has no samples")
-        index = BankIndex(bank)
-        weighted = index.weighted(config.entry_signatures)
-        spec = index.resolve(config.signature_spec())
-        _check_bank(index, config, spec)
-    with stage("base model"):
-        model, tokenizer, engine = _base_for(index, config)
-    with engine if engine is not None else nullcontext():
-        return _after_base(bank, dataset, out, config, index, weighted, spec, model, tokenizer, engine, force, stage, seconds)
+    run = _Run.open(bank, data, out, config, force, allow_pickle)
+    with run.stage("base model"):
+        run.load_base()
+    with run.engine if run.engine is not None else nullcontext():
+        run.calibrate()
+        with run.stage("signature"):
+            user = make_signer(run.spec)(run.dataset)
+        with run.stage("distances"):
+            run.distances(user)
+        with run.stage("coefficients"):
+            run.coefficients()
+        run.search_weights()  # a weight search (--refine-method gradient, nevergrad): before the check
+        run.check()
+        run.write(out, force)  # composed, then trained by a refine method that trains the adapter (finetune)
+    log.info("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in run.seconds.items()))
+    return GenerateResult(Path(out), run.weights, run.report.distances, run.report, run.seconds)
 
 
-def _after_base(bank: Bank, dataset: Dataset, out: str | Path, config: GenerateConfig, index: BankIndex, weighted: list,
-                spec: SignatureSpec, model: Any, tokenizer: Any, engine: Any, force: bool, stage: Any,
-                seconds: dict[str, float]) -> GenerateResult:
-    """generate's stages once the base model is loaded (`engine`: the check's llama.cpp runtime, else None)."""
+@dataclass
+class _Run:
+    """One `generate`: its inputs, what each stage made (`d` distances [weighted], `meta` and `weights` coefficients
+    per weighted entry: the operator's, and those the search and the check chose), and seconds per stage."""
 
-    calibration = cached_calibration(bank, config) if config.calibration else None
-    if config.calibration and calibration is None:
-        log.warning("--calibration: %s has no calibration for this setting (or its entries changed since): the "
-                    "options' own values are used; run `loramix bank calibrate %s`", bank.path, bank.path)
-    if calibration is not None:  # the bank's calibrated parameters replace the options they cover
-        best = calibration.best
-        config = replace(config, temperature=best.temperature, top_k=best.top_k, scale=best.scale)
-    with stage("signature"):
-        user_sig = make_signer(spec)(dataset)
-    with stage("distances"):
-        d = index.distance_row(spec, config.distance, user_sig, config.entry_signatures, config.probe_set(), config.seed,
-                               model=model, tokenizer=tokenizer, base=engine, base_name=config.base)
-    with stage("coefficients"):
-        c = operator_for(index, config).coefficients(d, config.temperature, config.top_k)
-    coefficients = {e.name: config.scale * float(x) for e, x in zip(weighted, c)}
-    refined = checked = None
-    refine_samples = dataset.subsample(config.refine, config.seed) if config.refine else None
-    if config.refine > len(dataset):
-        log.warning("--refine %d: %s has %d examples; all of them are used", config.refine, dataset.source, len(dataset))
-    tuning = bool(config.refine) and config.refine_method == FINETUNE  # else a weight search, before the check
-    if config.refine:
-        refuse_slow_refine(config, refine_samples, model, tokenizer)
-    if config.refine and not tuning:
-        from .refine import RefineConfig, refine
+    bank: Bank
+    dataset: Dataset
+    config: GenerateConfig
+    index: BankIndex
+    spec: SignatureSpec
+    seconds: dict[str, float]
+    model: Any = None
+    tokenizer: Any = None
+    engine: Any = None  # the check's llama.cpp runtime (runtime.llamacpp.LlamaCpp), else None
+    calibration: Any = None
+    d: Any = None
+    meta: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    refine_samples: Dataset | None = None
+    refined: RefineInfo | None = None
+    planned: CheckPlan | None = None
+    checked: CheckInfo | None = None
+    report: Report | None = None
 
-        rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or 8, method=config.refine_method,
-                            steps=config.refine_steps or RefineConfig.steps, budget=config.refine_budget,
+    def stage(self, name: str):
+        """Time the block as stage `name` (STAGES)."""
+        return _timed(self.seconds, name)
+
+    @classmethod
+    def open(cls, bank: str | Path | Bank, data: str | Path | Dataset, out: str | Path, config: GenerateConfig,
+             force: bool, allow_pickle: bool) -> "_Run":
+        """Open the bank and the dataset and check what `config` asks of them (the 'open' stage)."""
+        seconds: dict[str, float] = {}
+        with _timed(seconds, "open"):
+            refuse_target(out, force=force, inputs=_read_paths(config, bank.path if isinstance(bank, Bank) else resolve_bank(bank),
+                                                               None if isinstance(data, Dataset) else data))
+            bank = bank if isinstance(bank, Bank) else Bank(bank, allow_pickle=allow_pickle)
+            if config.base is None:  # the bank's base, known once it is open
+                refuse_target(out, force=True, inputs={"the base model": base_paths(bank.base_model)})
+            dataset = data if isinstance(data, Dataset) else read_dataset(data)
+            if not len(dataset):
+                raise LoramixError(f"{dataset.source}: the dataset has no samples")
+            index = BankIndex(bank)
+            spec = index.resolve(config.signature_spec())
+            _check_bank(index, config, spec)
+        return cls(bank, dataset, config, index, spec, seconds)
+
+    def load_base(self) -> None:
+        self.model, self.tokenizer, self.engine = _base_for(self.index, self.config)
+
+    def calibrate(self) -> None:
+        """With `calibration`: the bank's calibrated temperature, top-k and scale replace the options they cover."""
+        config = self.config
+        if not config.calibration:
+            return
+        self.calibration = cached_calibration(self.bank, config)
+        if self.calibration is None:
+            log.warning("%s has no calibration for this setting (or its entries changed since): the options' own "
+                        "values are used; run `loramix bank calibrate %s`", self.bank.path, self.bank.path)
+            return
+        best = self.calibration.best
+        self.config = replace(config, temperature=best.temperature, top_k=best.top_k, scale=best.scale)
+
+    def distances(self, user: Any) -> None:
+        config = self.config
+        self.d = self.index.distance_row(self.spec, config.distance, user, config.entry_signatures, config.probe_set(),
+                                         config.seed, model=self.model, tokenizer=self.tokenizer, base=self.engine,
+                                         base_name=config.base)
+
+    def coefficients(self) -> None:
+        config = self.config
+        c = operator_for(self.index, config).coefficients(self.d, config.temperature, config.top_k)
+        weighted = self.index.weighted(config.entry_signatures)
+        self.meta = self.weights = {e.name: config.scale * float(x) for e, x in zip(weighted, c)}
+
+    def search_weights(self) -> None:
+        """Draw the examples of `refine` (refusing a refinement estimated too slow) and run a weight search."""
+        config = self.config
+        if not config.refine:
+            return
+        if config.refine > len(self.dataset):
+            log.warning("refine %d: %s has %d examples; all of them are used", config.refine, self.dataset.source,
+                        len(self.dataset))
+        self.refine_samples = self.dataset.subsample(config.refine, config.seed)
+        refuse_slow_refine(config, self.refine_samples, self.model, self.tokenizer)
+        method = REFINE_METHODS.get(config.refine_method)
+        if not method.searches:
+            return
+        rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or RefineConfig.top_k, method=config.refine_method,
+                            steps=config.refine_steps or method.steps, budget=config.refine_budget,
                             per_layer=config.refine_per_layer, seed=config.seed)
-        with stage("refine"):
-            refined = refine(bank, coefficients, refine_samples, rcfg, method=config.compose, model=model, tokenizer=tokenizer)
-    weights = refined.coefficients if refined else coefficients
-    planned = None
-    if config.check_examples:
-        used = set(refine_samples.samples) if refine_samples else set()
-        held = Dataset([s for s in dataset.samples if s not in used], dataset.source)
+        with self.stage("refine"):
+            self.refined = refine(self.bank, self.meta, self.refine_samples, rcfg, method=config.compose, model=self.model,
+                                  tokenizer=self.tokenizer)
+        self.weights = self.refined.coefficients
+
+    def check(self) -> None:
+        """The held-out check on the examples refinement did not use, planned (`check` auto) to fit its budget."""
+        config = self.config
+        if not config.check_examples:
+            return
+        used = set(self.refine_samples.samples) if self.refine_samples else set()
+        held = Dataset([s for s in self.dataset.samples if s not in used], self.dataset.source)
         if not held.samples:
-            raise LoramixError(f"{dataset.source}: no examples left for --check after --refine {config.refine}: give "
-                               "more examples than it uses, or pass --check 0")
-        with stage("check"):
-            planned = _plan_check(config, held, model, tokenizer, engine)
-            if planned.examples:
-                checked = check(bank, weights, held, examples=planned.examples, method=config.compose,
-                                seed=config.seed + 1, singles=planned.singles, tops=config.check_tops, scales=planned.scales,
-                                criterion=planned.criterion, layers=refined.layers if refined else None, model=model,
-                                tokenizer=tokenizer, engine=engine, rank=config.rank)
-                weights = checked.coefficients
-    layers = checked.layers if checked else refined.layers if refined else None
+            raise LoramixError(f"{self.dataset.source}: no examples left for the check after refining on "
+                               f"{config.refine}: give more examples than it uses, or {setting('check', 0)}")
+        with self.stage("check"):
+            self.planned = check_plan(config, held, self.model, self.tokenizer, self.engine)
+            if self.planned.examples:
+                self.checked = check(self.bank, self.weights, held, examples=self.planned.examples, method=config.compose,
+                                     seed=config.seed + 1, singles=self.planned.singles, tops=config.check_tops,
+                                     scales=self.planned.scales, criterion=self.planned.criterion,
+                                     layers=self.refined.layer_weights() if self.refined else None, model=self.model,
+                                     tokenizer=self.tokenizer, engine=self.engine, rank=config.rank)
+                self.weights = self.checked.coefficients
 
-    with atomic_dir(out, force=force) as tmp:
-        base_kept = checked is not None and not checked.beats_base  # an adapter whose update is zero
-        with stage("compose"):
-            p = plan(bank, weights, method=config.compose, rank=config.rank, dtype=DTYPES.get(config.dtype or ""),
-                     allow_zero=base_kept, layers=layers)
-            composition = write_compositions([tmp], bank, [p], f"composing ({config.compose})")[0]
-        report = _report(config, spec, index, dataset, composition, weights, d)
-        if tuning:
-            with stage("finetune"):
-                report.finetune = finetune(tmp, bank, refine_samples, config, from_composition=not base_kept, model=model,
-                                           tokenizer=tokenizer)
-        if calibration is not None:
-            best = calibration.best
-            report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale,
-                                                 round(calibration.mean_ratio(best), 4), len(calibration.entries))
-        if refined:
-            report.refine = RefineInfo(
-                len(refine_samples), config.refine_method, config.refine_budget, coefficients, refined.initial_loss,
-                refined.loss, refined.steps, refined.history,
-                {str(k): {n: w for n, w in v.items() if w != 0} for k, v in refined.layers.items()} if refined.layers else None,
-                seconds=round(refined.seconds, 2),
-            )
-        report.check_plan = planned
-        if checked:
-            report.scale = float(sum(weights.values()))
-            report.check = CheckInfo(checked.examples, checked.criterion,
-                                     {k: {m: round(x, 5) for m, x in asdict(v).items() if x is not None}
-                                      for k, v in checked.scores.items()},
-                                     checked.chosen, checked.beats_base, "llama.cpp" if engine else "torch")
-        report.write(tmp)
-    log.info("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
-    return GenerateResult(Path(out), weights, report.distances, report, seconds)
-
-
-def _plan_check(config: GenerateConfig, held: Dataset, model: Any, tokenizer: Any, engine: Any) -> CheckPlan:
-    """The check `config` asks for on `held`: --check N as asked; --check auto planned from the runtime's speed,
-    measured on one held-out example, to fit --check-budget (check.plan_check)."""
-    if not config.check_auto:
-        return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, list(CHECK_SCALES), "as asked")
-    sample = held.subsample(1, config.seed + 1).samples[0]
-    speed = engine.speed(sample) if engine is not None else pytorch.speed(model, tokenizer, sample)
-    plan = plan_check(held, engine.tokenizer if engine is not None else tokenizer, speed, examples=config.check_examples,
-                      criterion=config.check_criterion, singles=config.check_singles, tops=config.check_tops,
-                      scales=CHECK_SCALES, budget=config.check_budget, seed=config.seed + 1)
-    if plan.mode != "full":
-        log.warning("held-out check %s: %s", plan.mode, plan.why)
-    return plan
+    def write(self, out: str | Path, force: bool) -> None:
+        """Compose the chosen weights into `out` (atomically), train it when the refine method trains, write the
+        report."""
+        config = self.config
+        layers = self.checked.layers if self.checked else self.refined.layer_weights() if self.refined else None
+        with atomic_dir(out, force=force) as tmp:
+            base_kept = self.checked is not None and not self.checked.beats_base  # an adapter whose update is zero
+            with self.stage("compose"):
+                p = plan(self.bank, self.weights, method=config.compose, rank=config.rank,
+                         dtype=DTYPES.get(config.dtype or ""), allow_zero=base_kept, layers=layers)
+                composition = write_compositions([tmp], self.bank, [p], f"composing ({config.compose})")[0]
+            self.report = report = _report(config, self.spec, self.index, self.dataset, composition, self.weights, self.d)
+            method = REFINE_METHODS.get(config.refine_method)
+            if config.refine and not method.searches:
+                with self.stage("finetune"):
+                    report.finetune = method().train(tmp, self.bank, self.refine_samples, config,
+                                                     from_composition=not base_kept, model=self.model,
+                                                     tokenizer=self.tokenizer)
+            if self.calibration is not None:
+                best = self.calibration.best
+                report.calibration = CalibrationInfo(best.temperature, best.top_k, best.scale,
+                                                     round(self.calibration.mean_ratio(best), 4),
+                                                     len(self.calibration.entries))
+            report.refine, report.check_plan, report.check = self.refined, self.planned, self.checked
+            if self.checked:
+                report.scale = float(sum(self.weights.values()))
+            report.write(tmp)
 
 
 # generate's stages, in order: opening the bank and the dataset (and checking them), loading the base model (--check,
@@ -293,28 +334,22 @@ def _report(
 ) -> Report:
     """The contents of loramix.json."""
     bank, mode = index.bank, index.mode(config.entry_signatures)
-    weighted = index.weighted(mode)
+    weighted = mode.weighted(bank)
     return Report(
         loramix_version=__version__,
         bank=str(bank.path.resolve()),
         base_model=bank.base_model,
         data=DataInfo(dataset.source, len(dataset), dataset.fingerprint()),
+        config=config,
         signature=spec,
-        distance=config.distance,
-        operator=config.operator,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        compose=config.compose,
         rank=composition.rank,
-        seed=config.seed,
         coefficients=coefficients,
         scale=config.scale,
         distances={e.name: float(x) for e, x in zip(weighted, d) if math.isfinite(x)},
         excluded=[e.name for e in bank.entries if e not in weighted],
         energy=EnergyInfo(composition.mean_energy, composition.min_energy, composition.energy),
-        entry_signatures=mode,
-        probed=[e.name for e in weighted if mode == "probes" or not e.has_data],
-        probes=None if mode == "data" else config.probes or "default",
+        entry_signatures=mode.name,
+        probed=[e.name for e in mode.probed(bank)],
     )
 
 

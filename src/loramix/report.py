@@ -12,6 +12,8 @@ from .checks import fits
 from .arguments import checked
 from .errors import LoramixError
 from .files import read_json
+from .config import GenerateConfig
+from .refine import FinetuneInfo, RefineInfo
 from .signatures import SignatureSpec
 
 REPORT_FILE = "loramix.json"
@@ -34,42 +36,6 @@ class EnergyInfo:
     mean: float | None
     min: float | None
     per_module: dict[str, float | None]
-
-
-@dataclass
-class FinetuneInfo:
-    """The fine-tune of the composed adapter (`--refine N`, --refine-method finetune): examples, budget, whether it
-    started from the composition (False: from scratch, a check having kept the base), optimizer steps, seconds, the
-    training loss (answer cross-entropy, nats per token) of its first and last step, and the token limit
-    (--refine-max-tokens; None: none, or a report older than it)."""
-
-    examples: int
-    budget_seconds: float | None
-    from_composition: bool
-    steps: int
-    first_loss: float
-    loss: float
-    max_tokens: int | None = None
-    seconds: float | None = None  # this run's wall seconds: not written to loramix.json (UNWRITTEN)
-
-
-@dataclass
-class RefineInfo:
-    """A weight search (`--refine N --refine-method gradient|nevergrad`): its settings, the meta-operator's
-    coefficients it started from, the loss (answer-token cross-entropy + l1, nats) before and after, the loss of every
-    step, and with `--refine-per-layer` each layer's weights (layer index -> entry -> weight; the report's
-    coefficients are their means)."""
-
-    examples: int
-    method: str
-    budget_seconds: float | None
-    meta_coefficients: dict[str, float]
-    initial_loss: float
-    loss: float
-    steps: int
-    history: list[float]
-    layers: dict[str, dict[str, float]] | None = None
-    seconds: float | None = None  # this run's wall seconds: not written to loramix.json (UNWRITTEN)
 
 
 @dataclass
@@ -99,6 +65,8 @@ class CheckInfo:
     chosen: str
     beats_base: bool
     runtime: str = "torch"
+    coefficients: dict[str, float] = field(default_factory=dict)  # the chosen candidate's: the report's (UNWRITTEN)
+    layers: dict[int, dict[str, float]] | None = None  # its per-layer weights, if any (UNWRITTEN)
 
 
 @dataclass
@@ -120,25 +88,21 @@ class CheckPlan:
 
 @dataclass
 class Report:
-    """The contents of loramix.json. `coefficients` and `distances` are per usable bank entry (distances only where
-    finite); the coefficients the operator gave sum to `scale`, those a weight search chose (`refine`) are the mean
-    over layers of its per-layer weights and may be negative; `excluded` lists the entries that got no weight (no
-    training data, with --entry-signatures data); `leave_one_out` names the held-out entry of a leave-one-out output;
-    `entry_signatures` how the entries were signed ('data', 'probes' or 'mixed': `BankIndex.mode`), `probed` the
-    entries signed by their answers to the probe prompts `probes` (a file, or 'default')."""
+    """The contents of loramix.json. `config`: the GenerateConfig it ran with (a calibration's choices applied);
+    `signature` its signature resolved (the model named). `coefficients` and `distances`
+    are per usable bank entry (distances only where finite); the coefficients the operator gave sum to `scale`, those a
+    weight search chose (`refine`) are the mean over layers of its per-layer weights and may be negative; `excluded`
+    lists the entries that got no weight (no training data, with entry_signatures 'data'); `leave_one_out` names the
+    held-out entry of a leave-one-out output; `entry_signatures` how the entries were signed (the mode 'auto' chose:
+    `signing.signing_mode`), `probed` the entries signed by their answers to the probe prompts."""
 
     loramix_version: str
     bank: str
     base_model: str | None
     data: DataInfo
+    config: GenerateConfig
     signature: SignatureSpec
-    distance: str
-    operator: str
-    temperature: float
-    top_k: int | None
-    compose: str
     rank: int | None
-    seed: int
     coefficients: dict[str, float]
     distances: dict[str, float]
     excluded: list[str]
@@ -152,28 +116,42 @@ class Report:
     leave_one_out: str | None = None
     entry_signatures: str = "data"
     probed: list[str] = field(default_factory=list)
-    probes: str | None = None
+
+    distance = property(lambda self: self.config.distance)
+    operator = property(lambda self: self.config.operator)
+    temperature = property(lambda self: self.config.temperature)
+    top_k = property(lambda self: self.config.top_k)
+    compose = property(lambda self: self.config.compose)
+    seed = property(lambda self: self.config.seed)
+
+    @property
+    def probes(self) -> str | None:
+        """The probe prompts the probed entries answered (a file, or 'default'); None when no entry was probed."""
+        return None if self.entry_signatures == "data" else self.config.probes or "default"
 
     def to_dict(self) -> dict[str, Any]:
         """As written to loramix.json: optional parts left out when absent."""
         d = asdict(self)
-        for key in ("calibration", "refine", "check", "check_plan", "finetune", "leave_one_out", "probes"):
+        for key in ("calibration", "refine", "check", "check_plan", "finetune", "leave_one_out"):
             if d[key] is None:
                 del d[key]
         for part, key in UNWRITTEN:
             if isinstance(d.get(part), dict):
                 d[part].pop(key, None)
+        if d.get("check"):  # scores to 5 decimals: what tells candidates apart, without the float noise
+            d["check"]["candidates"] = {k: {m: round(x, 5) for m, x in v.items()} for k, v in d["check"]["candidates"].items()}
         return d
 
     def write(self, folder: str | Path) -> None:
         (Path(folder) / REPORT_FILE).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-# What differs between two runs of the same inputs, settings and seed (wall-clock seconds): kept in the Report in
-# memory, never written, so loramix.json is byte-identical across reruns.
-UNWRITTEN = (("refine", "seconds"), ("finetune", "seconds"))
+# Kept in the Report in memory, never written: what differs between two runs of the same inputs, settings and seed
+# (wall-clock seconds), so loramix.json is byte-identical across reruns, and what the report holds already (the check's
+# choice is the report's coefficients).
+UNWRITTEN = (("refine", "seconds"), ("finetune", "seconds"), ("check", "coefficients"), ("check", "layers"))
 
-_NESTED = {"data": DataInfo, "signature": SignatureSpec, "energy": EnergyInfo, "calibration": CalibrationInfo,
+_NESTED = {"data": DataInfo, "config": GenerateConfig, "signature": SignatureSpec, "energy": EnergyInfo, "calibration": CalibrationInfo,
            "refine": RefineInfo, "check": CheckInfo, "check_plan": CheckPlan, "finetune": FinetuneInfo}
 
 
@@ -183,7 +161,13 @@ def read_report(adapter_dir: str | Path) -> Report:
     path = Path(adapter_dir) / REPORT_FILE
     if not path.is_file():
         raise LoramixError(f"{adapter_dir}: no {REPORT_FILE} (not an adapter written by loramix)")
-    return _build(Report, read_json(path), path)
+    raw = read_json(path)
+    if isinstance(raw, dict) and "config" not in raw:  # written before the report embedded its configuration
+        raw = {**raw, "config": {k: raw[k] for k in _SETTINGS if k in raw}}
+    return _build(Report, raw, path)
+
+
+_SETTINGS = ("distance", "operator", "temperature", "top_k", "compose", "seed", "probes")  # reports before `config`
 
 
 def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:
@@ -206,4 +190,7 @@ def _build(cls: type, raw: Any, path: Path, where: str = "") -> Any:
         if not fits(value, hints[f.name]):
             raise LoramixError(f"{path}: field '{name}' must be {hints[f.name]}, got {repr(value)[:80]}".replace("typing.", ""))
         kwargs[f.name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except LoramixError as e:  # a configuration its own checks refuse
+        raise LoramixError(f"{path}: field '{where or 'top level'}': {e.template}") from None

@@ -16,7 +16,7 @@ import torch
 from .adapter import DTYPES
 from .arguments import checked
 from .data import Dataset, read_dataset
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .files import atomic_dir, refuse_target
 from .runtime import base_paths
 from .runtime.pytorch import DEFAULT_BASE, load_model, load_tokenizer, quiet_loading, with_adapter
@@ -69,7 +69,7 @@ def train(
                 model = get_peft_model(model, lora)
         except ValueError as e:  # e.g. no module of the base matches --target-modules
             why = re.sub(r"(\w+)\(\n.*?\n\)", r"\1", str(e), flags=re.DOTALL)  # a module's repr: its class name
-            raise LoramixError(f"--target-modules {','.join(config.target_modules)}: {' '.join(why.split())[:300]}") from None
+            raise LoramixError(f"{setting('target_modules', ','.join(config.target_modules))}: {' '.join(why.split())[:300]}") from None
     else:
         model = with_adapter(model, init, base, is_trainable=True)
         if all(not bool(p.any()) for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n):
@@ -122,7 +122,7 @@ def train(
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     if not all(math.isfinite(x) for x in losses):
-        raise LoramixError(f"{dataset.source}: training diverged (loss is not finite); try a lower --lr")
+        raise LoramixError(f"{dataset.source}: training diverged (loss is not finite); try a lower {setting('lr')}")
 
     used = model.peft_config["default"]  # with init: the init's rank, alpha, patterns and modules, not config's
     record = {
@@ -176,9 +176,9 @@ def _refuse_rank_beyond_modules(model: Any, config: TrainConfig) -> None:
     sides = [min(m.in_features, m.out_features) for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules]
     if sides and config.rank > max(sides):
-        raise LoramixError(f"--rank {config.rank} is more than the modules --target-modules "
-                           f"{','.join(config.target_modules)} selects can hold (at most {max(sides)}: min(in, out)); "
-                           f"pass --rank {max(sides)} or less")
+        raise LoramixError(f"{setting('rank', config.rank)} is more than the modules "
+                           f"{setting('target_modules', ','.join(config.target_modules))} selects can hold (at most "
+                           f"{max(sides)}: min(in, out)); pass {setting('rank', max(sides))} or less")
 
 
 def base_name(base: str | Path | None) -> str:
@@ -205,7 +205,7 @@ def refuse_other_base(init: str | Path, base: str | Path | None) -> None:
     if base_name(named) != base_name(base):
         raise LoramixError(f"{init}: adapter_config.json field 'base_model_name_or_path' is {named!r}, but training runs "
                            f"on base model {base_name(base)!r}: its factors were made for another model; train on its "
-                           f"base (--base {named}) or without init")
+                           f"base ({setting('base', named)}) or without init")
 
 
 def plan_batches(n: int, config: TrainConfig) -> Iterator[list[int]]:

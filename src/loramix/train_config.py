@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .adapter import DTYPES
 from .arguments import check_fields, check_seed, finite
-from .errors import LoramixError
+from .errors import LoramixError, setting
 
 
 @dataclass
@@ -48,24 +48,24 @@ class TrainConfig:
                     and (x > 0 or (allow_zero and x == 0)))
 
         checks = [
-            ("--steps", self.steps, whole(self.steps, 1), "a whole number of at least 1"),
-            ("--batch-size", self.batch_size, whole(self.batch_size, 1), "a whole number of at least 1"),
-            ("--lr", self.lr, positive(self.lr, allow_zero=True), "a finite number of at least 0"),
+            ("steps", self.steps, whole(self.steps, 1), "a whole number of at least 1"),
+            ("batch_size", self.batch_size, whole(self.batch_size, 1), "a whole number of at least 1"),
+            ("lr", self.lr, positive(self.lr, allow_zero=True), "a finite number of at least 0"),
             ("warmup", self.warmup, whole(self.warmup, 0), "a whole number of at least 0"),
-            ("--rank", self.rank, whole(self.rank, 1), "a whole number of at least 1"),
-            ("--alpha", self.alpha, positive(self.alpha), "a positive finite number"),
+            ("rank", self.rank, whole(self.rank, 1), "a whole number of at least 1"),
+            ("alpha", self.alpha, positive(self.alpha), "a positive finite number"),
             ("dropout", self.dropout, isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "in [0, 1)"),
-            ("--target-modules", self.target_modules, bool(self.target_modules) and all(
+            ("target_modules", self.target_modules, bool(self.target_modules) and all(
                 isinstance(m, str) and m for m in self.target_modules), "one module name or more"),
             ("max_length", self.max_length, whole(self.max_length, 2), "a whole number of at least 2"),
-            ("--save-dtype", self.save_dtype, isinstance(self.save_dtype, str) and self.save_dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
-            ("--budget", self.budget, self.budget is None or positive(self.budget), "a positive number of seconds"),
-            ("--max-tokens", self.max_tokens, self.max_tokens is None or whole(self.max_tokens, 1),
+            ("save_dtype", self.save_dtype, isinstance(self.save_dtype, str) and self.save_dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            ("budget", self.budget, self.budget is None or positive(self.budget), "a positive number of seconds"),
+            ("max_tokens", self.max_tokens, self.max_tokens is None or whole(self.max_tokens, 1),
              "a positive whole number of token positions"),
         ]
         for name, value, ok, want in checks:
             if not ok:
-                raise LoramixError(f"{name} must be {want}, got {value!r}")
+                raise LoramixError(f"{setting(name)} must be {want}, got {value!r}")
         check_fields(self)
         check_seed("TrainConfig: ", self.seed)
         if self.device is not None:
@@ -107,10 +107,10 @@ def _check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise LoramixError(f"--device must be a torch device such as cpu, cuda or cuda:0, got {name!r}") from None
+        raise LoramixError(f"{setting('device')} must be a torch device such as cpu, cuda or cuda:0, got {name!r}") from None
     present = {"cpu": lambda: True,
                "cuda": lambda: torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
                "mps": lambda: torch.backends.mps.is_available()}
     if device.type not in present or not present[device.type]():
-        raise LoramixError(f"--device {name!r}: no such device on this machine (cpu, or a GPU it has)")
+        raise LoramixError(f"{setting('device', repr(name))}: no such device on this machine (cpu, or a GPU it has)")
 

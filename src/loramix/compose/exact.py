@@ -13,7 +13,7 @@ import torch
 
 from ..adapter import LoraModule
 from ..bank import BankEntry
-from ..errors import LoramixError
+from ..errors import LoramixError, setting
 from ..threads import one_thread_ops, threaded_map
 from .base import COMPOSERS, Composer, ModuleResult, Rank, Shape, Term, Workspace, _finite, stacked_ranks
 
@@ -87,7 +87,7 @@ class Exact(Composer):
             if work == torch.float32:
                 return None  # retried in float64
             raise LoramixError(f"module '{ref.name}': the weighted sum of the entries' updates overflows float64 "
-                               "(a coefficient or --scale too large)")
+                               f"(a coefficient or {setting('scale')} too large)")
 
         def basis(qt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
             return _cholesky_basis(qt, len(terms)) if work == torch.float32 else _eigen_basis(qt)

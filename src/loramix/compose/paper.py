@@ -8,7 +8,7 @@ import torch
 
 from ..adapter import LoraModule
 from ..bank import BankEntry
-from ..errors import LoramixError
+from ..errors import LoramixError, setting
 from .base import COMPOSERS, Composer, ModuleResult, Rank, Shape, Term
 
 
@@ -24,7 +24,7 @@ class Paper(Composer):
     @classmethod
     def validate(cls, rank: Rank) -> None:
         if rank is not None:
-            raise LoramixError("composition 'paper' keeps the entries' rank; --rank applies to 'exact' only")
+            raise LoramixError(f"composition 'paper' keeps the entries' rank; {setting('rank')} applies to 'exact' only")
 
     def check(self, entries: Sequence[BankEntry]) -> None:
         first: dict[str, tuple[int, float]] = {}

@@ -18,7 +18,7 @@ import torch
 from ..adapter import CONFIG_FILE, TENSOR_PREFIX, WEIGHTS_FILE, SafetensorsWriter, cast_factors
 from ..arguments import checked
 from ..bank import Bank
-from ..errors import LoramixError
+from ..errors import LoramixError, setting
 from ..progress import track
 from ..threads import threaded_map
 from .base import LoraFactors, ModuleResult, Workspace
@@ -56,7 +56,7 @@ def _module(p: Plan, module: str, factors: dict[str, LoraFactors]) -> ModuleResu
     if pad:
         r.a = torch.cat([r.a, r.a.new_zeros(pad, r.a.shape[1])])
         r.b = torch.cat([r.b, r.b.new_zeros(r.b.shape[0], pad)], dim=1)
-    r.a, r.b = cast_factors(module, r.a, r.b, p.scales[module], p.dtype, "--dtype")
+    r.a, r.b = cast_factors(module, r.a, r.b, p.scales[module], p.dtype, setting("dtype"))
     return r
 
 

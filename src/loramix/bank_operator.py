@@ -1,5 +1,6 @@
-"""Stage 4 on a bank: the meta-operator that a configuration names, fitted on the bank when it is trainable, and
-the bank's leave-one-out coefficients (each entry predicted from the others)."""
+"""The coefficients stage on a bank (the operators themselves: `operators`): the meta-operator a configuration names,
+fitted on the bank when it is trainable, and the bank's leave-one-out coefficients (each entry predicted from the
+others)."""
 
 from __future__ import annotations
 
