@@ -188,3 +188,31 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     with pytest.raises(LoramixError):
         main()
     assert "LORAMIX_DEBUG" not in os.environ  # --debug is this invocation's, never the environment's
+
+
+def test_settings_are_named_as_the_api_does_and_as_the_cli_does(tmp_path, caplog, capsys, monkeypatch, tiny_base):
+    """One message, two interfaces: Python names GenerateConfig's fields (check_budget, refine=0), the CLI its
+    options (--check-budget, --refine 0), in errors and in warnings alike; the CLI's naming ends with its command."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from loramix import GenerateConfig, LoramixError
+    from loramix.cli import app
+    from loramix.errors import setting
+
+    with pytest.raises(LoramixError, match=r"^check_budget must be a positive number of seconds"):
+        GenerateConfig(check_budget=-1.0)
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 4))
+    r = CliRunner().invoke(app, ["generate", "--bank", str(make_bank(tmp_path / "bank", n=2)), "--data", str(data),
+                                 "--out", str(tmp_path / "out"), "--check-budget", "-1"])
+    assert r.exit_code == 1 and r.exception.render(__import__("loramix.config").config.flag).startswith(
+        "--check-budget must be")
+    log = logging.getLogger("loramix")
+    with caplog.at_level(logging.WARNING, logger="loramix"):
+        log.warning("%s skips it", setting("refine", 0))
+    assert caplog.records[-1].getMessage() == "refine=0 skips it"  # after a CLI command: the library's terms again
+    code, err = run_cli(["generate", "--bank", str(make_bank(tmp_path / "bank2", n=2, base=str(tiny_base))), "--data",
+                         str(data), "--out", str(tmp_path / "o2"), "--refine", "2", "--budget", "1e-12", "--check", "0"],
+                        capsys, monkeypatch)
+    assert code == 1 and "--refine 2 (--refine-method finetune" in err and "one step is more than --budget 1e-12" in err, err

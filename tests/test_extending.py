@@ -18,6 +18,7 @@ from loramix.data import Dataset, Sample
 from loramix.distances import distance_row, register_distance
 from loramix.operators import Operator, softmin
 from loramix.refine import REFINE_METHODS, RefineMethod
+from loramix.registry import Param
 from loramix.runtime.scores import CRITERIA, Criterion, register_criterion
 from loramix.signatures import Signer, make_signer
 from loramix.signing import SIGNING_MODES, SigningMode
@@ -56,11 +57,13 @@ def register_toys():
 
     @OPERATORS.register("toy-trained")
     class Trained(Operator):
-        """softmin(d / s), s fitted as the mean off-diagonal bank distance; saved as JSON."""
+        """softmin(d / (s * stretch)), s fitted as the mean off-diagonal bank distance, `stretch` a declared
+        parameter; saved as JSON."""
 
         trainable = True
         min_entries = 2
         fits = 0
+        parameters = {"stretch": Param(1.0, "multiplies the fitted scale", above=0)}
 
         def __init__(self, scale=1.0):
             self.scale = scale
@@ -71,7 +74,7 @@ def register_toys():
         def fit_bank(self, data, *, seed=0):
             type(self).fits += 1
             off = data.distances[~np.eye(len(data.distances), dtype=bool)]
-            self.scale = float(off.mean()) or 1.0
+            self.scale = (float(off.mean()) or 1.0) * self.stretch
             self.history = [self.scale]
             return self
 
@@ -130,8 +133,9 @@ def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_pat
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 12))
     for operator in ("toy-nearest", "toy-trained"):
         out = tmp_path / operator
+        options = {"stretch": 2.0} if operator == "toy-trained" else None
         result = generate(bank_dir, data, out, signature="toy-lengths", distance="toy-mean", operator=operator,
-                          compose="toy-stack", max_samples=8, check=0)
+                          operator_options=options, compose="toy-stack", max_samples=8, check=0)
         report = read_report(out)
         assert (report.signature.method, report.distance, report.operator, report.compose) == (
             "toy-lengths", "toy-mean", operator, "toy-stack")
@@ -142,7 +146,7 @@ def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_pat
         else:  # fitted on the bank's own distance matrix, through the index
             matrix = BankIndex(bank).distance_matrix(SignatureSpec("toy-lengths", max_samples=8), "toy-mean")
             scale = matrix[~np.eye(len(matrix), dtype=bool)].mean()
-            want = softmin(d / scale)
+            want = softmin(d / (2.0 * scale))  # the declared parameter reached the fit
             assert trained.fits == 1
         c = np.array([result.coefficients[e.name] for e in bank.usable])
         assert np.allclose(c, want)
@@ -153,7 +157,7 @@ def test_toy_variants_of_every_stage_run_generate_end_to_end(registries, tmp_pat
             got = weights[f"{key}.lora_B.weight"].double() @ weights[f"{key}.lora_A.weight"].double()
             assert torch.allclose(got, dense_update(bank, result.coefficients, module), atol=1e-6)
     generate(bank_dir, data, tmp_path / "again", signature="toy-lengths", distance="toy-mean", operator="toy-trained",
-             compose="toy-stack", max_samples=8, check=0)
+             operator_options={"stretch": 2.0}, compose="toy-stack", max_samples=8, check=0)
     assert trained.fits == 1  # the trained operator is cached with the bank index, found through its registry
 
 
@@ -163,15 +167,17 @@ def register_later_toys():
 
     @REFINE_METHODS.register("toy-halve")
     class Halve(RefineMethod):
-        """Tries the start and the start halved; keeps the lower objective."""
+        """Tries the start and the start times `factor` (a declared parameter); keeps the lower objective."""
 
         name = "toy-halve"
         steps = 2
+        parameters = {"factor": Param(0.5, "what the start is multiplied by", above=0)}
 
         def search(self, mixed, objective, w0, cfg, deadline):
-            history = [float(objective(torch.tensor(w, dtype=torch.float32))) for w in (w0, w0 / 2)]
+            tried = (w0, w0 * cfg.options["factor"])
+            history = [float(objective(torch.tensor(w, dtype=torch.float32))) for w in tried]
             best = int(np.argmin(history))
-            return (w0, w0 / 2)[best], history[best], history
+            return tried[best], history[best], history
 
     @SIGNING_MODES.register("toy-names")
     class Names(SigningMode):
@@ -200,7 +206,7 @@ def test_toy_criterion_refine_method_and_signing_mode_run_generate_end_to_end(re
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 12))
     out = tmp_path / "out"
     result = generate(bank_dir, data, out, signature="toy-lengths", distance="toy-mean", entry_signatures="toy-names",
-                      refine=4, refine_method="toy-halve", check=4, check_criterion="toy-worst-loss", check_singles=1,
+                      refine=4, refine_method="toy-halve", refine_options={"factor": 0.25}, check=4, check_criterion="toy-worst-loss", check_singles=1,
                       max_samples=8, top_k=3, refine_per_layer=False)
     report = read_report(out)
     assert report.entry_signatures == "toy-names" and report.probed == [] and report.excluded == []
@@ -215,7 +221,7 @@ def test_toy_criterion_refine_method_and_signing_mode_run_generate_end_to_end(re
     r = report.refine
     assert r.loss == pytest.approx(min(r.history), abs=1e-5)
     top = sorted(r.meta_coefficients, key=lambda n: -r.meta_coefficients[n])[:3]  # top_k=3 searched, the rest 0
-    factor = 0.5 if r.history[1] < r.history[0] else 1.0
+    factor = 0.25 if r.history[1] < r.history[0] else 1.0  # the declared parameter, as given
     assert r.coefficients == pytest.approx({n: factor * w if n in top else 0.0 for n, w in r.meta_coefficients.items()})
     check = report.check
     assert check.criterion == "toy-worst-loss"
@@ -252,6 +258,10 @@ INVALID = {
     "unknown refine method": {"refine": 2, "refine_method": "nope"},
     "negative budget": {"refine": 2, "refine_budget": -1.0},
     "unknown dtype": {"dtype": "int8"},
+    "undeclared operator parameter": {"operator_options": {"lr": 0.1}},
+    "operator parameter out of bounds": {"operator": "neural", "operator_options": {"epochs": -1}},
+    "undeclared refine parameter": {"refine": 2, "refine_options": {"momentum": 0.9}},
+    "refine bounds crossed": {"refine": 2, "refine_method": "gradient", "refine_options": {"lower": 1.0, "upper": 0.5}},
 }
 
 
@@ -307,3 +317,26 @@ def test_cli_options_are_generated_from_the_config(tmp_path):
     assert r.exit_code == 0, r.output
     report = read_report(tmp_path / "out")
     assert (report.temperature, report.top_k, report.rank, report.seed, report.signature.max_samples) == (2.5, 2, 3, 7, 4)
+
+
+def test_built_in_variants_take_their_declared_parameters(tmp_path, tiny_base):
+    """The neural operator's epochs and the gradient search's learning rate, set by name from Python and the CLI,
+    reach the fit and the search, and the report keeps them in its config."""
+    from typer.testing import CliRunner
+
+    from loramix.cli import app
+
+    bank_dir = make_bank(tmp_path / "bank", n=TOY_BANK_SIZE, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "task.jsonl", topic_records("colors", 12))
+    generate(bank_dir, data, tmp_path / "neural", operator="neural", operator_options={"epochs": 3}, max_samples=8, check=0)
+    report = read_report(tmp_path / "neural")
+    assert report.config.operator_options == {"epochs": 3}
+    fitted = BankIndex(Bank(bank_dir)).fitted_operator("neural", report.signature, report.distance, "exact", 0, {"epochs": 3})
+    assert len(fitted.history) == 3  # cached by the run above, with its parameters in the key
+    r = CliRunner().invoke(app, ["generate", "--bank", str(bank_dir), "--data", str(data), "--out", str(tmp_path / "grad"),
+                                 "--refine", "4", "--refine-method", "gradient", "--refine-option", "lr=0.2",
+                                 "--refine-option", "upper=1", "--refine-steps", "2", "--check", "0", "--max-samples", "8"])
+    assert r.exit_code == 0, r.output
+    report = read_report(tmp_path / "grad")
+    assert report.config.refine_options == {"lr": 0.2, "upper": 1.0} and report.refine.steps == 2
+    assert max(report.refine.coefficients.values()) <= 1.0

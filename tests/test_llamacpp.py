@@ -127,7 +127,7 @@ def test_check_auto_fits_its_budget_or_says_why(tmp_path):
     data = DEFAULT_SUITE / TASK / "train.jsonl"
     small = loramix.generate("default", data, tmp_path / "a", runtime="llama.cpp", check_budget=0.001)
     plan = small.report.check_plan
-    assert plan.mode == "skipped" and plan.examples == 0 and "--check-budget" in plan.why and small.report.check is None
+    assert plan.mode == "skipped" and plan.examples == 0 and "check_budget" in plan.why and small.report.check is None
     asked = loramix.generate("default", data, tmp_path / "b", runtime="llama.cpp", check=4, check_singles=0,
                              check_criterion="loss", check_budget=0.001)
     assert asked.report.check_plan.mode == "as asked" and asked.report.check.examples == 4

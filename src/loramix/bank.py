@@ -18,7 +18,7 @@ import torch
 from .adapter import LoraAdapter
 from .arguments import checked
 from .data import Dataset, read_dataset
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .files import sha256_file
 from .paths import index_dir, resolve_bank
 
@@ -94,7 +94,7 @@ class Bank:
             raise LoramixError(f"{self.path}: the bank holds no adapter folders")
         self.base_model, self.shapes = check_entries(self.entries)
         if without := [e.name for e in self.entries if not e.has_data]:
-            log.warning("%s: no %s (%d of %d entries): signed by their answers to probe prompts (--entry-signatures; "
+            log.warning(f"%s: no %s (%d of %d entries): signed by their answers to probe prompts ({setting('entry_signatures')}; "
                         "'data' gives them no weight)", ", ".join(without[:3]) + (", ..." if len(without) > 3 else ""),
                         DATA_FILE, len(without), len(self.entries))
 

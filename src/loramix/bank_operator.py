@@ -16,7 +16,8 @@ def operator_for(index: BankIndex, config: GenerateConfig) -> Operator:
     cls = OPERATORS.get(config.operator)
     if not cls.trainable:
         return cls()
-    return index.fitted_operator(config.operator, config.signature_spec(), config.distance, config.compose, config.seed)
+    return index.fitted_operator(config.operator, config.signature_spec(), config.distance, config.compose, config.seed,
+                                 config.operator_options)
 
 
 def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -> np.ndarray:
@@ -43,7 +44,7 @@ def loo_coefficients(index: BankIndex, config: GenerateConfig, folds: int = 5) -
     fold = np.arange(n) % folds
     for f in range(folds):
         train = np.flatnonzero(fold != f)
-        op = cls().fit_bank(data.subset(train), seed=config.seed)
+        op = cls().configured(config.operator_options).fit_bank(data.subset(train), seed=config.seed)
         for t in np.flatnonzero(fold == f):
             c[t] = op.coefficients(d[t], config.temperature, config.top_k)
     return c

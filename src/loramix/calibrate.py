@@ -104,7 +104,8 @@ class Calibration:
 def _setting(config: GenerateConfig) -> dict[str, Any]:
     """The parts of `config` that a calibration is for (the rest it chooses, or does not affect it)."""
     return {"signature": asdict(config.signature_spec()), "distance": config.distance, "operator": config.operator,
-            "compose": config.compose, "entry_signatures": config.entry_signatures, "probes": config.probes}
+            "compose": config.compose, "entry_signatures": config.entry_signatures, "probes": config.probes,
+            **({"operator_options": config.operator_options} if config.operator_options else {})}
 
 
 def _key(index: BankIndex, config: GenerateConfig, candidates: Sequence[Candidate]) -> str:

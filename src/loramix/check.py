@@ -15,7 +15,7 @@ import torch
 from .arguments import Range, checked
 from .bank import Bank
 from .data import Dataset
-from .errors import LoramixError
+from .errors import LoramixError, setting
 from .progress import track
 from .runtime.memory import available_bytes
 from .report import CheckInfo, CheckPlan
@@ -203,14 +203,14 @@ def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, cr
         if estimate > budget:
             continue
         if len(tried) == 1:
-            return CheckPlan(n, crit, single, list(pool), "full", f"its estimated time fits --check-budget {budget:g} s")
+            return CheckPlan(n, crit, single, list(pool), "full", f"its estimated time fits {setting('check_budget', format(budget, 'g'))} s")
         what = "the base against the composition" if pool == (1.0,) else (
             f"{candidates} candidates" + ("" if single else " (no single entries)"))
         return CheckPlan(n, crit, single, list(pool), "reduced",
-                         f"the full check was estimated at {tried[0]:.0f} s, over --check-budget {budget:g} s: ran {what} "
+                         f"the full check was estimated at {tried[0]:.0f} s, over {setting('check_budget', format(budget, 'g'))} s: ran {what} "
                          f"on {n} examples by {crit} (estimated {estimate:.0f} s)", round(estimate, 1))
     return CheckPlan(0, criterion, singles, list(scales), "skipped",
-                     f"even its cheapest form was estimated at {min(tried):.0f} s, over --check-budget {budget:g} s "
+                     f"even its cheapest form was estimated at {min(tried):.0f} s, over {setting('check_budget', format(budget, 'g'))} s "
                      f"(prompt {speed.tokens_per_second:.1f} tokens/s, {speed.seconds_per_step:.2f} s a decoding step)",
                      round(min(tried), 1))
 

@@ -18,6 +18,7 @@ from .compose import COMPOSERS
 from .distances import DISTANCES, get_distance
 from .errors import LoramixError, setting
 from .operators import OPERATORS
+from .registry import options
 from .refine import REFINE_METHODS
 from .runtime.scores import CRITERIA
 from .probes import ProbeSet
@@ -44,6 +45,12 @@ def _distance_help() -> str:
         sigs = [n for n in SIGNATURES.names() if SIGNATURES.get(n).kind == kind]
         groups.append(f"{', '.join(dists)} ({', '.join(sigs)})")
     return "; ".join(groups)
+
+
+def _declared(registry) -> str:
+    """What each variant of `registry` declares, e.g. 'neural: epochs (40), lr (0.001); neural-answer: ...'."""
+    return "; ".join(f"{n}: " + ", ".join(f"{k} ({p.default:g})" for k, p in registry.get(n).parameters.items())
+                     for n in registry.names() if registry.get(n).parameters)
 
 
 def option(default, help: str, *, stage: str, flag: str | None = None, method: bool = True):
@@ -83,6 +90,9 @@ class GenerateConfig:
                                    "are cached.", stage="signature")
     probes: str | None = option(None, "The probe prompts entries without data answer: a dataset file, its inputs. "
                                 "Default: the 48 everyday prompts shipped with loramix.", stage="signature")
+    operator_options: dict[str, float] | None = option(None, "The trained operator's own parameters, NAME=VALUE "
+                                                       "(repeatable): " + _declared(OPERATORS) + ".",
+                                                       flag="--operator-option", stage="coefficients")
     scale: float = option(1.0, "Global scale of the composed update: the coefficients sum to it.", stage="coefficients")
     calibration: bool = option(False, "Use the bank's calibration (`loramix bank calibrate`) when it has one for this "
                                "setting: its temperature, top-k and scale replace those options. Off by default: "
@@ -130,6 +140,9 @@ class GenerateConfig:
                                     "most: its steps cut to the first whose tokens fit (the shared prompt prefix "
                                     "counted once; deterministic, unlike --budget; a CPU thread runs about 210 a "
                                     "second); 0: no limit.", method=False, stage="refine")
+    refine_options: dict[str, float] | None = option(None, "The refine method's own parameters, NAME=VALUE "
+                                                     "(repeatable): " + _declared(REFINE_METHODS) + ".",
+                                                     flag="--refine-option", method=False, stage="refine")
     refine_per_layer: bool = option(True, "With a weight search (--refine-method gradient, nevergrad): one weight per "
                                     "entry and layer (the layers composed apart); --no-refine-per-layer: one weight "
                                     "per entry.", method=False, stage="refine")
@@ -161,7 +174,7 @@ class GenerateConfig:
                                f"{self.entry_signatures!r}")
 
     def _check_coefficients(self) -> None:
-        OPERATORS.get(self.operator)
+        options("operator", self.operator, OPERATORS.get(self.operator).parameters, self.operator_options)
         _at_least("top_k", self.top_k, 1)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise LoramixError(f"{setting('temperature')} must be positive and finite, got {self.temperature}")
@@ -201,6 +214,9 @@ class GenerateConfig:
         if self.refine and method.searches and not COMPOSERS.get(self.compose).refinable:
             raise LoramixError(f"composition '{self.compose}' cannot be refined by a weight search ({setting('refine_method')} "
                                f"{self.refine_method}); a refine method that trains the adapter (finetune) can")
+        given = method.options(self.refine_options)
+        if given.get("lower", -math.inf) >= given.get("upper", math.inf):
+            raise LoramixError(f"{setting('refine_options')}: lower must be below upper, got {given['lower']} and {given['upper']}")
         _at_least("refine_steps", self.refine_steps, 1)
         _at_least("refine_max_tokens", self.refine_max_tokens, 0)
         if self.refine_budget is not None and not (math.isfinite(self.refine_budget) and self.refine_budget > 0):

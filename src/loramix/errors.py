@@ -1,5 +1,6 @@
 """The one exception loramix raises for bad inputs: its message is a single line naming what and where."""
 
+import logging
 import re
 from typing import Any, Callable
 
@@ -13,6 +14,34 @@ def setting(name: str, value: Any = _UNSET) -> str:
     return f"\x1f{name}\x1f" if value is _UNSET else f"\x1f{name}\x1e{value}\x1f"
 
 
+def named(text: str, name_of: Callable[[str], str] = str, between: str = "=") -> str:
+    """`text` with each `setting` in it named by `name_of(setting)`, a value joined by `between` (a switch's True left
+    out where `between` is not '='): the library's own terms by default."""
+    def one(m: re.Match) -> str:
+        shown = m[2] is not None and not (m[2] == "True" and between != "=")
+        return name_of(m[1]) + (between + m[2] if shown else "")
+
+    return _SETTING.sub(one, text)
+
+
+class SettingNames(logging.Filter):
+    """Names the settings in the "loramix" logger's records (`named`): in the library's terms, unless an interface
+    sets `name_of` and `between` (the CLI: its flags)."""
+
+    name_of: Callable[[str], str] = str
+    between = "="
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\x1f" in message:
+            record.msg, record.args = named(message, self.name_of, self.between), None
+        return True
+
+
+SETTING_NAMES = SettingNames()
+logging.getLogger("loramix").addFilter(SETTING_NAMES)
+
+
 class LoramixError(Exception):
     """A user-facing error: a one-line message naming the file, entry or field and what is wrong. Line breaks that
     a quoted name or value brings in (a tensor name, a CSV header, a path) are shown escaped, as \\n, so the
@@ -21,16 +50,11 @@ class LoramixError(Exception):
 
     def __init__(self, message: str = "") -> None:
         self.template = str(message).replace("\r", "\\r").replace("\n", "\\n")
-        super().__init__(self.render(lambda name: name, "="))
+        super().__init__(named(self.template))
 
     def render(self, name_of: Callable[[str], str], between: str = " ") -> str:
-        """The message with each setting named by `name_of(setting)`, a value joined by `between` (a switch's True
-        left out where `between` is not '=')."""
-        def named(m: re.Match) -> str:
-            shown = m[2] is not None and not (m[2] == "True" and between != "=")
-            return name_of(m[1]) + (between + m[2] if shown else "")
-
-        return _SETTING.sub(named, self.template)
+        """The message with each setting named by `name_of(setting)`, a value joined by `between` (`named`)."""
+        return named(self.template, name_of, between)
 
 
 def env_flag(name: str) -> bool | None:

@@ -253,18 +253,23 @@ class BankIndex:
 
         return signing.matrix(self, spec, distance, seed, data, cross)
 
-    def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, compose: str, seed: int = 0) -> Operator:
-        """The trainable operator `name` fitted on this bank (every usable entry) for composition `compose`, cached."""
+    def fitted_operator(self, name: str, spec: SignatureSpec, distance: str, compose: str, seed: int = 0,
+                        options: dict[str, float] | None = None) -> Operator:
+        """The trainable operator `name` fitted on this bank (every usable entry) for composition `compose`, its
+        declared parameters set from `options` (Operator.configured), cached."""
         cls = trainable_operator(name)
         spec = self.resolve(spec)
         entries = self.bank.usable
         key = _digest([f"{e.name}:{e.data_hash}:{adapter_hash(e.adapter.path)}" for e in entries])
+        if options:  # the defaults keep the key they always had
+            key += "." + _digest([json.dumps(options, sort_keys=True)])[:12]
         stem = self.dir / "operators" / f"{name}.{self.spec_key(spec)}.{distance}.{compose}.{seed}.{key}"
         if (data := fetch(stem, "safetensors")) is not None:
             try:
                 return cls.from_bytes(data)
             except Exception:  # a form this version (or this operator class) does not read: refitted
                 pass
-        op = cls().fit_bank(BankFit(self.bank, entries, self.distance_matrix(spec, distance, seed), compose), seed=seed)
+        op = cls().configured(options).fit_bank(BankFit(self.bank, entries, self.distance_matrix(spec, distance, seed),
+                                                        compose), seed=seed)
         store(self.dir, stem, op.to_bytes(), "safetensors")
         return op

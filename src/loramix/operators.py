@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .arguments import check_seed
 from .arguments import finite as finite_number
 from .bank import Bank, BankEntry
 from .errors import LoramixError
-from .registry import Registry
+from .registry import Param, Registry, options
 
 
 def softmin(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -95,10 +95,23 @@ class Operator:
 
     A trainable operator (`trainable = True`) also implements `fit_bank(BankFit, *, seed) -> self` on at least
     `min_entries` entries, `to_bytes() -> bytes` and the classmethod `from_bytes(data)`; the bank index fits and
-    caches it (BankIndex.fitted_operator, the bytes under the index's HMAC)."""
+    caches it (BankIndex.fitted_operator, the bytes under the index's HMAC). `parameters`: the knobs of its
+    training it declares (GenerateConfig.operator_options sets them; each an attribute, its default on the class)."""
 
     trainable = False
     min_entries = 1
+    parameters: ClassVar[dict[str, Param]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, param in cls.parameters.items():
+            setattr(cls, name, param.default)
+
+    def configured(self, given: dict[str, Any] | None) -> "Operator":
+        """This operator with its declared parameters set from `given` (the rest at their defaults)."""
+        for name, value in options("operator", type(self).__name__, self.parameters, given).items():
+            setattr(self, name, value)
+        return self
 
     def scores(self, d: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -250,8 +263,11 @@ class Neural(ScalarMLP):
     C_t = softmin(f(z_t)), with loss mean_t |sum_j C_tj W_j - W_t|^2 over flattened adapters W; written with the
     Gram matrix G = W W^T as mean_t (C_t - e_t) G (C_t - e_t)^T, so the adapters are never held in memory together."""
 
+    parameters = {"epochs": Param(40, "full-batch Adam epochs", low=0, whole=True),
+                  "lr": Param(1e-3, "Adam's learning rate", above=0)}
+
     def fit_bank(self, data: BankFit, *, seed: int = 0) -> "Neural":
-        return self.fit(data.distances, data.gram(), seed=seed)
+        return self.fit(data.distances, data.gram(), epochs=self.epochs, lr=self.lr, seed=seed)
 
     def fit(self, distances: np.ndarray, gram: np.ndarray, *, epochs: int = 40, lr: float = 1e-3, seed: int = 0) -> "Neural":
         """Fit f on a bank: `distances` [n, n] (diagonal ignored), `gram` [n, n] of the flattened adapters.
@@ -285,9 +301,9 @@ class AnswerTrained(ScalarMLP):
     of t's answer loss ratio to the base model (answer-token cross-entropy of `examples` of t's training samples; the
     update applied exactly by forward hooks, runtime.lora.MixedLoRA). Loads the bank's base model; minutes on a CPU."""
 
-    examples = 8
-    epochs = 3
-    lr = 1e-2
+    parameters = {"examples": Param(8, "training samples of each entry its answer loss reads", low=1, whole=True),
+                  "epochs": Param(3, "passes over the entries (one Adam step per entry)", low=0, whole=True),
+                  "lr": Param(1e-2, "Adam's learning rate", above=0)}
 
     def _f(self, z):
         return z + self.mlp(z.unsqueeze(-1)).squeeze(-1)

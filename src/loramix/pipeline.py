@@ -250,9 +250,9 @@ class _Run:
         method = REFINE_METHODS.get(config.refine_method)
         if not method.searches:
             return
-        rcfg = RefineConfig(examples=config.refine, top_k=config.top_k or RefineConfig.top_k, method=config.refine_method,
-                            steps=config.refine_steps or method.steps, budget=config.refine_budget,
-                            per_layer=config.refine_per_layer, seed=config.seed)
+        rcfg = RefineConfig.of(config.refine_method, config.refine_options, examples=config.refine,
+                               top_k=config.top_k or RefineConfig.top_k, steps=config.refine_steps or method.steps,
+                               budget=config.refine_budget, per_layer=config.refine_per_layer, seed=config.seed)
         with self.stage("refine"):
             self.refined = refine(self.bank, self.meta, self.refine_samples, rcfg, method=config.compose, model=self.model,
                                   tokenizer=self.tokenizer)

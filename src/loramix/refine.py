@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -25,7 +25,7 @@ from .errors import LoramixError, setting
 from .progress import track
 from .runtime.lora import MixedLoRA, bank_layers
 from .runtime.pytorch import answer_loss_fn
-from .registry import Registry
+from .registry import Param, Registry, options
 from .train_config import REFINE_TRAINING
 
 log = logging.getLogger("loramix")
@@ -81,7 +81,7 @@ class RefineConfig:
     search of REFINE_METHODS ('gradient': Adam at `lr`; 'nevergrad': NGOpt); at most `steps` loss evaluations / steps and `budget`
     seconds (no step starts that would end past it, by the mean step time so far; the first always runs); `l1` *
     sum |w| added to the loss; weights kept in [`lower`, `upper`]; `per_layer`: one weight per entry and layer
-    instead of per entry."""
+    instead of per entry; `options`: the method's other declared parameters (RefineMethod.parameters)."""
 
     examples: int = 5
     top_k: int = 8
@@ -94,9 +94,19 @@ class RefineConfig:
     upper: float = 1.5
     per_layer: bool = False
     seed: int = 0
+    options: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    @classmethod
+    def of(cls, method: str, given: dict[str, Any] | None, **settings: Any) -> "RefineConfig":
+        """The configuration of weight search `method` with `settings`, its declared parameters from `given` (each
+        checked; the defaults otherwise): those a field holds set it, the others go to `options`."""
+        declared = REFINE_METHODS.get(method).options(given)
+        own = {f.name for f in fields(cls)}
+        return cls(method=method, **settings, **{k: v for k, v in declared.items() if k in own},
+                   options={k: v for k, v in declared.items() if k not in own})
 
 
 class RefineMethod:
@@ -104,13 +114,20 @@ class RefineMethod:
     runs before the check and gives the top entries new weights (`search`); a trainer runs once the composition is
     written and trains its factors (`train`). Each declares what the cost estimate of `refuse_slow_refine` needs:
     its default `steps`, whether a step runs a backward pass (`backward`: counted as three forward passes) and how
-    many examples a step's forward pass takes (`batch`; None: all of them)."""
+    many examples a step's forward pass takes (`batch`; None: all of them). `parameters`: its own knobs
+    (GenerateConfig.refine_options sets them: `options` gives every one, given or default)."""
 
     name: ClassVar[str]
     searches: ClassVar[bool] = True
     steps: ClassVar[int] = 40
     backward: ClassVar[bool] = False
     batch: ClassVar[int | None] = None
+    parameters: ClassVar[dict[str, Param]] = {}
+
+    @classmethod
+    def options(cls, given: dict[str, Any] | None) -> dict[str, float]:
+        """Every declared parameter: `given` (checked) or its default."""
+        return options("refine method", cls.name, cls.parameters, given)
 
     def search(self, mixed: MixedLoRA, objective: Callable[[torch.Tensor], torch.Tensor], w0: np.ndarray,
                cfg: "RefineConfig", deadline: float) -> tuple[np.ndarray, float, list[float]]:
@@ -126,6 +143,9 @@ class RefineMethod:
 
 
 REFINE_METHODS: Registry[type[RefineMethod]] = Registry("refine method")
+# what every weight search declares: the L1 penalty of the objective and the bounds of the weights
+_BOUNDED = {"l1": Param(RefineConfig.l1, "weight of the L1 penalty sum |w| added to the answer loss", low=0),
+            "lower": Param(RefineConfig.lower, "the smallest weight"), "upper": Param(RefineConfig.upper, "the largest weight")}
 
 
 @REFINE_METHODS.register("finetune")
@@ -139,6 +159,8 @@ class Finetune(RefineMethod):
     steps = REFINE_TRAINING.steps
     backward = True
     batch = REFINE_TRAINING.batch_size
+    parameters = {"lr": Param(REFINE_TRAINING.lr, "AdamW's peak learning rate", above=0),
+                  "warmup": Param(REFINE_TRAINING.warmup, "linear warmup steps before the cosine decay", low=0, whole=True)}
 
     def train(self, folder, bank, samples, config, *, from_composition, model=None, tokenizer=None):
         """Train the adapter in `folder` on `samples` (its steps, budget and token limit as `config` says, seeded) and
@@ -154,8 +176,8 @@ class Finetune(RefineMethod):
         from .train import train
         with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
             dtype = f.get_tensor(next(iter(f.keys()))).dtype
-        cfg = replace(REFINE_TRAINING, steps=config.refine_steps or REFINE_TRAINING.steps, budget=config.refine_budget,
-                      max_tokens=config.refine_max_tokens or None, seed=config.seed,
+        cfg = replace(REFINE_TRAINING, **self.options(config.refine_options), steps=config.refine_steps or self.steps,
+                      budget=config.refine_budget, max_tokens=config.refine_max_tokens or None, seed=config.seed,
                       save_dtype=next((n for n, t in DTYPES.items() if t == dtype), "float32"))
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             record = train(samples, Path(tmp) / "tuned", cfg, base=bank.base_model, init=folder if from_composition else None,
@@ -184,6 +206,7 @@ class GradientSearch(RefineMethod):
 
     name = "gradient"
     backward = True
+    parameters = {"lr": Param(RefineConfig.lr, "Adam's learning rate on the weights", above=0), **_BOUNDED}
 
     def search(self, mixed, objective, w0, cfg, deadline):
         w = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
@@ -210,6 +233,7 @@ class NevergradSearch(RefineMethod):
     """Nevergrad's NGOpt in [cfg.lower, cfg.upper], its first candidate the start; returns its recommendation."""
 
     name = "nevergrad"
+    parameters = _BOUNDED
 
     def search(self, mixed, objective, w0, cfg, deadline):
         import nevergrad as ng

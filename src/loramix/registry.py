@@ -1,8 +1,11 @@
-"""A name -> implementation registry, one per pipeline stage (signatures, distances, operators, composition)."""
+"""A name -> implementation registry, one per pipeline stage (signatures, distances, operators, composition, ...),
+and the parameters a registered variant declares (`Param`, checked by `options`)."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from .errors import LoramixError
 
@@ -36,3 +39,42 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+@dataclass(frozen=True)
+class Param:
+    """A numeric parameter a registered variant declares (its `parameters`): default, help text, inclusive bounds
+    (`low`, `high`; `above`: strictly greater than it) and `whole` (an integer)."""
+
+    default: float
+    help: str
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    whole: bool = False
+
+    def check(self, name: str, value: Any) -> float:
+        """`value` as this parameter's type, refused in one line when outside its bounds."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (not self.whole or float(value).is_integer())
+        ok = ok and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+        ok = ok and (self.above is None or value > self.above)
+        if not ok:
+            bounds = [f">= {self.low:g}" if self.low is not None else "", f"> {self.above:g}" if self.above is not None else "",
+                      f"<= {self.high:g}" if self.high is not None else ""]
+            want = ("a whole number" if self.whole else "a finite number") + "".join(f" {b}" for b in bounds if b)
+            raise LoramixError(f"parameter '{name}' must be {want}, got {value!r}")
+        return int(value) if self.whole else float(value)
+
+
+def options(kind: str, name: str, declared: Mapping[str, Param], given: Mapping[str, Any] | None) -> dict[str, float]:
+    """Every parameter the {kind} `name` declares: `given` (each checked against its declaration) or its default;
+    a parameter it does not declare is refused in one line naming those it has."""
+    given = dict(given or {})
+    if unknown := sorted(set(given) - set(declared)):
+        has = ", ".join(declared) or "none"
+        raise LoramixError(f"{kind} '{name}' has no parameter {', '.join(map(repr, unknown))} (its parameters: {has})")
+    try:
+        return {k: p.check(k, given[k]) if k in given else p.default for k, p in declared.items()}
+    except LoramixError as e:
+        raise LoramixError(f"{kind} '{name}': {e.template}") from None

@@ -10,7 +10,7 @@ from typing import Any, get_type_hints
 
 from .checks import fits
 from .arguments import checked
-from .errors import LoramixError
+from .errors import LoramixError, named
 from .files import read_json
 from .config import GenerateConfig
 from .refine import FinetuneInfo, RefineInfo
@@ -138,6 +138,8 @@ class Report:
         for part, key in UNWRITTEN:
             if isinstance(d.get(part), dict):
                 d[part].pop(key, None)
+        if d.get("check_plan"):  # its words name settings in the library's terms
+            d["check_plan"]["why"] = named(d["check_plan"]["why"])
         if d.get("check"):  # scores to 5 decimals: what tells candidates apart, without the float noise
             d["check"]["candidates"] = {k: {m: round(x, 5) for m, x in v.items()} for k, v in d["check"]["candidates"].items()}
         return d

@@ -16,6 +16,7 @@ from rich.text import Text
 from ..terminal import SafeConsole
 from ..config import STAGES, GenerateConfig, method_fields
 from ..engine import ENGINES
+from ..errors import LoramixError
 
 # Nothing printed is read as rich markup (markup=False): paths, prompts, answers, entry names, table cells and error
 # messages hold what users and bank authors wrote ('[/INST]', 'run[/]x'); styles are given as Text parts (`styled`).
@@ -57,8 +58,26 @@ def _cli_type(f: dataclasses.Field) -> Any:
     hint = typing.get_type_hints(GenerateConfig)[f.name]
     if f.name in ("rank", "check"):
         return Optional[str]
+    if any(typing.get_origin(a) is dict for a in typing.get_args(hint)):  # NAME=VALUE, repeatable (_pairs)
+        return Optional[list[str]]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return Optional[args[0]] if args else hint
+
+
+def _pairs(flag: str, items: list[str] | None) -> dict[str, float] | None:
+    """NAME=VALUE options (`flag` given once per pair) as {NAME: VALUE}; VALUE a number."""
+    if not items:
+        return None
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            pairs[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise LoramixError(f"{flag} {item!r}: give NAME=VALUE, VALUE a number (e.g. {flag} lr=0.01)")
+    return pairs
 
 
 def config_options(names: Sequence[str] | None = None, derive: Any = None):
@@ -77,13 +96,17 @@ def config_options(names: Sequence[str] | None = None, derive: Any = None):
             flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
             if _cli_type(f) is bool:  # a switch: --x / --no-x
                 flag = f"{flag}/--no-{flag[2:]}"
-            opt = typer.Option(f.default, flag, help=f.metadata["help"],
+            pairs = _cli_type(f) == Optional[list[str]]
+            opt = typer.Option(f.default, flag, help=f.metadata["help"], metavar="NAME=VALUE" if pairs else None,
                                rich_help_panel=f"{f.metadata['stage'].capitalize()} options")
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=_cli_type(f)))
 
         @functools.wraps(fn)
         def command(**kwargs):
             values = {f.name: kwargs.pop(f.name) for f in chosen}
+            for f in chosen:
+                if _cli_type(f) == Optional[list[str]]:  # NAME=VALUE pairs
+                    values[f.name] = _pairs(f.metadata["flag"], values[f.name])
             config = GenerateConfig(**values, **(derive(values, kwargs) if derive else {}))
             return fn(config=config, **kwargs)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import LoramixError
+from ..errors import LoramixError, setting
 
 RUNTIMES = ("auto", "torch", "llama.cpp")  # --runtime's choices
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -236,12 +236,12 @@ def choose_runtime(base: BaseModel, runtime: str = "auto") -> str:
     and everything else (the default base included) on PyTorch; 'llama.cpp' needs a GGUF base, 'torch' loads a GGUF
     through transformers (dequantized to float32, if memory allows)."""
     if runtime not in RUNTIMES:
-        raise LoramixError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        raise LoramixError(f"{setting('runtime')} must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "auto":
         return "llama.cpp" if is_gguf_name(base.name) else "torch"
     if runtime == "llama.cpp" and base.gguf is None:
-        raise LoramixError(f"--runtime llama.cpp runs a GGUF base model; {base} is a transformers model (pass --base "
-                           "FILE.gguf, or --runtime torch)")
+        raise LoramixError(f"{setting('runtime', 'llama.cpp')} runs a GGUF base model; {base} is a transformers model "
+                           f"(pass {setting('base', 'FILE.gguf')}, or {setting('runtime', 'torch')})")
     return runtime
 
 
