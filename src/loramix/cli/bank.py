@@ -12,8 +12,8 @@ from ..errors import LoramixError
 from ..config import GenerateConfig
 from ..hub import COLLECTIONS, pull_base
 from ..train_config import BANK_TRAINING, bank_config
-from .options import (D, METHOD_FIELDS, EngineOpt, MaxSamplesOpt, ModelOpt, PickleOpt, RuntimeOpt, SeedOpt,
-                      SignatureOpt, _table, config_options, out, styled)
+from .options import (D, METHOD_FIELDS, EngineOpt, PickleOpt, RuntimeOpt,
+                      _table, config_options, out, styled)
 
 bank_app = typer.Typer(help="Inspect and index a bank of adapters.", no_args_is_help=True)
 
@@ -188,21 +188,19 @@ def bank_add(
 
 
 @bank_app.command("list")
+@config_options(["signature", "model", "max_samples", "seed"])
 def bank_list(
+    config: GenerateConfig,
     bank: Path = typer.Argument(..., help="Bank folder."),
-    signature: SignatureOpt = D.signature,
-    model: ModelOpt = None,
-    max_samples: MaxSamplesOpt = D.max_samples,
-    seed: SeedOpt = D.seed,
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Show BANK's entries: rank, target modules, sample count and signature status."""
     from ..bank import Bank
     from ..index import BankIndex
-    from ..signatures import SignatureSpec
 
     b = Bank(bank, allow_pickle=allow_pickle)
-    status = BankIndex(b).status(SignatureSpec(signature, model, max_samples, seed))
+    status = BankIndex(b).status(config.signature_spec())
+    signature = config.signature
     table = _table(f"{b.path}  base model: {b.base_model or 'unknown'}  entries: {len(b.entries)}", ["entry"],
                    ["rank", "scale"], ["target modules"], ["samples"], [f"signature ({signature})"], edge=True)
     for e in b.entries:

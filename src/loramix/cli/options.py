@@ -44,10 +44,6 @@ EngineOpt = Annotated[str, typer.Option("--engine", help=f"Execution engine: {',
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Also read adapter_model.bin (torch.load, weights_only).")]
 RuntimeOpt = Annotated[str, typer.Option("--runtime", help="What runs the base model: auto (llama.cpp for a GGUF base, else "
                                          "PyTorch), torch, llama.cpp (a GGUF base; the default base's shipped GGUF).")]
-SignatureOpt = Annotated[str, typer.Option("--signature", help=GenerateConfig.__dataclass_fields__["signature"].metadata["help"])]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help=GenerateConfig.__dataclass_fields__["model"].metadata["help"])]
-MaxSamplesOpt = Annotated[int, typer.Option("--max-samples", min=1, help=GenerateConfig.__dataclass_fields__["max_samples"].metadata["help"])]
-SeedOpt = Annotated[int, typer.Option("--seed", help=GenerateConfig.__dataclass_fields__["seed"].metadata["help"])]
 D = GenerateConfig()
 MAX_ANSWER_TOKENS = 8192  # the longest answer eval and try generate: beyond the context of the bases loramix serves
 
