@@ -114,7 +114,7 @@ def composition_setting() -> Setting:
     return loramix_setting(d.signature, d.distance, d.operator, d.top_k, d.temperature)
 
 
-CRITERION_SUFFIX = {"loss": "", "accuracy": "-acc", "exact": "-exact", "rouge": "-rouge"}
+CRITERION_SUFFIX = {"loss": "", "accuracy": "-acc", "exact": "-exact", "rouge": "-rouge", "rouge-tolerant": "-rouge-tol"}
 
 
 def checked(s: Setting, singles: int, criterion: str, group: str = "lever", tops: int = 0, examples: int = 16) -> Setting:
@@ -229,8 +229,14 @@ PREVIOUS_DEFAULT = "loramix/embed-gaussian-w2-normalized"  # generate's default 
 
 
 class Runner:
-    def __init__(self, bank: str | Path, suite: Path, limit: int | None, max_samples: int):
+    def __init__(self, bank: str | Path, suite: Path, limit: int | None, max_samples: int, protocol: str = "loo"):
         self.bank = Bank(bank)
+        # "loo": a task predicted from every other entry; "lofo": from the entries of the other families only (the
+        # check's and refinement's candidates drawn from that bank too)
+        self.protocol = protocol
+        self.groups = family_of(suite) if protocol == "lofo" else None
+        if protocol == "lofo" and not self.groups:
+            raise SystemExit(f"--protocol lofo needs the suite's families ({suite}/suite.json)")
         self.index = BankIndex(self.bank)
         self.entries = self.bank.usable
         self.tasks = [e.name for e in self.entries]  # evaluated by headline settings; coefficients always use every entry
@@ -247,10 +253,10 @@ class Runner:
 
     # -- coefficients -----------------------------------------------------------------------------------
     def coefficient_matrix(self, s: Setting) -> np.ndarray:
-        """C[t] = coefficients predicting task t from the others (C[t, t] = 0), [n, n]."""
-        n = len(self.entries)
+        """C[t] = coefficients predicting task t from the others (C[t, t] = 0; with lofo, 0 on t's family), [n, n]."""
         if s.name == "uniform":
-            return (np.ones((n, n)) - np.eye(n)) / (n - 1)
+            others = ~self.excluded()
+            return others / others.sum(1, keepdims=True)
         if s.calibrated:
             return self.calibrated_matrix(s)
         config = GenerateConfig(signature=s.signature, distance=s.distance, operator=s.operator, compose=s.compose,
@@ -276,7 +282,7 @@ class Runner:
             self.timings[s.name] = json.loads(memo.with_suffix(".json").read_text())
             return np.load(memo)
         cpu = time.process_time()
-        c = loo_coefficients(self.index, config)
+        c = loo_coefficients(self.index, config, groups=self.groups)
         t_op = time.process_time() - cpu
         if trainable:  # cross-fitted 5 times; a bank fits it once for every generate
             t_op /= 5
@@ -286,6 +292,13 @@ class Runner:
             atomic_write_bytes(memo.with_suffix(".json"), json.dumps(self.timings[s.name]).encode())
             np.save(memo, c)
         return c
+
+    def excluded(self) -> np.ndarray:
+        """[n, n] bool: entry j may not predict task t (its own entry; with lofo, every entry of t's family)."""
+        if self.groups is None:
+            return np.eye(len(self.names), dtype=bool)
+        fam = [self.groups.get(n, n) for n in self.names]
+        return np.array([[a == b for b in fam] for a in fam])
 
     # -- evaluation -------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -321,8 +334,8 @@ class Runner:
 
     @property
     def bank_root(self) -> Path:
-        """Cached results that depend on the bank's other entries (coefficients), per bank size."""
-        return self.root / f"bank-{len(self.names)}"
+        """Cached results that depend on the bank's other entries (coefficients), per bank size and protocol."""
+        return self.root / (f"bank-{len(self.names)}" + ("-lofo" if self.protocol == "lofo" else ""))
 
     def folder(self, s: Setting | str) -> Path:
         """Results of the setting (or setting name): bank-independent ones (the base, the task's own adapter, the base
@@ -505,7 +518,7 @@ class Runner:
             atomic_write_bytes(memo, json.dumps(record).encode())
         scores = {k: AnswerScores(*v) for k, v in record["scores"].items()}
         pool = check_candidates(coefficients, singles=s.check_singles, tops=s.check_tops)
-        chosen = min(pool, key=lambda k: CRITERIA.get(s.check_criterion).key(scores[k]))
+        chosen = CRITERIA.get(s.check_criterion).choose({k: scores[k] for k in pool}, s.check_examples)
         weights = pool[chosen]
         out = np.array([weights.get(n, 0.0) for n in self.names])
         share = len(pool) / len(scores)
@@ -529,7 +542,8 @@ class Runner:
         out = np.zeros((n, n))
         for t in range(n):
             best = cal.select([j for j in range(n) if j % 5 != t % 5])
-            rows = loo_coefficients(self.index, replace(config, temperature=best.temperature, top_k=best.top_k))
+            rows = loo_coefficients(self.index, replace(config, temperature=best.temperature, top_k=best.top_k),
+                                    groups=self.groups)
             out[t] = best.scale * rows[t]
         return out
 
@@ -560,7 +574,8 @@ class Runner:
         layers = None
         if s.warm_start == "lorahub":
             rng = np.random.default_rng(zlib.crc32(task.encode()))
-            pick = rng.choice([j for j in range(len(self.names)) if j != i], size=min(20, len(self.names) - 1), replace=False)
+            allowed = [j for j in range(len(self.names)) if not self.excluded()[i, j]]
+            pick = rng.choice(allowed, size=min(20, len(allowed)), replace=False)
             cfg = RefineConfig(examples=5, method="nevergrad", steps=40, l1=0.05)
             samples = train.subsample(cfg.examples, cfg.seed).samples
             w, first, last, history = search_weights(self.model, self.tokenizer, self.bank, [self.entries[j] for j in pick],
@@ -766,13 +781,17 @@ def write_report(runner: Runner, results: dict[str, dict], all_settings: list[Se
     headline = [s for s in all_settings if s.name in runner.headline]
     subset = len(grid) < len(names)
     lines = [
+        "# Leave-one-family-out quality on the default bank" if runner.protocol == "lofo" else
         "# Leave-one-out quality on the default bank",
         "",
         f"Reproduce: `python benchmarks/quality.py {' '.join(sys.argv[1:])}` ({'quick subset; ' if args.quick else ''}"
         f"loramix {loramix.__version__}, {platform.machine()}, {os.cpu_count()} CPUs).",
         "",
         f"Bank: {runner.bank.path.name} ({len(runner.names)} adapters of {runner.bank.base_model}, rank {runner.bank.max_rank}). "
-        f"Each task's adapter is predicted from the other {len(runner.names) - 1} entries and evaluated on its test split "
+        + (f"Each task's adapter is predicted from the entries of the other families only (the suite's {len(set(families.values()))} "
+           "families; its check's and refinement's candidates drawn from them too) "
+           if runner.protocol == "lofo" else f"Each task's adapter is predicted from the other {len(runner.names) - 1} entries ")
+        + "and evaluated on its test split "
         f"({'first ' + str(args.limit) + ' records' if args.limit else 'all records'}), greedy decoding with the chat template. "
         "Gap closed = (setting - base) / (trained - base) on mean ROUGE-L over the same tasks. vs default = the mean "
         "per-task ROUGE-L difference to the default, with its 95% paired bootstrap interval (tasks resampled, 10,000 "
@@ -915,13 +934,17 @@ def main() -> None:
     p.add_argument("--datafree", action="store_true", help="also the default and its composition with every entry's "
                    "data hidden (entries signed by their answers to the probe prompts)")
     p.add_argument("--tasks", type=int, default=None, help="only the first N tasks of the bank (a subset)")
-    p.add_argument("--out", default="quality.md", help="the results file (in benchmarks/results/)")
+    p.add_argument("--out", default=None, help="the results file (in benchmarks/results/; default quality.md, with "
+                   "--protocol lofo quality-lofo.md)")
+    p.add_argument("--protocol", choices=("loo", "lofo"), default="loo", help="loo: each task predicted from every "
+                   "other entry; lofo: from the entries of the other families only (leave-one-family-out)")
     p.add_argument("--spread", type=int, default=1, help="only every K-th task of the bank, in name order (a subset "
                    "over all families, for every setting)")
     p.add_argument("--every", type=int, default=1, help="the settings beyond the headline ones on every K-th task only, in "
                    "name order (a subset spread over all families); coefficients always use every entry")
     args = p.parse_args()
-    runner = Runner(args.bank, resolve_suite(args.suite), args.limit, args.max_samples)
+    args.out = args.out or ("quality-lofo.md" if args.protocol == "lofo" else "quality.md")
+    runner = Runner(args.bank, resolve_suite(args.suite), args.limit, args.max_samples, args.protocol)
     all_settings = settings(args.top_k, args.quick)
     default = next(s for s in all_settings if s.name == args.default_setting)
     comp = composition_setting()
@@ -946,7 +969,7 @@ def main() -> None:
     items = [(t, [s for s in all_settings if t in runner.pending(s)], coefs) for t in runner.tasks]
     engine = RayEngine(max_workers=args.workers) if args.engine == "ray" else get_engine(args.engine)
     engine.map(_evaluate_task, [item for item in items if item[1]], "leave-one-out evaluation",
-               setup=partial(Runner, args.bank, runner.suite, args.limit, args.max_samples),
+               setup=partial(Runner, args.bank, runner.suite, args.limit, args.max_samples, args.protocol),
                on_result=lambda item, res: runner.store(item[0], res))
     results = {s.name: runner.collect(s) for s in all_settings}
     write_report(runner, results, all_settings, args)

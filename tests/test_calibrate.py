@@ -255,3 +255,33 @@ def test_a_stored_calibration_of_another_form_is_not_used(tmp_path):
     cfg = GenerateConfig()
     store(index.dir, index.dir / "calibration" / _key(index, cfg, grid()), b'{"an": "older form"}', "json")
     assert cached_calibration(bank, cfg) is None
+
+
+def test_the_tolerant_rouge_criterion_does_not_trust_one_lucky_example():
+    """ROUGE-L within one example's worth of the best (1/16 on 16 examples) is no evidence: those candidates are ranked
+    by token accuracy, then loss; a clear ROUGE-L lead still decides."""
+    from loramix.runtime.scores import CRITERIA
+
+    tolerant, plain = CRITERIA.get("rouge-tolerant"), CRITERIA.get("rouge")
+    lucky = {"base": AnswerScores(2.0, 0.30, 0.0, 0.0), "x1": AnswerScores(1.2, 0.58, 0.0, 0.0),
+             "entry:sibling": AnswerScores(1.9, 0.35, 0.0, 1 / 16)}  # one of 16 answers right, by chance
+    assert plain.choose(lucky, 16) == "entry:sibling"
+    assert tolerant.choose(lucky, 16) == "x1"  # the composition's token accuracy is the better evidence
+    clear = {**lucky, "entry:sibling": AnswerScores(1.9, 0.35, 0.0, 3 / 16)}
+    assert tolerant.choose(clear, 16) == "entry:sibling"
+    assert tolerant.choose({"base": AnswerScores(1.0, 0.5, 0.0, 0.0), "x1": AnswerScores(1.0, 0.5, 0.0, 0.0)}, 16) == "base"
+
+
+@pytest.mark.parametrize("operator", ["normalized", "neural"])
+def test_leave_one_family_out_gives_no_weight_to_the_tasks_family(tmp_path, operator):
+    """With groups (the suite's families), each entry is predicted from the other groups' entries only; a trained
+    operator is cross-fitted once per group, never on the held-out group."""
+    bank = Bank(make_bank(tmp_path / "bank", n=6))
+    names = [e.name for e in bank.usable]
+    groups = {n: ("a" if i < 2 else "b" if i < 4 else "c") for i, n in enumerate(names)}
+    config = GenerateConfig(max_samples=8, operator=operator)
+    loo = loo_coefficients(BankIndex(bank), config)
+    lofo = loo_coefficients(BankIndex(bank), config, groups=groups)
+    same = np.array([[groups[a] == groups[b] for b in names] for a in names])
+    assert np.all(lofo[same] == 0) and np.allclose(lofo.sum(1), 1) and np.all(np.diag(loo) == 0)
+    assert (loo[same & ~np.eye(6, dtype=bool)] > 0).any()  # leave-one-out still weighs the siblings

@@ -167,8 +167,7 @@ def _check_composed(bank: Bank, coefficients: dict[str, float], candidates: dict
 def _chosen(examples: int, criterion: str, scores: dict[str, AnswerScores], candidates: dict[str, dict[str, float]],
             layers: dict[int, dict[str, float]] | None, scales: Sequence[float], runtime: str = "torch") -> CheckInfo:
     """The CheckInfo of `scores`: the candidate `criterion` ranks first (the earliest on ties)."""
-    rank = CRITERIA.get(criterion).key
-    chosen = min(scores, key=lambda label: rank(scores[label]))
+    chosen = CRITERIA.get(criterion).choose(scores, examples)
     measured = {k: {m: x for m, x in asdict(v).items() if x is not None} for k, v in scores.items()}
     return CheckInfo(examples, criterion, measured, chosen, chosen != "base", runtime, candidates[chosen],
                      scaled_layers(chosen, layers, scales))

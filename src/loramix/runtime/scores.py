@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import LoramixError
 from ..registry import Registry
@@ -94,12 +94,25 @@ class AnswerScores:
 class Criterion:
     """How a choice among candidates ranks their AnswerScores: `key` (the smallest wins; ties broken by the tuple's
     later items); `generates`: it reads `rouge`, so the candidates' greedy answers are decoded (a forward-only
-    criterion costs one forward pass per candidate)."""
+    criterion costs one forward pass per candidate); `tolerance`: ROUGE-L differences below this many examples' worth
+    (tolerance / n on n examples) are no evidence: the candidates that close to the best are ranked by `key` without
+    their ROUGE-L (so one lucky example does not decide)."""
 
     name: str
     key: Callable[[AnswerScores], Any]
     generates: bool = False
     help: str = ""
+    tolerance: float = 0.0
+
+    def choose(self, scores: Mapping[str, AnswerScores], examples: int) -> str:
+        """The label of `scores` (candidate -> AnswerScores on `examples` examples) this criterion prefers; ties go to
+        the earlier candidate."""
+        pool = list(scores)
+        if self.tolerance and examples:
+            best = max(scores[k].rouge for k in pool)
+            pool = [k for k in pool if scores[k].rouge >= best - self.tolerance / examples - 1e-12]
+            return min(pool, key=lambda k: self.key(replace(scores[k], rouge=0.0)))
+        return min(pool, key=lambda k: self.key(scores[k]))
 
 
 CRITERIA: Registry[Criterion] = Registry("check criterion")
@@ -116,3 +129,6 @@ register_criterion(Criterion("exact", lambda s: (-s.exact, -s.accuracy, s.loss),
                              help="teacher-forced exact match, then accuracy, then loss"))
 register_criterion(Criterion("rouge", lambda s: (-s.rouge, -s.accuracy, s.loss), generates=True,
                              help="ROUGE-L of greedy answers, then accuracy, then loss"))
+register_criterion(Criterion("rouge-tolerant", lambda s: (-s.rouge, -s.accuracy, s.loss), generates=True, tolerance=1.0,
+                             help="ROUGE-L of greedy answers, those within one example's worth of the best then "
+                                  "ranked by accuracy, then loss"))
