@@ -127,10 +127,27 @@ def checked(s: Setting, singles: int, criterion: str, group: str = "lever", tops
 
 
 def default_setting() -> Setting:
-    """The setting `loramix generate` uses by default."""
+    """The setting `loramix generate` uses by default (on the default base, where `--refine auto` fits its budget:
+    the composition trained on 16 examples, as `generate --refine 16`)."""
     d = GenerateConfig()
     comp = composition_setting()
+    if d.refine_examples:
+        return generate_refine_setting(comp)
     return checked(comp, d.check_singles, d.check_criterion, "loramix", d.check_tops) if d.check_examples else comp
+
+
+def previous_default() -> Setting:
+    """generate's default before `--refine auto` (issue 40): the composition checked on 16 examples by ROUGE-L."""
+    return checked(composition_setting(), 4, "rouge", "loramix")
+
+
+def generate_refine_setting(comp: Setting) -> Setting:
+    """`generate --refine 16` (train_config.REFINE_TRAINING) from the composition `comp`."""
+    tail = comp.name.split("/", 1)[1]
+    return Setting(GENERATE_REFINE.format(tail=tail), "refine", signature=comp.signature, distance=comp.distance,
+                   operator=comp.operator, compose="exact", top_k=comp.top_k, temperature=comp.temperature,
+                   warm_start=comp.name, examples=16, finetune=True, warmup=REFINE_TRAINING.warmup,
+                   steps=REFINE_TRAINING.steps, max_tokens=REFINE_TRAINING.max_tokens)
 
 
 def lever_settings(comp: Setting, default: Setting) -> list[Setting]:
@@ -199,9 +216,7 @@ def refine_settings(default: Setting) -> list[Setting]:
         *(Setting(f"refine/{tail}-keep-exact{k:g}-finetune16-steps{REFINE_TRAINING.steps}-warmup2", "refine", **base,
                   examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, keep_exact=k,
                   **REFINE_CHECK) for k in KEEP_EXACT),
-        *([Setting(GENERATE_REFINE.format(tail=tail), "refine", **base, examples=16, finetune=True,
-                   warmup=REFINE_TRAINING.warmup, steps=REFINE_TRAINING.steps, max_tokens=REFINE_TRAINING.max_tokens)]
-          if REFINE_TRAINING.max_tokens else []),
+        *([generate_refine_setting(default)] if REFINE_TRAINING.max_tokens else []),
         *(Setting(FINETUNE16.format(tail=tail) + f"-then-checked-singles4{CRITERION_SUFFIX[crit]}",
                   "refine", **base, examples=16, finetune=True, warmup=2, steps=REFINE_TRAINING.steps, checked=True,
                   check_after=True, check_singles=4, check_criterion=crit) for crit in ("accuracy", "exact")),

@@ -138,8 +138,8 @@ def test_a_base_model_that_cannot_be_loaded_names_the_check(tmp_path, capsys, mo
     data = write_jsonl(tmp_path / "task.jsonl", topic_records("fruits", 6))
     out = tmp_path / "out"
     code, err = run_cli(["generate", "--bank", str(bank), "--data", str(data), "--out", str(out)], capsys, monkeypatch)
-    _assert_clean_failure(code, err, r"cannot load base model 'tiny-base'.*\(the held-out check \(--check 16\) runs the "
-                          r"base model; --check 0 skips it\)", out)
+    _assert_clean_failure(code, err, r"cannot load base model 'tiny-base'.*\(--refine auto trains on the base model; "
+                          r"--check 0 composes without it\)", out)
     assert not (bank / ".loramix").exists()  # no signature was computed
 
 

@@ -25,7 +25,7 @@ def test_rope_permute_matches_llama_cpp_layout():
 def adapter(tmp_path, tiny_base):
     bank = make_bank(tmp_path / "bank", base=str(tiny_base), mixed=True, n=5)
     data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 10))
-    generate(bank, data, tmp_path / "out", compose="exact", rank=4, max_samples=8)
+    generate(bank, data, tmp_path / "out", compose="exact", rank=4, max_samples=8, refine=0)
     return tmp_path / "out"
 
 

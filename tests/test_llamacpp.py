@@ -112,9 +112,10 @@ def test_generate_checks_on_llamacpp_and_says_so(tmp_path):
     data = DEFAULT_SUITE / TASK / "train.jsonl"
     # a budget no machine exceeds: what is tested is where the check runs, not how it is planned (test below)
     ours = loramix.generate("default", data, tmp_path / "cpp", runtime="llama.cpp", check_budget=1e6)
-    theirs = loramix.generate("default", data, tmp_path / "torch", check_budget=1e6)
+    theirs = loramix.generate("default", data, tmp_path / "torch", check_budget=1e6, refine=0)
     report = json.loads((tmp_path / "cpp" / "loramix.json").read_text())
     assert report["check"]["runtime"] == "llama.cpp" and report["check_plan"]["mode"] == "full"
+    assert report["refine_plan"].startswith("not refined: the base runs on llama.cpp")  # refinement trains on PyTorch
     assert theirs.report.check.runtime == "torch"
     assert ours.report.check.chosen == theirs.report.check.chosen
     for label, s in ours.report.check.candidates.items():

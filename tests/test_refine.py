@@ -319,11 +319,19 @@ def test_refine_options_are_validated(kw, message):
 
 
 def test_check_defaults_to_none_with_refine():
-    """--check's default holds out 16 examples, none with --refine; an explicit --check is kept either way."""
+    """--check's default holds out 16 examples, none when refinement is asked for (--refine N, or auto: 16 unless a
+    check is chosen); an explicit --check is kept either way, and turns auto refinement off."""
     from loramix import GenerateConfig
 
-    assert GenerateConfig().check_examples == 16 and GenerateConfig(refine=16).check_examples == 0
+    assert GenerateConfig().refine_examples == 16 and GenerateConfig().check_examples == 0
+    assert GenerateConfig(refine=0).check_examples == 16 and GenerateConfig(refine=16).check_examples == 0
     assert GenerateConfig(refine=16, check=8).check_examples == 8 and GenerateConfig(check=0).check_examples == 0
+    assert GenerateConfig(check=8).refine_examples == 0 and GenerateConfig(check=0).refine_examples == 0
+    assert GenerateConfig(refine="4").refine == 4
+    from loramix.errors import LoramixError
+
+    with pytest.raises(LoramixError, match="refine must be an integer or 'auto'"):
+        GenerateConfig(refine="some")
 
 
 def test_cli_generate_refine_says_what_it_trained(tmp_path, tiny_base):
@@ -382,3 +390,21 @@ def test_check_scores_adapter_files_when_the_exact_mix_would_not_fit(tmp_path, t
     for label, score in exact.candidates.items():
         assert composed.candidates[label]["loss"] == pytest.approx(score["loss"], rel=1e-4), label
     assert composed.chosen == exact.chosen
+
+
+def test_refine_auto_trains_where_it_fits_and_checks_where_it_does_not(tmp_path, tiny_base, monkeypatch):
+    """By default `generate` trains the composition on 16 examples when the estimate fits AUTO_REFINE_SECONDS (no
+    check), else it checks instead; loramix.json says which and why."""
+    import loramix.pipeline
+
+    bank = make_bank(tmp_path / "bank", n=3, base=str(tiny_base))
+    data = write_jsonl(tmp_path / "d.jsonl", topic_records("fruits", 24))
+    generate(bank, data, tmp_path / "auto", max_samples=8)
+    report = read_report(tmp_path / "auto")
+    assert report.finetune is not None and report.finetune.examples == 16 and report.check is None
+    assert report.refine_plan.startswith("refined: refine=16 (refine_method=finetune") and report.config.refine == "auto"
+    monkeypatch.setattr(loramix.pipeline, "AUTO_REFINE_SECONDS", 1e-9)
+    generate(bank, data, tmp_path / "slow", max_samples=8, check_criterion="loss")
+    report = read_report(tmp_path / "slow")
+    assert report.finetune is None and report.check is not None and report.check.examples == 16
+    assert report.refine_plan.startswith("not refined: refine=16") and "checked instead" in report.refine_plan

@@ -214,14 +214,14 @@ def plan_check(held: Dataset, tokenizer: Any, speed: Speed, *, examples: int, cr
                      round(min(tried), 1))
 
 
-def check_plan(config: Any, held: Dataset, model: Any, tokenizer: Any, engine: Any) -> CheckPlan:
+def check_plan(config: Any, held: Dataset, model: Any, tokenizer: Any, engine: Any, examples: int) -> CheckPlan:
     """The check `config` (a GenerateConfig) asks for on `held`: `check` N as asked; 'auto' planned from the runtime's
-    speed, measured on one held-out example, to fit `check_budget` (plan_check)."""
+    speed, measured on one held-out example, to fit `check_budget` (plan_check); at most `examples` examples."""
     if not config.check_auto:
-        return CheckPlan(config.check_examples, config.check_criterion, config.check_singles, list(CHECK_SCALES), "as asked")
+        return CheckPlan(examples, config.check_criterion, config.check_singles, list(CHECK_SCALES), "as asked")
     sample = held.subsample(1, config.seed + 1).samples[0]
     measured = engine.speed(sample) if engine is not None else speed(model, tokenizer, sample)
-    plan = plan_check(held, engine.tokenizer if engine is not None else tokenizer, measured, examples=config.check_examples,
+    plan = plan_check(held, engine.tokenizer if engine is not None else tokenizer, measured, examples=examples,
                       criterion=config.check_criterion, singles=config.check_singles, tops=config.check_tops,
                       scales=CHECK_SCALES, budget=config.check_budget, seed=config.seed + 1)
     if plan.mode != "full":

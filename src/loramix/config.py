@@ -5,6 +5,7 @@ registries, so an invalid choice is refused when the configuration is made, befo
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -27,8 +28,11 @@ from .signatures import SIGNATURES, SignatureSpec
 from .signing import signing_names
 from .train_config import REFINE_TRAINING
 
+log = logging.getLogger("loramix")
 DTYPE_NAMES = tuple(DTYPES)  # the output dtypes generate writes
 CHECK_EXAMPLES = 16  # --check's default without --refine
+AUTO_REFINE = 16  # the examples --refine auto trains on
+AUTO_REFINE_SECONDS = 60.0  # what --refine auto may be estimated to take on this CPU (else the check runs instead)
 # The stages a GenerateConfig field configures, in the order the data flows (each field's metadata["stage"]).
 STAGES = ("signature", "distance", "coefficients", "composition", "base model", "check", "refine")
 
@@ -103,7 +107,7 @@ class GenerateConfig:
                                      "alone (--check-singles), the one the held-out examples prefer (--check-criterion). "
                                      "Runs the base model: forward passes, and greedy answers for --check-criterion "
                                      "rouge. 0: no check (the composition as the operator gives it, without loading the "
-                                     f"base). 'auto' (default): {CHECK_EXAMPLES} examples, or 0 with --refine (refinement "
+                                     f"base). 'auto' (default): {CHECK_EXAMPLES} examples, or 0 when --refine runs (refinement "
                                      "trains on the examples a check would hold out), when the check's time, estimated "
                                      "from the base's measured speed, fits --check-budget; else a cheaper form that fits "
                                      "(forward-only, fewer examples, no single entries) or none; loramix.json says "
@@ -124,8 +128,13 @@ class GenerateConfig:
                                   "is the most likely continuation, then accuracy, then loss) or 'rouge' (ROUGE-L of "
                                   "each candidate's greedy answers, then accuracy, then loss; about twice the CPU).",
                                   method=False, stage="check")
-    refine: int = option(0, "Refine the adapter on this many examples of DATA, as --refine-method says (loads the base "
-                         "model).", method=False, stage="refine")
+    refine: int | str | None = option("auto", "Refine the adapter on this many examples of DATA, as --refine-method "
+                                      "says (runs the base model on PyTorch). 'auto' (default): "
+                                      f"{AUTO_REFINE} examples when --check is left to auto, the base runs on PyTorch "
+                                      "and the refinement is estimated (on this CPU, before it starts) to take at most "
+                                      f"{AUTO_REFINE_SECONDS:g} s; else none, and the check runs instead (loramix.json "
+                                      "says which and why). 0: the gradient-free composition (with --check 0: the "
+                                      "paper's method exactly).", method=False, stage="refine")
     refine_method: str = option("finetune", "How --refine uses its examples: finetune (train the composed adapter's own "
                                 "LoRA factors, from the composition, with `loramix train`'s optimizer; from scratch when a "
                                 "check kept the base), or a search of the top entries' weights: gradient (by "
@@ -193,13 +202,7 @@ class GenerateConfig:
             raise LoramixError(f"{setting('dtype')} must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
 
     def _check_check(self) -> None:
-        if self.check is not None and self.check != "auto":
-            if isinstance(self.check, str):
-                try:
-                    self.check = int(self.check)
-                except ValueError:
-                    raise LoramixError(f"{setting('check')} must be an integer or 'auto', got {self.check!r}") from None
-            _at_least("check", self.check, 0)
+        self.check = _count_or_auto("check", self.check)
         if not (math.isfinite(self.check_budget) and self.check_budget > 0):
             raise LoramixError(f"{setting('check_budget')} must be a positive number of seconds, got {self.check_budget}")
         _at_least("check_singles", self.check_singles, 0)
@@ -209,9 +212,9 @@ class GenerateConfig:
                                f"{self.check_criterion!r}")
 
     def _check_refine(self) -> None:
-        _at_least("refine", self.refine, 0)
+        self.refine = _count_or_auto("refine", self.refine)
         method = REFINE_METHODS.get(self.refine_method)
-        if self.refine and method.searches and not COMPOSERS.get(self.compose).refinable:
+        if self.refine_examples and method.searches and not COMPOSERS.get(self.compose).refinable:
             raise LoramixError(f"composition '{self.compose}' cannot be refined by a weight search ({setting('refine_method')} "
                                f"{self.refine_method}); a refine method that trains the adapter (finetune) can")
         given = method.options(self.refine_options)
@@ -229,8 +232,41 @@ class GenerateConfig:
 
     @property
     def check_examples(self) -> int:
-        """The examples the held-out check uses at most: --check N, else its default (0 with --refine)."""
-        return self.check if not self.check_auto else 0 if self.refine else CHECK_EXAMPLES
+        """The examples the held-out check uses at most: `check` N, else its default (0 when refinement is asked
+        for: `refine_examples`; `generate` runs it after all when 'auto' refinement does not fit)."""
+        return self.check if not self.check_auto else 0 if self.refine_examples else CHECK_EXAMPLES
+
+    @property
+    def refine_auto(self) -> bool:
+        """Whether refinement is decided when the base is loaded (`refine` auto, the default)."""
+        return self.refine in (None, "auto")
+
+    @property
+    def refine_examples(self) -> int:
+        """The examples refinement asks for: `refine` N, else AUTO_REFINE when the check is left to 'auto' (0 when
+        the user chose a check: `check` 0 is the gradient-free composition)."""
+        return self.refine if not self.refine_auto else AUTO_REFINE if self.check_auto else 0
+
+    def check_bank(self, index: Any, spec: SignatureSpec) -> None:
+        """Refuse what the bank of `index` (a BankIndex) cannot do with this configuration (`spec`: its signature,
+        resolved), before any signature is computed."""
+        bank, mode = index.bank, index.mode(self.entry_signatures)
+        if not mode.weighted(bank):
+            raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted "
+                               f"with {setting('entry_signatures', self.entry_signatures)} ('auto' signs them by their "
+                               "answers to probe prompts)")
+        if self.probes is not None and not mode.probes:
+            log.warning("the probe file %s is not used: every entry is signed by its training data (entry signatures "
+                        "%s)", self.probes, self.entry_signatures)
+        if mode.probes and bank.base_model is None:
+            raise LoramixError(f"{bank.path}: {setting('entry_signatures', self.entry_signatures)} signs entries by their "
+                               "answers to probe prompts, which needs the base model, and the bank names none")
+        if SIGNATURES.get(spec.method).needs_base and spec.model is None:
+            raise LoramixError(f"signature '{spec.method}' needs the base model: the bank names none, pass {setting('model')}")
+        operator = OPERATORS.get(self.operator)
+        if operator.trainable and len(bank.usable) < operator.min_entries:
+            raise LoramixError(f"operator '{self.operator}' needs at least {operator.min_entries} bank entries with data to fit")
+        COMPOSERS.get(self.compose)().check(bank.entries)
 
     def signature_spec(self) -> SignatureSpec:
         return SignatureSpec(self.signature, self.model, self.max_samples, self.seed)
@@ -253,6 +289,19 @@ def _check_type(name: str, value: object, hint: Any, annotation: str) -> None:
         raise LoramixError(f"{setting(name)} must be finite, got {value}")
     raise LoramixError(f"{setting(name)} must be {annotation.replace('|', 'or')}, got "
                        f"{type(value).__name__} {value!r}")
+
+
+def _count_or_auto(name: str, value: int | str | None) -> int | str | None:
+    """A count of examples (at least 0; text that is one, from the CLI, parsed) or 'auto' / None (decided later)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise LoramixError(f"{setting(name)} must be an integer or 'auto', got {value!r}") from None
+    _at_least(name, value, 0)
+    return value
 
 
 def _at_least(name: str, value: int | None, low: int) -> None:

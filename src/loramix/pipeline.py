@@ -16,21 +16,20 @@ import numpy as np
 from .adapter import DTYPES
 from .arguments import checked
 from .bank import Bank
-from .compose import COMPOSERS, Composition, plan, write_compositions
-from .config import GenerateConfig
-from .refine import REFINE_METHODS, RefineConfig, RefineInfo, refine, refuse_slow_refine
+from .compose import Composition, plan, write_compositions
+from .config import AUTO_REFINE_SECONDS, CHECK_EXAMPLES, GenerateConfig
+from .refine import REFINE_METHODS, RefineConfig, RefineInfo, refine, refine_estimate, refuse_slow_refine
 from .data import Dataset, read_dataset
-from .errors import LoramixError, setting
+from .errors import LoramixError, named, setting
 from .files import atomic_dir, refuse_target
 from .runtime import base_paths
 from .index import BankIndex
 from .bank_operator import loo_coefficients, operator_for
-from .operators import OPERATORS
 from .paths import resolve_bank
 from .calibrate import cached_calibration
 from .check import check, check_plan
 from .report import CalibrationInfo, CheckInfo, CheckPlan, DataInfo, EnergyInfo, Report
-from .signatures import SIGNATURES, SignatureSpec, make_signer
+from .signatures import SignatureSpec, make_signer
 from .version import __version__
 
 log = logging.getLogger("loramix")
@@ -57,59 +56,6 @@ def _configure(config: GenerateConfig | None, overrides: dict[str, Any]) -> Gene
     if unknown := sorted(set(overrides) - {f.name for f in fields(GenerateConfig)}):
         raise LoramixError(f"unknown setting(s) {', '.join(unknown)}: GenerateConfig has no such field")
     return replace(config or GenerateConfig(), **overrides)
-
-
-def _check_bank(index: BankIndex, config: GenerateConfig, spec: SignatureSpec) -> None:
-    """Refuse what this bank cannot do with `config` before any signature is computed."""
-    bank = index.bank
-    mode = index.mode(config.entry_signatures)
-    if not mode.weighted(bank):
-        raise LoramixError(f"{bank.path}: no bank entry has training data (train.jsonl), so none can be weighted with "
-                           f"{setting('entry_signatures', config.entry_signatures)} ('auto' signs them by their answers to "
-                           "probe prompts)")
-    if config.probes is not None and not mode.probes:
-        log.warning("the probe file %s is not used: every entry is signed by its training data (entry signatures %s)",
-                    config.probes, config.entry_signatures)
-    if mode.probes and bank.base_model is None:
-        raise LoramixError(f"{bank.path}: {setting('entry_signatures', config.entry_signatures)} signs entries by their "
-                           "answers to probe prompts, which needs the base model, and the bank names none")
-    if SIGNATURES.get(spec.method).needs_base and spec.model is None:
-        raise LoramixError(f"signature '{spec.method}' needs the base model: the bank names none, pass {setting('model')}")
-    operator = OPERATORS.get(config.operator)
-    if operator.trainable and len(bank.usable) < operator.min_entries:
-        raise LoramixError(f"operator '{config.operator}' needs at least {operator.min_entries} bank entries with data to fit")
-    COMPOSERS.get(config.compose)().check(bank.entries)
-
-
-def _base_for(index: BankIndex, config: GenerateConfig) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, engine): the base model when `config` runs it, loaded before any other work so that a base
-    that cannot be loaded is reported at once. The check (and the probe answers of entries without data) run on
-    `engine` (runtime.llamacpp.LlamaCpp) when the runtime is llama.cpp, else on the PyTorch model, which --refine always
-    needs; None where unused (PyTorch probe answers load the base themselves, only when not cached)."""
-    from .runtime.pytorch import load_model, load_tokenizer
-    from .runtime import choose_runtime, resolve_base
-
-    base = config.base if config.base is not None else index.bank.base_model
-    probing = index.mode(config.entry_signatures).probes
-    if not (config.refine or config.check_examples or (probing and (config.base is not None or config.runtime != "auto"))):
-        return None, None, None
-    model = tokenizer = engine = None
-    try:
-        on_llamacpp = choose_runtime(resolve_base(base), config.runtime) == "llama.cpp"
-        if on_llamacpp and (config.check_examples or probing):
-            from .runtime.llamacpp import open_base
-
-            engine = open_base(base)
-        if config.refine or (not on_llamacpp and (config.check_examples or config.base is not None)):
-            model, tokenizer = load_model(base), load_tokenizer(base)
-    except LoramixError as e:
-        if engine is not None:
-            engine.close()
-        why = f"{setting('refine', config.refine)} runs the base model" if config.refine else (
-            f"the held-out check ({setting('check', config.check_examples)}) runs the base model; {setting('check', 0)} "
-            "skips it" if config.check_examples else "the entries without data answer probe prompts on the base model")
-        raise LoramixError(f"{e.template} ({why})") from None
-    return model, tokenizer, engine
 
 
 def _read_paths(config: GenerateConfig, bank: Path, data: str | Path | None, opened: Bank | None = None) -> dict:
@@ -176,6 +122,9 @@ class _Run:
     model: Any = None
     tokenizer: Any = None
     engine: Any = None  # the check's llama.cpp runtime (runtime.llamacpp.LlamaCpp), else None
+    refine_n: int = 0  # the examples refinement uses, and those the check holds out (decided when the base loads)
+    check_n: int = 0
+    refine_plan: str | None = None  # what `refine` auto decided, and why
     calibration: Any = None
     d: Any = None
     meta: dict[str, float] = field(default_factory=dict)
@@ -206,11 +155,48 @@ class _Run:
                 raise LoramixError(f"{dataset.source}: the dataset has no samples")
             index = BankIndex(bank)
             spec = index.resolve(config.signature_spec())
-            _check_bank(index, config, spec)
+            config.check_bank(index, spec)
         return cls(bank, dataset, config, index, spec, seconds)
 
     def load_base(self) -> None:
-        self.model, self.tokenizer, self.engine = _base_for(self.index, self.config)
+        """The base model, when the configuration runs it (`refine`, the check, probe answers), loaded before any
+        other work so that a base that cannot be loaded is reported at once: on PyTorch (refinement always, the check
+        and probe answers unless the runtime is llama.cpp: `engine`); None where unused (PyTorch probe answers load the
+        base themselves, only when not cached). `refine` auto is declined on llama.cpp (the check runs instead)."""
+        from .runtime import choose_runtime, resolve_base
+        from .runtime.pytorch import load_model, load_tokenizer
+
+        config = self.config
+        self.refine_n, self.check_n = config.refine_examples, config.check_examples
+        base = config.base if config.base is not None else self.bank.base_model
+        probing = self.index.mode(config.entry_signatures).probes
+        if not (self.refine_n or self.check_n or (probing and (config.base is not None or config.runtime != "auto"))):
+            return
+        try:
+            on_llamacpp = choose_runtime(resolve_base(base), config.runtime) == "llama.cpp"
+            if on_llamacpp and config.refine_auto and self.refine_n:
+                self._decline("the base runs on llama.cpp and refinement trains on PyTorch")
+            if on_llamacpp and (self.check_n or probing):
+                from .runtime.llamacpp import open_base
+
+                self.engine = open_base(base)
+            if self.refine_n or (not on_llamacpp and (self.check_n or config.base is not None)):
+                self.model, self.tokenizer = load_model(base), load_tokenizer(base)
+        except LoramixError as e:
+            if self.engine is not None:
+                self.engine.close()
+            why = (f"{setting('refine', 'auto')} trains on the base model; {setting('check', 0)} composes without it"
+                   if self.refine_n and config.refine_auto else
+                   f"{setting('refine', self.refine_n)} runs the base model" if self.refine_n else (
+                f"the held-out check ({setting('check', self.check_n)}) runs the base model; {setting('check', 0)} "
+                "skips it" if self.check_n else "the entries without data answer probe prompts on the base model"))
+            raise LoramixError(f"{e.template} ({why})") from None
+
+    def _decline(self, why: str) -> None:
+        """`refine` auto does not refine: the check (auto) runs instead."""
+        self.refine_n, self.check_n = 0, CHECK_EXAMPLES if self.config.check_auto else self.config.check_examples
+        self.refine_plan = f"not refined: {why}; checked instead"
+        log.info("refine auto: %s", self.refine_plan)
 
     def calibrate(self) -> None:
         """With `calibration`: the bank's calibrated temperature, top-k and scale replace the options they cover."""
@@ -240,17 +226,24 @@ class _Run:
     def search_weights(self) -> None:
         """Draw the examples of `refine` (refusing a refinement estimated too slow) and run a weight search."""
         config = self.config
-        if not config.refine:
+        if not self.refine_n:
             return
-        if config.refine > len(self.dataset):
-            log.warning("refine %d: %s has %d examples; all of them are used", config.refine, self.dataset.source,
+        if self.refine_n > len(self.dataset) and not config.refine_auto:
+            log.warning("refine %d: %s has %d examples; all of them are used", self.refine_n, self.dataset.source,
                         len(self.dataset))
-        self.refine_samples = self.dataset.subsample(config.refine, config.seed)
-        refuse_slow_refine(config, self.refine_samples, self.model, self.tokenizer)
+        self.refine_samples = self.dataset.subsample(self.refine_n, config.seed)
+        if config.refine_auto:  # refined only when this CPU does it within AUTO_REFINE_SECONDS
+            seconds, _, what = refine_estimate(config, self.refine_samples, self.model, self.tokenizer)
+            if seconds > AUTO_REFINE_SECONDS:
+                self.refine_samples = None
+                return self._decline(f"{named(what)}, over {AUTO_REFINE_SECONDS:g} s")
+            self.refine_plan = f"refined: {named(what)}, within {AUTO_REFINE_SECONDS:g} s"
+        else:
+            refuse_slow_refine(config, self.refine_samples, self.model, self.tokenizer)
         method = REFINE_METHODS.get(config.refine_method)
         if not method.searches:
             return
-        rcfg = RefineConfig.of(config.refine_method, config.refine_options, examples=config.refine,
+        rcfg = RefineConfig.of(config.refine_method, config.refine_options, examples=self.refine_n,
                                top_k=config.top_k or RefineConfig.top_k, steps=config.refine_steps or method.steps,
                                budget=config.refine_budget, per_layer=config.refine_per_layer, seed=config.seed)
         with self.stage("refine"):
@@ -261,15 +254,15 @@ class _Run:
     def check(self) -> None:
         """The held-out check on the examples refinement did not use, planned (`check` auto) to fit its budget."""
         config = self.config
-        if not config.check_examples:
+        if not self.check_n:
             return
         used = set(self.refine_samples.samples) if self.refine_samples else set()
         held = Dataset([s for s in self.dataset.samples if s not in used], self.dataset.source)
         if not held.samples:
             raise LoramixError(f"{self.dataset.source}: no examples left for the check after refining on "
-                               f"{config.refine}: give more examples than it uses, or {setting('check', 0)}")
+                               f"{self.refine_n}: give more examples than it uses, or {setting('check', 0)}")
         with self.stage("check"):
-            self.planned = check_plan(config, held, self.model, self.tokenizer, self.engine)
+            self.planned = check_plan(config, held, self.model, self.tokenizer, self.engine, self.check_n)
             if self.planned.examples:
                 self.checked = check(self.bank, self.weights, held, examples=self.planned.examples, method=config.compose,
                                      seed=config.seed + 1, singles=self.planned.singles, tops=config.check_tops,
@@ -291,7 +284,7 @@ class _Run:
                 composition = write_compositions([tmp], self.bank, [p], f"composing ({config.compose})")[0]
             self.report = report = _report(config, self.spec, self.index, self.dataset, composition, self.weights, self.d)
             method = REFINE_METHODS.get(config.refine_method)
-            if config.refine and not method.searches:
+            if self.refine_n and not method.searches:
                 with self.stage("finetune"):
                     report.finetune = method().train(tmp, self.bank, self.refine_samples, config,
                                                      from_composition=not base_kept, model=self.model,
@@ -302,6 +295,7 @@ class _Run:
                                                      round(self.calibration.mean_ratio(best), 4),
                                                      len(self.calibration.entries))
             report.refine, report.check_plan, report.check = self.refined, self.planned, self.checked
+            report.refine_plan = self.refine_plan
             if self.checked:
                 report.scale = float(sum(self.weights.values()))
             report.write(tmp)
@@ -375,7 +369,7 @@ def leave_one_out(
         raise LoramixError(f"{bank.path}: leave-one-out needs at least 2 entries with data, found {len(bank.usable)}")
     index = BankIndex(bank)
     spec = index.resolve(config.signature_spec())
-    _check_bank(index, config, spec)
+    config.check_bank(index, spec)
     c = loo_coefficients(index, config)
     d = index.distance_matrix(spec, config.distance, config.seed, config.entry_signatures, config.probe_set())
     weighted = index.weighted(config.entry_signatures)

@@ -344,11 +344,10 @@ def refine(
 REFINE_LIMIT = 600.0  # seconds --refine may be estimated to take without --budget (generate's own target)
 
 
-def refuse_slow_refine(config: Any, samples: Dataset, model: Any, tokenizer: Any) -> None:
-    """Refuse, before it starts, the --refine of `config` (a GenerateConfig) estimated to take more than REFINE_LIMIT seconds (without --budget)
-    or whose one step exceeds --budget. Estimate: one forward pass of a step's batch timed on the base (the
-    method's `batch` first examples), a step with a backward pass counted as three, times the steps (a trainer's:
-    those within --refine-max-tokens)."""
+def refine_estimate(config: Any, samples: Dataset, model: Any, tokenizer: Any) -> tuple[float, float, str]:
+    """(seconds, seconds a step, what: in words) a refinement of `config` (a GenerateConfig) on `samples` is estimated
+    to take on this CPU: one forward pass of a step's batch timed on the base (the method's `batch` first examples),
+    a step with a backward pass counted as three, times the steps (a trainer's: those within refine_max_tokens)."""
     from .prompts import SharedBatch, encode, pad_id
 
     method = REFINE_METHODS.get(config.refine_method)
@@ -364,10 +363,19 @@ def refuse_slow_refine(config: Any, samples: Dataset, model: Any, tokenizer: Any
         steps = min(steps, max(1, config.refine_max_tokens // batch.tokens))
     step = forward * (3 if method.backward else 1)
     base = f"base model {config.base}" if config.base is not None else "the bank's base model"
-    what = (f"{setting('refine', config.refine)} ({setting('refine_method', config.refine_method)}, {steps} steps of about {step:.1f} s) "
-            f"on {base}: about {steps * step:.0f} s on this CPU")
-    if config.refine_budget is None and steps * step > REFINE_LIMIT:
+    what = (f"{setting('refine', len(samples))} ({setting('refine_method', config.refine_method)}, {steps} steps of about "
+            f"{step:.1f} s) on {base}: about {steps * step:.0f} s on this CPU")
+    return steps * step, step, what
+
+
+def refuse_slow_refine(config: Any, samples: Dataset, model: Any, tokenizer: Any) -> None:
+    """Refuse, before it starts, the refinement of `config` (a GenerateConfig) on `samples` estimated
+    (`refine_estimate`) to take more than REFINE_LIMIT seconds (without refine_budget) or whose one step exceeds
+    refine_budget."""
+    seconds, step, what = refine_estimate(config, samples, model, tokenizer)
+    if config.refine_budget is None and seconds > REFINE_LIMIT:
         raise LoramixError(f"{what}: {setting('refine_budget', 'SECONDS')} caps it, {setting('refine', 0)} skips it")
     if config.refine_budget is not None and step > config.refine_budget:
         raise LoramixError(f"{what}: one step is more than {setting('refine_budget', format(config.refine_budget, 'g'))}")
     log.info("%s", what)
+

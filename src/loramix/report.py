@@ -94,7 +94,8 @@ class Report:
     weight search chose (`refine`) are the mean over layers of its per-layer weights and may be negative; `excluded`
     lists the entries that got no weight (no training data, with entry_signatures 'data'); `leave_one_out` names the
     held-out entry of a leave-one-out output; `entry_signatures` how the entries were signed (the mode 'auto' chose:
-    `signing.signing_mode`), `probed` the entries signed by their answers to the probe prompts."""
+    `signing.signing_mode`), `probed` the entries signed by their answers to the probe prompts; `refine_plan` what
+    `refine` auto decided, and why."""
 
     loramix_version: str
     bank: str
@@ -112,6 +113,7 @@ class Report:
     refine: RefineInfo | None = None
     check: CheckInfo | None = None
     check_plan: CheckPlan | None = None
+    refine_plan: str | None = None
     finetune: FinetuneInfo | None = None
     leave_one_out: str | None = None
     entry_signatures: str = "data"
@@ -132,7 +134,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """As written to loramix.json: optional parts left out when absent."""
         d = asdict(self)
-        for key in ("calibration", "refine", "check", "check_plan", "finetune", "leave_one_out"):
+        for key in ("calibration", "refine", "check", "check_plan", "refine_plan", "finetune", "leave_one_out"):
             if d[key] is None:
                 del d[key]
         for part, key in UNWRITTEN:

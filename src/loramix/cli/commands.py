@@ -52,6 +52,8 @@ def generate(
             then = ("the adapter written has a zero update (the base model)" if report.finetune is None else
                     "--refine trained a fresh LoRA instead")
             err.print(styled(("warning:", "yellow"), f" no composition beat the base model on the held-out examples: {then}"))
+    if report.refine_plan is not None and report.refine_plan.startswith("not"):
+        out.print(f"refine auto: {report.refine_plan}")
     if (ft := report.finetune) is not None:
         start = "the composition" if ft.from_composition else "a fresh LoRA (the check kept the base)"
         out.print(f"fine-tuned from {start} on {ft.examples} examples ({ft.steps} steps, {ft.seconds:.1f} s): "

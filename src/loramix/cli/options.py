@@ -52,7 +52,7 @@ def _cli_type(f: dataclasses.Field) -> Any:
     """The type typer parses a configuration field as: its own, Optional when its default is None; a field that takes
     an int or a word (rank: 'full', check: 'auto') as text, parsed by GenerateConfig."""
     hint = typing.get_type_hints(GenerateConfig)[f.name]
-    if f.name in ("rank", "check"):
+    if f.name in ("rank", "check", "refine"):
         return Optional[str]
     if any(typing.get_origin(a) is dict for a in typing.get_args(hint)):  # NAME=VALUE, repeatable (_pairs)
         return Optional[list[str]]
