@@ -58,7 +58,8 @@ bench-quality: $(STAMP)
 # composition, the tolerant check, --refine 16) on both protocols -> benchmarks/results/quality-{lofo,loo}-spread$(SPREAD).md
 # (SPREAD=1: every task, about 3 hours on 2 CPUs; SPREAD=3: one task in three, about an hour; resumable).
 SPREAD ?= 3
-LOFO_SETTINGS := uniform loramix/embed-io-gaussian-w2-normalized loramix/embed-io-gaussian-w2-normalized-checked-singles4-rouge-tol \
+LOFO_SETTINGS := uniform loramix/embed-io-gaussian-w2-normalized loramix/embed-io-gaussian-w2-normalized-checked-singles4-rouge \
+	loramix/embed-io-gaussian-w2-normalized-checked-singles4-rouge-tol \
 	refine/embed-io-gaussian-w2-normalized-finetune16-steps16-warmup2-tokens8000
 bench-lofo: $(STAMP)
 	for p in lofo loo; do RAY_AUTH_MODE=disabled $(PY) benchmarks/quality.py --protocol $$p --levers --refine \
