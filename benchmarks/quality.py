@@ -696,10 +696,9 @@ class Runner:
             trained = {"cpu_seconds": scoring, "scores": [scores.loss, scores.accuracy, scores.exact]}
             atomic_write_bytes(memo, json.dumps(trained).encode())
         _, checked = self.check(task, s, c, refined=s.examples)
-        rank = CRITERIA.get(s.check_criterion).key
         pool = {"trained": AnswerScores(*trained["scores"]),
                 **{k: AnswerScores(*checked["scores"][k]) for k in checked["pool"]}}
-        chosen = min(pool, key=lambda k: rank(pool[k]))
+        chosen = CRITERIA.get(s.check_criterion).choose(pool, s.check_examples)
         cpu = ref["search"]["cpu_seconds"] + checked["cpu_seconds"] + trained["cpu_seconds"]
         if chosen == "trained":
             result = {k: v for k, v in ref.items() if k != "search"}

@@ -193,8 +193,8 @@ class _Run:
             raise LoramixError(f"{e.template} ({why})") from None
 
     def _decline(self, why: str) -> None:
-        """`refine` auto does not refine: the check (auto) runs instead."""
-        self.refine_n, self.check_n = 0, CHECK_EXAMPLES if self.config.check_auto else self.config.check_examples
+        """`refine` auto does not refine: the check runs instead (auto, as refinement is auto only with it)."""
+        self.refine_n, self.check_n = 0, CHECK_EXAMPLES
         self.refine_plan = f"not refined: {why}; checked instead"
         log.info("refine auto: %s", self.refine_plan)
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..terminal import SafeConsole
-from ..config import STAGES, GenerateConfig, method_fields
+from ..config import STAGES, GenerateConfig, method_fields, flag as config_flag
 from ..engine import ENGINES
 from ..errors import LoramixError
 
@@ -89,7 +89,7 @@ def config_options(names: Sequence[str] | None = None, derive: Any = None):
         hints = typing.get_type_hints(fn, include_extras=True)  # resolved, Annotated options kept
         params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values() if p.name != "config"]
         for f in chosen:
-            flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            flag = config_flag(f.name)
             if _cli_type(f) is bool:  # a switch: --x / --no-x
                 flag = f"{flag}/--no-{flag[2:]}"
             pairs = _cli_type(f) == Optional[list[str]]
@@ -102,7 +102,7 @@ def config_options(names: Sequence[str] | None = None, derive: Any = None):
             values = {f.name: kwargs.pop(f.name) for f in chosen}
             for f in chosen:
                 if _cli_type(f) == Optional[list[str]]:  # NAME=VALUE pairs
-                    values[f.name] = _pairs(f.metadata["flag"], values[f.name])
+                    values[f.name] = _pairs(config_flag(f.name), values[f.name])
             config = GenerateConfig(**values, **(derive(values, kwargs) if derive else {}))
             return fn(config=config, **kwargs)
 
